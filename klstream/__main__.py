@@ -1,0 +1,3 @@
+from klstream.cli import main
+
+main()

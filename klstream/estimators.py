@@ -1,0 +1,416 @@
+"""Per-position divergence estimators from two truncated (top-k) next-token distributions.
+
+Pure, vectorized numpy: every function takes a whole batch of positions at once as padded
+``[n, k]`` matrices and never loops over positions in Python. The work per position is O(k):
+tokens of the two lists are matched by sorting packed (key, column) integers row by row, never by
+comparing every pair, and the KL over the union is assembled from per-row sums (see
+:func:`estimate`), so no ``[n, k, k]`` or ``[n, 2k]`` union matrix is built.
+
+Tokens are compared by *key*. A position uses token ids as keys when Model 1's list, Model 2's
+list and Model 1's chosen token all carry ids; otherwise it uses the token strings. Inside one list
+a repeated key counts once, at its first (reported) occurrence.
+
+Estimators, for P = Model 1 and Q = Model 2 at one position:
+
+``kl_floor``
+    The spec's algorithm, in the spec's order: take the union of both top-k sets; a token missing
+    from one side gets that side's *floor* (its smallest reported logprob); normalize each side
+    to sum to 1 over the union; KL(P‖Q) = Σ P·log(P/Q). It is what ``_kl.json`` reports.
+``kl_lower``
+    A certified lower bound on the true KL(P‖Q). Partition the vocabulary into the tokens S found
+    in both lists (each its own cell) and one cell holding everything else, with masses
+    r_p = 1 − Σ_S p and r_q = 1 − Σ_S q (clamped at 0). Coarse-graining never increases KL
+    (log-sum inequality), so Σ_S p·log(p/q) + r_p·log(r_p/r_q) ≤ KL(P‖Q). Edge cases:
+    r_p = 0 contributes 0. r_q = 0 with r_p > 0 means Q reports all of its mass inside S while P
+    has mass outside it: the true KL is then infinite in exact arithmetic, but reported logprobs
+    are rounded, so instead of +inf the remainder cell is merged into the shared token with the
+    largest q — a coarser partition, hence still a lower bound, and finite. S empty gives 0.
+    The result is clamped at 0, itself a valid bound.
+``logratio``
+    log P(chosen) − log Q(chosen) for Model 1's sampled token, with Q's floor when the token is
+    outside Q's top-k (``m1_token_in_m2_topk`` is then false). Because the token was sampled from
+    P, its sum over a response is the Monte Carlo estimate of the sequence-level KL.
+``top1_agree``, ``entropy1``/``entropy2``, ``coverage1``/``coverage2``
+    Whether both argmax tokens are the same; the entropy of each normalized top-k list; the
+    probability mass each top-k list covers (Σ exp(logprob)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+NO_ID = -1
+RESIDUAL_TOLERANCE = 1e-9
+_INT32_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class TopK:
+    """One side's top-k lists for a batch, padded to ``[n, width]``."""
+
+    keys: np.ndarray  # int64, comparable only within a row
+    logprobs: np.ndarray  # float64, 0 where not present
+    present: np.ndarray  # bool: a reported entry (padding is not)
+    floor: np.ndarray  # [n] smallest reported logprob: the stand-in for unlisted tokens
+    peak: np.ndarray  # [n] largest reported logprob, to keep exp() in range
+
+    @property
+    def width(self) -> int:
+        return self.keys.shape[1]
+
+
+def make_topk(keys: np.ndarray, logprobs: np.ndarray, present: np.ndarray) -> TopK:
+    n = len(keys)
+    if keys.shape[1] == 0:
+        empty = np.full(n, np.nan)
+        return TopK(keys, logprobs, present, empty, empty)
+    return TopK(
+        keys=keys,
+        logprobs=np.where(present, logprobs, 0.0),
+        present=present,
+        floor=np.where(present, logprobs, np.inf).min(axis=1),
+        peak=np.where(present, logprobs, -np.inf).max(axis=1),
+    )
+
+
+def _rowsum(values: np.ndarray) -> np.ndarray:
+    """Row sums through BLAS: several times faster than ``sum(axis=1)`` on short rows."""
+    return values @ np.ones(values.shape[1])
+
+
+def _sort_packed(keys: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Sort each row of ``key << bits | column``; invalid entries get a key above every real one.
+
+    Returns the sorted packed values, ``bits`` and that sentinel key. Packing lets numpy's fast
+    row sort carry the column along; int32 is used whenever the values fit.
+    """
+    width = keys.shape[1]
+    bits = max(1, (width - 1).bit_length())
+    if not valid.any():
+        return np.zeros(keys.shape, dtype=np.int32), bits, 0
+    low = int(np.min(keys, where=valid, initial=np.iinfo(np.int64).max))
+    sentinel = int(np.max(keys, where=valid, initial=low)) - low + 1
+    if sentinel < 1 << (62 - bits):
+        shifted = np.where(valid, keys - low, sentinel)
+    else:
+        ranks = np.unique(np.where(valid, keys, low), return_inverse=True)[1].reshape(keys.shape)
+        sentinel = int(ranks.max()) + 1
+        shifted = np.where(valid, ranks, sentinel)
+    dtype = np.int32 if ((sentinel << bits) | (width - 1)) <= _INT32_LIMIT else np.int64
+    packed = (shifted.astype(dtype) << bits) | np.arange(width, dtype=dtype)
+    packed.sort(axis=1)
+    return packed, bits, sentinel
+
+
+def first_occurrences(side: TopK, rows: np.ndarray | None = None) -> np.ndarray:
+    """Which entries count: reported, and the first of their key in the row.
+
+    With ``rows``, only those rows are examined (others are taken as free of repeats).
+    """
+    valid = side.present.copy()
+    keys = side.keys if rows is None else side.keys[rows]
+    present = side.present if rows is None else side.present[rows]
+    packed, bits, sentinel = _sort_packed(keys, present)
+    key = packed >> bits
+    repeat = (key[:, 1:] == key[:, :-1]) & (key[:, 1:] != sentinel)
+    local_rows, slots = np.nonzero(repeat)
+    later = (packed[local_rows, slots + 1] & ((1 << bits) - 1)).astype(np.intp)
+    valid[local_rows if rows is None else rows[local_rows], later] = False
+    return valid
+
+
+@dataclass(frozen=True)
+class Matches:
+    """The pairs (row, P column, Q column) of tokens present in both lists."""
+
+    rows: np.ndarray
+    p_cols: np.ndarray
+    q_cols: np.ndarray
+
+
+def _match_or_find_repeats(
+    p: TopK, q: TopK, p_valid: np.ndarray, q_valid: np.ndarray
+) -> tuple[Matches, np.ndarray]:
+    """Sort each row's packed keys of both lists together; return the shared pairs and the
+    rows in which a list repeats a key (their pairs are not to be trusted)."""
+    packed, bits, sentinel = _sort_packed(
+        np.concatenate([p.keys, q.keys], axis=1), np.concatenate([p_valid, q_valid], axis=1)
+    )
+    key = packed >> bits
+    from_q = (packed & ((1 << bits) - 1)) >= p.width
+    same = (key[:, 1:] == key[:, :-1]) & (key[:, 1:] != sentinel)
+    shared = same & from_q[:, 1:] & ~from_q[:, :-1]
+    repeat_rows = np.flatnonzero((same & ~shared).any(axis=1))
+    width = packed.shape[1]
+    rows, slots = np.divmod(np.flatnonzero(shared), width - 1)
+    column_mask = (1 << bits) - 1
+    flat_packed = packed.reshape(-1)
+    p_cols = (flat_packed[rows * width + slots] & column_mask).astype(np.intp)
+    q_cols = (flat_packed[rows * width + slots + 1] & column_mask).astype(np.intp) - p.width
+    return Matches(rows=rows, p_cols=p_cols, q_cols=q_cols), repeat_rows
+
+
+def match(p: TopK, q: TopK) -> tuple[Matches, np.ndarray, np.ndarray]:
+    """Tokens present in both lists, found by sorting, not by comparing every pair.
+
+    After a row sort of both lists' packed keys, a shared token is two neighbours with one key,
+    the P entry first (its column is smaller). A list that repeats a key breaks that pattern;
+    such rows (rare) are cleaned with :func:`first_occurrences` and matched again.
+    Returns the matches and the valid masks of P and Q.
+    """
+    p_valid, q_valid = p.present, q.present
+    matches, repeat_rows = _match_or_find_repeats(p, q, p_valid, q_valid)
+    if repeat_rows.size:
+        p_valid = first_occurrences(p, repeat_rows)
+        q_valid = first_occurrences(q, repeat_rows)
+        matches, _ = _match_or_find_repeats(p, q, p_valid, q_valid)
+    return matches, p_valid, q_valid
+
+
+@dataclass(frozen=True)
+class SideSums:
+    """Per-row sums over one side's valid entries, with exp() taken relative to the peak."""
+
+    count: np.ndarray
+    scaled_mass: np.ndarray  # Σ exp(lp - peak)
+    scaled_mass_logprob: np.ndarray  # Σ exp(lp - peak) · lp
+    logprob_sum: np.ndarray  # Σ lp
+
+
+def side_sums(side: TopK, valid: np.ndarray) -> SideSums:
+    weight = valid.astype(np.float64)
+    scaled = np.exp(side.logprobs - side.peak[:, None]) * weight
+    logprobs = side.logprobs * weight
+    return SideSums(
+        count=_rowsum(weight),
+        scaled_mass=_rowsum(scaled),
+        scaled_mass_logprob=_rowsum(scaled * logprobs),
+        logprob_sum=_rowsum(logprobs),
+    )
+
+
+def entropy(side: TopK, sums: SideSums) -> np.ndarray:
+    """Entropy (nats) of each row's top-k list renormalized to sum to 1."""
+    log_z = side.peak + np.log(sums.scaled_mass)
+    return np.maximum(log_z - sums.scaled_mass_logprob / sums.scaled_mass, 0.0)
+
+
+def coverage(side: TopK, sums: SideSums) -> np.ndarray:
+    """Probability mass each row's top-k list reports."""
+    return np.exp(side.peak) * sums.scaled_mass
+
+
+def _argmax_key(side: TopK, valid: np.ndarray) -> np.ndarray:
+    best = np.where(valid, side.logprobs, -np.inf).argmax(axis=1)
+    return np.take_along_axis(side.keys, best[:, None], axis=1)[:, 0]
+
+
+def _per_row(rows: np.ndarray, weights: np.ndarray | None, n: int) -> np.ndarray:
+    return np.bincount(rows, weights=weights, minlength=n).astype(np.float64)
+
+
+def _kl_floor(
+    p: TopK, q: TopK, ps: SideSums, qs: SideSums, m: Matches, lp_m: np.ndarray, lq_m: np.ndarray
+) -> np.ndarray:
+    """The spec's union-with-floors KL, from per-row sums instead of a union matrix.
+
+    Over the union U, with p_u = exp(lp_u - peak_p) (P's floor for tokens P lacks) and likewise
+    q: KL = Σ_U p_u (lp_u - lq_u) / Z_p - log Z_p + log Z_q, where the Z are the normalizers of
+    the unscaled values. Σ_U splits into P's entries (shared or not) and Q's entries alone.
+    """
+    n = len(p.peak)
+    shared = _per_row(m.rows, None, n)
+    pe_m = np.exp(lp_m - p.peak[m.rows])
+    shared_mass = _per_row(m.rows, pe_m, n)
+    shared_mass_lq = _per_row(m.rows, pe_m * lq_m, n)
+    shared_lq = _per_row(m.rows, lq_m, n)
+    q_only = qs.count - shared
+    floor_p_scaled = np.exp(p.floor - p.peak)
+    z_p = ps.scaled_mass + q_only * floor_p_scaled
+    z_q = qs.scaled_mass + (ps.count - shared) * np.exp(q.floor - q.peak)
+    numerator = (
+        ps.scaled_mass_logprob
+        - shared_mass_lq
+        - q.floor * (ps.scaled_mass - shared_mass)
+        + floor_p_scaled * (q_only * p.floor - (qs.logprob_sum - shared_lq))
+    )
+    kl = numerator / z_p - (p.peak + np.log(z_p)) + (q.peak + np.log(z_q))
+    return np.maximum(kl, 0.0)
+
+
+def _residual(mass: np.ndarray) -> np.ndarray:
+    """Mass left outside the shared tokens; below RESIDUAL_TOLERANCE it is rounding noise: 0."""
+    return np.where(mass > RESIDUAL_TOLERANCE, mass, 0.0)
+
+
+def _kl_lower(n: int, m: Matches, lp_m: np.ndarray, lq_m: np.ndarray) -> np.ndarray:
+    """The coarse-grained bound documented in the module docstring."""
+    p_m, q_m = np.exp(lp_m), np.exp(lq_m)
+    terms = p_m * (lp_m - lq_m)
+    rest_p = _residual(1.0 - _per_row(m.rows, p_m, n))
+    rest_q = _residual(1.0 - _per_row(m.rows, q_m, n))
+    merge = (rest_q == 0.0) & (rest_p > 0.0)
+    pairs = np.flatnonzero(merge[m.rows])
+    if pairs.size:
+        # Largest q first, ties to the earlier token in P's list; then the first pair per row.
+        ordered = pairs[np.lexsort((m.p_cols[pairs], -q_m[pairs], m.rows[pairs]))]
+        _, first = np.unique(m.rows[ordered], return_index=True)
+        target = ordered[first]
+        merged_p = p_m[target] + rest_p[m.rows[target]]
+        terms[target] = merged_p * (np.log(merged_p) - lq_m[target])
+        rest_p = np.where(merge, 0.0, rest_p)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rest = np.where(rest_p > 0.0, rest_p * (np.log(rest_p) - np.log(rest_q)), 0.0)
+    return np.maximum(_per_row(m.rows, terms, n) + rest, 0.0)
+
+
+@dataclass(frozen=True)
+class Estimates:
+    kl_floor: np.ndarray
+    kl_lower: np.ndarray
+    logratio: np.ndarray
+    model2_logprob: np.ndarray
+    m1_token_in_m2_topk: np.ndarray
+    top1_agree: np.ndarray
+    entropy1: np.ndarray
+    entropy2: np.ndarray
+    coverage1: np.ndarray
+    coverage2: np.ndarray
+
+
+def model1_only(p: TopK) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy and coverage of Model 1's lists, for positions without a Model 2 result."""
+    sums = side_sums(p, first_occurrences(p))
+    return entropy(p, sums), coverage(p, sums)
+
+
+def kl_floor(p: TopK, q: TopK) -> np.ndarray:
+    """Just the spec's KL, for a batch; every row must have non-empty lists on both sides."""
+    m, p_valid, q_valid = match(p, q)
+    lp_m, lq_m = p.logprobs[m.rows, m.p_cols], q.logprobs[m.rows, m.q_cols]
+    return _kl_floor(p, q, side_sums(p, p_valid), side_sums(q, q_valid), m, lp_m, lq_m)
+
+
+def estimate(p: TopK, q: TopK, chosen_key: np.ndarray, chosen_logprob: np.ndarray) -> Estimates:
+    """Every estimator for a batch; every row must have non-empty lists on both sides."""
+    n = len(chosen_key)
+    m, p_valid, q_valid = match(p, q)
+    lp_m, lq_m = p.logprobs[m.rows, m.p_cols], q.logprobs[m.rows, m.q_cols]
+    ps, qs = side_sums(p, p_valid), side_sums(q, q_valid)
+
+    chosen_matches = (q.keys == chosen_key[:, None]) & q_valid
+    chosen_in_q = chosen_matches.any(axis=1)
+    first_match = chosen_matches.argmax(axis=1)[:, None]
+    chosen_q = np.take_along_axis(q.logprobs, first_match, axis=1)[:, 0]
+    model2_logprob = np.where(chosen_in_q, chosen_q, q.floor)
+
+    return Estimates(
+        kl_floor=_kl_floor(p, q, ps, qs, m, lp_m, lq_m),
+        kl_lower=_kl_lower(n, m, lp_m, lq_m),
+        logratio=chosen_logprob - model2_logprob,
+        model2_logprob=model2_logprob,
+        m1_token_in_m2_topk=chosen_in_q,
+        top1_agree=_argmax_key(p, p_valid) == _argmax_key(q, q_valid),
+        entropy1=entropy(p, ps),
+        entropy2=entropy(q, qs),
+        coverage1=coverage(p, ps),
+        coverage2=coverage(q, qs),
+    )
+
+
+def pad_list_array(lists: pa.Array, fill: float | int) -> tuple[np.ndarray, np.ndarray]:
+    """A list array as a dense ``[n, width]`` matrix plus a presence mask.
+
+    The matrix is float64 for a float ``fill`` and int64 otherwise; null elements become
+    ``fill`` and are not present. Lists of one common length (the usual top-k) are reshaped
+    without a scatter. Works on sliced arrays.
+    """
+    offsets = lists.offsets.to_numpy()
+    start, stop = int(offsets[0]), int(offsets[-1])
+    offsets = offsets - start
+    lengths = np.diff(offsets)
+    n = len(lists)
+    width = int(lengths.max()) if n else 0
+    values = lists.values.slice(start, stop - start)
+    dtype = np.float64 if isinstance(fill, float) else np.int64
+    flat = pc.fill_null(values, fill).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    flat_present = (
+        np.ones(len(values), dtype=bool)
+        if values.null_count == 0
+        else values.is_valid().to_numpy(zero_copy_only=False)
+    )
+    if n and int(lengths.min()) == width:
+        return flat.reshape(n, width), flat_present.reshape(n, width)
+    rows = np.repeat(np.arange(n), lengths)
+    cols = np.arange(stop - start) - np.repeat(offsets[:-1], lengths)
+    dense = np.full((n, width), fill, dtype=dtype)
+    present = np.zeros((n, width), dtype=bool)
+    dense[rows, cols] = flat
+    present[rows, cols] = flat_present
+    return dense, present
+
+
+@dataclass(frozen=True)
+class SideColumns:
+    """Arrow columns describing one model's top-k lists at a batch of positions."""
+
+    tokens: pa.Array  # list<string>
+    token_ids: pa.Array  # list<int64>, null elements where unknown
+    logprobs: pa.Array  # list<float64>
+
+
+def keyed_sides(
+    m1: SideColumns, m2: SideColumns | None, chosen_token: pa.Array, chosen_id: pa.Array
+) -> tuple[TopK, TopK | None, np.ndarray]:
+    """Turn Arrow columns into keyed :class:`TopK` matrices (ids where complete, else strings).
+
+    A row uses ids when Model 1's list, Model 2's list (if given) and the chosen token all
+    carry them; otherwise its keys are codes of the token strings, shared across the batch.
+    """
+    lp1, present1 = pad_list_array(m1.logprobs, np.nan)
+    ids1, has_id1 = pad_list_array(m1.token_ids, NO_ID)
+    chosen_ids = pc.fill_null(chosen_id, NO_ID).to_numpy(zero_copy_only=False).astype(np.int64)
+    use_ids = (has_id1 | ~present1).all(axis=1) & chosen_id.is_valid().to_numpy(
+        zero_copy_only=False
+    )
+    sides = [(m1, lp1, present1, ids1)]
+    if m2 is not None:
+        lp2, present2 = pad_list_array(m2.logprobs, np.nan)
+        ids2, has_id2 = pad_list_array(m2.token_ids, NO_ID)
+        use_ids &= (has_id2 | ~present2).all(axis=1)
+        sides.append((m2, lp2, present2, ids2))
+
+    chosen_keys = chosen_ids
+    string_keys: list[np.ndarray] = []
+    if not use_ids.all():
+        string_keys, chosen_codes = _string_codes([side[0].tokens for side in sides], chosen_token)
+        chosen_keys = np.where(use_ids, chosen_ids, chosen_codes)
+
+    built = []
+    for index, (_, lp, present, ids) in enumerate(sides):
+        keys = np.where(use_ids[:, None], ids, string_keys[index]) if string_keys else ids
+        built.append(make_topk(keys, lp, present))
+    return built[0], (built[1] if m2 is not None else None), chosen_keys
+
+
+def _string_codes(
+    token_lists: list[pa.Array], chosen_token: pa.Array
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Integer codes for token strings, shared across the given lists and the chosen tokens."""
+    flats = [lists.flatten().cast(pa.string()) for lists in token_lists]
+    encoded = pc.dictionary_encode(pa.concat_arrays([*flats, chosen_token.cast(pa.string())]))
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    padded = []
+    start = 0
+    for lists, flat in zip(token_lists, flats, strict=True):
+        offsets = lists.offsets.to_numpy()
+        code_lists = pa.ListArray.from_arrays(
+            pa.array(offsets - offsets[0], pa.int32()), pa.array(codes[start : start + len(flat)])
+        )
+        padded.append(pad_list_array(code_lists, NO_ID)[0])
+        start += len(flat)
+    return padded, codes[start:]

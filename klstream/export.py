@@ -1,0 +1,162 @@
+"""Export: per-response statistics and the spec's ``<stem>_kl.json`` files, plus a run summary.
+
+The statistics come from DuckDB (``sql/views.sql``'s ``response_stats``); this module only shapes
+rows into the spec's JSON layout and writes the files. Every file is written to a temporary name
+first and all of them are renamed into place only once every one has been written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from klstream.atomic import commit, temporary_sibling, write_text_atomic
+from klstream.errors import KlstreamError
+from klstream.rundir import RunDir, connect, view_names
+from klstream.sqlfiles import load_sql
+
+SUMMARY_FILE = "summary.json"
+
+_SPEC_RESPONSE_KEYS = ("text", "num_tokens", "kl_per_token", "token_details", "statistics")
+_EXTRA_RESPONSE_KEYS = ("response_index", "tokens_match_text", "unscored_positions")
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    model2: str
+    files: list[Path]
+    summary: dict[str, Any]
+    summary_path: Path
+
+
+def scored_models(con: duckdb.DuckDBPyConnection) -> list[str]:
+    if "kl" not in view_names(con):
+        return []
+    return [name for (name,) in con.execute(load_sql("scored_models")).fetchall()]
+
+
+def resolve_model2(con: duckdb.DuckDBPyConnection, run_dir: Path, model2: str | None) -> str:
+    """The model2 to export: the one asked for, or the only one the run has KL results for."""
+    available = scored_models(con)
+    if model2 is not None:
+        if model2 not in available:
+            raise KlstreamError(
+                f"{run_dir} has no KL results for model2 {model2!r} "
+                f"(available: {', '.join(available) or 'none'}); run `klstream score` first"
+            )
+        return model2
+    if len(available) == 1:
+        return available[0]
+    if not available:
+        raise KlstreamError(f"{run_dir} has no KL results yet; run `klstream score` first")
+    raise KlstreamError(
+        f"{run_dir} has KL results for several models ({', '.join(available)}); "
+        "choose one with --model2"
+    )
+
+
+def _response_rows(con: duckdb.DuckDBPyConnection, model2: str) -> Iterator[dict[str, Any]]:
+    reader = con.sql(load_sql("export_responses"), params={"model2": model2}).to_arrow_reader(256)
+    for batch in reader:
+        yield from batch.to_pylist()
+
+
+def response_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """One response in the spec's layout, extra keys after the spec's."""
+    return {key: row[key] for key in (*_SPEC_RESPONSE_KEYS, *_EXTRA_RESPONSE_KEYS)}
+
+
+def file_document(model2: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``_kl.json`` document for the responses of one input file."""
+    first = rows[0]
+    return {
+        "prompt": first["prompt"],
+        "model1": first["model1"],
+        "model2": model2,
+        "num_responses": len(rows),
+        "responses": [response_entry(row) for row in rows],
+        "source_path": first["source_path"],
+    }
+
+
+def summarize(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any]:
+    cursor = con.execute(load_sql("summary"), {"model2": model2})
+    names = [d[0] for d in cursor.description]
+    row = cursor.fetchone()
+    assert row is not None
+    return dict(zip(names, row, strict=True))
+
+
+def _fmt(value: float | None, width: int = 10, digits: int = 6) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a".rjust(width)
+    return f"{value:{width}.{digits}f}"
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a text table, in the manner of llama.cpp's ``--kl-divergence``."""
+    s = summary
+    percentiles = [
+        ("99.9%", "p99_9_kl"), ("99.0%", "p99_kl"), ("95.0%", "p95_kl"), ("90.0%", "p90_kl"),
+        ("Median", "p50_kl"), ("10.0%", "p10_kl"), ("5.0%", "p05_kl"), ("1.0%", "p01_kl"),
+    ]
+
+    def mean_line(label: str, key: str) -> str:
+        return f"{label:<27}{_fmt(s[key])} ± {_fmt(s[key + '_stderr'], 8)}"
+
+    return "\n".join(
+        [
+            f"====== KL divergence: {', '.join(s['model1'] or [])} -> {s['model2']} ======",
+            f"Responses:     {s['responses']:>10}",
+            f"Positions:     {s['positions']:>10}   scored {s['scored']}, failed {s['failed']}, "
+            f"unscored {s['unscored']} (failed and unscored are excluded from every figure)",
+            f"Mean    KLD:   {_fmt(s['mean_kl'])} ± {_fmt(s['mean_kl_stderr'], 8)}",
+            f"Maximum KLD:   {_fmt(s['max_kl'])}",
+            *[f"{label:<7} KLD:   {_fmt(s[key])}" for label, key in percentiles],
+            f"Minimum KLD:   {_fmt(s['min_kl'])}",
+            f"Same top token:{_fmt(_percent(s['top1_agreement']), 10, 3)} ± "
+            f"{_fmt(_percent(s['top1_agreement_stderr']), 6, 3)} %",
+            "M1 token outside M2 top-k: "
+            f"{_fmt(_percent(s['m1_token_outside_m2_topk_rate']), 7, 3)} %",
+            mean_line("Mean KL lower bound:", "mean_kl_lower"),
+            mean_line("Mean log-ratio (MC KL):", "mean_logratio"),
+        ]
+    )
+
+
+def export(run_dir: Path, output_dir: Path, model2: str | None = None) -> ExportReport:
+    """Write one ``<stem>_kl.json`` per input file and ``summary.json`` into ``output_dir``."""
+    RunDir(run_dir).require_exploded()
+    con = connect(run_dir)
+    chosen = resolve_model2(con, run_dir, model2)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, Path]] = []
+    try:
+        for stem, rows in groupby(_response_rows(con, chosen), key=lambda row: row["stem"]):
+            final = output_dir / f"{stem}_kl.json"
+            tmp = temporary_sibling(final)
+            written.append((tmp, final))
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(file_document(chosen, list(rows)), handle, ensure_ascii=False,
+                          allow_nan=False, indent=1)
+        for tmp, final in written:
+            commit(tmp, final)
+    finally:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+    summary = summarize(con, chosen)
+    con.close()
+    summary_path = output_dir / SUMMARY_FILE
+    write_text_atomic(summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return ExportReport(chosen, [final for _, final in written], summary, summary_path)

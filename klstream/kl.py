@@ -1,0 +1,145 @@
+"""The KL pass: positions ⨝ resolved Model 2 scores → ``kl/<model2>.parquet`` (schema ``KL``).
+
+DuckDB streams the join in key order as Arrow record batches; each batch goes through the
+vectorized estimators and is appended to the output, so memory stays bounded by the batch size
+whatever the size of the run. The output is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from klstream import schemas
+from klstream.atomic import atomic_path
+from klstream.errors import KlstreamError
+from klstream.estimators import SideColumns, estimate, keyed_sides, model1_only
+from klstream.rundir import RunDir, connect
+from klstream.sqlfiles import load_sql
+
+DEFAULT_BATCH_ROWS = 4_096
+
+
+@dataclass(frozen=True)
+class KlReport:
+    path: Path
+    positions: int
+    scored: int
+    failed: int
+    unscored: int
+
+
+def _with_nulls(values: np.ndarray, rows: np.ndarray, n: int, dtype: pa.DataType) -> pa.Array:
+    """Scatter ``values`` (one per selected row) into a length-``n`` array, null elsewhere."""
+    if len(rows) == n:
+        return pa.array(values, type=dtype)
+    full = np.zeros(n, dtype=values.dtype)
+    full[rows] = values
+    mask = np.ones(n, dtype=bool)
+    mask[rows] = False
+    return pa.array(full, type=dtype, mask=mask)
+
+
+def _model1_columns(batch: pa.RecordBatch) -> SideColumns:
+    return SideColumns(
+        batch.column("top_tokens"), batch.column("top_token_ids"), batch.column("top_logprobs")
+    )
+
+
+_STATUS_NAMES = pa.array(
+    [schemas.KL_STATUS_SCORED, schemas.KL_STATUS_ERROR, schemas.KL_STATUS_UNSCORED], pa.string()
+)
+
+
+def score_batch(batch: pa.RecordBatch, model2: str) -> pa.RecordBatch:
+    """Compute the KL table's rows for one batch of ``sql/kl_inputs.sql`` output."""
+    n = batch.num_rows
+    column = batch.column
+    status_code = np.where(
+        pc.fill_null(pc.equal(column("m2_status"), schemas.SCORE_OK), False).to_numpy(
+            zero_copy_only=False
+        ),
+        0,
+        np.where(column("m2_status").is_null().to_numpy(zero_copy_only=False), 2, 1),
+    )
+    rows = np.flatnonzero(status_code == 0)
+    ok = batch if len(rows) == n else batch.take(rows)
+    p, q, chosen_key = keyed_sides(
+        _model1_columns(ok),
+        SideColumns(
+            ok.column("m2_top_tokens"), ok.column("m2_top_token_ids"), ok.column("m2_top_logprobs")
+        ),
+        ok.column("token"),
+        ok.column("token_id"),
+    )
+    assert q is not None
+    est = estimate(p, q, chosen_key, ok.column("logprob").to_numpy(zero_copy_only=False))
+
+    entropy1, coverage1 = np.empty(n), np.empty(n)
+    entropy1[rows], coverage1[rows] = est.entropy1, est.coverage1
+    if len(rows) < n:
+        others = np.flatnonzero(status_code != 0)
+        rest = batch.take(others)
+        p_rest, _, _ = keyed_sides(_model1_columns(rest), None, rest.column("token"),
+                                   rest.column("token_id"))
+        entropy1[others], coverage1[others] = model1_only(p_rest)
+
+    f64, boolean = pa.float64(), pa.bool_()
+    return pa.RecordBatch.from_arrays(
+        [
+            pc.take(pa.array([model2], pa.string()), np.zeros(n, dtype=np.int32)),
+            column("stem"),
+            column("response_index"),
+            column("position"),
+            column("token"),
+            pc.take(_STATUS_NAMES, status_code),
+            column("m2_error"),
+            _with_nulls(est.kl_floor, rows, n, f64),
+            _with_nulls(est.kl_lower, rows, n, f64),
+            _with_nulls(est.logratio, rows, n, f64),
+            column("logprob"),
+            _with_nulls(est.model2_logprob, rows, n, f64),
+            _with_nulls(est.m1_token_in_m2_topk, rows, n, boolean),
+            _with_nulls(est.top1_agree, rows, n, boolean),
+            pa.array(entropy1, f64),
+            _with_nulls(est.entropy2, rows, n, f64),
+            pa.array(coverage1, f64),
+            _with_nulls(est.coverage2, rows, n, f64),
+        ],
+        schema=schemas.KL,
+    )
+
+
+def compute_kl(run_dir: Path, model2: str, batch_rows: int = DEFAULT_BATCH_ROWS) -> KlReport:
+    """(Re)compute ``kl/<model2>.parquet`` from the run's positions and Model 2's scores."""
+    run = RunDir(run_dir)
+    run.require_exploded()
+    if not any(run.scores_dir(model2).glob("*.parquet")):
+        raise KlstreamError(
+            f"no Model 2 results for {model2!r} in {run.scores_dir(model2)}; "
+            f"run `klstream score {run_dir} --model2 {model2}` first"
+        )
+    con = connect(run_dir)
+    reader = con.sql(load_sql("kl_inputs"), params={"model2": model2}).to_arrow_reader(batch_rows)
+    counts: Counter[str] = Counter()
+    final = run.kl_path(model2)
+    with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schemas.KL, compression="zstd") as out:
+        for batch in reader:
+            result = score_batch(batch, model2)
+            out.write_batch(result)
+            for entry in pc.value_counts(result.column("status")).to_pylist():
+                counts[entry["values"]] += entry["counts"]
+    con.close()
+    return KlReport(
+        path=final,
+        positions=sum(counts.values()),
+        scored=counts[schemas.KL_STATUS_SCORED],
+        failed=counts[schemas.KL_STATUS_ERROR],
+        unscored=counts[schemas.KL_STATUS_UNSCORED],
+    )

@@ -1,0 +1,73 @@
+"""Ad-hoc SQL over a run: the same views that ``sql/views.sql`` gives the duckdb CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+
+from klstream.atomic import atomic_path
+from klstream.errors import KlstreamError
+from klstream.rundir import connect
+
+OutputFormat = Literal["table", "csv", "json", "parquet"]
+
+
+def _write(relation: duckdb.DuckDBPyRelation, output_format: OutputFormat, path: Path) -> None:
+    if output_format == "parquet":
+        relation.write_parquet(str(path))
+    elif output_format == "json":
+        with open(path, "w", encoding="utf-8") as handle:
+            for line in _json_lines(relation):
+                handle.write(line + "\n")
+    else:
+        relation.write_csv(str(path))
+
+
+def _json_lines(relation: duckdb.DuckDBPyRelation) -> list[str]:
+    rows = relation.to_arrow_table().to_pylist()
+    return [json.dumps(row, ensure_ascii=False, default=str) for row in rows]
+
+
+def run_query(
+    run_dir: Path,
+    sql: str,
+    output_format: OutputFormat = "table",
+    output: Path | None = None,
+    max_rows: int = 40,
+) -> str:
+    """Run ``sql`` against the run's views; write the result to ``output`` or return it as text.
+
+    With ``output``, ``table`` means CSV. JSON is one object per line.
+    """
+    if output_format == "parquet" and output is None:
+        raise KlstreamError("--format parquet needs an output file (-o FILE)")
+    con = connect(run_dir)
+    try:
+        relation = con.sql(sql)
+        if relation is None:
+            return ""
+        if output is not None:
+            with atomic_path(output) as tmp:
+                _write(relation, output_format, tmp)
+            return f"wrote {output}"
+        if output_format == "table":
+            rendered = io.StringIO()
+            with contextlib.redirect_stdout(rendered):
+                relation.show(max_rows=max_rows, max_width=200)
+            return rendered.getvalue().rstrip("\n")
+        if output_format == "json":
+            return "\n".join(_json_lines(relation))
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "result.csv"
+            relation.write_csv(str(path))
+            return path.read_text(encoding="utf-8").rstrip("\n")
+    except duckdb.Error as error:
+        raise KlstreamError(f"query failed: {error}") from error
+    finally:
+        con.close()

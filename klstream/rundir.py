@@ -1,0 +1,79 @@
+"""The run directory's layout, and a DuckDB connection with views over its Parquet files."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from klstream.errors import KlstreamError
+from klstream.sqlfiles import load_sql
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def model2_dirname(model2: str) -> str:
+    """A file-system-safe name for a Model 2 id such as ``models/gemini-2.0-flash``."""
+    name = _UNSAFE.sub("_", model2.removeprefix("models/")).strip("._")
+    if not name:
+        raise KlstreamError(f"model2 name {model2!r} has no usable characters")
+    return name
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def positions(self) -> Path:
+        return self.root / "positions.parquet"
+
+    @property
+    def responses(self) -> Path:
+        return self.root / "responses.parquet"
+
+    @property
+    def skipped(self) -> Path:
+        return self.root / "skipped.parquet"
+
+    def scores_dir(self, model2: str) -> Path:
+        return self.root / "scores" / model2_dirname(model2)
+
+    def kl_path(self, model2: str) -> Path:
+        return self.root / "kl" / f"{model2_dirname(model2)}.parquet"
+
+    def require_exploded(self) -> None:
+        if not self.positions.is_file() or not self.responses.is_file():
+            raise KlstreamError(
+                f"{self.root} is not an exploded run directory (no positions.parquet); "
+                f"run `klstream explode INPUT_DIR -o {self.root}` first"
+            )
+
+
+def views_script(run_dir: Path) -> str:
+    """The views SQL preceded by the search path that makes its relative paths resolve."""
+    quoted = str(run_dir.resolve()).replace("'", "''")
+    return f"SET file_search_path = '{quoted}';\n" + load_sql("views")
+
+
+def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the run's views.
+
+    Views whose Parquet files do not exist yet (or that depend on such a view) are left out;
+    :func:`view_names` tells which exist.
+    """
+    RunDir(run_dir).require_exploded()
+    con = duckdb.connect()
+    for statement in duckdb.extract_statements(views_script(run_dir)):
+        try:
+            con.execute(statement)
+        except (duckdb.IOException, duckdb.CatalogException):
+            continue
+    return con
+
+
+def view_names(con: duckdb.DuckDBPyConnection) -> set[str]:
+    rows = con.execute(load_sql("view_names")).fetchall()
+    return {name for (name,) in rows}

@@ -1,0 +1,135 @@
+"""Arrow schemas of every Parquet table klstream writes — the one place they are defined.
+
+A run directory (``RUN_DIR``) holds:
+
+``positions.parquet`` (:data:`POSITIONS`) — written by ``klstream explode``
+    One row per token position of every Model 1 response.
+
+    ============== ================== ==================================================
+    stem           string             input file name without ``.json``
+    response_index int32              index of the response in the file's ``responses``
+    position       int32              0-based token position in the response
+    token          string             Model 1's chosen token
+    token_id       int64 (nullable)   its id; null when the input carries none
+    logprob        float64            Model 1's logprob of the chosen token
+    top_tokens     list<string>       Model 1's top-k tokens at this position
+    top_token_ids  list<int64>        their ids (elements null when the input has none)
+    top_logprobs   list<float64>      their logprobs
+    char_offset    int64              length in characters of the prefill before ``position``
+    ============== ================== ==================================================
+
+``responses.parquet`` (:data:`RESPONSES`) — written by ``klstream explode``
+    One row per response: ``stem``, ``response_index``, ``prompt``, ``model1``, ``text``,
+    ``num_tokens``, ``source_path``, and ``tokens_match_text`` — false when the concatenated
+    token strings do not reproduce ``text`` (for instance partial UTF-8 tokens), so prefills built
+    from the tokens differ from the text Model 1 actually produced.
+
+``skipped.parquet`` (:data:`SKIPPED`) — written by ``klstream explode --skip-invalid``
+    One row per skipped response (or whole file, with a null ``response_index``), with the reason.
+
+``scores/<model2>/part-*.parquet`` (:data:`SCORES`) — written by the Model 2 stage
+    One row per request outcome for a position. Part files are append-only checkpoints; a key
+    ``(stem, response_index, position)`` may appear more than once (a failure, then a success after
+    ``--resume``). The resolved result for a key is its newest ``ok`` row, else its newest row.
+    ``status`` is ``ok`` (the top-k lists are filled) or ``error`` (lists null, ``error`` filled):
+    a failed request is never written as a value.
+
+``kl/<model2>.parquet`` (:data:`KL`) — written by the KL pass
+    One row per position of ``positions.parquet`` with the estimators of
+    :mod:`klstream.estimators`; all estimator columns are null where Model 2 has no result
+    (``status`` is ``unscored`` or ``error``).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+KEY_FIELDS = [
+    pa.field("stem", pa.string(), nullable=False),
+    pa.field("response_index", pa.int32(), nullable=False),
+    pa.field("position", pa.int32(), nullable=False),
+]
+KEY_COLUMNS = [f.name for f in KEY_FIELDS]
+
+POSITIONS = pa.schema(
+    [
+        *KEY_FIELDS,
+        pa.field("token", pa.string(), nullable=False),
+        pa.field("token_id", pa.int64()),
+        pa.field("logprob", pa.float64(), nullable=False),
+        pa.field("top_tokens", pa.list_(pa.string()), nullable=False),
+        pa.field("top_token_ids", pa.list_(pa.int64()), nullable=False),
+        pa.field("top_logprobs", pa.list_(pa.float64()), nullable=False),
+        pa.field("char_offset", pa.int64(), nullable=False),
+    ]
+)
+
+RESPONSES = pa.schema(
+    [
+        pa.field("stem", pa.string(), nullable=False),
+        pa.field("response_index", pa.int32(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("model1", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("tokens_match_text", pa.bool_(), nullable=False),
+        pa.field("source_path", pa.string(), nullable=False),
+    ]
+)
+
+SKIPPED = pa.schema(
+    [
+        pa.field("source_path", pa.string(), nullable=False),
+        pa.field("stem", pa.string(), nullable=False),
+        pa.field("response_index", pa.int32()),
+        pa.field("json_path", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+SCORE_OK = "ok"
+SCORE_ERROR = "error"
+
+SCORES = pa.schema(
+    [
+        *KEY_FIELDS,
+        pa.field("model2", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("top_tokens", pa.list_(pa.string())),
+        pa.field("top_token_ids", pa.list_(pa.int64())),
+        pa.field("top_logprobs", pa.list_(pa.float64())),
+        pa.field("chosen_token", pa.string()),
+        pa.field("chosen_token_id", pa.int64()),
+        pa.field("chosen_logprob", pa.float64()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("attempts", pa.int32(), nullable=False),
+        pa.field("latency_ms", pa.float64(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+KL_STATUS_SCORED = "scored"
+KL_STATUS_ERROR = "error"
+KL_STATUS_UNSCORED = "unscored"
+
+KL = pa.schema(
+    [
+        pa.field("model2", pa.string(), nullable=False),
+        *KEY_FIELDS,
+        pa.field("token", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("kl_floor", pa.float64()),
+        pa.field("kl_lower", pa.float64()),
+        pa.field("logratio", pa.float64()),
+        pa.field("model1_logprob", pa.float64(), nullable=False),
+        pa.field("model2_logprob", pa.float64()),
+        pa.field("m1_token_in_m2_topk", pa.bool_()),
+        pa.field("top1_agree", pa.bool_()),
+        pa.field("entropy1", pa.float64(), nullable=False),
+        pa.field("entropy2", pa.float64()),
+        pa.field("coverage1", pa.float64(), nullable=False),
+        pa.field("coverage2", pa.float64()),
+    ]
+)

@@ -1,0 +1,285 @@
+"""explode → (fixture scores) → kl → export → query, on real Parquet files and real DuckDB."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from inputs import make_input, make_response, write_input
+from scorefixtures import write_fixture_scores
+
+from klstream import reference, schemas
+from klstream.cli import main
+from klstream.errors import KlstreamError
+from klstream.explode import explode
+from klstream.export import export
+from klstream.kl import compute_kl
+from klstream.query import run_query
+from klstream.rundir import connect, views_script
+
+MODEL2 = "gemini-fixture-2"
+WORDS = ["The", " cat", " sat", " on", " the", " mat", ".", " A", " dog", " ran", "\n", " é"]
+
+
+def random_tokens(rnd: random.Random, length: int, with_ids: bool = True):
+    tokens = []
+    for _ in range(length):
+        ids = rnd.sample(range(len(WORDS)), k=rnd.randint(2, 6))
+        logprobs = sorted((rnd.uniform(-9, -0.01) for _ in ids), reverse=True)
+        top = [(WORDS[i], i if with_ids else None, lp) for i, lp in zip(ids, logprobs, strict=True)]
+        chosen = rnd.randrange(len(top))
+        tokens.append((top[chosen][0], top[chosen][1], top[chosen][2], top))
+    return tokens
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> Path:
+    rnd = random.Random(7)
+    directory = tmp_path / "in"
+    write_input(directory, "alpha", make_input(
+        "Tell me about cats.", "model-one",
+        [random_tokens(rnd, 9), random_tokens(rnd, 5), []],
+    ))
+    mismatch = make_response(random_tokens(rnd, 4), text="not the tokens")
+    write_input(directory, "beta", make_input(
+        "And dogs?", "model-one", [random_tokens(rnd, 6, with_ids=False), mismatch],
+    ))
+    return directory
+
+
+@pytest.fixture
+def scored_run(tmp_path: Path, inputs: Path):
+    run_dir = tmp_path / "run"
+    explode(inputs, run_dir)
+    errors = frozenset({("alpha", 0, 3)})
+    missing = frozenset({("alpha", 1, 0), ("beta", 0, 5)})
+    retried = frozenset({("alpha", 0, 1), ("beta", 1, 2)})
+    lists = write_fixture_scores(
+        run_dir, MODEL2, errors=errors, missing=missing, fail_then_succeed=retried
+    )
+    report = compute_kl(run_dir, MODEL2)
+    return run_dir, lists, errors, missing, report
+
+
+def test_kl_table_matches_reference_per_position(scored_run):
+    run_dir, lists, errors, missing, report = scored_run
+    kl = pq.read_table(run_dir / "kl" / f"{MODEL2}.parquet")
+    assert kl.schema == schemas.KL
+    positions = {
+        (p["stem"], p["response_index"], p["position"]): p
+        for p in pq.read_table(run_dir / "positions.parquet").to_pylist()
+    }
+    rows = kl.to_pylist()
+    assert [(r["stem"], r["response_index"], r["position"]) for r in rows] == sorted(positions)
+    assert report.positions == len(positions)
+    assert (report.failed, report.unscored) == (len(errors), len(missing))
+    assert report.scored == len(positions) - len(errors) - len(missing)
+    for row in rows:
+        key = (row["stem"], row["response_index"], row["position"])
+        if key in errors or key in missing:
+            assert row["status"] == ("error" if key in errors else "unscored")
+            assert row["kl_floor"] is None and row["kl_lower"] is None and row["logratio"] is None
+            assert row["entropy1"] is not None
+            continue
+        pos = positions[key]
+        by_id = pos["top_token_ids"][0] is not None
+        p_keys = pos["top_token_ids"] if by_id else pos["top_tokens"]
+        q_tokens, q_ids, q_lps = lists[key]
+        q_keys = q_ids if by_id else q_tokens
+        p_entries = list(zip(p_keys, pos["top_logprobs"], strict=True))
+        q_entries = list(zip(q_keys, q_lps, strict=True))
+        assert row["status"] == "scored"
+        assert row["kl_floor"] == pytest.approx(reference.kl_floor(p_entries, q_entries), abs=1e-12)
+        assert row["kl_lower"] == pytest.approx(reference.kl_lower(p_entries, q_entries), abs=1e-12)
+        chosen = pos["token_id"] if by_id else pos["token"]
+        m2_lp, inside = reference.chosen_logprob_in(q_entries, chosen)
+        assert row["model2_logprob"] == pytest.approx(m2_lp)
+        assert row["m1_token_in_m2_topk"] is inside
+        assert row["logratio"] == pytest.approx(pos["logprob"] - m2_lp)
+
+
+SPEC_TOP = ["prompt", "model1", "model2", "num_responses", "responses"]
+SPEC_RESPONSE = ["text", "num_tokens", "kl_per_token", "token_details", "statistics"]
+SPEC_DETAIL = ["position", "token", "kl_divergence", "model1_chosen_logprob",
+               "model2_chosen_logprob"]
+SPEC_STATS = ["mean_kl", "median_kl", "std_kl", "min_kl", "max_kl", "total_kl"]
+
+
+def starts_with_spec_keys(obj: dict, spec_keys: list[str]) -> bool:
+    return list(obj)[: len(spec_keys)] == spec_keys
+
+
+def test_export_writes_the_spec_format(scored_run, tmp_path: Path):
+    run_dir, _, errors, missing, _ = scored_run
+    out = tmp_path / "out"
+    report = export(run_dir, out, MODEL2)
+    assert sorted(p.name for p in out.iterdir()) == ["alpha_kl.json", "beta_kl.json", "summary.json"]
+    assert report.model2 == MODEL2
+    kl_rows = pq.read_table(run_dir / "kl" / f"{MODEL2}.parquet").to_pylist()
+    for path in report.files:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        stem = path.name.removesuffix("_kl.json")
+        assert starts_with_spec_keys(doc, SPEC_TOP)
+        assert doc["model1"] == "model-one" and doc["model2"] == MODEL2
+        assert doc["num_responses"] == len(doc["responses"])
+        for index, response in enumerate(doc["responses"]):
+            assert starts_with_spec_keys(response, SPEC_RESPONSE)
+            assert isinstance(response["text"], str)
+            expected = [r for r in kl_rows if (r["stem"], r["response_index"]) == (stem, index)]
+            assert response["num_tokens"] == len(expected)
+            assert response["kl_per_token"] == [r["kl_floor"] for r in expected]
+            assert len(response["token_details"]) == response["num_tokens"]
+            for detail, row in zip(response["token_details"], expected, strict=True):
+                assert starts_with_spec_keys(detail, SPEC_DETAIL)
+                assert detail["position"] == row["position"]
+                assert detail["token"] == row["token"]
+                assert detail["kl_divergence"] == row["kl_floor"]
+                assert detail["model1_chosen_logprob"] == row["model1_logprob"]
+                assert detail["model2_chosen_logprob"] == row["model2_logprob"]
+            stats = response["statistics"]
+            assert starts_with_spec_keys(stats, SPEC_STATS)
+            values = [r["kl_floor"] for r in expected if r["kl_floor"] is not None]
+            unscored = [r["position"] for r in expected if r["kl_floor"] is None]
+            assert [u["position"] for u in response["unscored_positions"]] == unscored
+            assert stats["num_unscored"] == len(unscored)
+            if not values:
+                assert all(stats[key] is None for key in SPEC_STATS)
+                continue
+            assert stats["mean_kl"] == pytest.approx(statistics.fmean(values))
+            assert stats["median_kl"] == pytest.approx(float(np.median(values)))
+            assert stats["std_kl"] == pytest.approx(float(np.std(values)))
+            assert stats["min_kl"] == pytest.approx(min(values))
+            assert stats["max_kl"] == pytest.approx(max(values))
+            assert stats["total_kl"] == pytest.approx(math.fsum(values))
+    alpha = json.loads((out / "alpha_kl.json").read_text(encoding="utf-8"))
+    assert alpha["responses"][0]["unscored_positions"] == [
+        {"position": 3, "status": "error", "error": "503 UNAVAILABLE: overloaded"}
+    ]
+    assert alpha["responses"][2]["num_tokens"] == 0
+    beta = json.loads((out / "beta_kl.json").read_text(encoding="utf-8"))
+    assert beta["responses"][1]["tokens_match_text"] is False
+
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    total = len(kl_rows)
+    assert summary["positions"] == total
+    assert summary["failed"] == len(errors) and summary["unscored"] == len(missing)
+    scored_values = [r["kl_floor"] for r in kl_rows if r["kl_floor"] is not None]
+    assert summary["scored"] == len(scored_values)
+    assert summary["mean_kl"] == pytest.approx(statistics.fmean(scored_values))
+    assert summary["mean_kl_stderr"] == pytest.approx(
+        statistics.stdev(scored_values) / math.sqrt(len(scored_values))
+    )
+    assert summary["max_kl"] == pytest.approx(max(scored_values))
+    assert summary["p50_kl"] == pytest.approx(float(np.median(scored_values)))
+    assert summary["p99_kl"] == pytest.approx(float(np.percentile(scored_values, 99)))
+    top1 = [r["top1_agree"] for r in kl_rows if r["top1_agree"] is not None]
+    assert summary["top1_agreement"] == pytest.approx(sum(top1) / len(top1))
+
+
+def test_export_cli_prints_summary_table(scored_run, tmp_path: Path):
+    run_dir = scored_run[0]
+    result = CliRunner().invoke(main, ["export", str(run_dir), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    for label in ("Mean    KLD:", "Maximum KLD:", "99.9%", "Median", "Minimum KLD:",
+                  "Same top token:", "M1 token outside M2 top-k:", "failed 1, unscored 2"):
+        assert label in result.output
+
+
+def test_export_refuses_unknown_model2_and_writes_nothing(scored_run, tmp_path: Path):
+    run_dir = scored_run[0]
+    out = tmp_path / "o"
+    with pytest.raises(KlstreamError, match="no KL results for model2 'other'"):
+        export(run_dir, out, "other")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_export_needs_model2_when_several(scored_run, tmp_path: Path):
+    run_dir = scored_run[0]
+    write_fixture_scores(run_dir, "second-model", seed=3)
+    compute_kl(run_dir, "second-model")
+    with pytest.raises(KlstreamError, match="several models"):
+        export(run_dir, tmp_path / "o")
+    assert export(run_dir, tmp_path / "o", "second-model").model2 == "second-model"
+
+
+def test_kl_without_scores_says_what_to_run(tmp_path: Path, inputs: Path):
+    run_dir = tmp_path / "run"
+    explode(inputs, run_dir)
+    result = CliRunner().invoke(main, ["kl", str(run_dir), "--model2", MODEL2])
+    assert result.exit_code == 1
+    assert "no Model 2 results" in result.output and "klstream score" in result.output
+
+
+def test_query_formats(scored_run, tmp_path: Path):
+    run_dir = scored_run[0]
+    sql = "SELECT stem, count(*) AS n FROM kl GROUP BY stem ORDER BY stem"
+    table = run_query(run_dir, sql)
+    assert "alpha" in table and "beta" in table and "│" in table
+    assert run_query(run_dir, sql, "csv") == "stem,n\nalpha,14\nbeta,10"
+    assert [json.loads(line) for line in run_query(run_dir, sql, "json").splitlines()] == [
+        {"stem": "alpha", "n": 14}, {"stem": "beta", "n": 10},
+    ]
+    target = tmp_path / "q.parquet"
+    runner = CliRunner()
+    result = runner.invoke(main, ["query", str(run_dir), sql, "--format", "parquet", "-o",
+                                  str(target)])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(target).to_pylist() == [{"stem": "alpha", "n": 14},
+                                                 {"stem": "beta", "n": 10}]
+    bad = runner.invoke(main, ["query", str(run_dir), "SELECT nope FROM kl"])
+    assert bad.exit_code == 1 and "query failed" in bad.output
+
+
+def test_views_script_works_in_a_plain_duckdb(scored_run):
+    """The script `klstream views` prints gives a bare duckdb the same views klstream uses."""
+    run_dir = scored_run[0]
+    con = duckdb.connect()
+    for statement in duckdb.extract_statements(views_script(run_dir)):
+        try:
+            con.execute(statement)
+        except duckdb.IOException:
+            assert "skipped" in statement.query
+    ours = connect(run_dir)
+    sql = "SELECT stem, response_index, mean_kl, total_kl FROM response_stats ORDER BY ALL"
+    assert con.execute(sql).fetchall() == ours.execute(sql).fetchall()
+
+
+README_QUERIES = {
+    "highest": """
+        SELECT k.stem, k.response_index, k.position, k.token, k.kl_floor,
+               string_agg(p.token, '' ORDER BY p.position) AS context
+        FROM kl AS k
+        JOIN positions AS p USING (stem, response_index)
+        WHERE p.position < k.position AND p.position >= k.position - 8
+          AND k.kl_floor IS NOT NULL
+        GROUP BY ALL
+        ORDER BY k.kl_floor DESC
+        LIMIT 10""",
+    "per_prompt": """
+        SELECT r.prompt, avg(k.kl_floor) AS mean_kl, count(*) AS positions
+        FROM kl AS k JOIN responses AS r USING (stem, response_index)
+        GROUP BY r.prompt ORDER BY mean_kl DESC""",
+    "outside": """
+        SELECT k.stem, k.response_index, k.position, k.token, k.logratio
+        FROM kl AS k
+        WHERE NOT k.m1_token_in_m2_topk
+        ORDER BY k.logratio DESC""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(README_QUERIES))
+def test_readme_queries_run(scored_run, name):
+    run_dir = scored_run[0]
+    con = connect(run_dir)
+    rows = con.execute(README_QUERIES[name]).fetchall()
+    assert rows
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert " ".join(README_QUERIES[name].split()) in " ".join(readme.split())
