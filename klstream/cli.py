@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,109 @@ def views(run_dir: Path) -> None:
     from klstream.rundir import views_script
 
     click.echo(views_script(run_dir), nl=False)
+
+
+def _score_options(function: Any) -> Any:
+    """The options shared by ``score`` and ``run``, in the spec's names where it has them."""
+    decorators = [
+        click.option("--model2", required=True, help="Model 2, e.g. gemini-2.0-flash."),
+        click.option("--backend", type=click.Choice(["gemini", "vertex"]), default="gemini",
+                     show_default=True, help="Gemini Developer API or Vertex AI."),
+        click.option("--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."),
+        click.option("--location", default="global", show_default=True,
+                     help="Vertex AI region."),
+        click.option("--base-url", help="Another endpoint, such as `klstream emulate`'s "
+                     "(default: $GOOGLE_GEMINI_BASE_URL)."),
+        click.option("--top-logprobs", type=click.IntRange(1, 20), default=20,
+                     show_default=True, help="Top-k logprobs to request per position."),
+        click.option("--max-concurrent", type=click.IntRange(min=1), default=16,
+                     show_default=True, help="Requests in flight at most, across all files."),
+        click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0,
+                     show_default=True, help="Seconds before a request counts as failed."),
+        click.option("--max-retries", type=click.IntRange(min=0), default=8, show_default=True,
+                     help="Retries of a position on 429, 5xx, time-outs and bad answers."),
+        click.option("--thinking-budget", default="0", show_default=True,
+                     help="Thinking budget to send; `none` sends no thinking config."),
+        click.option("--resume", is_flag=True, help="Continue a run: skip what is scored, "
+                     "retry what failed."),
+        click.option("--overwrite", is_flag=True, help="Discard this model2's results first."),
+        click.option("--checkpoint-rows", type=click.IntRange(min=1), default=256,
+                     show_default=True, help="Write a checkpoint part every N results..."),
+        click.option("--checkpoint-seconds", type=click.FloatRange(min=0.1), default=10.0,
+                     show_default=True, help="...or every T seconds."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def _build_score_options(params: dict[str, Any]) -> tuple[Any, Any]:
+    from klstream.calls import RetryPolicy
+    from klstream.gemini import endpoint_from_environment
+    from klstream.score import ScoreOptions
+
+    budget = params["thinking_budget"]
+    try:
+        thinking_budget = None if budget.lower() == "none" else int(budget)
+    except ValueError as error:
+        raise click.BadParameter("an integer or `none`", param_hint="--thinking-budget") from error
+    options = ScoreOptions(
+        model2=params["model2"],
+        top_logprobs=params["top_logprobs"],
+        max_concurrent=params["max_concurrent"],
+        policy=RetryPolicy(max_retries=params["max_retries"]),
+        thinking_budget=thinking_budget,
+        checkpoint_rows=params["checkpoint_rows"],
+        checkpoint_seconds=params["checkpoint_seconds"],
+        resume=params["resume"],
+        overwrite=params["overwrite"],
+    )
+    endpoint = endpoint_from_environment(
+        params["backend"], params["project_id"], params["location"], params["base_url"],
+        params["timeout"],
+    )
+    return options, endpoint
+
+
+def _run_score(run_dir: Path, params: dict[str, Any]) -> None:
+    from klstream.progress import ProgressLine
+    from klstream.score import score_run
+
+    options, endpoint = _build_score_options(params)
+    progress = ProgressLine(enabled=sys.stderr.isatty())
+    report = score_run(run_dir, options, endpoint, on_progress=progress.update)
+    progress.close()
+    stats, calls = report.stats, report.stats.calls
+    rate = calls.requests / calls.elapsed if calls.elapsed else 0.0
+    click.echo(
+        f"score {options.model2}: {stats.scored} scored, {stats.failed} failed, "
+        f"{stats.already_done} already done, of {stats.total} positions; {calls.requests} "
+        f"requests ({calls.retries} retries, {calls.rate_limited} rate-limited) in "
+        f"{calls.elapsed:.1f}s, {rate:.1f} req/s"
+    )
+    if report.kl is not None:
+        click.echo(f"kl: {report.kl.scored} positions with KL -> {report.kl.path}")
+    if report.stopped_because:
+        click.echo(f"stopped early: {report.stopped_because}", err=True)
+    if report.remaining:
+        raise click.ClickException(
+            f"{report.remaining} positions remain unscored; continue with: klstream score "
+            f"{run_dir} --model2 {options.model2} --resume"
+        )
+
+
+@main.command()
+@run_dir_argument
+@_score_options
+def score(run_dir: Path, **params: Any) -> None:
+    """Ask Model 2 for its top-k logprobs at every position (prefilled with Model 1's tokens)."""
+    _run_score(run_dir, params)
+
+
+def _attach_emulator() -> None:
+    from klstream.emulator.command import emulate_command
+
+    main.add_command(emulate_command, "emulate")
+
+
+_attach_emulator()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import duckdb
 
+from klstream import schemas
 from klstream.errors import KlstreamError
 from klstream.sqlfiles import load_sql
 
@@ -62,14 +63,18 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the run's views.
 
     Views whose Parquet files do not exist yet (or that depend on such a view) are left out;
-    :func:`view_names` tells which exist.
+    :func:`view_names` tells which exist. Before any Model 2 result, ``scores`` is an empty
+    table of the scores schema, so that "what is left to score" is one query either way.
     """
     RunDir(run_dir).require_exploded()
     con = duckdb.connect()
     for statement in duckdb.extract_statements(views_script(run_dir)):
         try:
             con.execute(statement)
-        except (duckdb.IOException, duckdb.CatalogException):
+        except duckdb.IOException:
+            if "'scores/" in statement.query:
+                con.register("scores", schemas.SCORES.empty_table())
+        except duckdb.CatalogException:
             continue
     return con
 

@@ -1,0 +1,99 @@
+"""A local stand-in for the Gemini API, for dry runs and tests without network or cost.
+
+The emulator is an aiohttp server that speaks the ``generateContent`` REST
+protocol closely enough for the real google-genai SDK, and answers from
+deterministic toy language models (``klstream.emulator.toymodel``) whose exact
+next-token distributions tests can recompute locally.
+
+Running it
+    ``klstream emulate [--port 8765] [fault options]`` (or
+    ``python -m klstream.emulator``) prints
+    ``klstream emulator listening on http://127.0.0.1:8765`` and serves until
+    Ctrl-C/SIGTERM. From Python, ``with EmulatorServer(faults) as server:``
+    runs it on a background thread (port 0 picks a free port) and exposes
+    ``base_url``, the request log ``requests``, ``stats()``, ``reset_log()``
+    and ``set_faults()``; ``await serve(host, port, faults)`` runs it in the
+    current event loop until cancelled.
+
+Pointing clients at it
+    klstream: ``--base-url http://127.0.0.1:8765`` or the SDK's own
+    ``GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:8765``. The SDK directly:
+    ``genai.Client(api_key="anything", http_options=types.HttpOptions(base_url=url))``.
+    For the Vertex AI shape, pass ``vertexai=True, project=..., location=...``,
+    credentials that already hold a token (e.g.
+    ``google.oauth2.credentials.Credentials(token="x")``; ``AnonymousCredentials``
+    fails because the SDK tries to refresh it) and the same ``base_url``.
+    Without project/location (and without an api_key) the SDK posts to the bare
+    base_url with no model in the path; the emulator answers 404 saying so.
+
+Endpoints (any version segment: v1, v1beta, v1alpha, v1beta1, ...)
+    ``POST /{version}/models/{model}:generateContent`` (Developer API),
+    ``POST /{version}/projects/{p}/locations/{l}/publishers/{pub}/models/{model}:generateContent``
+    and ``POST /{version}/publishers/{pub}/models/{model}:generateContent`` (Vertex
+    AI, the latter in express mode), ``GET /_emulator/stats`` (request counters).
+    The prompt is the system instruction and the user turns' text joined by
+    newlines; a trailing model turn is a prefill that generation continues,
+    re-tokenized with the toy tokenizer. ``generationConfig`` supports
+    ``maxOutputTokens``, ``temperature`` (default 1), ``seed``,
+    ``responseLogprobs``, ``logprobs`` (0..20, needs ``responseLogprobs``) and
+    ``thinkingConfig.thinkingBudget``; snake_case keys are accepted anywhere.
+    Answers carry ``avgLogprobs``, ``logprobsResult`` (``chosenCandidates``,
+    ``topCandidates`` when ``logprobs`` > 0, ``logProbabilitySum`` except on
+    Vertex), ``usageMetadata``, ``modelVersion`` and ``responseId``. When the
+    model ends its answer, the last step is the end-of-sequence token with
+    empty text and ``finishReason`` is ``STOP``; otherwise ``MAX_TOKENS``.
+    Errors use Google's ``{"error": {"code", "message", "status"}}`` format:
+    400 INVALID_ARGUMENT, 404 NOT_FOUND (unknown model family), 429
+    RESOURCE_EXHAUSTED (with a ``RetryInfo`` detail and ``Retry-After``), 500
+    INTERNAL, 503 UNAVAILABLE.
+
+Model names
+    A name is served when one of its dash-separated parts is ``toy``; any
+    other name gets 404. ``toy`` is the base model. A part ``d<x>`` is the
+    divergence dial: ``toy-d0.5`` is the base with its logits perturbed by
+    strength 0.5, and the mean KL from the base grows monotonically with
+    ``x`` (mean KL roughly 0.03, 0.1, 0.4, 1.7 nats for x = 0.25, 0.5, 1, 2). Prefixes are
+    free (``gemini-toy-d0.25``). A part ``s<n>`` picks another perturbation
+    direction (``toy-d1-s2``). Equal dial and seed mean identical
+    distributions, whatever the rest of the name. Behaviour flags, anywhere in
+    the name: ``thinking`` spends the output budget on thoughts (finishReason
+    MAX_TOKENS, no text, no logprobs, ``thoughtsTokenCount`` set) unless
+    ``thinkingBudget`` is 0 (a positive budget leaves the rest of
+    ``maxOutputTokens`` for the answer); ``noprefill`` rejects a trailing
+    model turn with 400 "Requests ending with a model turn are not
+    supported."; ``nologprobs`` answers without ``logprobsResult``.
+
+Faults (``FaultConfig``, CLI flags in brackets; all off by default)
+    ``latency_ms`` + uniform ``jitter_ms`` per request [--latency-ms,
+    --jitter-ms]; fractions of 429 with ``retry_delay_s`` [--rate-429,
+    --retry-delay], of 500 and 503 [--rate-500, --rate-503], of hangs lasting
+    ``hang_seconds`` before a normal answer [--rate-hang, --hang-seconds], of
+    200 answers with a truncated JSON body [--rate-malformed] and of answers
+    without logprobs [--rate-no-logprobs]; ``quota_per_minute`` requests per
+    rolling window (``quota_window_s``, default 60 s), then 429 whose
+    ``retryDelay`` is the time until the window frees [--quota-per-minute];
+    ``fail_first_n``: the first N copies of each distinct request body get
+    503 [--fail-first-n]. Fault randomness comes from ``seed`` [--seed].
+    ``--request-log FILE`` appends one JSON line per request; in process,
+    ``EmulatorServer.requests`` keeps the last 50,000 as ``RequestRecord``s.
+"""
+
+from klstream.emulator.server import (
+    Emulator,
+    EmulatorServer,
+    FaultConfig,
+    RequestRecord,
+    serve,
+)
+from klstream.emulator.toymodel import ToyModel, decode, encode
+
+__all__ = [
+    "Emulator",
+    "EmulatorServer",
+    "FaultConfig",
+    "RequestRecord",
+    "ToyModel",
+    "decode",
+    "encode",
+    "serve",
+]

@@ -1,0 +1,276 @@
+"""The boundary with the Gemini API: client set-up, one prefill request, and what its answer means.
+
+Everything here goes through ``google-genai``'s async client. The SDK's own retries are switched
+off (one attempt), so that :mod:`klstream.score` decides about every retry and counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import aiohttp
+import pydantic
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from klstream.errors import KlstreamError
+
+Backend = Literal["gemini", "vertex"]
+API_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+BASE_URL_VARIABLE = "GOOGLE_GEMINI_BASE_URL"
+PROJECT_VARIABLE = "GOOGLE_CLOUD_PROJECT"
+PLACEHOLDER_KEY = "no-key-needed-for-this-base-url"
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RUN_ENDING_STATUS = frozenset({401, 403, 404})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to reach Model 2. ``api_key`` is a secret: it is never printed or saved."""
+
+    backend: Backend
+    api_key: str | None = None
+    project: str | None = None
+    location: str = "global"
+    base_url: str | None = None
+    timeout_s: float = 60.0
+
+    def __repr__(self) -> str:
+        key = "set" if self.api_key else "unset"
+        return (f"Endpoint(backend={self.backend!r}, api_key={key}, project={self.project!r}, "
+                f"location={self.location!r}, base_url={self.base_url!r})")
+
+    def redact(self, text: str) -> str:
+        """``text`` with the API key, should an error message ever echo it, masked."""
+        return text.replace(self.api_key, "***") if self.api_key else text
+
+
+def endpoint_from_environment(
+    backend: Backend,
+    project_id: str | None = None,
+    location: str = "global",
+    base_url: str | None = None,
+    timeout_s: float = 60.0,
+) -> Endpoint:
+    """Resolve credentials and endpoint from options and the documented environment variables."""
+    base_url = base_url or os.environ.get(BASE_URL_VARIABLE) or None
+    if backend == "vertex":
+        project = project_id or os.environ.get(PROJECT_VARIABLE)
+        if not project:
+            raise KlstreamError(
+                f"--backend vertex needs a Google Cloud project: pass --project-id or set "
+                f"{PROJECT_VARIABLE}"
+            )
+        return Endpoint("vertex", None, project, location, base_url, timeout_s)
+    api_key = next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), None)
+    if api_key is None:
+        if base_url is None:
+            raise KlstreamError(
+                "the Gemini Developer API needs an API key: set GEMINI_API_KEY (or "
+                "GOOGLE_API_KEY), or use --backend vertex, or point --base-url at a local server"
+            )
+        api_key = PLACEHOLDER_KEY
+    return Endpoint("gemini", api_key, None, location, base_url, timeout_s)
+
+
+def make_client(endpoint: Endpoint, session: aiohttp.ClientSession | None = None) -> genai.Client:
+    """A client whose async calls make exactly one HTTP attempt each."""
+    options = types.HttpOptions(
+        base_url=endpoint.base_url,
+        timeout=int(endpoint.timeout_s * 1000),
+        retry_options=types.HttpRetryOptions(attempts=1),
+        aiohttp_client=session,
+    )
+    if endpoint.backend == "vertex":
+        credentials = None
+        if endpoint.base_url and urlparse(endpoint.base_url).hostname in LOOPBACK_HOSTS:
+            from google.oauth2.credentials import Credentials
+
+            credentials = Credentials(token="local-server")  # type: ignore[no-untyped-call]
+        return genai.Client(vertexai=True, project=endpoint.project, location=endpoint.location,
+                            credentials=credentials, http_options=options)
+    return genai.Client(api_key=endpoint.api_key, http_options=options)
+
+
+def prefill_contents(prompt: str, prefill: str) -> list[types.Content]:
+    """The user prompt, then — past position 0 — Model 1's tokens so far as a model turn."""
+    contents = [types.Content(role="user", parts=[types.Part(text=prompt)])]
+    if prefill:
+        contents.append(types.Content(role="model", parts=[types.Part(text=prefill)]))
+    return contents
+
+
+def generation_config(
+    top_logprobs: int, thinking_budget: int | None, max_output_tokens: int = 1,
+    temperature: float | None = None, seed: int | None = None,
+) -> types.GenerateContentConfig:
+    return types.GenerateContentConfig(
+        max_output_tokens=max_output_tokens,
+        response_logprobs=True,
+        logprobs=top_logprobs,
+        temperature=temperature,
+        seed=seed,
+        thinking_config=None
+        if thinking_budget is None
+        else types.ThinkingConfig(thinking_budget=thinking_budget),
+    )
+
+
+class RetryableAnswer(Exception):
+    """A 200 answer that cannot be used but may be fine next time (no logprobs, say)."""
+
+
+class ModelCannotScore(KlstreamError):
+    """The model, as configured, can never give what scoring needs: stop the run, say why."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    token: str
+    token_id: int | None
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One generated step: the token chosen and the top-k alternatives with logprobs."""
+
+    chosen: Candidate
+    top: list[Candidate]
+
+
+@dataclass(frozen=True)
+class Answer:
+    steps: list[Generated]
+    text: str
+    finish_reason: str | None
+
+
+def _candidate(raw: Any) -> Candidate:
+    logprob = raw.log_probability
+    if raw.token is None or logprob is None or not (logprob <= 0.0):
+        raise RetryableAnswer(f"malformed logprob candidate {raw!r}")
+    return Candidate(raw.token, raw.token_id, float(logprob))
+
+
+def parse_answer(response: types.GenerateContentResponse, thinking_budget: int | None) -> Answer:
+    """Read the logprobs out of an answer, or say why there are none."""
+    candidates = response.candidates or []
+    if not candidates:
+        feedback = response.prompt_feedback
+        raise RetryableAnswer(f"answer has no candidates (prompt feedback: {feedback})")
+    candidate = candidates[0]
+    finish = candidate.finish_reason.name if candidate.finish_reason else None
+    result = candidate.logprobs_result
+    if result is None or not result.top_candidates:
+        usage = response.usage_metadata
+        if usage is not None and usage.thoughts_token_count and not result:
+            hint = (
+                "pass --thinking-budget 0" if thinking_budget is None
+                else "this model does not honour a thinking budget of "
+                f"{thinking_budget}; use a model whose thinking can be switched off"
+            )
+            raise ModelCannotScore(
+                f"the model spent its output tokens on thinking ({usage.thoughts_token_count} "
+                f"thought tokens, finish reason {finish}) and returned no logprobs: {hint}"
+            )
+        raise RetryableAnswer(
+            f"answer without logprobs (finish reason {finish}); the model may not support "
+            "response_logprobs"
+        )
+    chosen = result.chosen_candidates or []
+    steps = []
+    for index, top in enumerate(result.top_candidates):
+        alternatives = [_candidate(c) for c in (top.candidates or [])]
+        if not alternatives:
+            raise RetryableAnswer("answer with an empty top-candidates list")
+        picked = _candidate(chosen[index]) if index < len(chosen) else alternatives[0]
+        steps.append(Generated(picked, alternatives))
+    text = "".join(part.text or "" for part in (candidate.content.parts or [])) if (
+        candidate.content
+    ) else ""
+    return Answer(steps, text, finish)
+
+
+_PREFILL_REJECTED = re.compile(r"model turn|prefill|last turn|ending with", re.IGNORECASE)
+_THINKING_REJECTED = re.compile(r"thinking|budget", re.IGNORECASE)
+
+
+def classify_api_error(error: genai_errors.APIError, thinking_budget: int | None) -> str:
+    """``retry``, ``fail`` (this position only) or raise :class:`ModelCannotScore`/Klstream."""
+    code = error.code or 0
+    message = error.message or str(error)
+    if code in RETRIED_STATUS:
+        return "retry"
+    if code == 400 and _PREFILL_REJECTED.search(message):
+        raise ModelCannotScore(
+            f"the model rejects a trailing model turn ({code}: {message}). Scoring needs "
+            "prefill: the prompt, then Model 1's tokens so far as the model's own turn. "
+            "Choose a Model 2 that accepts it."
+        )
+    if code == 400 and thinking_budget is not None and _THINKING_REJECTED.search(message):
+        raise ModelCannotScore(
+            f"the model rejects the thinking configuration ({code}: {message}); try "
+            "--thinking-budget none (send no thinking config) or another model"
+        )
+    if code in RUN_ENDING_STATUS:
+        what = {401: "authentication failed", 403: "permission denied",
+                404: "model or endpoint not found"}[code]
+        raise KlstreamError(f"{what} ({code} {error.status}: {message}); no request can succeed")
+    return "fail"
+
+
+def server_retry_delay(error: BaseException) -> float | None:
+    """Seconds the server asked us to wait: google.rpc.RetryInfo's retryDelay or Retry-After."""
+    if not isinstance(error, genai_errors.APIError):
+        return None
+    details = error.details if isinstance(error.details, dict) else {}
+    for item in (details.get("error") or details).get("details", []) or []:
+        delay = item.get("retryDelay") if isinstance(item, dict) else None
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                return max(float(delay[:-1]), 0.0)
+            except ValueError:
+                pass
+    headers = getattr(error.response, "headers", None)
+    if headers is not None:
+        value = headers.get("Retry-After") or headers.get("retry-after")
+        if value:
+            try:
+                return max(float(value), 0.0)
+            except ValueError:
+                return None
+    return None
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncio.TimeoutError,
+    aiohttp.ClientError,
+    json.JSONDecodeError,
+    genai_errors.UnknownApiResponseError,
+    pydantic.ValidationError,
+    ConnectionError,
+    RetryableAnswer,
+)
+
+
+def is_rate_limit(error: BaseException) -> bool:
+    return isinstance(error, genai_errors.APIError) and error.code == 429
+
+
+def describe(error: BaseException) -> str:
+    """A one-line description for the error column."""
+    if isinstance(error, genai_errors.APIError):
+        return f"{error.code} {error.status}: {error.message or ''}".strip()
+    if isinstance(error, asyncio.TimeoutError):
+        return "timeout: no answer within the request timeout"
+    return f"{type(error).__name__}: {error}"

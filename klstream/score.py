@@ -1,0 +1,372 @@
+"""The Model 2 stage: one prefill request per position, through one global async pipeline.
+
+DuckDB streams the positions that still lack a successful result (``sql/pending_positions.sql``),
+so a resumed run asks only for what is missing. Worker tasks share an adaptive limiter
+(:mod:`klstream.throttle`); each request is retried by tenacity on transient failures, waiting
+as long as the server asks (RetryInfo / Retry-After) or longer. Outcomes are checkpointed as
+Parquet parts (:mod:`klstream.checkpoint`) every ``checkpoint_rows`` results or
+``checkpoint_seconds``. A model that can never answer as needed (no prefill, thinking that
+cannot be switched off, wrong credentials) stops the run at the first sign, not after thousands
+of retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pyarrow as pa
+
+from klstream import __version__, schemas
+from klstream.atomic import write_text_atomic
+from klstream.calls import Caller, CallStats, Outcome, RetryPolicy
+from klstream.checkpoint import write_scores_part
+from klstream.errors import KlstreamError
+from klstream.gemini import Endpoint, generation_config, make_client, prefill_contents
+from klstream.kl import KlReport, compute_kl
+from klstream.rundir import RunDir, connect
+from klstream.sqlfiles import load_sql
+from klstream.throttle import AdaptiveLimiter
+
+RUN_CONFIG_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    model2: str
+    top_logprobs: int = 20
+    max_concurrent: int = 16
+    policy: RetryPolicy = RetryPolicy()
+    thinking_budget: int | None = 0
+    checkpoint_rows: int = 256
+    checkpoint_seconds: float = 10.0
+    resume: bool = False
+    overwrite: bool = False
+    max_consecutive_failures: int = 50
+
+    def recorded(self, endpoint: Endpoint) -> dict[str, Any]:
+        """What a resumed run must share with the original for its results to be comparable."""
+        return {
+            "model2": self.model2,
+            "top_logprobs": self.top_logprobs,
+            "backend": endpoint.backend,
+            "thinking_budget": self.thinking_budget,
+            "tool_version": __version__,
+        }
+
+
+@dataclass
+class ScoreStats:
+    """Counters for progress and the final report."""
+
+    total: int = 0
+    already_done: int = 0
+    requested: int = 0
+    scored: int = 0
+    failed: int = 0
+    calls: CallStats = field(default_factory=CallStats)
+
+    @property
+    def done(self) -> int:
+        return self.already_done + self.scored + self.failed
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    stats: ScoreStats
+    remaining: int
+    kl: KlReport | None
+    stopped_because: str | None
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    stem: str
+    response_index: int
+    position: int
+    prompt: str
+    prefill: str
+
+
+def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) -> None:
+    """Refuse to mix results of different configurations under one model2."""
+    scores_dir = run.scores_dir(options.model2)
+    has_parts = any(scores_dir.glob("part-*.parquet"))
+    config_path = scores_dir / RUN_CONFIG_FILE
+    if has_parts and options.overwrite:
+        shutil.rmtree(scores_dir)
+        run.kl_path(options.model2).unlink(missing_ok=True)
+    elif has_parts and not options.resume:
+        raise KlstreamError(
+            f"{scores_dir} already holds results for {options.model2!r}: pass --resume to "
+            "continue that run, or --overwrite to discard it and start again"
+        )
+    elif has_parts and config_path.is_file():
+        recorded = json.loads(config_path.read_text(encoding="utf-8"))
+        wanted = options.recorded(endpoint)
+        differences = [
+            f"{key}: recorded {recorded.get(key)!r}, now {value!r}"
+            for key, value in wanted.items()
+            if recorded.get(key) != value
+        ]
+        if differences:
+            raise KlstreamError(
+                f"--resume refused: this run's configuration differs from the one recorded in "
+                f"{config_path} ({'; '.join(differences)}). Use the recorded settings, or "
+                "--overwrite to start again"
+            )
+    scores_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(config_path, json.dumps(options.recorded(endpoint), indent=2) + "\n")
+
+
+def _result_row(item: WorkItem, model2: str, outcome: Outcome) -> dict[str, Any]:
+    answer = outcome.answer
+    row: dict[str, Any] = {
+        "stem": item.stem,
+        "response_index": item.response_index,
+        "position": item.position,
+        "model2": model2,
+        "status": schemas.SCORE_OK if answer else schemas.SCORE_ERROR,
+        "top_tokens": None,
+        "top_token_ids": None,
+        "top_logprobs": None,
+        "chosen_token": None,
+        "chosen_token_id": None,
+        "chosen_logprob": None,
+        "finish_reason": answer.finish_reason if answer else None,
+        "attempts": outcome.attempts,
+        "latency_ms": outcome.latency_ms,
+        "error": outcome.error,
+        "scored_at": datetime.now(UTC),
+    }
+    if answer:
+        step = answer.steps[0]
+        row.update(
+            top_tokens=[c.token for c in step.top],
+            top_token_ids=[c.token_id for c in step.top],
+            top_logprobs=[c.logprob for c in step.top],
+            chosen_token=step.chosen.token,
+            chosen_token_id=step.chosen.token_id,
+            chosen_logprob=step.chosen.logprob,
+        )
+    return row
+
+
+class _Checkpointer:
+    """Buffers result rows and writes them as a part every N rows or T seconds."""
+
+    def __init__(self, scores_dir: Path, rows: int, seconds: float) -> None:
+        self.scores_dir, self.rows, self.seconds = scores_dir, rows, seconds
+        self.buffer: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def add(self, row: dict[str, Any]) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= self.rows or time.monotonic() - self.last_flush >= self.seconds:
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self.lock:
+            rows, self.buffer = self.buffer, []
+            self.last_flush = time.monotonic()
+            if rows:
+                table = pa.Table.from_pylist(rows, schema=schemas.SCORES)
+                await asyncio.to_thread(write_scores_part, self.scores_dir, table)
+
+
+class _Stop(Exception):
+    """Raised inside the pipeline to end it early with a reason."""
+
+
+class _Scorer:
+    def __init__(self, run_dir: Path, options: ScoreOptions, endpoint: Endpoint,
+                 stats: ScoreStats, on_progress: Callable[[ScoreStats], None] | None) -> None:
+        self.options, self.endpoint, self.stats = options, endpoint, stats
+        self.on_progress = on_progress
+        self.limiter = AdaptiveLimiter(ceiling=options.max_concurrent)
+        self.checkpoint = _Checkpointer(RunDir(run_dir).scores_dir(options.model2),
+                                        options.checkpoint_rows, options.checkpoint_seconds)
+        self.config = generation_config(options.top_logprobs, options.thinking_budget)
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+
+    async def score_one(self, caller: Caller, item: WorkItem) -> None:
+        outcome = await caller.call(prefill_contents(item.prompt, item.prefill), self.config)
+        row = _result_row(item, self.options.model2, outcome)
+        await self.checkpoint.add(row)
+        if outcome.answer:
+            self.stats.scored += 1
+            self.consecutive_failures = 0
+        else:
+            self.stats.failed += 1
+            self.consecutive_failures += 1
+            self.last_error = outcome.error
+            if self.consecutive_failures >= self.options.max_consecutive_failures:
+                raise _Stop(f"{self.consecutive_failures} positions in a row failed; the last "
+                            f"said: {outcome.error}")
+        if self.on_progress:
+            self.on_progress(self.stats)
+
+    async def run(self, items: AsyncIterator[WorkItem]) -> None:
+        """Probe with the first items one at a time, then score the rest concurrently."""
+        connector = aiohttp.TCPConnector(limit=self.options.max_concurrent, limit_per_host=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            client = make_client(self.endpoint, session if self.endpoint.backend == "gemini"
+                                 else None)
+            caller = Caller(client, self.options.model2, self.endpoint, self.options.policy,
+                            self.limiter, self.options.thinking_budget, self.stats.calls)
+            await self._probe_then_pipeline(caller, items)
+
+    async def _probe_then_pipeline(self, caller: Caller, items: AsyncIterator[WorkItem]) -> None:
+        probed_prefill = False
+        probes = 0
+        async for item in items:
+            await self.score_one(caller, item)
+            probes += 1
+            probed_prefill = probed_prefill or bool(item.prefill)
+            if probed_prefill or probes >= 3:
+                break
+        else:
+            return
+        if self.stats.scored == 0:
+            raise _Stop(f"the first {probes} requests all failed; the last said: "
+                        f"{self.last_error}")
+        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(
+            maxsize=4 * self.options.max_concurrent
+        )
+
+        async def worker() -> None:
+            while (item := await queue.get()) is not None:
+                await self.score_one(caller, item)
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.options.max_concurrent)]
+        feeding = asyncio.create_task(self._feed(items, queue, len(workers)))
+        try:
+            done, _ = await asyncio.wait([feeding, *workers],
+                                         return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in [feeding, *workers]:
+                task.cancel()
+            await asyncio.gather(feeding, *workers, return_exceptions=True)
+
+    @staticmethod
+    async def _feed(items: AsyncIterator[WorkItem], queue: asyncio.Queue[WorkItem | None],
+                    workers: int) -> None:
+        async for item in items:
+            await queue.put(item)
+        for _ in range(workers):
+            await queue.put(None)
+
+
+def _response_items(rows: list[dict[str, Any]]) -> list[WorkItem]:
+    """The pending positions of one response, each with its prefill cut from the token text."""
+    token_text = "".join(row["token"] for row in rows)
+    prompt = rows[0]["prompt"]
+    return [
+        WorkItem(row["stem"], row["response_index"], row["position"], prompt,
+                 token_text[: row["char_offset"]])
+        for row in rows
+        if row["pending"]
+    ]
+
+
+async def _pending_items(run_dir: Path, model2: str) -> AsyncIterator[WorkItem]:
+    """Stream the positions without a successful result, in key order, with their requests."""
+    con = connect(run_dir)
+    reader = con.sql(load_sql("pending_positions"), params={"model2": model2}).to_arrow_reader(
+        2048
+    )
+    current: list[dict[str, Any]] = []
+
+    def next_batch() -> pa.RecordBatch | None:
+        try:
+            return reader.read_next_batch()
+        except StopIteration:
+            return None
+
+    try:
+        while (batch := await asyncio.to_thread(next_batch)) is not None:
+            for row in batch.to_pylist():
+                if current and (row["stem"], row["response_index"]) != (
+                    current[0]["stem"], current[0]["response_index"]
+                ):
+                    for item in _response_items(current):
+                        yield item
+                    current = []
+                current.append(row)
+        if current:
+            for item in _response_items(current):
+                yield item
+    finally:
+        con.close()
+
+
+def _count_pending(run_dir: Path, model2: str) -> tuple[int, int]:
+    con = connect(run_dir)
+    try:
+        counts = con.execute(load_sql("pending_count"), {"model2": model2}).fetchone()
+    finally:
+        con.close()
+    assert counts is not None
+    return int(counts[0]), int(counts[1])
+
+
+async def score_async(
+    run_dir: Path,
+    options: ScoreOptions,
+    endpoint: Endpoint,
+    on_progress: Callable[[ScoreStats], None] | None = None,
+) -> ScoreReport:
+    """Score every pending position of ``run_dir`` against ``options.model2``, then run KL."""
+    run = RunDir(run_dir)
+    run.require_exploded()
+    _check_run_config(run, options, endpoint)
+    positions, done = _count_pending(run_dir, options.model2)
+    stats = ScoreStats(total=positions, already_done=done)
+    stats.requested = positions - done
+    scorer = _Scorer(run_dir, options, endpoint, stats, on_progress)
+    stopped: str | None = None
+    loop = asyncio.get_running_loop()
+    current = asyncio.current_task()
+    assert current is not None
+
+    def stop_on(signum: signal.Signals) -> None:
+        current.cancel(f"stopped by {signum.name}")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop_on, signum)
+    try:
+        await scorer.run(_pending_items(run_dir, options.model2))
+    except _Stop as stop:
+        stopped = str(stop)
+    except asyncio.CancelledError as cancelled:
+        stopped = str(cancelled.args[0]) if cancelled.args else "cancelled"
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signum)
+        await scorer.checkpoint.flush()
+    remaining = stats.total - stats.already_done - stats.scored
+    kl = await asyncio.to_thread(compute_kl, run_dir, options.model2) if (
+        stats.already_done + stats.scored + stats.failed
+    ) else None
+    return ScoreReport(stats=stats, remaining=remaining, kl=kl, stopped_because=stopped)
+
+
+def score_run(run_dir: Path, options: ScoreOptions, endpoint: Endpoint,
+          on_progress: Callable[[ScoreStats], None] | None = None) -> ScoreReport:
+    return asyncio.run(score_async(run_dir, options, endpoint, on_progress))

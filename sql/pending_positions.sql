@@ -1,0 +1,27 @@
+-- Every position of the responses that still have something to score for $model2, in key order,
+-- with the token (to rebuild prefills), whether it is pending (no successful result yet), and
+-- the prompt on each response's first row only (so the sort carries no copies of it).
+WITH done AS (
+    SELECT stem, response_index, position
+    FROM scores_resolved
+    WHERE model2 = $model2 AND status = 'ok'
+),
+open_responses AS (
+    SELECT DISTINCT stem, response_index
+    FROM positions
+    ANTI JOIN done USING (stem, response_index, position)
+)
+SELECT
+    p.stem,
+    p.response_index,
+    p.position,
+    p.token,
+    p.char_offset,
+    d.position IS NULL AS pending,
+    r.prompt
+FROM positions AS p
+SEMI JOIN open_responses USING (stem, response_index)
+LEFT JOIN done AS d USING (stem, response_index, position)
+LEFT JOIN responses AS r
+    ON r.stem = p.stem AND r.response_index = p.response_index AND p.position = 0
+ORDER BY p.stem, p.response_index, p.position;

@@ -1,0 +1,536 @@
+"""The Gemini emulator, exercised through the real google-genai SDK over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import google.oauth2.credentials
+import pytest
+from click.testing import CliRunner
+from google import genai
+from google.genai import errors, types
+
+from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
+from klstream.emulator.command import emulate_command
+from klstream.emulator.server import NOPREFILL_MESSAGE
+from klstream.emulator.toymodel import top_k
+
+T = TypeVar("T")
+PROMPT = "What is the capital of France?"
+SCORING = types.GenerateContentConfig(
+    max_output_tokens=1,
+    response_logprobs=True,
+    logprobs=20,
+    thinking_config=types.ThinkingConfig(thinking_budget=0),
+)
+
+
+def contents(prompt: str, prefill: str | None = None) -> list[dict[str, Any]]:
+    turns: list[dict[str, Any]] = [{"role": "user", "parts": [{"text": prompt}]}]
+    if prefill is not None:
+        turns.append({"role": "model", "parts": [{"text": prefill}]})
+    return turns
+
+
+class Api:
+    """SDK calls against one emulator, on one event loop, with reused clients.
+
+    Creating a genai.Client and its first session costs ~150 ms (SSL
+    contexts), so clients are cached per option set.
+    """
+
+    def __init__(self, server: EmulatorServer) -> None:
+        self.server = server
+        self._runner = asyncio.Runner()
+        self._clients: dict[str, genai.Client] = {}
+
+    def client(self, **http: Any) -> genai.Client:
+        """A Developer API client; ``http`` are extra ``HttpOptions`` fields."""
+        return self._cached(
+            f"dev{http!r}",
+            lambda: genai.Client(
+                api_key="test-key",
+                http_options=types.HttpOptions(base_url=self.server.base_url, **http),
+            ),
+        )
+
+    def vertex(self, **kwargs: Any) -> genai.Client:
+        """A Vertex AI client; ``kwargs`` go to ``genai.Client``.
+
+        AnonymousCredentials do not work: the SDK refreshes credentials that
+        hold no token, and anonymous ones refuse to refresh.
+        """
+        return self._cached(
+            f"vertex{kwargs!r}",
+            lambda: genai.Client(
+                vertexai=True,
+                http_options=types.HttpOptions(base_url=self.server.base_url),
+                **kwargs,
+            ),
+        )
+
+    def _cached(self, key: str, make: Callable[[], genai.Client]) -> genai.Client:
+        if key not in self._clients:
+            self._clients[key] = make()
+        return self._clients[key]
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(coro)
+
+    def generate(
+        self,
+        client: genai.Client | None = None,
+        model: str = "toy",
+        prompt: str = PROMPT,
+        prefill: str | None = None,
+        config: types.GenerateContentConfig = SCORING,
+    ) -> types.GenerateContentResponse:
+        return self.run(
+            (client or self.client()).aio.models.generate_content(
+                model=model, contents=contents(prompt, prefill), config=config
+            )
+        )
+
+    def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """A plain HTTP request, for what the SDK cannot send."""
+
+        async def go() -> tuple[int, Any]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.request(method, self.server.base_url + path, json=body) as resp,
+            ):
+                return resp.status, await resp.json()
+
+        return self.run(go())
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            self.run(client.aio.aclose())
+        self._runner.close()
+
+
+@pytest.fixture(scope="module")
+def shared_api() -> Iterator[Api]:
+    with EmulatorServer() as server:
+        api = Api(server)
+        yield api
+        api.close()
+
+
+@pytest.fixture
+def api(shared_api: Api) -> Api:
+    """The shared emulator with faults off and an empty log."""
+    shared_api.server.set_faults(FaultConfig())
+    shared_api.server.reset_log()
+    return shared_api
+
+
+def assert_matches_toy_model(
+    response: types.GenerateContentResponse, model: str, prompt: str, prefill: str | None
+) -> None:
+    expected = top_k(
+        ToyModel.for_name(model).next_token_logprobs(prompt, encode(prefill or "")), 20
+    )
+    logprobs = response.candidates[0].logprobs_result
+    got = logprobs.top_candidates[0].candidates
+    assert len(got) == 20
+    assert [(c.token, c.token_id, c.log_probability) for c in got] == [tuple(c) for c in expected]
+    chosen = logprobs.chosen_candidates[0]
+    assert chosen.log_probability == response.candidates[0].avg_logprobs
+    assert chosen.token == (response.text or "")
+
+
+@pytest.mark.parametrize(
+    "prefill", [None, "", "The capital of", "Paris is the cap", "Ünïcødé ☃  text\n"]
+)
+def test_scoring_request_matches_the_toy_model(api: Api, prefill: str | None) -> None:
+    response = api.generate(prefill=prefill)
+    assert_matches_toy_model(response, "toy", PROMPT, prefill)
+    candidate = response.candidates[0]
+    assert candidate.finish_reason in (types.FinishReason.MAX_TOKENS, types.FinishReason.STOP)
+    assert candidate.logprobs_result.log_probability_sum == candidate.avg_logprobs
+    usage = response.usage_metadata
+    assert usage.prompt_token_count == len(encode(PROMPT)) + len(encode(prefill or ""))
+    assert usage.candidates_token_count == 1
+    assert usage.total_token_count == usage.prompt_token_count + 1
+    assert response.model_version == "toy"
+    assert response.response_id
+    (record,) = api.server.requests
+    assert (record.path, record.model, record.status) == (
+        "/v1/models/toy:generateContent",  # the SDK's default Developer API version
+        "toy",
+        200,
+    )
+    assert (record.prompt, record.prefill) == (PROMPT, prefill)
+
+
+def test_vertex_path_with_project_and_location(api: Api) -> None:
+    client = api.vertex(
+        project="p",
+        location="us-central1",
+        credentials=google.oauth2.credentials.Credentials(token="test-token"),
+    )
+    response = api.generate(client, model="toy-d0.5", prefill="The")
+    assert_matches_toy_model(response, "toy-d0.5", PROMPT, "The")
+    assert response.candidates[0].logprobs_result.log_probability_sum is None
+    assert api.server.requests[0].path == (
+        "/v1beta1/projects/p/locations/us-central1/publishers/google/models/"
+        "toy-d0.5:generateContent"
+    )
+
+
+def test_vertex_express_mode_path(api: Api) -> None:
+    response = api.generate(api.vertex(api_key="k"))
+    assert_matches_toy_model(response, "toy", PROMPT, None)
+    assert api.server.requests[0].path == "/v1beta1/publishers/google/models/toy:generateContent"
+
+
+def test_vertex_without_project_posts_to_the_bare_base_url(api: Api) -> None:
+    with pytest.raises(errors.ClientError) as info:
+        api.generate(
+            api.vertex(credentials=google.oauth2.credentials.Credentials(token="test-token"))
+        )
+    assert info.value.code == 404
+    assert "project" in info.value.message
+
+
+@pytest.mark.parametrize("version", ["v1", "v1beta", "v1alpha"])
+def test_any_api_version_segment_is_routed(api: Api, version: str) -> None:
+    response = api.generate(api.client(api_version=version))
+    assert_matches_toy_model(response, "toy", PROMPT, None)
+    assert api.server.requests[0].path == f"/{version}/models/toy:generateContent"
+
+
+def test_sampling_is_seeded_and_retokenizes(api: Api) -> None:
+    config = types.GenerateContentConfig(
+        max_output_tokens=40, temperature=0.9, seed=7, response_logprobs=True, logprobs=5
+    )
+    first = api.generate(config=config)
+    again = api.generate(config=config)
+    other = api.generate(config=config.model_copy(update={"seed": 8, "temperature": 2.0}))
+    assert first.text == again.text
+    assert first.text != other.text
+
+    local = ToyModel.for_name("toy").sample(PROMPT, 40, 0.9, 7, 5)
+    candidate = first.candidates[0]
+    chosen = candidate.logprobs_result.chosen_candidates
+    assert [(c.token, c.token_id, c.log_probability) for c in chosen] == [
+        tuple(s.chosen) for s in local.steps
+    ]
+    assert "".join(c.token for c in chosen) == (first.text or "")
+    assert encode(first.text or "") == [c.token_id for c in chosen if c.token_id != 0]
+    assert len(candidate.logprobs_result.top_candidates) == len(chosen)
+    assert candidate.finish_reason == local.finish_reason
+    assert first.usage_metadata.candidates_token_count == len(chosen)
+
+
+def test_temperature_zero_picks_the_top_candidate(api: Api) -> None:
+    config = types.GenerateContentConfig(
+        max_output_tokens=10, temperature=0.0, response_logprobs=True, logprobs=1
+    )
+    logprobs = api.generate(config=config).candidates[0].logprobs_result
+    for chosen, top in zip(logprobs.chosen_candidates, logprobs.top_candidates, strict=True):
+        assert chosen == top.candidates[0]
+
+
+def test_generation_continues_after_the_prefill(api: Api) -> None:
+    prefill = "The capital of France is"
+    config = types.GenerateContentConfig(max_output_tokens=6, temperature=0.0)
+    response = api.generate(prefill=prefill, config=config)
+    local = ToyModel.for_name("toy").sample(PROMPT, 6, 0.0, prefill_ids=encode(prefill))
+    assert (response.text or "") == local.text
+    assert response.candidates[0].logprobs_result is None  # not requested
+    assert response.candidates[0].avg_logprobs is not None
+
+
+def test_429_carries_retry_info(api: Api) -> None:
+    api.server.set_faults(FaultConfig(rate_429=1.0, retry_delay_s=2.5))
+    with pytest.raises(errors.ClientError) as info:
+        api.generate()
+    err = info.value
+    assert (err.code, err.status) == (429, "RESOURCE_EXHAUSTED")
+    (detail,) = err.details["error"]["details"]
+    assert detail == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2.5s"}
+    assert err.response.headers["Retry-After"] == "3"
+    assert api.server.stats()["by_status"] == {"429": 1}
+
+
+@pytest.mark.parametrize(("code", "status"), [(500, "INTERNAL"), (503, "UNAVAILABLE")])
+def test_server_errors(api: Api, code: int, status: str) -> None:
+    api.server.set_faults(FaultConfig(**{f"rate_{code}": 1.0}))
+    with pytest.raises(errors.ServerError) as info:
+        api.generate()
+    assert (info.value.code, info.value.status) == (code, status)
+
+
+def test_fault_rates_are_seeded_fractions(api: Api) -> None:
+    api.server.set_faults(FaultConfig(rate_503=0.5, seed=1))
+    statuses = []
+    for _ in range(40):
+        try:
+            api.generate()
+            statuses.append(200)
+        except errors.ServerError:
+            statuses.append(503)
+    assert 8 <= statuses.count(503) <= 32
+    api.server.set_faults(FaultConfig(rate_503=0.5, seed=1))
+    api.server.reset_log()
+    for _ in range(40):
+        with contextlib.suppress(errors.ServerError):
+            api.generate()
+    assert [r.status for r in api.server.requests] == statuses
+
+
+def test_malformed_body(api: Api) -> None:
+    api.server.set_faults(FaultConfig(rate_malformed=1.0))
+    with pytest.raises(json.JSONDecodeError):
+        api.generate()
+    assert api.server.requests[0].status == 200
+    assert api.server.requests[0].fault == "malformed"
+
+
+def test_answers_without_logprobs(api: Api) -> None:
+    api.server.set_faults(FaultConfig(rate_no_logprobs=1.0))
+    response = api.generate()
+    assert response.candidates[0].logprobs_result is None
+    assert response.candidates[0].content.parts[0].text
+    response = api.generate(model="toy-nologprobs")
+    assert response.candidates[0].logprobs_result is None
+
+
+def test_hang_times_out_on_the_client(api: Api) -> None:
+    api.server.set_faults(FaultConfig(rate_hang=1.0, hang_seconds=1.0))
+    start = time.monotonic()
+    with pytest.raises((asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        api.generate(api.client(timeout=200))
+    assert time.monotonic() - start < 0.9
+    # The server answers once the hang is over (keeps the next test's log clean).
+    deadline = time.monotonic() + 5
+    while not api.server.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.server.requests[0].fault == "hang"
+
+
+def test_latency_and_jitter(api: Api) -> None:
+    api.server.set_faults(FaultConfig(latency_ms=150, jitter_ms=50))
+    start = time.monotonic()
+    api.generate()
+    assert 0.15 <= time.monotonic() - start < 1.0
+
+
+def test_quota_per_window(api: Api) -> None:
+    api.server.set_faults(FaultConfig(quota_per_minute=3))
+    for _ in range(3):
+        api.generate()
+    with pytest.raises(errors.ClientError) as info:
+        api.generate()
+    assert info.value.code == 429
+    delay = info.value.details["error"]["details"][0]["retryDelay"]
+    assert 55 < float(delay.removesuffix("s")) <= 60
+    assert api.server.stats()["by_fault"] == {"quota": 1}
+
+    api.server.set_faults(FaultConfig(quota_per_minute=2, quota_window_s=0.3))
+    api.generate()
+    api.generate()
+    with pytest.raises(errors.ClientError):
+        api.generate()
+    time.sleep(0.35)
+    api.generate()
+
+
+def test_fail_first_n_per_distinct_request(api: Api) -> None:
+    api.server.set_faults(FaultConfig(fail_first_n=2))
+    for _ in range(2):
+        with pytest.raises(errors.ServerError):
+            api.generate()
+    api.generate()
+    with pytest.raises(errors.ServerError):
+        api.generate(prefill="The")
+
+    # A client retrying 503s gets through deterministically.
+    api.server.set_faults(FaultConfig(fail_first_n=2))
+    api.server.reset_log()
+    retry = types.HttpRetryOptions(attempts=3, initial_delay=0.01, max_delay=0.02)
+    response = api.generate(api.client(retry_options=retry))
+    assert_matches_toy_model(response, "toy", PROMPT, None)
+    assert [r.status for r in api.server.requests] == [503, 503, 200]
+
+
+def test_thinking_model_spends_the_budget_on_thoughts(api: Api) -> None:
+    config = types.GenerateContentConfig(max_output_tokens=8, response_logprobs=True, logprobs=5)
+    response = api.generate(model="toy-thinking", config=config)
+    candidate = response.candidates[0]
+    assert candidate.finish_reason == types.FinishReason.MAX_TOKENS
+    assert response.text is None
+    assert candidate.logprobs_result is None
+    assert response.usage_metadata.thoughts_token_count == 8
+    assert response.usage_metadata.candidates_token_count is None
+
+    partial = config.model_copy(update={"thinking_config": types.ThinkingConfig(thinking_budget=3)})
+    response = api.generate(model="toy-thinking", config=partial)
+    assert response.usage_metadata.thoughts_token_count == 3
+    assert len(response.candidates[0].logprobs_result.chosen_candidates) <= 5
+
+
+def test_thinking_model_with_budget_zero_answers(api: Api) -> None:
+    response = api.generate(model="toy-thinking", prefill="The")
+    assert_matches_toy_model(response, "toy-thinking", PROMPT, "The")
+    assert response.usage_metadata.thoughts_token_count is None
+
+
+@pytest.mark.parametrize("key", ["thinkingBudget", "thinking_budget"])
+def test_thinking_budget_in_either_case(api: Api, key: str) -> None:
+    body = {
+        "contents": contents(PROMPT),
+        "generation_config": {
+            "max_output_tokens": 1,
+            "response_logprobs": True,
+            "logprobs": 3,
+            "thinking_config": {key: 0},
+        },
+    }
+    status, payload = api.http("POST", "/v1beta/models/toy-thinking:generateContent", body)
+    assert status == 200
+    assert len(payload["candidates"][0]["logprobsResult"]["topCandidates"][0]["candidates"]) == 3
+
+
+def test_noprefill_model_rejects_a_trailing_model_turn(api: Api) -> None:
+    with pytest.raises(errors.ClientError) as info:
+        api.generate(model="toy-noprefill", prefill="The")
+    assert (info.value.code, info.value.status) == (400, "INVALID_ARGUMENT")
+    assert (
+        info.value.message
+        == NOPREFILL_MESSAGE
+        == ("Requests ending with a model turn are not supported.")
+    )
+    assert api.server.requests[0].prefill == "The"
+    api.generate(model="toy-noprefill")
+
+
+def test_same_model_under_two_names_answers_identically(api: Api) -> None:
+    a = api.generate(model="toy", prefill="The")
+    b = api.generate(model="gemini-toy", prefill="The")
+    top = [r.candidates[0].logprobs_result.top_candidates[0] for r in (a, b)]
+    assert top[0] == top[1]
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        (types.GenerateContentConfig(response_logprobs=True, logprobs=21), "logprobs"),
+        (types.GenerateContentConfig(response_logprobs=True, logprobs=-1), "logprobs"),
+        (types.GenerateContentConfig(logprobs=5), "responseLogprobs"),
+        (types.GenerateContentConfig(temperature=3.0), "temperature"),
+    ],
+)
+def test_invalid_arguments(api: Api, config: types.GenerateContentConfig, fragment: str) -> None:
+    with pytest.raises(errors.ClientError) as info:
+        api.generate(config=config)
+    assert (info.value.code, info.value.status) == (400, "INVALID_ARGUMENT")
+    assert fragment in info.value.message
+
+
+def test_unknown_model_is_not_found(api: Api) -> None:
+    with pytest.raises(errors.ClientError) as info:
+        api.generate(model="gemini-2.5-flash")
+    assert (info.value.code, info.value.status) == (404, "NOT_FOUND")
+    assert "models/gemini-2.5-flash is not found" in info.value.message
+
+
+def test_raw_protocol_errors(api: Api) -> None:
+    status, body = api.http("POST", "/v1beta/models/toy:generateContent", {"contents": []})
+    assert (status, body["error"]["status"]) == (400, "INVALID_ARGUMENT")
+    status, body = api.http("POST", "/v1beta/models/toy:countTokens", {})
+    assert (status, body["error"]["code"]) == (404, 404)
+
+
+def test_system_instruction_is_part_of_the_prompt(api: Api) -> None:
+    config = SCORING.model_copy(update={"system_instruction": "Be brief."})
+    response = api.generate(config=config)
+    assert_matches_toy_model(response, "toy", f"Be brief.\n{PROMPT}", None)
+    assert api.server.requests[0].prompt == f"Be brief.\n{PROMPT}"
+
+
+def test_stats_endpoint_and_request_log_file(tmp_path: Path) -> None:
+    log = tmp_path / "requests.jsonl"
+    with EmulatorServer(request_log=log) as srv:
+        api = Api(srv)
+        try:
+            api.generate(prefill="The")
+            with pytest.raises(errors.ClientError):
+                api.generate(model="nope")
+            status, stats = api.http("GET", "/_emulator/stats")
+        finally:
+            api.close()
+        assert status == 200
+        assert (
+            stats == srv.stats() == {"total": 2, "by_status": {"200": 1, "404": 1}, "by_fault": {}}
+        )
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(x["model"], x["prefill"], x["status"]) for x in lines] == [
+        ("toy", "The", 200),
+        ("nope", None, 404),
+    ]
+
+
+def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if match := re.search(pattern, line):
+            return match
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no line matching {pattern!r}")
+
+
+def test_emulate_command_serves_until_sigterm() -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "klstream.emulator", "--port", "0", "--latency-ms", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        url = _wait_for_line(proc, r"klstream emulator listening on (http://\S+)", 20).group(1)
+        client = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=url))
+
+        async def one() -> types.GenerateContentResponse:
+            async with client.aio as aclient:
+                return await aclient.models.generate_content(
+                    model="toy", contents=contents(PROMPT), config=SCORING
+                )
+
+        response = asyncio.run(one())
+        assert len(response.candidates[0].logprobs_result.top_candidates[0].candidates) == 20
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0
+        assert "stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_emulate_command_help_and_validation() -> None:
+    runner = CliRunner()
+    result = runner.invoke(emulate_command, ["--help"])
+    assert result.exit_code == 0
+    assert "without spending money" in " ".join(result.output.split())
+    result = runner.invoke(emulate_command, ["--rate-429", "1.5"])
+    assert result.exit_code == 2
+    assert "rate_429" in result.output
