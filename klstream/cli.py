@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,15 @@ def views(run_dir: Path) -> None:
 
     click.echo(views_script(run_dir), nl=False)
 
+def _apply(function: Any, decorators: list[Callable[[Any], Any]]) -> Any:
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
 
-def _score_options(function: Any) -> Any:
-    """The options shared by ``score`` and ``run``, in the spec's names where it has them."""
-    decorators = [
-        click.option("--model2", required=True, help="Model 2, e.g. gemini-2.0-flash."),
+
+def _api_options(function: Any) -> Any:
+    """Where Model 2 (or Model 1, for `sample`) is and how to call it."""
+    return _apply(function, [
         click.option("--backend", type=click.Choice(["gemini", "vertex"]), default="gemini",
                      show_default=True, help="Gemini Developer API or Vertex AI."),
         click.option("--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."),
@@ -137,64 +142,67 @@ def _score_options(function: Any) -> Any:
                      help="Vertex AI region."),
         click.option("--base-url", help="Another endpoint, such as `klstream emulate`'s "
                      "(default: $GOOGLE_GEMINI_BASE_URL)."),
-        click.option("--top-logprobs", type=click.IntRange(1, 20), default=20,
-                     show_default=True, help="Top-k logprobs to request per position."),
         click.option("--max-concurrent", type=click.IntRange(min=1), default=16,
                      show_default=True, help="Requests in flight at most, across all files."),
         click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0,
                      show_default=True, help="Seconds before a request counts as failed."),
         click.option("--max-retries", type=click.IntRange(min=0), default=8, show_default=True,
-                     help="Retries of a position on 429, 5xx, time-outs and bad answers."),
+                     help="Retries on 429, 5xx, time-outs and answers without logprobs."),
         click.option("--thinking-budget", default="0", show_default=True,
                      help="Thinking budget to send; `none` sends no thinking config."),
-        click.option("--resume", is_flag=True, help="Continue a run: skip what is scored, "
-                     "retry what failed."),
+    ])
+
+
+def _score_options(function: Any) -> Any:
+    """The options of `score` and `run` beyond the API's, in the spec's names where it has them."""
+    return _apply(_api_options(function), [
+        click.option("--model2", required=True, help="Model 2, e.g. gemini-2.0-flash."),
+        click.option("--top-logprobs", type=click.IntRange(1, 20), default=20,
+                     show_default=True, help="Top-k logprobs to request per position."),
+        click.option("--resume", is_flag=True,
+                     help="Continue a run: skip what is scored, retry what failed."),
         click.option("--overwrite", is_flag=True, help="Discard this model2's results first."),
         click.option("--checkpoint-rows", type=click.IntRange(min=1), default=256,
                      show_default=True, help="Write a checkpoint part every N results..."),
         click.option("--checkpoint-seconds", type=click.FloatRange(min=0.1), default=10.0,
                      show_default=True, help="...or every T seconds."),
-    ]
-    for decorator in reversed(decorators):
-        function = decorator(function)
-    return function
+    ])
 
 
-def _build_score_options(params: dict[str, Any]) -> tuple[Any, Any]:
-    from klstream.calls import RetryPolicy
-    from klstream.gemini import endpoint_from_environment
-    from klstream.score import ScoreOptions
-
-    budget = params["thinking_budget"]
+def _thinking_budget(value: str) -> int | None:
     try:
-        thinking_budget = None if budget.lower() == "none" else int(budget)
+        return None if value.lower() == "none" else int(value)
     except ValueError as error:
         raise click.BadParameter("an integer or `none`", param_hint="--thinking-budget") from error
+
+
+def _endpoint(params: dict[str, Any]) -> Any:
+    from klstream.gemini import endpoint_from_environment
+
+    return endpoint_from_environment(
+        params["backend"], params["project_id"], params["location"], params["base_url"],
+        params["timeout"],
+    )
+
+
+def _run_score(run_dir: Path, params: dict[str, Any]) -> None:
+    from klstream.calls import RetryPolicy
+    from klstream.progress import ProgressLine
+    from klstream.score import ScoreOptions, score_run
+
     options = ScoreOptions(
         model2=params["model2"],
         top_logprobs=params["top_logprobs"],
         max_concurrent=params["max_concurrent"],
         policy=RetryPolicy(max_retries=params["max_retries"]),
-        thinking_budget=thinking_budget,
+        thinking_budget=_thinking_budget(params["thinking_budget"]),
         checkpoint_rows=params["checkpoint_rows"],
         checkpoint_seconds=params["checkpoint_seconds"],
         resume=params["resume"],
         overwrite=params["overwrite"],
     )
-    endpoint = endpoint_from_environment(
-        params["backend"], params["project_id"], params["location"], params["base_url"],
-        params["timeout"],
-    )
-    return options, endpoint
-
-
-def _run_score(run_dir: Path, params: dict[str, Any]) -> None:
-    from klstream.progress import ProgressLine
-    from klstream.score import score_run
-
-    options, endpoint = _build_score_options(params)
     progress = ProgressLine(enabled=sys.stderr.isatty())
-    report = score_run(run_dir, options, endpoint, on_progress=progress.update)
+    report = score_run(run_dir, options, _endpoint(params), on_progress=progress.update)
     progress.close()
     stats, calls = report.stats, report.stats.calls
     rate = calls.requests / calls.elapsed if calls.elapsed else 0.0
@@ -219,8 +227,93 @@ def _run_score(run_dir: Path, params: dict[str, Any]) -> None:
 @run_dir_argument
 @_score_options
 def score(run_dir: Path, **params: Any) -> None:
-    """Ask Model 2 for its top-k logprobs at every position (prefilled with Model 1's tokens)."""
+    """Ask Model 2 for its top-k logprobs at every position (prefilled with Model 1's tokens).
+
+    Ends with the KL pass, so `export` can follow at once.
+    """
     _run_score(run_dir, params)
+
+
+@main.command()
+@click.option("--prompts", "prompts_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Prompts, one per line, or JSON Lines of strings or {\"prompt\": ...}.")
+@click.option("--model", required=True, help="Model 1, e.g. gemini-2.5-flash-lite.")
+@click.option("-o", "--output-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--num-samples", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=1.0, show_default=True)
+@click.option("--top-logprobs", type=click.IntRange(1, 20), default=20, show_default=True)
+@click.option("--seed", type=int, help="Seed of the first sample (sample j uses seed + j).")
+@click.option("--overwrite", is_flag=True, help="Sample again prompts whose file exists.")
+@_api_options
+def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
+    """Sample Model 1 responses with logprobs, one spec-format JSON file per prompt."""
+    from klstream.calls import RetryPolicy
+    from klstream.sample import SampleOptions
+    from klstream.sample import sample as sample_prompts
+
+    options = SampleOptions(
+        model=params["model"],
+        num_samples=params["num_samples"],
+        max_tokens=params["max_tokens"],
+        temperature=params["temperature"],
+        top_logprobs=params["top_logprobs"],
+        max_concurrent=params["max_concurrent"],
+        seed=params["seed"],
+        thinking_budget=_thinking_budget(params["thinking_budget"]),
+        policy=RetryPolicy(max_retries=params["max_retries"]),
+        overwrite=params["overwrite"],
+    )
+    report = sample_prompts(prompts_path, output_dir, options, _endpoint(params))
+    click.echo(
+        f"sample {options.model}: wrote {len(report.written)} files to {output_dir} "
+        f"({report.skipped_existing} already there); {report.calls.requests} requests, "
+        f"{report.calls.retries} retries"
+    )
+    if report.failed:
+        first = next(iter(report.failed.items()))
+        raise click.ClickException(
+            f"{len(report.failed)} prompts failed (prompt {first[0]}: {first[1]}); run the same "
+            "command again to sample only those"
+        )
+
+
+WORKSPACE = "run"
+
+
+@main.command(name="run")
+@click.option("--input-dir", required=True, type=click.Path(path_type=Path),
+              help="Model 1 response files (the spec's input format).")
+@click.option("--output-dir", required=True, type=click.Path(path_type=Path),
+              help="Where the _kl.json files go; the run's Parquet workspace is its run/.")
+@click.option("--pattern", default="*.json", show_default=True, help="Glob for input files.")
+@click.option("--max-files", type=click.IntRange(min=1), help="Process at most N files.")
+@_score_options
+def run_all(input_dir: Path, output_dir: Path, pattern: str, max_files: int | None,
+            **params: Any) -> None:
+    """explode → score → export in one resumable command, with the spec's flags."""
+    from klstream.explode import explode as explode_inputs
+    from klstream.export import export as export_run
+    from klstream.export import format_summary
+    from klstream.rundir import RunDir
+
+    run_dir = output_dir / WORKSPACE
+    if RunDir(run_dir).positions.exists():
+        if not (params["resume"] or params["overwrite"]):
+            raise KlstreamError(
+                f"{run_dir} already holds a run: pass --resume to continue it, or --overwrite "
+                f"to score {params['model2']} again from scratch"
+            )
+    else:
+        report = explode_inputs(input_dir, run_dir, pattern=pattern, max_files=max_files)
+        click.echo(f"exploded {report.files} files: {report.responses} responses, "
+                   f"{report.positions} positions -> {run_dir}")
+    _run_score(run_dir, params)
+    exported = export_run(run_dir, output_dir, params["model2"])
+    click.echo(format_summary(exported.summary))
+    click.echo(f"wrote {len(exported.files)} _kl.json files and {exported.summary_path.name} "
+               f"to {output_dir}")
 
 
 def _attach_emulator() -> None:

@@ -90,6 +90,13 @@ def explode(
             f"{positions_path} already exists: pass --overwrite to replace it, "
             "or pick another run dir"
         )
+    later_stages = [run_dir / name for name in ("scores", "kl") if (run_dir / name).is_dir()]
+    if any(any(stage.iterdir()) for stage in later_stages):
+        raise KlstreamError(
+            f"{run_dir} holds Model 2 results (scores/, kl/) keyed to its current positions; "
+            "replacing the positions would silently mismatch them. Use a new run dir, or move "
+            "those results away first"
+        )
     created_run_dir = _prepare_run_dir(run_dir)
     positions_tmp = atomic.temporary_sibling(positions_path)
     responses_tmp = atomic.temporary_sibling(responses_path)

@@ -170,9 +170,10 @@ def test_invariant_to_list_order(p, q, chosen, rnd):
 @given(row_strategy)
 def test_string_keys_agree_with_id_keys_when_strings_are_distinct(row):
     p, q, chosen = row
-    without_ids = [
-        ([(t, None, lp) for t, _, lp in p], [(t, None, lp) for t, _, lp in q], (chosen[0], None, chosen[2]))
-    ]
+    def strip(entries):
+        return [(t, None, lp) for t, _, lp in entries]
+
+    without_ids = [(strip(p), strip(q), (chosen[0], None, chosen[2]))]
     by_id, by_string = run([row])[0], run(without_ids)[0]
     for name in by_id:
         assert by_id[name] == pytest.approx(by_string[name], rel=1e-12, abs=1e-12)

@@ -710,3 +710,17 @@ def test_round_trip_reproduces_every_value(generated: list[Any]) -> None:
         assert positions == expected_positions
         assert responses_read == expected_responses
         assert report.positions == len(expected_positions)
+
+
+def test_overwrite_refuses_when_model2_results_exist(tmp_path: Path) -> None:
+    """Replacing positions under existing scores would mismatch every key silently."""
+    inputs = tmp_path / "in"
+    write_input(inputs, "a", make_input("p", "m", [[("x", 1, -0.1, [("x", 1, -0.1)])]]))
+    run_dir = tmp_path / "run"
+    explode(inputs, run_dir)
+    (run_dir / "scores" / "some-model").mkdir(parents=True)
+    (run_dir / "scores" / "some-model" / "part-1.parquet").write_bytes(b"")
+    before = (run_dir / "positions.parquet").read_bytes()
+    with pytest.raises(KlstreamError, match="holds Model 2 results"):
+        explode(inputs, run_dir, overwrite=True)
+    assert (run_dir / "positions.parquet").read_bytes() == before

@@ -121,7 +121,8 @@ def test_export_writes_the_spec_format(scored_run, tmp_path: Path):
     run_dir, _, errors, missing, _ = scored_run
     out = tmp_path / "out"
     report = export(run_dir, out, MODEL2)
-    assert sorted(p.name for p in out.iterdir()) == ["alpha_kl.json", "beta_kl.json", "summary.json"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["alpha_kl.json", "beta_kl.json", "summary.json"]
     assert report.model2 == MODEL2
     kl_rows = pq.read_table(run_dir / "kl" / f"{MODEL2}.parquet").to_pylist()
     for path in report.files:

@@ -1,0 +1,23 @@
+# uv comes from PyPI when the machine has none (python3 -m pip install uv).
+UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+
+.PHONY: install test demo bench lint
+
+install:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+
+test: install
+	$(UV) run pytest -q
+
+demo: install
+	$(UV) run python examples/demo.py
+
+bench: install
+	$(UV) run python bench/kl_bench.py
+	$(UV) run python bench/explode_bench.py
+	$(UV) run python bench/score_bench.py
+
+lint: install
+	$(UV) run ruff check klstream tests bench examples
+	$(UV) run mypy klstream
