@@ -68,6 +68,11 @@ def make_topk(keys: np.ndarray, logprobs: np.ndarray, present: np.ndarray) -> To
     if keys.shape[1] == 0:
         empty = np.full(n, np.nan)
         return TopK(keys, logprobs, present, empty, empty)
+    if present.all():
+        # The usual case: full lists, as APIs return them, most probable first.
+        if (logprobs[:, :-1] >= logprobs[:, 1:]).all():
+            return TopK(keys, logprobs, present, logprobs[:, -1].copy(), logprobs[:, 0].copy())
+        return TopK(keys, logprobs, present, logprobs.min(axis=1), logprobs.max(axis=1))
     return TopK(
         keys=keys,
         logprobs=np.where(present, logprobs, 0.0),
@@ -92,10 +97,15 @@ def _sort_packed(keys: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, int, 
     bits = max(1, (width - 1).bit_length())
     if not valid.any():
         return np.zeros(keys.shape, dtype=np.int32), bits, 0
-    low = int(np.min(keys, where=valid, initial=np.iinfo(np.int64).max))
-    sentinel = int(np.max(keys, where=valid, initial=low)) - low + 1
+    full = valid.all()
+    if full:
+        low, high = int(keys.min()), int(keys.max())
+    else:
+        low = int(np.min(keys, where=valid, initial=np.iinfo(np.int64).max))
+        high = int(np.max(keys, where=valid, initial=low))
+    sentinel = high - low + 1
     if sentinel < 1 << (62 - bits):
-        shifted = np.where(valid, keys - low, sentinel)
+        shifted = (keys - low if low else keys) if full else np.where(valid, keys - low, sentinel)
     else:
         ranks = np.unique(np.where(valid, keys, low), return_inverse=True)[1].reshape(keys.shape)
         sentinel = int(ranks.max()) + 1
@@ -137,21 +147,21 @@ def _match_or_find_repeats(
 ) -> tuple[Matches, np.ndarray]:
     """Sort each row's packed keys of both lists together; return the shared pairs and the
     rows in which a list repeats a key (their pairs are not to be trusted)."""
-    packed, bits, sentinel = _sort_packed(
-        np.concatenate([p.keys, q.keys], axis=1), np.concatenate([p_valid, q_valid], axis=1)
-    )
+    valid = np.concatenate([p_valid, q_valid], axis=1)
+    packed, bits, sentinel = _sort_packed(np.concatenate([p.keys, q.keys], axis=1), valid)
     key = packed >> bits
-    from_q = (packed & ((1 << bits) - 1)) >= p.width
-    same = (key[:, 1:] == key[:, :-1]) & (key[:, 1:] != sentinel)
-    shared = same & from_q[:, 1:] & ~from_q[:, :-1]
-    repeat_rows = np.flatnonzero((same & ~shared).any(axis=1))
+    same = key[:, 1:] == key[:, :-1]
+    if not valid.all():
+        same &= key[:, 1:] != sentinel
     width = packed.shape[1]
-    rows, slots = np.divmod(np.flatnonzero(shared), width - 1)
+    rows, slots = np.divmod(np.flatnonzero(same), width - 1)
     column_mask = (1 << bits) - 1
     flat_packed = packed.reshape(-1)
-    p_cols = (flat_packed[rows * width + slots] & column_mask).astype(np.intp)
-    q_cols = (flat_packed[rows * width + slots + 1] & column_mask).astype(np.intp) - p.width
-    return Matches(rows=rows, p_cols=p_cols, q_cols=q_cols), repeat_rows
+    left = (flat_packed[rows * width + slots] & column_mask).astype(np.intp)
+    right = (flat_packed[rows * width + slots + 1] & column_mask).astype(np.intp)
+    pair = (left < p.width) & (right >= p.width)
+    repeat_rows = np.unique(rows[~pair]) if not pair.all() else np.empty(0, dtype=np.intp)
+    return Matches(rows=rows[pair], p_cols=left[pair], q_cols=right[pair] - p.width), repeat_rows
 
 
 def match(p: TopK, q: TopK) -> tuple[Matches, np.ndarray, np.ndarray]:
@@ -182,11 +192,17 @@ class SideSums:
 
 
 def side_sums(side: TopK, valid: np.ndarray) -> SideSums:
-    weight = valid.astype(np.float64)
-    scaled = np.exp(side.logprobs - side.peak[:, None]) * weight
-    logprobs = side.logprobs * weight
+    scaled = np.exp(side.logprobs - side.peak[:, None])
+    if valid.all():
+        logprobs = side.logprobs
+        count = np.full(len(valid), float(side.width))
+    else:
+        weight = valid.astype(np.float64)
+        scaled *= weight
+        logprobs = side.logprobs * weight
+        count = _rowsum(weight)
     return SideSums(
-        count=_rowsum(weight),
+        count=count,
         scaled_mass=_rowsum(scaled),
         scaled_mass_logprob=_rowsum(scaled * logprobs),
         logprob_sum=_rowsum(logprobs),
@@ -282,6 +298,11 @@ class Estimates:
     coverage2: np.ndarray
 
 
+def _matched_logprobs(p: TopK, q: TopK, m: Matches) -> tuple[np.ndarray, np.ndarray]:
+    return (p.logprobs.reshape(-1)[m.rows * p.width + m.p_cols],
+            q.logprobs.reshape(-1)[m.rows * q.width + m.q_cols])
+
+
 def model1_only(p: TopK) -> tuple[np.ndarray, np.ndarray]:
     """Entropy and coverage of Model 1's lists, for positions without a Model 2 result."""
     sums = side_sums(p, first_occurrences(p))
@@ -291,7 +312,7 @@ def model1_only(p: TopK) -> tuple[np.ndarray, np.ndarray]:
 def kl_floor(p: TopK, q: TopK) -> np.ndarray:
     """Just the spec's KL, for a batch; every row must have non-empty lists on both sides."""
     m, p_valid, q_valid = match(p, q)
-    lp_m, lq_m = p.logprobs[m.rows, m.p_cols], q.logprobs[m.rows, m.q_cols]
+    lp_m, lq_m = _matched_logprobs(p, q, m)
     return _kl_floor(p, q, side_sums(p, p_valid), side_sums(q, q_valid), m, lp_m, lq_m)
 
 
@@ -299,7 +320,7 @@ def estimate(p: TopK, q: TopK, chosen_key: np.ndarray, chosen_logprob: np.ndarra
     """Every estimator for a batch; every row must have non-empty lists on both sides."""
     n = len(chosen_key)
     m, p_valid, q_valid = match(p, q)
-    lp_m, lq_m = p.logprobs[m.rows, m.p_cols], q.logprobs[m.rows, m.q_cols]
+    lp_m, lq_m = _matched_logprobs(p, q, m)
     ps, qs = side_sums(p, p_valid), side_sums(q, q_valid)
 
     chosen_matches = (q.keys == chosen_key[:, None]) & q_valid
@@ -374,14 +395,14 @@ def keyed_sides(
     lp1, present1 = pad_list_array(m1.logprobs, np.nan)
     ids1, has_id1 = pad_list_array(m1.token_ids, NO_ID)
     chosen_ids = pc.fill_null(chosen_id, NO_ID).to_numpy(zero_copy_only=False).astype(np.int64)
-    use_ids = (has_id1 | ~present1).all(axis=1) & chosen_id.is_valid().to_numpy(
+    use_ids = _complete_ids(has_id1, present1) & chosen_id.is_valid().to_numpy(
         zero_copy_only=False
     )
     sides = [(m1, lp1, present1, ids1)]
     if m2 is not None:
         lp2, present2 = pad_list_array(m2.logprobs, np.nan)
         ids2, has_id2 = pad_list_array(m2.token_ids, NO_ID)
-        use_ids &= (has_id2 | ~present2).all(axis=1)
+        use_ids &= _complete_ids(has_id2, present2)
         sides.append((m2, lp2, present2, ids2))
 
     chosen_keys = chosen_ids
@@ -395,6 +416,13 @@ def keyed_sides(
         keys = np.where(use_ids[:, None], ids, string_keys[index]) if string_keys else ids
         built.append(make_topk(keys, lp, present))
     return built[0], (built[1] if m2 is not None else None), chosen_keys
+
+
+def _complete_ids(has_id: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Rows whose every reported entry carries an id."""
+    if has_id.all():
+        return np.ones(len(has_id), dtype=bool)
+    return (has_id | ~present).all(axis=1)
 
 
 def _string_codes(

@@ -7,7 +7,10 @@ whatever the size of the run. The output is written to a temporary name and rena
 
 from __future__ import annotations
 
-from collections import Counter
+import os
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from klstream.rundir import RunDir, connect
 from klstream.sqlfiles import load_sql
 
 DEFAULT_BATCH_ROWS = 4_096
+"""Small enough for a batch's ``[rows, 2k]`` arrays to stay in cache; larger is slower."""
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,28 @@ def score_batch(batch: pa.RecordBatch, model2: str) -> pa.RecordBatch:
     )
 
 
+def score_batches(
+    batches: Iterable[pa.RecordBatch], model2: str, workers: int = DEFAULT_WORKERS
+) -> Iterator[pa.RecordBatch]:
+    """:func:`score_batch` over a stream, in order, ``workers`` batches at a time.
+
+    numpy and Arrow release the GIL in their kernels, so threads use the other cores; at most
+    ``workers + 1`` batches are in memory.
+    """
+    if workers <= 1:
+        for batch in batches:
+            yield score_batch(batch, model2)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future[pa.RecordBatch]] = deque()
+        for batch in batches:
+            pending.append(pool.submit(score_batch, batch, model2))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def compute_kl(run_dir: Path, model2: str, batch_rows: int = DEFAULT_BATCH_ROWS) -> KlReport:
     """(Re)compute ``kl/<model2>.parquet`` from the run's positions and Model 2's scores."""
     run = RunDir(run_dir)
@@ -130,8 +157,7 @@ def compute_kl(run_dir: Path, model2: str, batch_rows: int = DEFAULT_BATCH_ROWS)
     counts: Counter[str] = Counter()
     final = run.kl_path(model2)
     with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schemas.KL, compression="zstd") as out:
-        for batch in reader:
-            result = score_batch(batch, model2)
+        for result in score_batches(reader, model2):
             out.write_batch(result)
             for entry in pc.value_counts(result.column("status")).to_pylist():
                 counts[entry["values"]] += entry["counts"]
