@@ -1,0 +1,32 @@
+"""The wheel ships the SQL, and klstream loads it from inside the installed package."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from hatchling.builders.wheel import WheelBuilder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_carries_sql_and_loads_it_from_the_package(tmp_path: Path) -> None:
+    (wheel,) = WheelBuilder(str(ROOT)).build(directory=str(tmp_path), versions=["standard"])
+    names = zipfile.ZipFile(wheel).namelist()
+    prefix = "klstream/sql/"
+    shipped = sorted(n.removeprefix(prefix) for n in names if n.startswith(prefix))
+    assert shipped == sorted(p.name for p in (ROOT / "sql").glob("*.sql"))
+
+    installed = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(installed)
+    probe = (
+        "from klstream.sqlfiles import sql_directory, load_sql; "
+        "print(sql_directory()); assert 'CREATE OR REPLACE VIEW kl' in load_sql('views')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, check=True)
+    assert Path(result.stdout.strip()) == installed / "klstream" / "sql"
