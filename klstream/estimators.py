@@ -19,13 +19,15 @@ Estimators, for P = Model 1 and Q = Model 2 at one position:
 ``kl_lower``
     A certified lower bound on the true KL(P‖Q). Partition the vocabulary into the tokens S found
     in both lists (each its own cell) and one cell holding everything else, with masses
-    r_p = 1 − Σ_S p and r_q = 1 − Σ_S q (clamped at 0). Coarse-graining never increases KL
-    (log-sum inequality), so Σ_S p·log(p/q) + r_p·log(r_p/r_q) ≤ KL(P‖Q). Edge cases:
-    r_p = 0 contributes 0. r_q = 0 with r_p > 0 means Q reports all of its mass inside S while P
-    has mass outside it: the true KL is then infinite in exact arithmetic, but reported logprobs
-    are rounded, so instead of +inf the remainder cell is merged into the shared token with the
-    largest q — a coarser partition, hence still a lower bound, and finite. S empty gives 0.
-    The result is clamped at 0, itself a valid bound.
+    r_p = 1 − Σ_S p and r_q = 1 − Σ_S q. Coarse-graining never increases KL (log-sum
+    inequality), so Σ_S p·log(p/q) + r_p·log(r_p/r_q) ≤ KL(P‖Q). Edge cases: a remainder at or
+    below ``RESIDUAL_TOLERANCE`` (1e-9, far below what rounded logprobs resolve; sums of reported
+    probabilities can exceed 1 by rounding) counts as 0. r_p = 0 contributes 0. r_q = 0 with
+    r_p > 0 says Q puts all its mass inside S while P does not: the true KL would be infinite in
+    exact arithmetic, but reported logprobs are rounded, so instead of +inf the remainder cell is
+    merged into the shared token with the largest q (ties: the larger p) — a coarser partition,
+    hence still a lower bound up to that rounding, and finite. S empty gives 0. The result is
+    clamped at 0, itself a valid bound.
 ``logratio``
     log P(chosen) − log Q(chosen) for Model 1's sampled token, with Q's floor when the token is
     outside Q's top-k (``m1_token_in_m2_topk`` is then false). Because the token was sampled from
@@ -135,11 +137,24 @@ def first_occurrences(side: TopK, rows: np.ndarray | None = None) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Matches:
-    """The pairs (row, P column, Q column) of tokens present in both lists."""
+    """The pairs (row, P column, Q column) of tokens present in both lists, in row order."""
 
     rows: np.ndarray
     p_cols: np.ndarray
     q_cols: np.ndarray
+    counts: np.ndarray  # pairs per row
+
+    @classmethod
+    def of(cls, rows: np.ndarray, p_cols: np.ndarray, q_cols: np.ndarray, n: int) -> Matches:
+        return cls(rows, p_cols, q_cols, np.bincount(rows, minlength=n))
+
+    def per_row(self, values: np.ndarray) -> np.ndarray:
+        """Σ of ``values`` (one per pair) for each row: a segmented sum, 0 for rows without."""
+        starts = np.cumsum(self.counts) - self.counts
+        # A trailing 0 gives rows that start past the last pair a valid index; reduceat returns
+        # a lone element for an empty segment, which the where() zeroes.
+        sums = np.add.reduceat(np.append(values, 0.0), starts)
+        return np.where(self.counts > 0, sums, 0.0)
 
 
 def _match_or_find_repeats(
@@ -153,15 +168,21 @@ def _match_or_find_repeats(
     same = key[:, 1:] == key[:, :-1]
     if not valid.all():
         same &= key[:, 1:] != sentinel
-    width = packed.shape[1]
-    rows, slots = np.divmod(np.flatnonzero(same), width - 1)
+    n = len(packed)
+    counts = np.count_nonzero(same, axis=1)
+    rows = np.repeat(np.arange(n), counts)
+    left_at = np.flatnonzero(same) + rows  # same[r, s] compares packed[r, s] and packed[r, s + 1]
     column_mask = (1 << bits) - 1
     flat_packed = packed.reshape(-1)
-    left = (flat_packed[rows * width + slots] & column_mask).astype(np.intp)
-    right = (flat_packed[rows * width + slots + 1] & column_mask).astype(np.intp)
+    left = flat_packed[left_at] & column_mask
+    right = flat_packed[left_at + 1] & column_mask
     pair = (left < p.width) & (right >= p.width)
-    repeat_rows = np.unique(rows[~pair]) if not pair.all() else np.empty(0, dtype=np.intp)
-    return Matches(rows=rows[pair], p_cols=left[pair], q_cols=right[pair] - p.width), repeat_rows
+    if pair.all():
+        return Matches(rows, left, right - p.width, counts), np.empty(0, dtype=np.intp)
+    return (
+        Matches.of(rows[pair], left[pair], right[pair] - p.width, n),
+        np.unique(rows[~pair]),
+    )
 
 
 def match(p: TopK, q: TopK) -> tuple[Matches, np.ndarray, np.ndarray]:
@@ -225,10 +246,6 @@ def _argmax_key(side: TopK, valid: np.ndarray) -> np.ndarray:
     return np.take_along_axis(side.keys, best[:, None], axis=1)[:, 0]
 
 
-def _per_row(rows: np.ndarray, weights: np.ndarray | None, n: int) -> np.ndarray:
-    return np.bincount(rows, weights=weights, minlength=n).astype(np.float64)
-
-
 def _kl_floor(
     p: TopK, q: TopK, ps: SideSums, qs: SideSums, m: Matches, lp_m: np.ndarray, lq_m: np.ndarray
 ) -> np.ndarray:
@@ -238,12 +255,11 @@ def _kl_floor(
     q: KL = Σ_U p_u (lp_u - lq_u) / Z_p - log Z_p + log Z_q, where the Z are the normalizers of
     the unscaled values. Σ_U splits into P's entries (shared or not) and Q's entries alone.
     """
-    n = len(p.peak)
-    shared = _per_row(m.rows, None, n)
+    shared = m.counts
     pe_m = np.exp(lp_m - p.peak[m.rows])
-    shared_mass = _per_row(m.rows, pe_m, n)
-    shared_mass_lq = _per_row(m.rows, pe_m * lq_m, n)
-    shared_lq = _per_row(m.rows, lq_m, n)
+    shared_mass = m.per_row(pe_m)
+    shared_mass_lq = m.per_row(pe_m * lq_m)
+    shared_lq = m.per_row(lq_m)
     q_only = qs.count - shared
     floor_p_scaled = np.exp(p.floor - p.peak)
     z_p = ps.scaled_mass + q_only * floor_p_scaled
@@ -263,17 +279,17 @@ def _residual(mass: np.ndarray) -> np.ndarray:
     return np.where(mass > RESIDUAL_TOLERANCE, mass, 0.0)
 
 
-def _kl_lower(n: int, m: Matches, lp_m: np.ndarray, lq_m: np.ndarray) -> np.ndarray:
+def _kl_lower(m: Matches, lp_m: np.ndarray, lq_m: np.ndarray) -> np.ndarray:
     """The coarse-grained bound documented in the module docstring."""
     p_m, q_m = np.exp(lp_m), np.exp(lq_m)
     terms = p_m * (lp_m - lq_m)
-    rest_p = _residual(1.0 - _per_row(m.rows, p_m, n))
-    rest_q = _residual(1.0 - _per_row(m.rows, q_m, n))
+    rest_p = _residual(1.0 - m.per_row(p_m))
+    rest_q = _residual(1.0 - m.per_row(q_m))
     merge = (rest_q == 0.0) & (rest_p > 0.0)
     pairs = np.flatnonzero(merge[m.rows])
     if pairs.size:
-        # Largest q first, ties to the earlier token in P's list; then the first pair per row.
-        ordered = pairs[np.lexsort((m.p_cols[pairs], -q_m[pairs], m.rows[pairs]))]
+        # Largest q, ties to the larger p (so list order cannot matter); first pair per row.
+        ordered = pairs[np.lexsort((-p_m[pairs], -q_m[pairs], m.rows[pairs]))]
         _, first = np.unique(m.rows[ordered], return_index=True)
         target = ordered[first]
         merged_p = p_m[target] + rest_p[m.rows[target]]
@@ -281,7 +297,7 @@ def _kl_lower(n: int, m: Matches, lp_m: np.ndarray, lq_m: np.ndarray) -> np.ndar
         rest_p = np.where(merge, 0.0, rest_p)
     with np.errstate(divide="ignore", invalid="ignore"):
         rest = np.where(rest_p > 0.0, rest_p * (np.log(rest_p) - np.log(rest_q)), 0.0)
-    return np.maximum(_per_row(m.rows, terms, n) + rest, 0.0)
+    return np.maximum(m.per_row(terms) + rest, 0.0)
 
 
 @dataclass(frozen=True)
@@ -318,7 +334,6 @@ def kl_floor(p: TopK, q: TopK) -> np.ndarray:
 
 def estimate(p: TopK, q: TopK, chosen_key: np.ndarray, chosen_logprob: np.ndarray) -> Estimates:
     """Every estimator for a batch; every row must have non-empty lists on both sides."""
-    n = len(chosen_key)
     m, p_valid, q_valid = match(p, q)
     lp_m, lq_m = _matched_logprobs(p, q, m)
     ps, qs = side_sums(p, p_valid), side_sums(q, q_valid)
@@ -331,7 +346,7 @@ def estimate(p: TopK, q: TopK, chosen_key: np.ndarray, chosen_logprob: np.ndarra
 
     return Estimates(
         kl_floor=_kl_floor(p, q, ps, qs, m, lp_m, lq_m),
-        kl_lower=_kl_lower(n, m, lp_m, lq_m),
+        kl_lower=_kl_lower(m, lp_m, lq_m),
         logratio=chosen_logprob - model2_logprob,
         model2_logprob=model2_logprob,
         m1_token_in_m2_topk=chosen_in_q,

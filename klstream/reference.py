@@ -58,7 +58,7 @@ def kl_lower(p_entries: TopList, q_entries: TopList) -> float:
     rest_p = residual(1.0 - sum(p_shared.values()))
     rest_q = residual(1.0 - sum(q_shared.values()))
     if rest_q == 0.0 < rest_p:
-        target = max(shared, key=lambda key: q_shared[key])
+        target = max(shared, key=lambda key: (q_shared[key], p_shared[key]))
         p_shared[target] += rest_p
         rest_p = 0.0
     total = sum(p_shared[key] * math.log(p_shared[key] / q_shared[key]) for key in shared)

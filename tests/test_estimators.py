@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from klstream import reference
-from klstream.estimators import SideColumns, estimate, keyed_sides, kl_floor, model1_only
+from klstream.estimators import (
+    Matches,
+    SideColumns,
+    estimate,
+    keyed_sides,
+    kl_floor,
+    model1_only,
+)
 
 Entry = tuple[str, int | None, float]
 
@@ -162,7 +169,7 @@ def test_invariant_to_list_order(p, q, chosen, rnd):
     rnd.shuffle(shuffled_q)
     original, shuffled = run([(p, q, chosen), (shuffled_p, shuffled_q, chosen)])
     for name in ("kl_floor", "kl_lower", "logratio", "entropy1", "entropy2", "coverage2"):
-        assert math.isclose(original[name], shuffled[name], rel_tol=1e-12, abs_tol=1e-12)
+        assert math.isclose(original[name], shuffled[name], rel_tol=1e-12, abs_tol=1e-12), name
     assert original["in_topk"] == shuffled["in_topk"]
 
 
@@ -234,3 +241,22 @@ def test_lower_bound_merges_remainder_when_q_reports_all_its_mass():
     assert math.isfinite(got["kl_lower"])
     assert got["kl_lower"] == pytest.approx(0.0)
     assert got["kl_lower"] == pytest.approx(reference.kl_lower(keyed(p, True), keyed(q, True)))
+
+
+def test_per_row_sums_handle_rows_without_pairs_anywhere():
+    """Rows without shared tokens, in the middle and at the end, sum to 0 and cut no segment."""
+    rows = np.array([0, 1, 1, 3, 3, 3])
+    matches = Matches.of(rows, rows, rows, 6)
+    assert matches.per_row(np.array([1.0, 2, 3, 4, 5, 6])).tolist() == [1, 5, 0, 15, 0, 0]
+    empty = np.array([], dtype=np.intp)
+    assert Matches.of(empty, empty, empty, 3).per_row(np.array([])).tolist() == [0, 0, 0]
+
+
+def test_lower_bound_merge_does_not_depend_on_list_order():
+    """Q's shared tokens tie at probability 1: the merge target must not follow P's order."""
+    p = [("a", 1, math.log(0.1)), ("b", 2, math.log(0.3)), ("c", 3, math.log(0.2))]
+    q = [("a", 1, 0.0), ("b", 2, 0.0)]
+    chosen = ("a", 1, math.log(0.1))
+    forward, backward = run([(p, q, chosen), (p[::-1], q[::-1], chosen)])
+    assert forward["kl_lower"] == pytest.approx(backward["kl_lower"], abs=1e-15)
+    assert forward["kl_lower"] == pytest.approx(reference.kl_lower(keyed(p, True), keyed(q, True)))
