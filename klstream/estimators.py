@@ -334,6 +334,10 @@ def kl_floor(p: TopK, q: TopK) -> np.ndarray:
 
 def estimate(p: TopK, q: TopK, chosen_key: np.ndarray, chosen_logprob: np.ndarray) -> Estimates:
     """Every estimator for a batch; every row must have non-empty lists on both sides."""
+    if len(chosen_key) == 0:
+        nothing, no = np.empty(0), np.empty(0, dtype=bool)
+        return Estimates(nothing, nothing, nothing, nothing, no, no, nothing, nothing, nothing,
+                         nothing)
     m, p_valid, q_valid = match(p, q)
     lp_m, lq_m = _matched_logprobs(p, q, m)
     ps, qs = side_sums(p, p_valid), side_sums(q, q_valid)

@@ -284,3 +284,17 @@ def test_readme_queries_run(scored_run, name):
     assert rows
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     assert " ".join(README_QUERIES[name].split()) in " ".join(readme.split())
+
+
+def test_kl_pass_with_no_successful_result_in_a_batch(tmp_path: Path, inputs: Path):
+    """Every position failed: the KL table is all nulls, not a crash on an empty selection."""
+    run_dir = tmp_path / "run"
+    explode(inputs, run_dir)
+    positions = pq.read_table(run_dir / "positions.parquet").to_pylist()
+    every_key = frozenset((p["stem"], p["response_index"], p["position"]) for p in positions)
+    write_fixture_scores(run_dir, MODEL2, errors=every_key)
+    report = compute_kl(run_dir, MODEL2, batch_rows=7)
+    assert (report.scored, report.failed) == (0, len(positions))
+    rows = pq.read_table(run_dir / "kl" / f"{MODEL2}.parquet").to_pylist()
+    assert all(r["kl_floor"] is None and r["status"] == "error" for r in rows)
+    assert all(r["entropy1"] is not None for r in rows)
