@@ -17,6 +17,7 @@ import tenacity
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from klstream.errors import KlstreamError
 from klstream.gemini import (
     TRANSIENT_ERRORS,
     Answer,
@@ -35,6 +36,7 @@ class CallStats:
     requests: int = 0
     retries: int = 0
     rate_limited: int = 0
+    concurrency_cuts: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -93,6 +95,7 @@ class Caller:
             if is_rate_limit(error):
                 self.stats.rate_limited += 1
                 self.limiter.on_rate_limited()
+                self.stats.concurrency_cuts = self.limiter.decreases
             raise
         finally:
             await self.limiter.release()
@@ -126,5 +129,8 @@ class Caller:
             answer = await retrying(self._attempt, contents, config)
         except TRANSIENT_ERRORS + (genai_errors.APIError,) as failure:
             error = self.endpoint.redact(describe(failure))
+        except KlstreamError as fatal:
+            # Run-ending errors quote the server; the key must not reach the user's terminal.
+            raise type(fatal)(self.endpoint.redact(str(fatal))) from None
         attempts = int(retrying.statistics.get("attempt_number", 1))
         return Outcome(answer, error, attempts, (time.monotonic() - started) * 1000)

@@ -209,7 +209,8 @@ def _run_score(run_dir: Path, params: dict[str, Any]) -> None:
     click.echo(
         f"score {options.model2}: {stats.scored} scored, {stats.failed} failed, "
         f"{stats.already_done} already done, of {stats.total} positions; {calls.requests} "
-        f"requests ({calls.retries} retries, {calls.rate_limited} rate-limited) in "
+        f"requests ({calls.retries} retries, {calls.rate_limited} rate-limited, concurrency "
+        f"lowered {calls.concurrency_cuts} times) in "
         f"{calls.elapsed:.1f}s, {rate:.1f} req/s"
     )
     if report.kl is not None:

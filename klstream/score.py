@@ -170,6 +170,7 @@ class _Checkpointer:
         self.buffer: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
         self.lock = asyncio.Lock()
+        self.writes: set[asyncio.Future[Path]] = set()
 
     async def add(self, row: dict[str, Any]) -> None:
         self.buffer.append(row)
@@ -182,7 +183,19 @@ class _Checkpointer:
             self.last_flush = time.monotonic()
             if rows:
                 table = pa.Table.from_pylist(rows, schema=schemas.SCORES)
-                await asyncio.to_thread(write_scores_part, self.scores_dir, table)
+                # The rows have left the buffer: a cancelled caller (a stop, SIGINT) must not
+                # cancel their write, which close() waits for instead.
+                write = asyncio.get_running_loop().run_in_executor(
+                    None, write_scores_part, self.scores_dir, table
+                )
+                self.writes.add(write)
+                write.add_done_callback(self.writes.discard)
+                await asyncio.shield(write)
+
+    async def close(self) -> None:
+        """Write what is buffered and wait for every write, cancelled callers' included."""
+        await self.flush()
+        await asyncio.gather(*self.writes)
 
 
 class _Stop(Exception):
@@ -203,8 +216,8 @@ class _Scorer:
 
     async def score_one(self, caller: Caller, item: WorkItem) -> None:
         outcome = await caller.call(prefill_contents(item.prompt, item.prefill), self.config)
-        row = _result_row(item, self.options.model2, outcome)
-        await self.checkpoint.add(row)
+        # Counted before the checkpoint's await: the row is buffered at once, so it is saved even
+        # if the run is cancelled during a flush, and the counts must include it.
         if outcome.answer:
             self.stats.scored += 1
             self.consecutive_failures = 0
@@ -212,9 +225,12 @@ class _Scorer:
             self.stats.failed += 1
             self.consecutive_failures += 1
             self.last_error = outcome.error
-            if self.consecutive_failures >= self.options.max_consecutive_failures:
-                raise _Stop(f"{self.consecutive_failures} positions in a row failed; the last "
-                            f"said: {outcome.error}")
+        await self.checkpoint.add(_result_row(item, self.options.model2, outcome))
+        if not outcome.answer and (
+            self.consecutive_failures >= self.options.max_consecutive_failures
+        ):
+            raise _Stop(f"{self.consecutive_failures} positions in a row failed; the last "
+                        f"said: {outcome.error}")
         if self.on_progress:
             self.on_progress(self.stats)
 
@@ -359,7 +375,7 @@ async def score_async(
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signum)
-        await scorer.checkpoint.flush()
+        await scorer.checkpoint.close()
     remaining = stats.total - stats.already_done - stats.scored
     kl = await asyncio.to_thread(compute_kl, run_dir, options.model2) if (
         stats.already_done + stats.scored + stats.failed

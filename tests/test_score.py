@@ -1,0 +1,618 @@
+"""The Model 2 stage end to end: real HTTP to the emulator through the real google-genai SDK, real
+Parquet parts, real DuckDB, and the CLI through CliRunner or a subprocess.
+
+The emulator answers from toy models whose exact distributions the tests recompute, so every
+value written can be checked against what the server's model really is, not only against itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner, Result
+
+from klstream import reference, schemas
+from klstream.calls import Caller, CallStats, RetryPolicy
+from klstream.cli import main
+from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
+from klstream.emulator.toymodel import Candidate, top_k
+from klstream.explode import explode
+from klstream.gemini import (
+    Endpoint,
+    endpoint_from_environment,
+    generation_config,
+    make_client,
+    prefill_contents,
+)
+from klstream.rundir import RunDir
+from klstream.score import ScoreOptions, ScoreReport, ScoreStats, score_run
+from klstream.throttle import AdaptiveLimiter
+
+if TYPE_CHECKING:
+    from conftest import ToyInputs, ToyPosition
+
+Key = tuple[str, int, int]
+MODEL2 = "toy-d0.5"
+FAST = RetryPolicy(max_retries=8, backoff_initial_s=0.01, backoff_max_s=0.05)
+CREDENTIAL_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL",
+                        "GOOGLE_CLOUD_PROJECT")
+PART_NAME = re.compile(r"part-\d{20}-\d+-\d{6}\.parquet")
+
+
+# --- running the stage ---------------------------------------------------------------------
+
+
+def endpoint(server: EmulatorServer, timeout_s: float = 5.0) -> Endpoint:
+    return Endpoint("gemini", "test-key", base_url=server.base_url, timeout_s=timeout_s)
+
+
+def score(run_dir: Path, server: EmulatorServer, model2: str = MODEL2, *,
+          timeout_s: float = 5.0,
+          on_progress: Callable[[ScoreStats], None] | None = None,
+          **options: Any) -> ScoreReport:
+    """The library entry point, with back-offs short enough for tests."""
+    options.setdefault("policy", FAST)
+    return score_run(run_dir, ScoreOptions(model2, **options), endpoint(server, timeout_s),
+                     on_progress)
+
+
+def cli(*args: object) -> Result:
+    """``klstream ARGS`` in process, with no credentials from the developer's environment."""
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False,
+                              env=dict.fromkeys(CREDENTIAL_VARIABLES))
+
+
+def score_cli(run_dir: Path, server: EmulatorServer, model2: str = MODEL2,
+              *args: object) -> Result:
+    return cli("score", run_dir, "--model2", model2, "--base-url", server.base_url, *args)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES}
+    return {**env, **extra}
+
+
+def klstream_process(*args: object) -> subprocess.Popen[str]:
+    """``python -m klstream ARGS`` as a separate process that can be killed."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "klstream", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+    )
+
+
+# --- reading what it wrote -----------------------------------------------------------------
+
+
+def key_of(row: dict[str, Any]) -> Key:
+    return row["stem"], row["response_index"], row["position"]
+
+
+def parquet_files(run_dir: Path, model2: str = MODEL2) -> list[Path]:
+    return sorted(RunDir(run_dir).scores_dir(model2).glob("*.parquet"))
+
+
+def score_rows(run_dir: Path, model2: str = MODEL2) -> list[dict[str, Any]]:
+    """Every row of every part, read with plain pyarrow, one file at a time."""
+    return [row for part in parquet_files(run_dir, model2)
+            for row in pq.read_table(part).to_pylist()]
+
+
+def resolved(run_dir: Path, model2: str = MODEL2) -> dict[Key, dict[str, Any]]:
+    """The outcome that counts per key, as the SCORES contract says: newest ok, else newest."""
+    best: dict[Key, dict[str, Any]] = {}
+    for row in score_rows(run_dir, model2):
+        kept = best.get(key_of(row))
+        if kept is None or (row["status"] == "ok", row["scored_at"]) > (
+            kept["status"] == "ok", kept["scored_at"]
+        ):
+            best[key_of(row)] = row
+    return best
+
+
+def kl_rows(run_dir: Path, model2: str = MODEL2) -> dict[Key, dict[str, Any]]:
+    return {key_of(row): row for row in pq.read_table(RunDir(run_dir).kl_path(model2)).to_pylist()}
+
+
+def server_top(model2: str, position: ToyPosition, k: int = 20) -> list[Candidate]:
+    """The server's own top-k at a position: its model, after the prefill re-tokenized."""
+    logprobs = ToyModel.for_name(model2).next_token_logprobs(position.prompt,
+                                                             encode(position.prefill))
+    return top_k(logprobs, k)
+
+
+def assert_server_values(run_dir: Path, model2: str, toy_inputs: ToyInputs,
+                         k: int = 20) -> None:
+    """Every position's resolved result is ok and is exactly the server's top-k there."""
+    results = resolved(run_dir, model2)
+    assert results.keys() == toy_inputs.positions.keys()
+    for key, position in toy_inputs.positions.items():
+        row = results[key]
+        assert row["status"] == schemas.SCORE_OK, (key, row["error"])
+        expected = server_top(model2, position, k)
+        assert row["top_token_ids"] == [c.token_id for c in expected], key
+        assert row["top_tokens"] == [c.token for c in expected], key
+        assert row["top_logprobs"] == pytest.approx([c.logprob for c in expected],
+                                                    rel=1e-12, abs=1e-12), key
+
+
+def assert_failure_rows(rows: list[dict[str, Any]], error: str) -> None:
+    """Failures carry their error text and never a value."""
+    for row in rows:
+        assert row["status"] == schemas.SCORE_ERROR
+        assert row["error"] is not None and row["error"].startswith(error), row["error"]
+        for column in ("top_tokens", "top_token_ids", "top_logprobs", "chosen_token",
+                       "chosen_token_id", "chosen_logprob"):
+            assert row[column] is None, column
+
+
+def requested(server: EmulatorServer, since: float = float("-inf")) -> Counter[tuple[str, str]]:
+    """(prompt, prefill) of every request the server answered that arrived at ``since`` or later."""
+    return Counter((r.prompt, r.prefill or "") for r in server.requests if r.time >= since)
+
+
+def identities(toy_inputs: ToyInputs,
+               keys: Iterable[Key] | None = None) -> Counter[tuple[str, str]]:
+    """(prompt, prefill) of the positions ``keys`` (all by default): what their requests carry."""
+    chosen = toy_inputs.positions.keys() if keys is None else keys
+    return Counter((toy_inputs.positions[k].prompt, toy_inputs.positions[k].prefill)
+                   for k in chosen)
+
+
+def assert_parts_intact(run_dir: Path, model2: str = MODEL2) -> None:
+    """Every file a ``*.parquet`` glob sees is a complete part of the SCORES schema."""
+    for path in parquet_files(run_dir, model2):
+        assert PART_NAME.fullmatch(path.name), path.name
+        assert pq.read_table(path).schema.equals(schemas.SCORES), path.name
+
+
+# --- 1, 2: values and KL are the server's ------------------------------------------------------
+
+
+def test_scores_are_the_servers_distributions_and_kl_follows_from_them(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    result = score_cli(run_dir, emulator)
+    assert result.exit_code == 0, result.output
+    assert f"{len(toy_inputs.positions)} scored, 0 failed" in result.output
+
+    assert requested(emulator) == identities(toy_inputs)
+    assert_server_values(run_dir, MODEL2, toy_inputs)
+    kl = kl_rows(run_dir)
+    assert kl.keys() == toy_inputs.positions.keys()
+    for key, position in toy_inputs.positions.items():
+        model2_top = [(c.token_id, c.logprob) for c in server_top(MODEL2, position)]
+        assert kl[key]["status"] == schemas.KL_STATUS_SCORED
+        assert kl[key]["kl_floor"] == pytest.approx(
+            reference.kl_floor(position.top, model2_top), rel=1e-9, abs=1e-12
+        ), key
+
+
+def test_same_model_has_zero_kl_and_the_divergence_dial_orders_mean_kl(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    assert score(run_dir, emulator, "toy").remaining == 0
+    assert all(abs(row["kl_floor"]) < 1e-9 for row in kl_rows(run_dir, "toy").values())
+
+    means = []
+    for model2 in ("toy-d0.25", "toy-d0.5", "toy-d1"):
+        assert score(run_dir, emulator, model2).remaining == 0
+        means.append(statistics.fmean(row["kl_floor"] for row in kl_rows(run_dir, model2).values()))
+    assert 0 < means[0] < means[1] < means[2]
+
+    result = cli("query", run_dir, "SELECT model2, avg(kl_floor) AS mean_kl, count(*) AS n "
+                 "FROM kl WHERE model2 <> 'toy' GROUP BY model2 ORDER BY mean_kl", "--format",
+                 "json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [row["model2"] for row in rows] == ["toy-d0.25", "toy-d0.5", "toy-d1"]
+    assert [row["mean_kl"] for row in rows] == pytest.approx(means, rel=1e-9)
+    assert {row["n"] for row in rows} == {len(toy_inputs.positions)}
+
+
+# --- 3: SIGKILL, then --resume -----------------------------------------------------------------
+
+
+def wait_until(process: subprocess.Popen[str], condition: Callable[[], bool]) -> None:
+    while process.poll() is None and not condition():
+        time.sleep(0.002)
+
+
+def kill_point_reached(run_dir: Path, parts: int) -> Callable[[], bool]:
+    """Whether the run has written ``parts`` parts, or with 0, its config (before any part)."""
+    if parts:
+        return lambda: len(parquet_files(run_dir)) >= parts
+    return lambda: (RunDir(run_dir).scores_dir(MODEL2) / "run.json").is_file()
+
+
+def test_sigkill_at_any_point_then_resume_loses_and_repeats_nothing(
+    tmp_path: Path, run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    uninterrupted = tmp_path / "uninterrupted"
+    explode(toy_inputs.directory, uninterrupted)
+    assert score(uninterrupted, emulator).remaining == 0
+
+    emulator.set_faults(FaultConfig(latency_ms=20))
+    command = ["score", run_dir, "--model2", MODEL2, "--base-url", emulator.base_url,
+               "--checkpoint-rows", "5", "--max-concurrent", "4"]
+    not_flushed = identities(toy_inputs)
+    # Kill once the run has written its config (before any part), then after 1, 2, ... more parts.
+    kill_points: list[int | None] = [0, 1, 2, 3, 4, 5, None]
+    for attempt, more_parts in enumerate(kill_points):
+        parts_before = len(parquet_files(run_dir))
+        started = time.monotonic()
+        process = klstream_process(*command, *(["--resume"] if attempt else []))
+        if more_parts is None:
+            _, stderr = process.communicate()
+            assert process.returncode == 0, stderr
+        else:
+            wait_until(process, kill_point_reached(run_dir, parts_before + more_parts))
+            process.kill()
+            _, stderr = process.communicate()
+            assert process.returncode == -signal.SIGKILL, f"ended before the kill: {stderr}"
+
+        # A resumed run asks only for positions without a flushed ok row at the kill.
+        # The killed run's last requests may reach the server's handler only now; those whose
+        # body it can no longer read are logged without a prompt (and as an emulator error).
+        asked = requested(emulator, since=started)
+        asked.pop(("", ""), None)
+        assert set(asked) <= set(not_flushed)
+        assert_parts_intact(run_dir)
+        flushed_ok = {key_of(r) for r in score_rows(run_dir) if r["status"] == schemas.SCORE_OK}
+        not_flushed = identities(toy_inputs, toy_inputs.positions.keys() - flushed_ok)
+
+    ok_rows = Counter(key_of(r) for r in score_rows(run_dir) if r["status"] == schemas.SCORE_OK)
+    assert ok_rows.keys() == toy_inputs.positions.keys()
+    assert set(ok_rows.values()) == {1}
+    expected, final = resolved(uninterrupted), resolved(run_dir)
+    for key in toy_inputs.positions:
+        for column in ("top_tokens", "top_token_ids", "top_logprobs"):
+            assert final[key][column] == expected[key][column], (key, column)
+    assert {row["status"] for row in kl_rows(run_dir).values()} == {schemas.KL_STATUS_SCORED}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_stops_the_run_with_everything_it_counted_saved(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer, signum: signal.Signals
+) -> None:
+    emulator.set_faults(FaultConfig(latency_ms=5))
+    # A part per result, so that the signal nearly always lands while parts are being written.
+    process = klstream_process("score", run_dir, "--model2", MODEL2, "--base-url",
+                               emulator.base_url, "--checkpoint-rows", "1",
+                               "--max-concurrent", "8")
+    wait_until(process, lambda: len(parquet_files(run_dir)) >= 10)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate()
+
+    assert process.returncode == 1, stderr
+    assert f"stopped early: stopped by {signum.name}" in stderr
+    counted = re.search(r"(\d+) scored, 0 failed", stdout)
+    assert counted, stdout
+    scored = int(counted[1])
+    assert_parts_intact(run_dir)
+    assert len([r for r in score_rows(run_dir) if r["status"] == schemas.SCORE_OK]) == scored
+    assert f"{len(toy_inputs.positions) - scored} positions remain unscored" in stderr
+    kl_status = Counter(row["status"] for row in kl_rows(run_dir).values())
+    assert kl_status[schemas.KL_STATUS_SCORED] == scored
+
+    assert score(run_dir, emulator, resume=True).remaining == 0
+    assert_server_values(run_dir, MODEL2, toy_inputs)
+
+
+# --- 4: rate limits ----------------------------------------------------------------------------
+
+
+def test_a_429_storm_is_ridden_out_with_the_fault_free_results(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    emulator.set_faults(FaultConfig(rate_429=0.35, retry_delay_s=0.05, seed=4))
+    report = score(run_dir, emulator, policy=RetryPolicy(20, 0.01, 0.05))
+
+    assert report.remaining == 0 and report.stopped_because is None
+    # The fault-free result is the server's own distribution (first test).
+    assert_server_values(run_dir, MODEL2, toy_inputs)
+    positions, calls, stats = len(toy_inputs.positions), report.stats.calls, emulator.stats()
+    assert calls.requests == stats["total"] <= 3 * positions
+    assert calls.rate_limited == stats["by_fault"]["429"] > 0
+    assert calls.retries == calls.requests - positions
+    assert sum(row["attempts"] for row in score_rows(run_dir)) == calls.requests
+
+
+def test_a_short_quota_window_is_waited_out(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    emulator.set_faults(FaultConfig(quota_per_minute=40, quota_window_s=0.25))
+    report = score(run_dir, emulator, policy=RetryPolicy(30, 0.01, 0.05))
+
+    assert report.remaining == 0
+    assert_server_values(run_dir, MODEL2, toy_inputs)
+    stats = emulator.stats()
+    assert stats["by_status"]["200"] == len(toy_inputs.positions)
+    assert report.stats.calls.rate_limited == stats["by_fault"]["quota"] > 0
+
+
+def test_rate_limits_lower_the_concurrency_and_successes_restore_it(
+    emulator: EmulatorServer,
+) -> None:
+    emulator.set_faults(FaultConfig(rate_429=1.0, retry_delay_s=0.01))
+    target = endpoint(emulator)
+    contents = prefill_contents("Tell me a story.", " Once")
+    config = generation_config(20, 0)
+
+    async def calls() -> tuple[AdaptiveLimiter, float, CallStats]:
+        limiter, stats = AdaptiveLimiter(ceiling=8), CallStats()
+        async with aiohttp.ClientSession() as session:
+            caller = Caller(make_client(target, session), MODEL2, target,
+                            RetryPolicy(1, 0.01, 0.05), limiter, 0, stats)
+            outcomes = await asyncio.gather(*(caller.call(contents, config) for _ in range(8)))
+            assert all(o.answer is None and (o.error or "").startswith("429") for o in outcomes)
+            lowered = limiter.limit
+            emulator.set_faults(FaultConfig())
+            for _ in range(40):
+                assert (await caller.call(contents, config)).answer is not None
+        return limiter, lowered, stats
+
+    limiter, lowered, stats = asyncio.run(calls())
+    assert stats.rate_limited == 16
+    assert limiter.decreases >= 1 and lowered <= 4
+    assert limiter.limit == 8
+
+
+# --- 5: server errors, hangs, bad answers ------------------------------------------------------
+
+
+def test_transient_faults_are_retried_to_the_correct_values(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    emulator.set_faults(FaultConfig(rate_500=0.05, rate_503=0.05, rate_hang=0.03,
+                                    hang_seconds=2.0, rate_malformed=0.05,
+                                    rate_no_logprobs=0.05, seed=5))
+    report = score(run_dir, emulator, timeout_s=0.3, policy=RetryPolicy(12, 0.01, 0.05))
+
+    assert report.remaining == 0 and report.stats.failed == 0
+    assert_server_values(run_dir, MODEL2, toy_inputs)
+    assert {"500", "503", "malformed", "no_logprobs"} <= emulator.stats()["by_fault"].keys()
+    assert report.stats.calls.retries > 0
+
+
+ALWAYS_FAILING = [
+    pytest.param(FaultConfig(rate_500=1.0), "500 INTERNAL", id="500"),
+    pytest.param(FaultConfig(rate_503=1.0), "503 UNAVAILABLE", id="503"),
+    pytest.param(FaultConfig(rate_hang=1.0, hang_seconds=2.0), "timeout", id="hang"),
+    pytest.param(FaultConfig(rate_malformed=1.0), "JSONDecodeError", id="malformed"),
+    pytest.param(FaultConfig(rate_no_logprobs=1.0), "RetryableAnswer: answer without logprobs",
+                 id="no-logprobs"),
+]
+
+
+@pytest.mark.parametrize(("faults", "error"), ALWAYS_FAILING)
+def test_a_model2_that_always_fails_stops_after_the_probes(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer, faults: FaultConfig,
+    error: str
+) -> None:
+    emulator.set_faults(faults)
+    report = score(run_dir, emulator, timeout_s=0.3, policy=RetryPolicy(2, 0.01, 0.05))
+
+    # Position 0 (no prefill), then position 1 (the first prefill), each tried 3 times.
+    assert report.stopped_because is not None
+    assert report.stopped_because.startswith(f"the first 2 requests all failed; the last said: "
+                                             f"{error}")
+    assert report.stats.calls.requests == 2 * 3
+    assert report.remaining == len(toy_inputs.positions)
+    rows = score_rows(run_dir)
+    assert sorted(key_of(r)[2] for r in rows) == [0, 1]
+    assert_failure_rows(rows, error)
+    assert all(row["attempts"] == 3 for row in rows)
+    kl = kl_rows(run_dir)
+    assert kl.keys() == toy_inputs.positions.keys()
+    assert all(row["kl_floor"] is None and row["kl_lower"] is None for row in kl.values())
+    assert Counter(row["status"] for row in kl.values()) == {
+        schemas.KL_STATUS_ERROR: 2, schemas.KL_STATUS_UNSCORED: len(kl) - 2
+    }
+
+
+def test_the_cli_says_why_it_stopped_and_how_to_resume(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    emulator.set_faults(FaultConfig(rate_503=1.0))
+    result = score_cli(run_dir, emulator, MODEL2, "--max-retries", "0")
+
+    assert result.exit_code == 1
+    assert "stopped early: the first 2 requests all failed; the last said: 503 UNAVAILABLE" in (
+        result.stderr
+    )
+    assert f"{len(toy_inputs.positions)} positions remain unscored" in result.stderr
+    assert f"--model2 {MODEL2} --resume" in result.stderr
+    assert emulator.stats()["total"] == 2
+
+
+def test_a_model2_that_starts_failing_stops_after_max_consecutive_failures(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    failing = FaultConfig(rate_503=1.0)
+    switched: list[int] = []
+
+    def break_the_server(stats: ScoreStats) -> None:
+        if stats.scored >= 20 and not switched:
+            emulator.set_faults(failing)
+            switched.append(stats.scored)
+
+    max_failures, max_concurrent, attempts = 10, 4, 3
+    report = score(run_dir, emulator, max_concurrent=max_concurrent,
+                   max_consecutive_failures=max_failures, on_progress=break_the_server,
+                   policy=RetryPolicy(attempts - 1, 0.01, 0.05))
+
+    # Positions in flight when the streak reaches the limit may end it one or more longer.
+    stopped = re.fullmatch(r"(\d+) positions in a row failed; the last said: 503 UNAVAILABLE: .*",
+                           report.stopped_because or "")
+    assert stopped, report.stopped_because
+    assert max_failures <= int(stopped[1]) <= max_failures + max_concurrent
+    # It failed fast: only the positions in flight besides those in the failing streak.
+    unavailable = emulator.stats()["by_status"]["503"]
+    assert unavailable <= (max_failures + 2 * max_concurrent) * attempts
+    assert max_failures <= report.stats.failed <= max_failures + max_concurrent
+    assert report.remaining > 0
+
+    rows = score_rows(run_dir)
+    failures = [r for r in rows if r["status"] == schemas.SCORE_ERROR]
+    assert len(failures) == report.stats.failed
+    assert_failure_rows(failures, "503 UNAVAILABLE")
+    kl = kl_rows(run_dir)
+    failed_keys = {key_of(r) for r in failures}
+    for key, row in kl.items():
+        if key in failed_keys:
+            assert row["status"] == schemas.KL_STATUS_ERROR
+            assert row["error"].startswith("503 UNAVAILABLE")
+        assert (row["kl_floor"] is None) == (row["status"] != schemas.KL_STATUS_SCORED)
+
+    # Once the server recovers, --resume retries the failures and completes the run.
+    emulator.set_faults(FaultConfig())
+    report = score(run_dir, emulator, resume=True)
+    assert report.remaining == 0 and report.stats.failed == 0
+    assert_server_values(run_dir, MODEL2, toy_inputs)
+    assert {row["status"] for row in kl_rows(run_dir).values()} == {schemas.KL_STATUS_SCORED}
+
+
+# --- 6: models that cannot score -------------------------------------------------------------
+
+
+def test_a_thinking_model_stops_at_once_without_a_budget_and_scores_with_budget_0(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    result = score_cli(run_dir, emulator, "toy-thinking", "--thinking-budget", "none")
+    assert result.exit_code == 1
+    assert "thinking" in result.stderr and "--thinking-budget 0" in result.stderr
+    assert emulator.stats()["total"] == 1
+    assert parquet_files(run_dir, "toy-thinking") == []
+
+    result = score_cli(run_dir, emulator, "toy-thinking")
+    assert result.exit_code == 0, result.output
+    assert_server_values(run_dir, "toy-thinking", toy_inputs)
+
+
+def test_a_model_that_rejects_prefill_stops_at_once(
+    run_dir: Path, emulator: EmulatorServer
+) -> None:
+    result = score_cli(run_dir, emulator, "toy-noprefill")
+    assert result.exit_code == 1
+    assert "trailing model turn" in result.stderr and "prefill" in result.stderr
+    assert emulator.stats()["total"] <= 3
+    assert all(r["status"] == schemas.SCORE_OK and r["position"] == 0
+               for r in score_rows(run_dir, "toy-noprefill"))
+
+
+# --- 7: the API key stays secret -------------------------------------------------------------
+
+
+def test_the_api_key_is_never_written_or_printed(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = "sk-test-SECRET-123"
+    for variable in CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", secret)
+    # The key the subprocesses below get is the one they send.
+    assert endpoint_from_environment("gemini", base_url=emulator.base_url).api_key == secret
+    emulator.set_faults(FaultConfig(rate_503=0.15, rate_500=0.1, rate_malformed=0.1,
+                                    rate_hang=0.05, hang_seconds=2.0))
+    command = ["score", run_dir, "--model2", MODEL2, "--base-url", emulator.base_url,
+               "--max-retries", "0", "--timeout", "0.3"]
+    failing = subprocess.run(
+        [sys.executable, "-m", "klstream", *map(str, command)], capture_output=True,
+        env=subprocess_env(GEMINI_API_KEY=secret), check=False,
+    )
+    assert failing.returncode == 1, failing.stderr
+    errors = [r["error"] for r in score_rows(run_dir) if r["status"] == schemas.SCORE_ERROR]
+    assert errors, "the faults should have left failures in the error column"
+
+    emulator.set_faults(FaultConfig())
+    resumed = subprocess.run(
+        [sys.executable, "-m", "klstream", *map(str, command), "--resume"], capture_output=True,
+        env=subprocess_env(GEMINI_API_KEY=secret), check=False,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+
+    assert_server_values(run_dir, MODEL2, toy_inputs)
+    for output in (failing.stdout, failing.stderr, resumed.stdout, resumed.stderr):
+        assert secret.encode() not in output
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".json" for path in files)
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
+    assert not any(secret in error for error in errors)
+
+
+# --- 8: refusals -----------------------------------------------------------------------------
+
+
+def snapshot(run_dir: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+
+def test_scoring_again_needs_resume_or_overwrite_and_resume_keeps_the_config(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    assert score_cli(run_dir, emulator).exit_code == 0
+    before = snapshot(run_dir)
+    emulator.reset_log()
+
+    again = score_cli(run_dir, emulator)
+    assert again.exit_code == 1
+    assert "--resume" in again.stderr and "--overwrite" in again.stderr
+
+    other_k = score_cli(run_dir, emulator, MODEL2, "--resume", "--top-logprobs", "5")
+    assert other_k.exit_code == 1
+    assert "--resume refused" in other_k.stderr
+    assert "top_logprobs: recorded 20, now 5" in other_k.stderr
+
+    assert snapshot(run_dir) == before
+    assert emulator.stats()["total"] == 0
+
+    nothing_left = score_cli(run_dir, emulator, MODEL2, "--resume")
+    assert nothing_left.exit_code == 0, nothing_left.output
+    assert f"0 scored, 0 failed, {len(toy_inputs.positions)} already done" in nothing_left.output
+    assert emulator.stats()["total"] == 0
+
+    old_parts = set(parquet_files(run_dir))
+    overwrite = score_cli(run_dir, emulator, MODEL2, "--overwrite", "--top-logprobs", "5")
+    assert overwrite.exit_code == 0, overwrite.output
+    assert not old_parts & set(parquet_files(run_dir))
+    assert len(score_rows(run_dir)) == len(toy_inputs.positions)
+    assert_server_values(run_dir, MODEL2, toy_inputs, k=5)
+    recorded = json.loads((RunDir(run_dir).scores_dir(MODEL2) / "run.json").read_text())
+    assert recorded["top_logprobs"] == 5
+    assert emulator.stats()["total"] == len(toy_inputs.positions)
+
+
+# --- 9: the Vertex AI request shape ----------------------------------------------------------
+
+
+def test_the_vertex_backend_scores_through_its_regional_path(
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    result = cli("score", run_dir, "--model2", MODEL2, "--backend", "vertex", "--project-id", "p",
+                 "--location", "us-central1", "--base-url", emulator.base_url)
+    assert result.exit_code == 0, result.output
+
+    assert_server_values(run_dir, MODEL2, toy_inputs)
+    assert len(emulator.requests) == len(toy_inputs.positions)
+    assert all("/projects/p/locations/us-central1/" in r.path for r in emulator.requests)
+
+    as_gemini = score_cli(run_dir, emulator, MODEL2, "--resume")
+    assert as_gemini.exit_code == 1
+    assert "backend: recorded 'vertex', now 'gemini'" in as_gemini.stderr
