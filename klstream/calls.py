@@ -83,7 +83,7 @@ class Caller:
         self.policy, self.limiter, self.stats = policy, limiter, stats
         self.thinking_budget = thinking_budget
 
-    async def _attempt(self, contents: list[types.Content],
+    async def _attempt(self, contents: list[types.ContentDict],
                        config: types.GenerateContentConfig) -> Answer:
         await self.limiter.acquire()
         try:
@@ -112,7 +112,7 @@ class Caller:
     def _count_retry(self, _: tenacity.RetryCallState) -> None:
         self.stats.retries += 1
 
-    async def call(self, contents: list[types.Content],
+    async def call(self, contents: list[types.ContentDict],
                    config: types.GenerateContentConfig) -> Outcome:
         """Retry until an answer or the retry budget is spent; run-ending errors propagate."""
         started = time.monotonic()
