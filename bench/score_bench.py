@@ -5,8 +5,9 @@ does not compete with the client's. For each ``--concurrency`` the benchmark sco
 of one run directory through the real :func:`klstream.score.score_run` path and, side by side in
 the same run, sends the same requests
 
-* through the bare google-genai SDK (``client.aio.models.generate_content``, configured as klstream
-  configures it: one attempt, a shared ``aiohttp`` session), with no klstream code, and
+* through the bare google-genai SDK (``client.aio.models.generate_content``, called as klstream
+  calls it: one attempt, a shared ``aiohttp`` session, contents as dicts and the raw answer body
+  parsed with ``json.loads``), with no klstream code around it, and
 * as raw ``aiohttp`` POSTs of the same JSON body (``json.dumps`` the body, ``json.loads`` the
   answer, nothing else).
 
@@ -20,10 +21,10 @@ out (the whole ``score_run`` call is reported below the table). The server's CPU
 window (``/proc/PID/stat``) shows whether the emulator, rather than the client, was the limit.
 
 ``--variants`` adds two more clients that show what the SDK costs when used differently:
-"SDK lean" passes the contents as plain dicts instead of ``types.Content`` objects and sets
-``should_return_http_response=True`` (public options), parsing the answer's JSON itself; "SDK
-private" hands a prebuilt JSON body to the client's private ``_api_client.async_request`` (the
-SDK's HTTP layer, auth and URL without its request and response conversion).
+"SDK objects" passes ``types.Content`` objects and lets the SDK build a pydantic
+``GenerateContentResponse`` (the SDK's default use, which klstream avoids); "SDK private" hands a
+prebuilt JSON body to the client's private ``_api_client.async_request`` (the SDK's HTTP layer,
+auth and URL without its request conversion).
 
 ``--profile N`` also runs klstream once at concurrency N under cProfile and prints its top costs
 (cProfile sees only the event-loop thread, not the Parquet/DuckDB worker threads).
@@ -67,7 +68,7 @@ MODEL2 = "toy-d0.5"
 TOP_K = 20
 API_KEY = "bench-no-key"
 CLIENTS = ("klstream", "bare SDK", "raw aiohttp")
-VARIANTS = ("SDK lean", "SDK private")
+VARIANTS = ("SDK objects", "SDK private")
 LEGEND = """\
 bound/s = concurrency / latency; ratio = req/s / bound; CPU us/req = client process CPU per request;
 client CPU = client CPU s per wall s (100% = one core busy); 1/CPU = the single-process ceiling
@@ -244,8 +245,8 @@ async def sdk_client(variant: str, base_url: str, concurrency: int, requests: li
                      window: Window) -> None:
     """google-genai alone, configured as klstream configures it: one attempt, a shared session.
 
-    ``variant`` is ``bare SDK`` (types.Content objects in, GenerateContentResponse out, as
-    klstream calls it), ``SDK lean`` or ``SDK private`` (see the module documentation).
+    ``variant`` is ``bare SDK`` (as klstream calls it), ``SDK objects`` or ``SDK private`` (see
+    the module documentation).
     """
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -257,7 +258,7 @@ async def sdk_client(variant: str, base_url: str, concurrency: int, requests: li
         raw_config = scoring_config(should_return_http_response=True)
         path = f"models/{MODEL2}:generateContent"
 
-        async def bare(request: Request) -> None:
+        async def objects(request: Request) -> None:
             contents = [types.Content(role="user", parts=[types.Part(text=request.prompt)])]
             if request.prefill:
                 contents.append(types.Content(role="model",
@@ -266,7 +267,7 @@ async def sdk_client(variant: str, base_url: str, concurrency: int, requests: li
                 model=MODEL2, contents=contents, config=config)
             assert response.candidates, "an answer without candidates"
 
-        async def lean(request: Request) -> None:
+        async def bare(request: Request) -> None:
             response = await client.aio.models.generate_content(
                 model=MODEL2, contents=json_contents(request),  # type: ignore[arg-type]
                 config=raw_config)
@@ -278,7 +279,7 @@ async def sdk_client(variant: str, base_url: str, concurrency: int, requests: li
             response = await client.aio._api_client.async_request("post", path, body, None)
             check_answer(json.loads(response.body))
 
-        send = {"bare SDK": bare, "SDK lean": lean, "SDK private": private}[variant]
+        send = {"bare SDK": bare, "SDK objects": objects, "SDK private": private}[variant]
         await run_workers(concurrency, requests, window, send)
 
 
@@ -402,7 +403,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.85,
                         help="fraction of the bound the verdict lines check for")
     parser.add_argument("--variants", action="store_true",
-                        help="also measure the 'SDK lean' and 'SDK private' clients")
+                        help="also measure the 'SDK objects' and 'SDK private' clients")
     parser.add_argument("--profile", type=int, metavar="CONCURRENCY",
                         help="also profile one klstream run at this concurrency with cProfile")
     parser.add_argument("--profile-top", type=int, default=30)
