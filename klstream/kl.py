@@ -26,8 +26,9 @@ from klstream.estimators import SideColumns, estimate, keyed_sides, model1_only
 from klstream.rundir import RunDir, connect
 from klstream.sqlfiles import load_sql
 
-DEFAULT_BATCH_ROWS = 4_096
-"""Small enough for a batch's ``[rows, 2k]`` arrays to stay in cache; larger is slower."""
+DEFAULT_BATCH_ROWS = 16_384
+"""Measured best with two worker threads (bench/kl_bench.py): smaller batches spend more time
+holding the GIL in Python, larger ones fall out of cache."""
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 
 
