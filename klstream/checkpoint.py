@@ -33,10 +33,3 @@ def write_scores_part(scores_dir: Path, rows: pa.Table) -> Path:
         pq.write_table(table, tmp, compression="zstd")
     return final
 
-
-def read_scores(scores_dir: Path) -> pa.Table:
-    """All parts of one model2, in write order (empty table if none)."""
-    parts = sorted(scores_dir.glob("part-*.parquet"))
-    if not parts:
-        return schemas.SCORES.empty_table()
-    return pa.concat_tables(pq.read_table(p, schema=schemas.SCORES) for p in parts)

@@ -71,7 +71,6 @@ class ScoreStats:
 
     total: int = 0
     already_done: int = 0
-    requested: int = 0
     scored: int = 0
     failed: int = 0
     calls: CallStats = field(default_factory=CallStats)
@@ -266,17 +265,24 @@ class _Scorer:
             while (item := await queue.get()) is not None:
                 await self.score_one(caller, item)
 
+        async def flush_every_interval() -> None:
+            """Results that trickle in (long back-offs) still reach disk every T seconds."""
+            while True:
+                await asyncio.sleep(self.options.checkpoint_seconds)
+                await self.checkpoint.flush()
+
         workers = [asyncio.create_task(worker()) for _ in range(self.options.max_concurrent)]
         feeding = asyncio.create_task(self._feed(items, queue, len(workers)))
+        flushing = asyncio.create_task(flush_every_interval())
         try:
             done, _ = await asyncio.wait([feeding, *workers],
                                          return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()
         finally:
-            for task in [feeding, *workers]:
+            for task in [feeding, flushing, *workers]:
                 task.cancel()
-            await asyncio.gather(feeding, *workers, return_exceptions=True)
+            await asyncio.gather(feeding, flushing, *workers, return_exceptions=True)
 
     @staticmethod
     async def _feed(items: AsyncIterator[WorkItem], queue: asyncio.Queue[WorkItem | None],
@@ -352,7 +358,6 @@ async def score_async(
     _check_run_config(run, options, endpoint)
     positions, done = _count_pending(run_dir, options.model2)
     stats = ScoreStats(total=positions, already_done=done)
-    stats.requested = positions - done
     scorer = _Scorer(run_dir, options, endpoint, stats, on_progress)
     stopped: str | None = None
     loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -616,3 +617,39 @@ def test_the_vertex_backend_scores_through_its_regional_path(
     as_gemini = score_cli(run_dir, emulator, MODEL2, "--resume")
     assert as_gemini.exit_code == 1
     assert "backend: recorded 'vertex', now 'gemini'" in as_gemini.stderr
+
+
+def test_results_reach_disk_every_checkpoint_interval_while_requests_stall(
+    run_dir: Path, emulator: EmulatorServer
+):
+    """A stall (every further request hangs) must not keep finished results in memory only."""
+    finished = threading.Event()
+
+    def stall_after_first_results() -> None:
+        while len(emulator.requests) < 8 and not finished.is_set():
+            time.sleep(0.005)
+        emulator.set_faults(FaultConfig(rate_hang=1.0, hang_seconds=4.0))
+
+    watcher = threading.Thread(target=stall_after_first_results)
+    watcher.start()
+    runner = threading.Thread(target=lambda: score(
+        run_dir, emulator, timeout_s=30.0, max_concurrent=2, checkpoint_rows=10_000,
+        checkpoint_seconds=0.2,
+    ))
+    runner.start()
+    try:
+        watcher.join()
+
+        def answered() -> int:
+            return sum(1 for r in emulator.requests if r.status == 200)
+
+        stalled_at = time.monotonic()
+        while len(score_rows(run_dir)) != answered() and time.monotonic() - stalled_at < 3.0:
+            time.sleep(0.05)
+        saved = score_rows(run_dir)
+        assert len(saved) == answered(), "answered results stayed in memory during the stall"
+        assert all(row["status"] == schemas.SCORE_OK for row in saved)
+    finally:
+        finished.set()
+        emulator.set_faults(FaultConfig())
+        runner.join()
