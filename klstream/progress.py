@@ -24,13 +24,14 @@ class ProgressLine:
         fraction = stats.done / stats.total if stats.total else 1.0
         filled = int(self.width * fraction)
         calls = stats.calls
-        rate = (stats.scored + stats.failed) / calls.elapsed if calls.elapsed else 0.0
+        elapsed = calls.elapsed or float("inf")
+        rate = (stats.scored + stats.failed) / elapsed
         left = stats.total - stats.done
         eta = f"{left / rate:,.0f}s" if rate > 0 else "?"
         line = (
             f"\r[{'#' * filled}{'.' * (self.width - filled)}] {stats.done:,}/{stats.total:,} "
-            f"{rate:,.1f} pos/s  retries {calls.retries:,}  429s {calls.rate_limited:,}  "
-            f"failed {stats.failed:,}  ETA {eta} "
+            f"positions  {calls.requests / elapsed:,.1f} req/s  retries {calls.retries:,}  "
+            f"429s {calls.rate_limited:,}  failed {stats.failed:,}  ETA {eta} "
         )
         sys.stderr.write(line)
         sys.stderr.flush()
