@@ -128,7 +128,8 @@ def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) ->
     write_text_atomic(config_path, json.dumps(options.recorded(endpoint), indent=2) + "\n")
 
 
-def _result_row(item: WorkItem, model2: str, outcome: Outcome) -> dict[str, Any]:
+def result_row(item: WorkItem, model2: str, outcome: Outcome) -> dict[str, Any]:
+    """One row of the SCORES schema for a position's outcome."""
     answer = outcome.answer
     row: dict[str, Any] = {
         "stem": item.stem,
@@ -224,7 +225,7 @@ class _Scorer:
             self.stats.failed += 1
             self.consecutive_failures += 1
             self.last_error = outcome.error
-        await self.checkpoint.add(_result_row(item, self.options.model2, outcome))
+        await self.checkpoint.add(result_row(item, self.options.model2, outcome))
         if not outcome.answer and (
             self.consecutive_failures >= self.options.max_consecutive_failures
         ):

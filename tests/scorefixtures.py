@@ -7,15 +7,17 @@ last entry swapped for a token Model 1 did not list, so both shared and unshared
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klstream import schemas
+from klstream.calls import Outcome
 from klstream.checkpoint import write_scores_part
+from klstream.gemini import Answer, Candidate, Generated
 from klstream.rundir import RunDir
+from klstream.score import WorkItem, result_row
 
 Key = tuple[str, int, int]
 
@@ -32,37 +34,14 @@ def model2_list(
 
 
 def score_row(key: Key, model2: str, *, lists=None, error: str | None = None) -> dict:
-    stem, response_index, position = key
-    row = {
-        "stem": stem,
-        "response_index": response_index,
-        "position": position,
-        "model2": model2,
-        "status": schemas.SCORE_ERROR if error else schemas.SCORE_OK,
-        "top_tokens": None,
-        "top_token_ids": None,
-        "top_logprobs": None,
-        "chosen_token": None,
-        "chosen_token_id": None,
-        "chosen_logprob": None,
-        "finish_reason": None if error else "MAX_TOKENS",
-        "attempts": 1,
-        "latency_ms": 12.5,
-        "error": error,
-        "scored_at": datetime.now(UTC),
-    }
+    """A SCORES row built by the score stage's own row builder."""
+    answer = None
     if lists is not None:
-        tokens, ids, logprobs = lists
-        best = max(range(len(logprobs)), key=logprobs.__getitem__)
-        row.update(
-            top_tokens=tokens,
-            top_token_ids=ids,
-            top_logprobs=logprobs,
-            chosen_token=tokens[best],
-            chosen_token_id=ids[best],
-            chosen_logprob=logprobs[best],
-        )
-    return row
+        top = [Candidate(*entry) for entry in zip(*lists, strict=True)]
+        best = max(top, key=lambda c: c.logprob)
+        answer = Answer([Generated(best, top)], text="", finish_reason="MAX_TOKENS")
+    outcome = Outcome(answer, error, attempts=1, latency_ms=12.5)
+    return result_row(WorkItem(*key, prompt="", prefill=""), model2, outcome)
 
 
 def write_fixture_scores(
