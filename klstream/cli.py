@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,20 @@ from klstream.errors import KlstreamError
 
 
 class _Group(click.Group):
-    """Turns a :class:`KlstreamError` into one clear line on stderr and exit status 1."""
+    """Turns a :class:`KlstreamError` into one clear line on stderr and exit status 1, and
+    imports the emulator (numpy, aiohttp, its toy vocabulary) only when it is asked for."""
+
+    lazy_commands = {"emulate": ("klstream.emulator.command", "emulate_command")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_commands])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy_commands:
+            module, attribute = self.lazy_commands[name]
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -316,11 +330,3 @@ def run_all(input_dir: Path, output_dir: Path, pattern: str, max_files: int | No
     click.echo(f"wrote {len(exported.files)} _kl.json files and {exported.summary_path.name} "
                f"to {output_dir}")
 
-
-def _attach_emulator() -> None:
-    from klstream.emulator.command import emulate_command
-
-    main.add_command(emulate_command, "emulate")
-
-
-_attach_emulator()
