@@ -19,7 +19,7 @@ import duckdb
 
 from klstream.atomic import commit, temporary_sibling, write_text_atomic
 from klstream.errors import KlstreamError
-from klstream.rundir import RunDir, connect, view_names
+from klstream.rundir import RANGE_POSITIONS, RunDir, connect, response_ranges, view_names
 from klstream.sqlfiles import load_sql
 
 SUMMARY_FILE = "summary.json"
@@ -62,10 +62,15 @@ def resolve_model2(con: duckdb.DuckDBPyConnection, run_dir: Path, model2: str | 
     )
 
 
-def _response_rows(con: duckdb.DuckDBPyConnection, model2: str) -> Iterator[dict[str, Any]]:
-    reader = con.sql(load_sql("export_responses"), params={"model2": model2}).to_arrow_reader(256)
-    for batch in reader:
-        yield from batch.to_pylist()
+def _response_rows(
+    con: duckdb.DuckDBPyConnection, model2: str, range_positions: int
+) -> Iterator[dict[str, Any]]:
+    """Export rows in key order, one range of responses at a time to bound DuckDB's memory."""
+    sql = load_sql("export_responses")
+    for response_range in response_ranges(con, range_positions):
+        params = {"model2": model2, **response_range.params()}
+        for batch in con.sql(sql, params=params).to_arrow_reader(256):
+            yield from batch.to_pylist()
 
 
 def response_entry(row: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +140,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-def export(run_dir: Path, output_dir: Path, model2: str | None = None) -> ExportReport:
+def export(run_dir: Path, output_dir: Path, model2: str | None = None,
+           range_positions: int = RANGE_POSITIONS) -> ExportReport:
     """Write one ``<stem>_kl.json`` per input file and ``summary.json`` into ``output_dir``."""
     RunDir(run_dir).require_exploded()
     con = connect(run_dir)
@@ -143,7 +149,8 @@ def export(run_dir: Path, output_dir: Path, model2: str | None = None) -> Export
     output_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, Path]] = []
     try:
-        for stem, rows in groupby(_response_rows(con, chosen), key=lambda row: row["stem"]):
+        rows_in_order = _response_rows(con, chosen, range_positions)
+        for stem, rows in groupby(rows_in_order, key=lambda row: row["stem"]):
             final = output_dir / f"{stem}_kl.json"
             tmp = temporary_sibling(final)
             written.append((tmp, final))

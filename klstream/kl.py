@@ -1,8 +1,9 @@
 """The KL pass: positions ⨝ resolved Model 2 scores → ``kl/<model2>.parquet`` (schema ``KL``).
 
-DuckDB streams the join in key order as Arrow record batches; each batch goes through the
-vectorized estimators and is appended to the output, so memory stays bounded by the batch size
-whatever the size of the run. The output is written to a temporary name and renamed into place.
+DuckDB streams the join in key order as Arrow record batches, one range of responses at a time
+(:func:`klstream.rundir.response_ranges`); each batch goes through the vectorized estimators
+and is appended to the output, so memory stays bounded by the range and batch sizes whatever
+the size of the run. The output is written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from klstream import schemas
 from klstream.atomic import atomic_path
 from klstream.errors import KlstreamError
 from klstream.estimators import SideColumns, estimate, keyed_sides, model1_only
-from klstream.rundir import RunDir, connect
+from klstream.rundir import RANGE_POSITIONS, RunDir, connect, response_ranges
 from klstream.sqlfiles import load_sql
 
 DEFAULT_BATCH_ROWS = 16_384
@@ -144,8 +145,10 @@ def score_batches(
             yield pending.popleft().result()
 
 
-def compute_kl(run_dir: Path, model2: str, batch_rows: int = DEFAULT_BATCH_ROWS) -> KlReport:
-    """(Re)compute ``kl/<model2>.parquet`` from the run's positions and Model 2's scores."""
+def compute_kl(run_dir: Path, model2: str, batch_rows: int = DEFAULT_BATCH_ROWS,
+               range_positions: int = RANGE_POSITIONS) -> KlReport:
+    """(Re)compute ``kl/<model2>.parquet`` from the run's positions and Model 2's scores,
+    one range of responses at a time."""
     run = RunDir(run_dir)
     run.require_exploded()
     if not any(run.scores_dir(model2).glob("*.parquet")):
@@ -154,11 +157,17 @@ def compute_kl(run_dir: Path, model2: str, batch_rows: int = DEFAULT_BATCH_ROWS)
             f"run `klstream score {run_dir} --model2 {model2}` first"
         )
     con = connect(run_dir)
-    reader = con.sql(load_sql("kl_inputs"), params={"model2": model2}).to_arrow_reader(batch_rows)
+    sql = load_sql("kl_inputs")
+
+    def inputs() -> Iterator[pa.RecordBatch]:
+        for response_range in response_ranges(con, range_positions):
+            params = {"model2": model2, **response_range.params()}
+            yield from con.sql(sql, params=params).to_arrow_reader(batch_rows)
+
     counts: Counter[str] = Counter()
     final = run.kl_path(model2)
     with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schemas.KL, compression="zstd") as out:
-        for result in score_batches(reader, model2):
+        for result in score_batches(inputs(), model2):
             out.write_batch(result)
             for entry in pc.value_counts(result.column("status")).to_pylist():
                 counts[entry["values"]] += entry["counts"]

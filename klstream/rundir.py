@@ -82,3 +82,44 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
 def view_names(con: duckdb.DuckDBPyConnection) -> set[str]:
     rows = con.execute(load_sql("view_names")).fetchall()
     return {name for (name,) in rows}
+
+
+RANGE_POSITIONS = 200_000
+"""Positions per range of responses that the KL pass and export hand to DuckDB at once: its
+joins and sorts hold a range in memory, so this bounds their memory whatever the run's size."""
+
+
+@dataclass(frozen=True)
+class ResponseRange:
+    """Responses from (lo_stem, lo_index) to (hi_stem, hi_index), both included, in key order."""
+
+    lo_stem: str
+    lo_index: int
+    hi_stem: str
+    hi_index: int
+
+    def params(self) -> dict[str, str | int]:
+        return {"lo_stem": self.lo_stem, "lo_index": self.lo_index,
+                "hi_stem": self.hi_stem, "hi_index": self.hi_index}
+
+
+def response_ranges(
+    con: duckdb.DuckDBPyConnection, max_positions: int = RANGE_POSITIONS
+) -> list[ResponseRange]:
+    """Consecutive ranges of whole responses, each with at most ``max_positions`` positions
+    (or a single longer response)."""
+    ranges: list[ResponseRange] = []
+    first: tuple[str, int] | None = None
+    last: tuple[str, int] = ("", 0)
+    size = 0
+    for stem, index, tokens in con.execute(load_sql("response_sizes")).fetchall():
+        if first is not None and size + tokens > max_positions:
+            ranges.append(ResponseRange(*first, *last))
+            first, size = None, 0
+        if first is None:
+            first = (stem, index)
+        last = (stem, index)
+        size += tokens
+    if first is not None:
+        ranges.append(ResponseRange(*first, *last))
+    return ranges

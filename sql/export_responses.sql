@@ -1,7 +1,12 @@
 -- One row per Model 1 response with everything its `_kl.json` entry needs, for one $model2,
--- in file then response order. Positions without a Model 2 result have null values.
+-- in file then response order, for the responses from ($lo_stem, $lo_index) to
+-- ($hi_stem, $hi_index) (klstream exports range by range to bound memory). Positions without a
+-- Model 2 result have null values.
 WITH model_kl AS (
-    SELECT * FROM kl WHERE model2 = $model2
+    SELECT * FROM kl
+    WHERE model2 = $model2 AND stem BETWEEN $lo_stem AND $hi_stem
+        AND (stem > $lo_stem OR response_index >= $lo_index)
+        AND (stem < $hi_stem OR response_index <= $hi_index)
 ),
 per_response AS (
     SELECT
@@ -59,6 +64,11 @@ SELECT
     r.tokens_match_text
 FROM responses AS r
 LEFT JOIN per_response AS t USING (stem, response_index)
-LEFT JOIN (SELECT * FROM response_stats WHERE model2 = $model2) AS s
+LEFT JOIN (
+    SELECT * FROM response_stats WHERE model2 = $model2 AND stem BETWEEN $lo_stem AND $hi_stem
+) AS s
     USING (stem, response_index)
+WHERE r.stem BETWEEN $lo_stem AND $hi_stem
+    AND (r.stem > $lo_stem OR r.response_index >= $lo_index)
+    AND (r.stem < $hi_stem OR r.response_index <= $hi_index)
 ORDER BY r.stem, r.response_index;

@@ -1,5 +1,7 @@
--- Model 1's positions beside Model 2's resolved outcome for one model2 ($model2), in key order.
--- A position Model 2 has not answered yet comes with a null m2_status.
+-- Model 1's positions beside Model 2's resolved outcome for one model2 ($model2), in key order,
+-- for the responses from ($lo_stem, $lo_index) to ($hi_stem, $hi_index): klstream runs it range
+-- by range so that memory stays bounded. A position Model 2 has not answered yet comes with a
+-- null m2_status.
 SELECT
     p.stem,
     p.response_index,
@@ -16,6 +18,12 @@ SELECT
     s.top_token_ids AS m2_top_token_ids,
     s.top_logprobs AS m2_top_logprobs
 FROM positions AS p
-LEFT JOIN (SELECT * FROM scores_resolved WHERE model2 = $model2) AS s
+LEFT JOIN (
+    SELECT * FROM scores_resolved
+    WHERE model2 = $model2 AND stem BETWEEN $lo_stem AND $hi_stem
+) AS s
     USING (stem, response_index, position)
+WHERE p.stem BETWEEN $lo_stem AND $hi_stem
+    AND (p.stem > $lo_stem OR p.response_index >= $lo_index)
+    AND (p.stem < $hi_stem OR p.response_index <= $hi_index)
 ORDER BY p.stem, p.response_index, p.position;
