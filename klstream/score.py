@@ -1,6 +1,6 @@
 """The Model 2 stage: one prefill request per position, through one global async pipeline.
 
-DuckDB streams the positions that still lack a successful result (``sql/pending_positions.sql``),
+DuckDB lists the positions that still lack a successful result (``sql/pending_positions.sql``),
 so a resumed run asks only for what is missing. Worker tasks share an adaptive limiter
 (:mod:`klstream.throttle`); each request is retried by tenacity on transient failures, waiting
 as long as the server asks (RetryInfo / Retry-After) or longer. Outcomes are checkpointed as
@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from klstream.checkpoint import write_scores_part
 from klstream.errors import KlstreamError
 from klstream.gemini import Endpoint, generation_config, make_client, prefill_contents
 from klstream.kl import KlReport, compute_kl
-from klstream.rundir import RunDir, connect
+from klstream.rundir import ResponseRange, RunDir, connect, response_ranges
 from klstream.sqlfiles import load_sql
 from klstream.throttle import AdaptiveLimiter
 
@@ -307,32 +308,24 @@ def _response_items(rows: list[dict[str, Any]]) -> list[WorkItem]:
 
 
 async def _pending_items(run_dir: Path, model2: str) -> AsyncIterator[WorkItem]:
-    """Stream the positions without a successful result, in key order, with their requests."""
-    con = connect(run_dir)
-    reader = con.sql(load_sql("pending_positions"), params={"model2": model2}).to_arrow_reader(
-        2048
-    )
-    current: list[dict[str, Any]] = []
+    """Stream the positions without a successful result, in key order, with their requests.
 
-    def next_batch() -> pa.RecordBatch | None:
-        try:
-            return reader.read_next_batch()
-        except StopIteration:
-            return None
+    One range of whole responses at a time (:func:`klstream.rundir.response_ranges`), read in a
+    worker thread, so neither memory nor the event loop depends on the size of the run.
+    """
+    con = connect(run_dir)
+    sql = load_sql("pending_positions")
+
+    def range_rows(response_range: ResponseRange) -> list[dict[str, Any]]:
+        params = {"model2": model2, **response_range.params()}
+        return con.sql(sql, params=params).to_arrow_table().to_pylist()
 
     try:
-        while (batch := await asyncio.to_thread(next_batch)) is not None:
-            for row in batch.to_pylist():
-                if current and (row["stem"], row["response_index"]) != (
-                    current[0]["stem"], current[0]["response_index"]
-                ):
-                    for item in _response_items(current):
-                        yield item
-                    current = []
-                current.append(row)
-        if current:
-            for item in _response_items(current):
-                yield item
+        for response_range in await asyncio.to_thread(response_ranges, con):
+            rows = await asyncio.to_thread(range_rows, response_range)
+            for _, response in groupby(rows, key=lambda r: (r["stem"], r["response_index"])):
+                for item in _response_items(list(response)):
+                    yield item
     finally:
         con.close()
 

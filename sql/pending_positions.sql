@@ -1,14 +1,21 @@
 -- Every position of the responses that still have something to score for $model2, in key order,
 -- with the token (to rebuild prefills), whether it is pending (no successful result yet), and
--- the prompt on each response's first row only (so the sort carries no copies of it).
-WITH done AS (
+-- the prompt on each response's first row only (so the sort carries no copies of it); for the
+-- responses from ($lo_stem, $lo_index) to ($hi_stem, $hi_index), as klstream asks range by range.
+WITH range_positions AS (
+    SELECT * FROM positions
+    WHERE stem BETWEEN $lo_stem AND $hi_stem
+        AND (stem > $lo_stem OR response_index >= $lo_index)
+        AND (stem < $hi_stem OR response_index <= $hi_index)
+),
+done AS (
     SELECT stem, response_index, position
     FROM scores_resolved
-    WHERE model2 = $model2 AND status = 'ok'
+    WHERE model2 = $model2 AND status = 'ok' AND stem BETWEEN $lo_stem AND $hi_stem
 ),
 open_responses AS (
     SELECT DISTINCT stem, response_index
-    FROM positions
+    FROM range_positions
     ANTI JOIN done USING (stem, response_index, position)
 )
 SELECT
@@ -19,7 +26,7 @@ SELECT
     p.char_offset,
     d.position IS NULL AS pending,
     r.prompt
-FROM positions AS p
+FROM range_positions AS p
 SEMI JOIN open_responses USING (stem, response_index)
 LEFT JOIN done AS d USING (stem, response_index, position)
 LEFT JOIN responses AS r

@@ -653,3 +653,18 @@ def test_results_reach_disk_every_checkpoint_interval_while_requests_stall(
         finished.set()
         emulator.set_faults(FaultConfig())
         runner.join()
+
+
+def test_scoring_range_by_range_asks_for_every_position_once(
+    run_dir: Path, emulator: EmulatorServer, toy_inputs: ToyInputs,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Pending positions are read a few responses at a time; none is skipped or repeated."""
+    import klstream.score as score_module
+    from klstream.rundir import response_ranges
+
+    monkeypatch.setattr(score_module, "response_ranges", lambda con: response_ranges(con, 7))
+    report = score(run_dir, emulator, max_concurrent=4)
+    assert report.remaining == 0
+    assert requested(emulator) == identities(toy_inputs)
+    assert_server_values(run_dir, MODEL2, toy_inputs)
