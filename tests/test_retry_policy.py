@@ -1,0 +1,46 @@
+"""The retry wait honours the server's RetryInfo and Retry-After, and backs off otherwise."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+import tenacity
+from google.genai import errors as genai_errors
+
+from klstream.calls import RetryPolicy
+
+
+def state_after(error: BaseException, attempt: int) -> tenacity.RetryCallState:
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    outcome: Future[None] = Future()
+    outcome.set_exception(error)
+    state.outcome = outcome
+    return state
+
+
+def rate_limited(details: list[dict], headers: dict[str, str] | None = None) -> BaseException:
+    body = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "slow down",
+                      "details": details}}
+    return genai_errors.ClientError(429, body, SimpleNamespace(headers=headers or {}))
+
+
+def test_wait_is_never_shorter_than_the_retry_info_delay():
+    wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait()
+    info = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7.5s"}]
+    assert wait(state_after(rate_limited(info), attempt=1)) >= 7.5
+
+
+def test_wait_honours_retry_after_when_there_is_no_retry_info():
+    wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait()
+    assert wait(state_after(rate_limited([], {"Retry-After": "3"}), attempt=1)) >= 3.0
+
+
+def test_wait_backs_off_exponentially_with_jitter_up_to_the_cap():
+    wait = RetryPolicy(backoff_initial_s=1.0, backoff_max_s=8.0).wait()
+    timeout = TimeoutError()
+    first, third = wait(state_after(timeout, 1)), wait(state_after(timeout, 3))
+    assert 1.0 <= first <= 2.0
+    assert 4.0 <= third <= 5.0
+    assert wait(state_after(timeout, 30)) <= 8.0
