@@ -15,7 +15,6 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import aiohttp
-import pydantic
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
@@ -277,8 +276,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
     aiohttp.ClientError,
     json.JSONDecodeError,
-    genai_errors.UnknownApiResponseError,
-    pydantic.ValidationError,
     ConnectionError,
     RetryableAnswer,
 )

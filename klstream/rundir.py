@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,16 +67,15 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
     :func:`view_names` tells which exist. Before any Model 2 result, ``scores`` is an empty
     table of the scores schema, so that "what is left to score" is one query either way.
     """
-    RunDir(run_dir).require_exploded()
+    run = RunDir(run_dir)
+    run.require_exploded()
     con = duckdb.connect()
+    if not any(run.root.glob("scores/*/*.parquet")):
+        con.register("scores", schemas.SCORES.empty_table())
     for statement in duckdb.extract_statements(views_script(run_dir)):
-        try:
+        # Files that do not exist yet, or a view that depends on a view left out for that.
+        with contextlib.suppress(duckdb.IOException, duckdb.CatalogException):
             con.execute(statement)
-        except duckdb.IOException:
-            if "'scores/" in statement.query:
-                con.register("scores", schemas.SCORES.empty_table())
-        except duckdb.CatalogException:
-            continue
     return con
 
 
