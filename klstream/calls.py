@@ -8,11 +8,13 @@ concurrency (:mod:`klstream.throttle`).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import tenacity
 from google.genai import errors as genai_errors
 from google.genai import types
@@ -25,6 +27,7 @@ from klstream.gemini import (
     classify_api_error,
     describe,
     is_rate_limit,
+    make_client,
     parse_answer,
     server_retry_delay,
 )
@@ -134,3 +137,19 @@ class Caller:
             raise type(fatal)(self.endpoint.redact(str(fatal))) from None
         attempts = int(retrying.statistics.get("attempt_number", 1))
         return Outcome(answer, error, attempts, (time.monotonic() - started) * 1000)
+
+
+@contextlib.asynccontextmanager
+async def open_caller(
+    endpoint: Endpoint, model: str, policy: RetryPolicy, max_concurrent: int,
+    thinking_budget: int | None, stats: CallStats,
+) -> AsyncIterator[Caller]:
+    """A :class:`Caller` over one HTTP session whose connection pool matches the concurrency.
+
+    With Vertex the SDK keeps its own session, which carries the Google auth.
+    """
+    connector = aiohttp.TCPConnector(limit=max_concurrent, limit_per_host=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        client = make_client(endpoint, session if endpoint.backend == "gemini" else None)
+        yield Caller(client, model, endpoint, policy, AdaptiveLimiter(ceiling=max_concurrent),
+                     thinking_budget, stats)

@@ -14,14 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from klstream.atomic import write_text_atomic
-from klstream.calls import Caller, CallStats, Outcome, RetryPolicy
+from klstream.calls import CallStats, Outcome, RetryPolicy, open_caller
 from klstream.errors import InputError, KlstreamError
-from klstream.gemini import Answer, Endpoint, generation_config, make_client, prefill_contents
+from klstream.gemini import Answer, Endpoint, generation_config, prefill_contents
 from klstream.rundir import model2_dirname
-from klstream.throttle import AdaptiveLimiter
 
 
 @dataclass(frozen=True)
@@ -111,12 +108,8 @@ async def sample_async(prompts: list[str], output_dir: Path, options: SampleOpti
     if not todo:
         return report
     output_dir.mkdir(parents=True, exist_ok=True)
-    limiter = AdaptiveLimiter(ceiling=options.max_concurrent)
-    connector = aiohttp.TCPConnector(limit=options.max_concurrent, limit_per_host=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        client = make_client(endpoint, session if endpoint.backend == "gemini" else None)
-        caller = Caller(client, options.model, endpoint, options.policy, limiter,
-                        options.thinking_budget, report.calls)
+    async with open_caller(endpoint, options.model, options.policy, options.max_concurrent,
+                           options.thinking_budget, report.calls) as caller:
 
         async def one(prompt: str, sample: int) -> Outcome:
             seed = None if options.seed is None else options.seed + sample

@@ -25,19 +25,17 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pyarrow as pa
 
 from klstream import __version__, schemas
 from klstream.atomic import write_text_atomic
-from klstream.calls import Caller, CallStats, Outcome, RetryPolicy
+from klstream.calls import Caller, CallStats, Outcome, RetryPolicy, open_caller
 from klstream.checkpoint import write_scores_part
 from klstream.errors import KlstreamError
-from klstream.gemini import Endpoint, generation_config, make_client, prefill_contents
+from klstream.gemini import Endpoint, generation_config, prefill_contents
 from klstream.kl import KlReport, compute_kl
 from klstream.rundir import ResponseRange, RunDir, connect, response_ranges
 from klstream.sqlfiles import load_sql
-from klstream.throttle import AdaptiveLimiter
 
 RUN_CONFIG_FILE = "run.json"
 
@@ -208,7 +206,6 @@ class _Scorer:
                  stats: ScoreStats, on_progress: Callable[[ScoreStats], None] | None) -> None:
         self.options, self.endpoint, self.stats = options, endpoint, stats
         self.on_progress = on_progress
-        self.limiter = AdaptiveLimiter(ceiling=options.max_concurrent)
         self.checkpoint = _Checkpointer(RunDir(run_dir).scores_dir(options.model2),
                                         options.checkpoint_rows, options.checkpoint_seconds)
         self.config = generation_config(options.top_logprobs, options.thinking_budget)
@@ -237,12 +234,10 @@ class _Scorer:
 
     async def run(self, items: AsyncIterator[WorkItem]) -> None:
         """Probe with the first items one at a time, then score the rest concurrently."""
-        connector = aiohttp.TCPConnector(limit=self.options.max_concurrent, limit_per_host=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            client = make_client(self.endpoint, session if self.endpoint.backend == "gemini"
-                                 else None)
-            caller = Caller(client, self.options.model2, self.endpoint, self.options.policy,
-                            self.limiter, self.options.thinking_budget, self.stats.calls)
+        options = self.options
+        async with open_caller(self.endpoint, options.model2, options.policy,
+                               options.max_concurrent, options.thinking_budget,
+                               self.stats.calls) as caller:
             await self._probe_then_pipeline(caller, items)
 
     async def _probe_then_pipeline(self, caller: Caller, items: AsyncIterator[WorkItem]) -> None:
