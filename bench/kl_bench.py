@@ -22,8 +22,14 @@ import numpy as np
 import pyarrow as pa
 
 from klstream import reference
-from klstream.estimators import SideColumns, keyed_sides, kl_floor
-from klstream.kl import DEFAULT_BATCH_ROWS, score_batch, score_batches
+from klstream.estimators import keyed_sides, kl_floor
+from klstream.kl import (
+    DEFAULT_BATCH_ROWS,
+    model1_columns,
+    model2_columns,
+    score_batch,
+    score_batches,
+)
 
 TOP_K = 20
 
@@ -100,10 +106,8 @@ def reference_kl(batch: pa.RecordBatch, with_ids: bool) -> tuple[list[float], fl
 def kl_floor_only(batch: pa.RecordBatch) -> np.ndarray:
     """The vectorized counterpart of the reference: Arrow columns in, kl_floor out."""
     p, q, _ = keyed_sides(
-        SideColumns(batch.column("top_tokens"), batch.column("top_token_ids"),
-                    batch.column("top_logprobs")),
-        SideColumns(batch.column("m2_top_tokens"), batch.column("m2_top_token_ids"),
-                    batch.column("m2_top_logprobs")),
+        model1_columns(batch),
+        model2_columns(batch),
         batch.column("token"),
         batch.column("token_id"),
     )

@@ -53,9 +53,18 @@ def _with_nulls(values: np.ndarray, rows: np.ndarray, n: int, dtype: pa.DataType
     return pa.array(full, type=dtype, mask=mask)
 
 
-def _model1_columns(batch: pa.RecordBatch) -> SideColumns:
+def model1_columns(batch: pa.RecordBatch) -> SideColumns:
+    """Model 1's lists in a batch of ``sql/kl_inputs.sql`` output."""
     return SideColumns(
         batch.column("top_tokens"), batch.column("top_token_ids"), batch.column("top_logprobs")
+    )
+
+
+def model2_columns(batch: pa.RecordBatch) -> SideColumns:
+    """Model 2's lists in a batch of ``sql/kl_inputs.sql`` output."""
+    return SideColumns(
+        batch.column("m2_top_tokens"), batch.column("m2_top_token_ids"),
+        batch.column("m2_top_logprobs"),
     )
 
 
@@ -78,10 +87,8 @@ def score_batch(batch: pa.RecordBatch, model2: str) -> pa.RecordBatch:
     rows = np.flatnonzero(status_code == 0)
     ok = batch if len(rows) == n else batch.take(rows)
     p, q, chosen_key = keyed_sides(
-        _model1_columns(ok),
-        SideColumns(
-            ok.column("m2_top_tokens"), ok.column("m2_top_token_ids"), ok.column("m2_top_logprobs")
-        ),
+        model1_columns(ok),
+        model2_columns(ok),
         ok.column("token"),
         ok.column("token_id"),
     )
@@ -93,7 +100,7 @@ def score_batch(batch: pa.RecordBatch, model2: str) -> pa.RecordBatch:
     if len(rows) < n:
         others = np.flatnonzero(status_code != 0)
         rest = batch.take(others)
-        p_rest, _, _ = keyed_sides(_model1_columns(rest), None, rest.column("token"),
+        p_rest, _, _ = keyed_sides(model1_columns(rest), None, rest.column("token"),
                                    rest.column("token_id"))
         entropy1[others], coverage1[others] = model1_only(p_rest)
 
