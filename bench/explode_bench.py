@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from klstream.explode import explode
+from klstream.input.explode import explode
 
 DISTINCT_FILES = 16
 """Files are copies of this many random documents: generating every file would dominate the run."""

@@ -2,7 +2,7 @@
 
 The emulator runs in its own process (``python -m klstream.emulator --latency-ms 50``) so its CPU
 does not compete with the client's. For each ``--concurrency`` the benchmark scores a fresh copy
-of one run directory through the real :func:`klstream.score.score_run` path and, side by side in
+of one run directory through the real :func:`klstream.scoring.score.score_run` path and, side by side in
 the same run, sends the same requests
 
 * through the bare google-genai SDK (``client.aio.models.generate_content``, called as klstream
@@ -59,9 +59,9 @@ from google import genai
 from google.genai import types
 
 from klstream.emulator.toymodel import EOS_ID, ToyModel
-from klstream.explode import explode
-from klstream.gemini import Endpoint
-from klstream.score import ScoreOptions, ScoreStats, score_run
+from klstream.input.explode import explode
+from klstream.backends.gemini import Endpoint
+from klstream.scoring.score import ScoreOptions, ScoreStats, score_run
 
 MODEL1 = "toy"
 MODEL2 = "toy-d0.5"

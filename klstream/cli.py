@@ -65,7 +65,7 @@ def explode(
     skip_invalid: bool, overwrite: bool,
 ) -> None:
     """Explode Model 1 response files into a Parquet table of token positions."""
-    from klstream.explode import explode as explode_inputs
+    from klstream.input.explode import explode as explode_inputs
 
     report = explode_inputs(
         input_dir, run_dir, pattern=pattern, max_files=max_files,
@@ -92,7 +92,7 @@ def explode(
 @click.option("--model2", required=True, help="Model 2 whose scores to use.")
 def kl(run_dir: Path, model2: str) -> None:
     """Recompute the per-position KL table of one Model 2 from its scores."""
-    from klstream.kl import compute_kl
+    from klstream.metrics.kl import compute_kl
 
     report = compute_kl(run_dir, model2)
     click.echo(
@@ -108,8 +108,8 @@ def kl(run_dir: Path, model2: str) -> None:
 @click.option("--model2", help="Which Model 2 to export (needed when the run has several).")
 def export(run_dir: Path, output_dir: Path, model2: str | None) -> None:
     """Write the spec's <stem>_kl.json files and a run summary."""
-    from klstream.export import export as export_run
-    from klstream.export import format_summary
+    from klstream.output.export import export as export_run
+    from klstream.output.export import format_summary
 
     report = export_run(run_dir, output_dir, model2)
     click.echo(format_summary(report.summary))
@@ -127,7 +127,7 @@ def export(run_dir: Path, output_dir: Path, model2: str | None) -> None:
 @click.option("--max-rows", default=40, show_default=True, help="Rows to print as a table.")
 def query(run_dir: Path, sql: str, output_format: str, output: Path | None, max_rows: int) -> None:
     """Run SQL over the run's views: positions, responses, scores, kl, response_stats, ..."""
-    from klstream.query import run_query
+    from klstream.output.query import run_query
 
     click.echo(run_query(run_dir, sql, output_format, output, max_rows))  # type: ignore[arg-type]
 
@@ -191,7 +191,7 @@ def _thinking_budget(value: str) -> int | None:
 
 
 def _endpoint(params: dict[str, Any]) -> Any:
-    from klstream.gemini import endpoint_from_environment
+    from klstream.backends.gemini import endpoint_from_environment
 
     return endpoint_from_environment(
         params["backend"], params["project_id"], params["location"], params["base_url"],
@@ -200,9 +200,9 @@ def _endpoint(params: dict[str, Any]) -> Any:
 
 
 def _run_score(run_dir: Path, params: dict[str, Any]) -> None:
-    from klstream.calls import RetryPolicy
+    from klstream.scoring.caller import RetryPolicy
     from klstream.progress import ProgressLine
-    from klstream.score import ScoreOptions, score_run
+    from klstream.scoring.score import ScoreOptions, score_run
 
     options = ScoreOptions(
         model2=params["model2"],
@@ -264,9 +264,9 @@ def score(run_dir: Path, **params: Any) -> None:
 @_api_options
 def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
     """Sample Model 1 responses with logprobs, one spec-format JSON file per prompt."""
-    from klstream.calls import RetryPolicy
-    from klstream.sample import SampleOptions
-    from klstream.sample import sample as sample_prompts
+    from klstream.scoring.caller import RetryPolicy
+    from klstream.input.sample import SampleOptions
+    from klstream.input.sample import sample as sample_prompts
 
     options = SampleOptions(
         model=params["model"],
@@ -308,9 +308,9 @@ WORKSPACE = "run"
 def run_all(input_dir: Path, output_dir: Path, pattern: str, max_files: int | None,
             **params: Any) -> None:
     """explode → score → export in one resumable command, with the spec's flags."""
-    from klstream.explode import explode as explode_inputs
-    from klstream.export import export as export_run
-    from klstream.export import format_summary
+    from klstream.input.explode import explode as explode_inputs
+    from klstream.output.export import export as export_run
+    from klstream.output.export import format_summary
     from klstream.rundir import RunDir
 
     run_dir = output_dir / WORKSPACE

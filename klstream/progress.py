@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from klstream.score import ScoreStats
+from klstream.scoring.score import ScoreStats
 
 
 class ProgressLine:

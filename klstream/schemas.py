@@ -36,7 +36,7 @@ A run directory (``RUN_DIR``) holds:
 
 ``kl/<model2>.parquet`` (:data:`KL`) — written by the KL pass
     One row per position of ``positions.parquet`` with the estimators of
-    :mod:`klstream.estimators`; all estimator columns are null where Model 2 has no result
+    :mod:`klstream.metrics.estimators`; all estimator columns are null where Model 2 has no result
     (``status`` is ``unscored`` or ``error``).
 """
 

@@ -11,7 +11,7 @@ from inputs import Token, make_input, write_input
 
 from klstream.emulator import EmulatorServer, ToyModel
 from klstream.emulator.toymodel import EOS_ID
-from klstream.explode import explode
+from klstream.input.explode import explode
 
 Key = tuple[str, int, int]
 

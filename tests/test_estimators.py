@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from klstream import reference
-from klstream.estimators import (
+from klstream.metrics import reference
+from klstream.metrics.estimators import (
     Matches,
     SideColumns,
     estimate,

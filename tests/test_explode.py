@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from inputs import Token, make_input, make_response, write_input
 
-from klstream import explode as explode_module
+from klstream.input import explode as explode_module
 from klstream.errors import InputError, KlstreamError
-from klstream.explode import explode
+from klstream.input.explode import explode
 from klstream.schemas import POSITIONS, RESPONSES, SKIPPED
 
 HELLO: list[Token] = [

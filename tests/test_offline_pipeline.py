@@ -16,13 +16,14 @@ from click.testing import CliRunner
 from inputs import make_input, make_response, write_input
 from scorefixtures import write_fixture_scores
 
-from klstream import reference, schemas
+from klstream import schemas
+from klstream.metrics import reference
 from klstream.cli import main
 from klstream.errors import KlstreamError
-from klstream.explode import explode
-from klstream.export import export
-from klstream.kl import compute_kl
-from klstream.query import run_query
+from klstream.input.explode import explode
+from klstream.output.export import export
+from klstream.metrics.kl import compute_kl
+from klstream.output.query import run_query
 from klstream.rundir import connect, views_script
 
 MODEL2 = "gemini-fixture-2"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from klstream.calls import CallStats
+from klstream.scoring.caller import CallStats
 from klstream.progress import ProgressLine
-from klstream.score import ScoreStats
+from klstream.scoring.score import ScoreStats
 
 
 def stats() -> ScoreStats:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import tenacity
 from google.genai import errors as genai_errors
 
-from klstream.calls import RetryPolicy
+from klstream.scoring.caller import RetryPolicy
 
 
 def state_after(error: BaseException, attempt: int) -> tenacity.RetryCallState:

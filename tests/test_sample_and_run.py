@@ -14,8 +14,8 @@ from klstream.cli import main
 from klstream.emulator.server import EmulatorServer, FaultConfig
 from klstream.emulator.toymodel import encode
 from klstream.errors import InputError
-from klstream.explode import explode
-from klstream.sample import read_prompts
+from klstream.input.explode import explode
+from klstream.input.sample import read_prompts
 
 
 @pytest.fixture

@@ -27,13 +27,14 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
-from klstream import reference, schemas
-from klstream.calls import Caller, CallStats, RetryPolicy
+from klstream import schemas
+from klstream.metrics import reference
+from klstream.scoring.caller import Caller, CallStats, RetryPolicy
 from klstream.cli import main
 from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
 from klstream.emulator.toymodel import Candidate, top_k
-from klstream.explode import explode
-from klstream.gemini import (
+from klstream.input.explode import explode
+from klstream.backends.gemini import (
     Endpoint,
     endpoint_from_environment,
     generation_config,
@@ -41,8 +42,8 @@ from klstream.gemini import (
     prefill_contents,
 )
 from klstream.rundir import RunDir
-from klstream.score import ScoreOptions, ScoreReport, ScoreStats, score_run
-from klstream.throttle import AdaptiveLimiter
+from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score_run
+from klstream.scoring.throttle import AdaptiveLimiter
 
 if TYPE_CHECKING:
     from conftest import ToyInputs, ToyPosition
@@ -660,7 +661,7 @@ def test_scoring_range_by_range_asks_for_every_position_once(
     monkeypatch: pytest.MonkeyPatch,
 ):
     """Pending positions are read a few responses at a time; none is skipped or repeated."""
-    import klstream.score as score_module
+    import klstream.scoring.score as score_module
     from klstream.rundir import response_ranges
 
     monkeypatch.setattr(score_module, "response_ranges", lambda con: response_ranges(con, 7))

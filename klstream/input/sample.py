@@ -1,7 +1,7 @@
 """The spec's step 1: sample Model 1's responses with their logprobs, in the spec's input format.
 
 Requests go through the same client, retry policy and adaptive concurrency as scoring
-(:mod:`klstream.calls`). One file per prompt, ``<model>_prompt_<i>.json``, written atomically once
+(:mod:`klstream.scoring.caller`). One file per prompt, ``<model>_prompt_<i>.json``, written atomically once
 all its samples are in; a prompt whose file exists is skipped, so re-running after a failure or an
 interruption asks only for what is missing.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from klstream.atomic import write_text_atomic
-from klstream.calls import CallStats, Outcome, RetryPolicy, open_caller
+from klstream.scoring.caller import CallStats, Outcome, RetryPolicy, open_caller
 from klstream.errors import InputError, KlstreamError
-from klstream.gemini import Answer, Endpoint, generation_config, prefill_contents
+from klstream.backends.gemini import Answer, Endpoint, generation_config, prefill_contents
 from klstream.rundir import model2_dirname
 
 

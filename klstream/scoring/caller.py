@@ -3,7 +3,7 @@
 tenacity retries 408/429/5xx, time-outs, connection errors, malformed bodies and answers without
 logprobs, backing off exponentially with jitter but never sooner than the server asked
 (RetryInfo's retryDelay or Retry-After). 400/401/403/404 are not retried. A 429 also halves the
-concurrency (:mod:`klstream.throttle`).
+concurrency (:mod:`klstream.scoring.throttle`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from klstream.errors import KlstreamError
-from klstream.gemini import (
+from klstream.backends.gemini import (
     TRANSIENT_ERRORS,
     Answer,
     Endpoint,
@@ -31,7 +31,7 @@ from klstream.gemini import (
     parse_answer,
     server_retry_delay,
 )
-from klstream.throttle import AdaptiveLimiter
+from klstream.scoring.throttle import AdaptiveLimiter
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 DuckDB lists the positions that still lack a successful result (``sql/pending_positions.sql``),
 so a resumed run asks only for what is missing. Worker tasks share an adaptive limiter
-(:mod:`klstream.throttle`); each request is retried by tenacity on transient failures, waiting
+(:mod:`klstream.scoring.throttle`); each request is retried by tenacity on transient failures, waiting
 as long as the server asks (RetryInfo / Retry-After) or longer. Outcomes are checkpointed as
-Parquet parts (:mod:`klstream.checkpoint`) every ``checkpoint_rows`` results or
+Parquet parts (:mod:`klstream.scoring.checkpoint`) every ``checkpoint_rows`` results or
 ``checkpoint_seconds``. A model that can never answer as needed (no prefill, thinking that
 cannot be switched off, wrong credentials) stops the run at the first sign, not after thousands
 of retries.
@@ -29,11 +29,11 @@ import pyarrow as pa
 
 from klstream import __version__, schemas
 from klstream.atomic import write_text_atomic
-from klstream.calls import Caller, CallStats, Outcome, RetryPolicy, open_caller
-from klstream.checkpoint import write_scores_part
+from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, open_caller
+from klstream.scoring.checkpoint import write_scores_part
 from klstream.errors import KlstreamError
-from klstream.gemini import Endpoint, generation_config, prefill_contents
-from klstream.kl import KlReport, compute_kl
+from klstream.backends.gemini import Endpoint, generation_config, prefill_contents
+from klstream.metrics.kl import KlReport, compute_kl
 from klstream.rundir import ResponseRange, RunDir, connect, response_ranges
 from klstream.sqlfiles import load_sql
 

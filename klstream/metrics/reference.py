@@ -1,6 +1,6 @@
 """The spec's KL algorithm written plainly, one position at a time, with Python dicts.
 
-It is the executable statement of what :func:`klstream.estimators.estimate` must compute: the
+It is the executable statement of what :func:`klstream.metrics.estimators.estimate` must compute: the
 property tests check the vectorized code against it, and ``bench/kl_bench.py`` times it as the
 baseline a user would script themselves. Nothing on a hot path calls it.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 
-from klstream.estimators import RESIDUAL_TOLERANCE
+from klstream.metrics.estimators import RESIDUAL_TOLERANCE
 
 TopList = Sequence[tuple[Hashable, float]]
 
@@ -47,7 +47,7 @@ def residual(mass: float) -> float:
 
 
 def kl_lower(p_entries: TopList, q_entries: TopList) -> float:
-    """Shared tokens each on their own plus one remainder cell (see klstream.estimators)."""
+    """Shared tokens each on their own plus one remainder cell (see klstream.metrics.estimators)."""
     p = first_occurrences(p_entries)
     q = first_occurrences(q_entries)
     shared = [key for key in p if key in q]

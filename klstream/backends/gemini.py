@@ -1,7 +1,7 @@
 """The boundary with the Gemini API: client set-up, one prefill request, and what its answer means.
 
 Everything here goes through ``google-genai``'s async client. The SDK's own retries are switched
-off (one attempt), so that :mod:`klstream.score` decides about every retry and counts it.
+off (one attempt), so that :mod:`klstream.scoring.score` decides about every retry and counts it.
 """
 
 from __future__ import annotations
