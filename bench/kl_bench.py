@@ -134,8 +134,10 @@ def compare(rng: np.random.Generator, n: int, batch_rows: int, with_ids: bool) -
         )
         seconds = time.perf_counter() - started
         assert np.allclose(got, want, rtol=1e-12, atol=1e-12), "vectorized and reference disagree"
-        print(f"  {name:<15} vectorized {n / seconds:>12,.0f} pos/s   "
-              f"speed-up over the reference: {ref_seconds / seconds:6.1f}x")
+        print(
+            f"  {name:<15} vectorized {n / seconds:>12,.0f} pos/s   "
+            f"speed-up over the reference: {ref_seconds / seconds:6.1f}x"
+        )
     return n / ref_seconds
 
 
@@ -143,8 +145,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def stream(rng: np.random.Generator, total: int, batch_rows: int, workers: int,
-           reference_rate: float) -> None:
+def stream(
+    rng: np.random.Generator, total: int, batch_rows: int, workers: int, reference_rate: float
+) -> None:
     """The full KL pass over ``total`` positions, as compute_kl runs it, batch by batch."""
     templates = [synthetic_batch(rng, batch_rows, with_ids=True) for _ in range(4)]
     rss_before = peak_rss_mib()
@@ -173,8 +176,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--positions", type=int, default=10_000_000)
     parser.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS)
-    parser.add_argument("--reference", type=int, default=20_000,
-                        help="positions for the side-by-side comparison")
+    parser.add_argument(
+        "--reference", type=int, default=20_000, help="positions for the side-by-side comparison"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)

@@ -58,9 +58,9 @@ import aiohttp
 from google import genai
 from google.genai import types
 
+from klstream.backends.gemini import Endpoint
 from klstream.emulator.toymodel import EOS_ID, ToyModel
 from klstream.input.explode import explode
-from klstream.backends.gemini import Endpoint
 from klstream.scoring.score import ScoreOptions, ScoreStats, score_run
 
 MODEL1 = "toy"
@@ -75,8 +75,12 @@ client CPU = client CPU s per wall s (100% = one core busy); 1/CPU = the single-
 implied by CPU/req; server CPU = emulator CPU s per wall s (near 100%: the emulator, not the client,
 was the limit); srv us/req = emulator CPU per request.
 """
-GENERATION_CONFIG_JSON = {"maxOutputTokens": 1, "responseLogprobs": True, "logprobs": TOP_K,
-                          "thinkingConfig": {"thinkingBudget": 0}}
+GENERATION_CONFIG_JSON = {
+    "maxOutputTokens": 1,
+    "responseLogprobs": True,
+    "logprobs": TOP_K,
+    "thinkingConfig": {"thinkingBudget": 0},
+}
 
 
 # --- input ----------------------------------------------------------------------------------------
@@ -113,10 +117,18 @@ def make_inputs(directory: Path, positions: int, tokens: int, responses: int) ->
             for step in steps_kept:
                 requests.append(Request(prompt, text))
                 text += step.chosen.token
-                top = [{"token": c.token, "token_id": c.token_id, "logprob": c.logprob}
-                       for c in step.top]
-                content.append({"token": step.chosen.token, "token_id": step.chosen.token_id,
-                                "logprob": step.chosen.logprob, "top_logprobs": top})
+                top = [
+                    {"token": c.token, "token_id": c.token_id, "logprob": c.logprob}
+                    for c in step.top
+                ]
+                content.append(
+                    {
+                        "token": step.chosen.token,
+                        "token_id": step.chosen.token_id,
+                        "logprob": step.chosen.logprob,
+                        "top_logprobs": top,
+                    }
+                )
             generated.append({"text": text, "logprobs": {"content": content}})
         document = {"prompt": prompt, "model": MODEL1, "responses": generated}
         (directory / f"prompt_{stem:05d}.json").write_text(json.dumps(document), encoding="utf-8")
@@ -134,8 +146,15 @@ class Emulator:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "klstream.emulator", "--port", str(port),
-                   "--latency-ms", str(latency_ms)]
+        command = [
+            sys.executable,
+            "-m",
+            "klstream.emulator",
+            "--port",
+            str(port),
+            "--latency-ms",
+            str(latency_ms),
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
@@ -174,14 +193,20 @@ class Window:
 
     def completed(self, done: int) -> None:
         if done == self.start_at or done == self.end_at:
-            self.marks.append((time.perf_counter(), time.process_time(),
-                               self.server.cpu_seconds()))
+            self.marks.append((time.perf_counter(), time.process_time(), self.server.cpu_seconds()))
 
     def result(self, client: str, concurrency: int, latency_s: float) -> Result:
         assert len(self.marks) == 2, "window not completed"
         (wall0, cpu0, server0), (wall1, cpu1, server1) = self.marks
-        return Result(client, concurrency, self.end_at - self.start_at, wall1 - wall0,
-                      cpu1 - cpu0, server1 - server0, latency_s)
+        return Result(
+            client,
+            concurrency,
+            self.end_at - self.start_at,
+            wall1 - wall0,
+            cpu1 - cpu0,
+            server1 - server0,
+            latency_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -207,8 +232,12 @@ class Result:
         return self.cpu_s / self.requests
 
 
-async def run_workers(concurrency: int, requests: list[Request], window: Window,
-                      send: Callable[[Request], Awaitable[None]]) -> None:
+async def run_workers(
+    concurrency: int,
+    requests: list[Request],
+    window: Window,
+    send: Callable[[Request], Awaitable[None]],
+) -> None:
     """``concurrency`` tasks sending ``requests``; each completion is reported to ``window``."""
     pending: Iterator[Request] = iter(requests)
     done = 0
@@ -225,8 +254,11 @@ async def run_workers(concurrency: int, requests: list[Request], window: Window,
 
 def scoring_config(**extra: Any) -> types.GenerateContentConfig:
     return types.GenerateContentConfig(
-        max_output_tokens=1, response_logprobs=True, logprobs=TOP_K,
-        thinking_config=types.ThinkingConfig(thinking_budget=0), **extra,
+        max_output_tokens=1,
+        response_logprobs=True,
+        logprobs=TOP_K,
+        thinking_config=types.ThinkingConfig(thinking_budget=0),
+        **extra,
     )
 
 
@@ -241,8 +273,9 @@ def check_answer(answer: dict[str, Any]) -> None:
     assert answer["candidates"][0]["logprobsResult"]["topCandidates"], "an answer without logprobs"
 
 
-async def sdk_client(variant: str, base_url: str, concurrency: int, requests: list[Request],
-                     window: Window) -> None:
+async def sdk_client(
+    variant: str, base_url: str, concurrency: int, requests: list[Request], window: Window
+) -> None:
     """google-genai alone, configured as klstream configures it: one attempt, a shared session.
 
     ``variant`` is ``bare SDK`` (as klstream calls it), ``SDK objects`` or ``SDK private`` (see
@@ -250,10 +283,15 @@ async def sdk_client(variant: str, base_url: str, concurrency: int, requests: li
     """
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        client = genai.Client(api_key=API_KEY, http_options=types.HttpOptions(
-            base_url=base_url, timeout=60_000,
-            retry_options=types.HttpRetryOptions(attempts=1), aiohttp_client=session,
-        ))
+        client = genai.Client(
+            api_key=API_KEY,
+            http_options=types.HttpOptions(
+                base_url=base_url,
+                timeout=60_000,
+                retry_options=types.HttpRetryOptions(attempts=1),
+                aiohttp_client=session,
+            ),
+        )
         config = scoring_config()
         raw_config = scoring_config(should_return_http_response=True)
         path = f"models/{MODEL2}:generateContent"
@@ -261,16 +299,20 @@ async def sdk_client(variant: str, base_url: str, concurrency: int, requests: li
         async def objects(request: Request) -> None:
             contents = [types.Content(role="user", parts=[types.Part(text=request.prompt)])]
             if request.prefill:
-                contents.append(types.Content(role="model",
-                                              parts=[types.Part(text=request.prefill)]))
+                contents.append(
+                    types.Content(role="model", parts=[types.Part(text=request.prefill)])
+                )
             response = await client.aio.models.generate_content(
-                model=MODEL2, contents=contents, config=config)
+                model=MODEL2, contents=contents, config=config
+            )
             assert response.candidates, "an answer without candidates"
 
         async def bare(request: Request) -> None:
             response = await client.aio.models.generate_content(
-                model=MODEL2, contents=json_contents(request),  # type: ignore[arg-type]
-                config=raw_config)
+                model=MODEL2,
+                contents=json_contents(request),  # type: ignore[arg-type]
+                config=raw_config,
+            )
             assert response.sdk_http_response is not None
             check_answer(json.loads(response.sdk_http_response.body or ""))
 
@@ -283,8 +325,9 @@ async def sdk_client(variant: str, base_url: str, concurrency: int, requests: li
         await run_workers(concurrency, requests, window, send)
 
 
-async def raw_aiohttp(base_url: str, concurrency: int, requests: list[Request],
-                      window: Window) -> None:
+async def raw_aiohttp(
+    base_url: str, concurrency: int, requests: list[Request], window: Window
+) -> None:
     """The same JSON body POSTed with aiohttp, the answer parsed with json.loads, nothing else."""
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
     url = f"{base_url}/v1beta/models/{MODEL2}:generateContent"
@@ -293,8 +336,9 @@ async def raw_aiohttp(base_url: str, concurrency: int, requests: list[Request],
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def send(request: Request) -> None:
-            body = json.dumps({"contents": json_contents(request),
-                               "generationConfig": GENERATION_CONFIG_JSON})
+            body = json.dumps(
+                {"contents": json_contents(request), "generationConfig": GENERATION_CONFIG_JSON}
+            )
             async with session.post(url, data=body.encode(), headers=headers) as response:
                 payload = await response.read()
                 if response.status != 200:
@@ -311,8 +355,9 @@ class WholeRun:
     scored: int
 
 
-def klstream_run(base_url: str, concurrency: int, master: Path, work: Path, positions: int,
-                 window: Window) -> WholeRun:
+def klstream_run(
+    base_url: str, concurrency: int, master: Path, work: Path, positions: int, window: Window
+) -> WholeRun:
     """``score_run`` on a fresh copy of the exploded run dir; the window follows its progress."""
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(master, work)
@@ -332,8 +377,15 @@ def klstream_run(base_url: str, concurrency: int, master: Path, work: Path, posi
     return whole
 
 
-def profile_klstream(base_url: str, concurrency: int, master: Path, work: Path,
-                     positions: int, server: Emulator, top: int) -> None:
+def profile_klstream(
+    base_url: str,
+    concurrency: int,
+    master: Path,
+    work: Path,
+    positions: int,
+    server: Emulator,
+    top: int,
+) -> None:
     window = Window(positions // 20, positions, server)
     profiler = cProfile.Profile()
     profiler.enable()
@@ -343,29 +395,40 @@ def profile_klstream(base_url: str, concurrency: int, master: Path, work: Path,
         out = io.StringIO()
         stats = pstats.Stats(profiler, stream=out)
         stats.sort_stats(order).print_stats(top)
-        print(f"\ncProfile of score_run at max_concurrent {concurrency}, by {order} "
-              f"(profiling slows the run; compare shares, not absolute times):")
-        print("\n".join(line for line in out.getvalue().splitlines()
-                        if line.strip() and not line.startswith(("   Ordered", "   List"))))
+        print(
+            f"\ncProfile of score_run at max_concurrent {concurrency}, by {order} "
+            f"(profiling slows the run; compare shares, not absolute times):"
+        )
+        print(
+            "\n".join(
+                line
+                for line in out.getvalue().splitlines()
+                if line.strip() and not line.startswith(("   Ordered", "   List"))
+            )
+        )
 
 
 # --- report ---------------------------------------------------------------------------------------
 
 
 def print_table(results: list[Result]) -> None:
-    header = (f"{'client':<12} {'conc':>5} {'bound/s':>8} {'req/s':>8} {'ratio':>6} "
-              f"{'CPU us/req':>10} {'client CPU':>10} {'1/CPU /s':>9} {'server CPU':>10} "
-              f"{'srv us/req':>10}")
+    header = (
+        f"{'client':<12} {'conc':>5} {'bound/s':>8} {'req/s':>8} {'ratio':>6} "
+        f"{'CPU us/req':>10} {'client CPU':>10} {'1/CPU /s':>9} {'server CPU':>10} "
+        f"{'srv us/req':>10}"
+    )
     print(header)
     print("-" * len(header))
     for index, r in enumerate(results):
         if index and r.concurrency != results[index - 1].concurrency:
             print()
-        print(f"{r.client:<12} {r.concurrency:>5} {r.bound:>8,.0f} {r.rate:>8,.0f} "
-              f"{r.rate / r.bound:>6.0%} {r.cpu_per_request * 1e6:>10,.0f} "
-              f"{r.cpu_s / r.wall_s:>10.0%} {1 / r.cpu_per_request:>9,.0f} "
-              f"{r.server_cpu_s / r.wall_s:>10.0%} "
-              f"{r.server_cpu_s / r.requests * 1e6:>10,.0f}")
+        print(
+            f"{r.client:<12} {r.concurrency:>5} {r.bound:>8,.0f} {r.rate:>8,.0f} "
+            f"{r.rate / r.bound:>6.0%} {r.cpu_per_request * 1e6:>10,.0f} "
+            f"{r.cpu_s / r.wall_s:>10.0%} {1 / r.cpu_per_request:>9,.0f} "
+            f"{r.server_cpu_s / r.wall_s:>10.0%} "
+            f"{r.server_cpu_s / r.requests * 1e6:>10,.0f}"
+        )
 
 
 def print_breakdown(results: list[Result], target: float) -> None:
@@ -373,39 +436,70 @@ def print_breakdown(results: list[Result], target: float) -> None:
     for concurrency in sorted({r.concurrency for r in results}):
         by_client = {r.client: r.cpu_per_request for r in results if r.concurrency == concurrency}
         ours, sdk, raw = (by_client[c] for c in CLIENTS)
-        print(f"  conc {concurrency:>4}: klstream {ours * 1e6:,.0f} us = raw HTTP "
-              f"{raw * 1e6:,.0f} + SDK {max(sdk - raw, 0) * 1e6:,.0f} + klstream "
-              f"{(ours - sdk) * 1e6:,.0f} us; the SDK call is {sdk / ours:.0%} of klstream's "
-              f"CPU, klstream's own code {(ours - sdk) / ours:.0%}")
-    print(f"\n{target:.0%} of the bound, and the most CPU per request one fully busy core "
-          "allows at that rate:")
+        print(
+            f"  conc {concurrency:>4}: klstream {ours * 1e6:,.0f} us = raw HTTP "
+            f"{raw * 1e6:,.0f} + SDK {max(sdk - raw, 0) * 1e6:,.0f} + klstream "
+            f"{(ours - sdk) * 1e6:,.0f} us; the SDK call is {sdk / ours:.0%} of klstream's "
+            f"CPU, klstream's own code {(ours - sdk) / ours:.0%}"
+        )
+    print(
+        f"\n{target:.0%} of the bound, and the most CPU per request one fully busy core "
+        "allows at that rate:"
+    )
     for concurrency in sorted({r.concurrency for r in results}):
         ours = next(r for r in results if r.concurrency == concurrency and r.client == "klstream")
         wanted = target * ours.bound
         verdict = "reached" if ours.rate >= wanted else "NOT reached"
-        print(f"  conc {concurrency:>4}: {wanted:,.0f} req/s needs <= {1e6 / wanted:,.0f} us "
-              f"CPU/request; klstream spends {ours.cpu_per_request * 1e6:,.0f} us and did "
-              f"{ours.rate:,.0f} req/s ({ours.rate / ours.bound:.0%} of the bound): {verdict}")
+        print(
+            f"  conc {concurrency:>4}: {wanted:,.0f} req/s needs <= {1e6 / wanted:,.0f} us "
+            f"CPU/request; klstream spends {ours.cpu_per_request * 1e6:,.0f} us and did "
+            f"{ours.rate:,.0f} req/s ({ours.rate / ours.bound:.0%} of the bound): {verdict}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--positions", type=int, default=4000,
-                        help="token positions = requests per client and concurrency")
+    parser.add_argument(
+        "--positions",
+        type=int,
+        default=4000,
+        help="token positions = requests per client and concurrency",
+    )
     parser.add_argument("--tokens", type=int, default=100, help="tokens per Model 1 response")
     parser.add_argument("--responses", type=int, default=4, help="responses per input file")
-    parser.add_argument("--latency-ms", type=float, default=50.0,
-                        help="latency the emulator adds to every request")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256],
-                        help="max_concurrent values to measure")
-    parser.add_argument("--warmup", type=float, default=0.05,
-                        help="fraction of requests completed before the measuring window opens")
-    parser.add_argument("--target", type=float, default=0.85,
-                        help="fraction of the bound the verdict lines check for")
-    parser.add_argument("--variants", action="store_true",
-                        help="also measure the 'SDK objects' and 'SDK private' clients")
-    parser.add_argument("--profile", type=int, metavar="CONCURRENCY",
-                        help="also profile one klstream run at this concurrency with cProfile")
+    parser.add_argument(
+        "--latency-ms", type=float, default=50.0, help="latency the emulator adds to every request"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[16, 64, 256],
+        help="max_concurrent values to measure",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=0.05,
+        help="fraction of requests completed before the measuring window opens",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=0.85,
+        help="fraction of the bound the verdict lines check for",
+    )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also measure the 'SDK objects' and 'SDK private' clients",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="CONCURRENCY",
+        help="also profile one klstream run at this concurrency with cProfile",
+    )
     parser.add_argument("--profile-top", type=int, default=30)
     args = parser.parse_args()
     latency_s = args.latency_ms / 1000
@@ -419,10 +513,12 @@ def main() -> None:
         n = len(requests)
         start_at = max(int(n * args.warmup), 4)
         mean_prefill = sum(len(r.prefill) for r in requests) / n
-        print(f"{n:,} positions ({report.responses} responses of <= {args.tokens} tokens, "
-              f"mean prefill {mean_prefill:.0f} chars), top-{TOP_K}, emulator latency "
-              f"{args.latency_ms:g} ms in its own process; {os.cpu_count()} CPUs. Window: "
-              f"completions {start_at:,}..{n:,}.\n")
+        print(
+            f"{n:,} positions ({report.responses} responses of <= {args.tokens} tokens, "
+            f"mean prefill {mean_prefill:.0f} chars), top-{TOP_K}, emulator latency "
+            f"{args.latency_ms:g} ms in its own process; {os.cpu_count()} CPUs. Window: "
+            f"completions {start_at:,}..{n:,}.\n"
+        )
         server = Emulator(args.latency_ms)
         try:
             results: list[Result] = []
@@ -432,13 +528,14 @@ def main() -> None:
                     window = Window(start_at, n, server)
                     if client == "klstream":
                         wholes[concurrency] = klstream_run(
-                            server.base_url, concurrency, root / "master", root / "work", n,
-                            window)
+                            server.base_url, concurrency, root / "master", root / "work", n, window
+                        )
                     elif client == "raw aiohttp":
                         asyncio.run(raw_aiohttp(server.base_url, concurrency, requests, window))
                     else:
-                        asyncio.run(sdk_client(client, server.base_url, concurrency, requests,
-                                               window))
+                        asyncio.run(
+                            sdk_client(client, server.base_url, concurrency, requests, window)
+                        )
                     results.append(window.result(client, concurrency, latency_s))
                     print(f"  measured {client} at concurrency {concurrency}", file=sys.stderr)
             print(LEGEND)
@@ -446,12 +543,21 @@ def main() -> None:
             print_breakdown(results, args.target)
             print("\nWhole score_run calls (set-up, probe requests and the KL pass included):")
             for concurrency, whole in wholes.items():
-                print(f"  conc {concurrency:>4}: {whole.scored:,} positions in "
-                      f"{whole.seconds:.2f} s = {whole.scored / whole.seconds:,.0f} /s, CPU "
-                      f"{whole.cpu_s:.2f} s = {whole.cpu_s / whole.scored * 1e6:,.0f} us/position")
+                print(
+                    f"  conc {concurrency:>4}: {whole.scored:,} positions in "
+                    f"{whole.seconds:.2f} s = {whole.scored / whole.seconds:,.0f} /s, CPU "
+                    f"{whole.cpu_s:.2f} s = {whole.cpu_s / whole.scored * 1e6:,.0f} us/position"
+                )
             if args.profile:
-                profile_klstream(server.base_url, args.profile, root / "master", root / "work",
-                                 n, server, args.profile_top)
+                profile_klstream(
+                    server.base_url,
+                    args.profile,
+                    root / "master",
+                    root / "work",
+                    n,
+                    server,
+                    args.profile_top,
+                )
         finally:
             server.stop()
 

@@ -28,20 +28,48 @@ def klstream(*args: str) -> None:
 
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
-    faults = FaultConfig(latency_ms=20, jitter_ms=10, rate_429=0.03, rate_503=0.02,
-                         retry_delay_s=0.2)
+    faults = FaultConfig(
+        latency_ms=20, jitter_ms=10, rate_429=0.03, rate_503=0.02, retry_delay_s=0.2
+    )
     with EmulatorServer(faults) as server:
         print(f"local Gemini-protocol emulator on {server.base_url}")
-        klstream("sample", "--prompts", str(HERE / "prompts.txt"), "--model", "toy",
-                 "--num-samples", "3", "--max-tokens", "60", "--seed", "1",
-                 "-o", str(OUT / "responses"), "--base-url", server.base_url)
-        klstream("run", "--input-dir", str(OUT / "responses"), "--output-dir", str(OUT / "kl"),
-                 "--model2", "toy-d0.5", "--max-concurrent", "32", "--base-url", server.base_url)
+        klstream(
+            "sample",
+            "--prompts",
+            str(HERE / "prompts.txt"),
+            "--model",
+            "toy",
+            "--num-samples",
+            "3",
+            "--max-tokens",
+            "60",
+            "--seed",
+            "1",
+            "-o",
+            str(OUT / "responses"),
+            "--base-url",
+            server.base_url,
+        )
+        klstream(
+            "run",
+            "--input-dir",
+            str(OUT / "responses"),
+            "--output-dir",
+            str(OUT / "kl"),
+            "--model2",
+            "toy-d0.5",
+            "--max-concurrent",
+            "32",
+            "--base-url",
+            server.base_url,
+        )
         print(f"\nthe emulator answered {server.stats()['total']} requests")
     print(f"\n_kl.json files: {OUT / 'kl'}")
     print(f"per-token Parquet for DuckDB/pandas/polars: {OUT / 'kl' / 'run'}")
-    print(f'try: klstream query {OUT / "kl" / "run"} "SELECT token, kl_floor FROM kl '
-          'ORDER BY kl_floor DESC LIMIT 5"')
+    print(
+        f'try: klstream query {OUT / "kl" / "run"} "SELECT token, kl_floor FROM kl '
+        'ORDER BY kl_floor DESC LIMIT 5"'
+    )
 
 
 if __name__ == "__main__":

@@ -46,30 +46,45 @@ def main() -> None:
     """
 
 
-run_dir_argument = click.argument(
-    "run_dir", type=click.Path(file_okay=False, path_type=Path)
-)
+run_dir_argument = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 
 
 @main.command()
 @click.argument("input_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "run_dir", required=True, type=click.Path(path_type=Path),
-              help="Run directory to create (positions.parquet, responses.parquet).")
+@click.option(
+    "-o",
+    "--output",
+    "run_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run directory to create (positions.parquet, responses.parquet).",
+)
 @click.option("--pattern", default="*.json", show_default=True, help="Glob for input files.")
 @click.option("--max-files", type=click.IntRange(min=1), help="Process at most N files.")
-@click.option("--skip-invalid", is_flag=True,
-              help="Record invalid responses in skipped.parquet and go on, instead of failing.")
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Record invalid responses in skipped.parquet and go on, instead of failing.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing run's positions.")
 def explode(
-    input_dir: Path, run_dir: Path, pattern: str, max_files: int | None,
-    skip_invalid: bool, overwrite: bool,
+    input_dir: Path,
+    run_dir: Path,
+    pattern: str,
+    max_files: int | None,
+    skip_invalid: bool,
+    overwrite: bool,
 ) -> None:
     """Explode Model 1 response files into a Parquet table of token positions."""
     from klstream.input.explode import explode as explode_inputs
 
     report = explode_inputs(
-        input_dir, run_dir, pattern=pattern, max_files=max_files,
-        skip_invalid=skip_invalid, overwrite=overwrite,
+        input_dir,
+        run_dir,
+        pattern=pattern,
+        max_files=max_files,
+        skip_invalid=skip_invalid,
+        overwrite=overwrite,
     )
     click.echo(
         f"exploded {report.files} files: {report.responses} responses, "
@@ -83,8 +98,9 @@ def explode(
             err=True,
         )
     if report.skipped:
-        click.echo(f"skipped {report.skipped} invalid responses: see {report.skipped_path}",
-                   err=True)
+        click.echo(
+            f"skipped {report.skipped} invalid responses: see {report.skipped_path}", err=True
+        )
 
 
 @main.command()
@@ -103,8 +119,13 @@ def kl(run_dir: Path, model2: str) -> None:
 
 @main.command()
 @run_dir_argument
-@click.option("-o", "--output-dir", required=True, type=click.Path(path_type=Path),
-              help="Where to write <stem>_kl.json files and summary.json.")
+@click.option(
+    "-o",
+    "--output-dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where to write <stem>_kl.json files and summary.json.",
+)
 @click.option("--model2", help="Which Model 2 to export (needed when the run has several).")
 def export(run_dir: Path, output_dir: Path, model2: str | None) -> None:
     """Write the spec's <stem>_kl.json files and a run summary."""
@@ -113,17 +134,27 @@ def export(run_dir: Path, output_dir: Path, model2: str | None) -> None:
 
     report = export_run(run_dir, output_dir, model2)
     click.echo(format_summary(report.summary))
-    click.echo(f"wrote {len(report.files)} _kl.json files and {report.summary_path.name} "
-               f"to {output_dir}")
+    click.echo(
+        f"wrote {len(report.files)} _kl.json files and {report.summary_path.name} to {output_dir}"
+    )
 
 
 @main.command()
 @run_dir_argument
 @click.argument("sql")
-@click.option("--format", "output_format", default="table", show_default=True,
-              type=click.Choice(["table", "csv", "json", "parquet"]))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the result to this file instead of printing it.")
+@click.option(
+    "--format",
+    "output_format",
+    default="table",
+    show_default=True,
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the result to this file instead of printing it.",
+)
 @click.option("--max-rows", default=40, show_default=True, help="Rows to print as a table.")
 def query(run_dir: Path, sql: str, output_format: str, output: Path | None, max_rows: int) -> None:
     """Run SQL over the run's views: positions, responses, scores, kl, response_stats, ..."""
@@ -140,6 +171,7 @@ def views(run_dir: Path) -> None:
 
     click.echo(views_script(run_dir), nl=False)
 
+
 def _apply(function: Any, decorators: list[Callable[[Any], Any]]) -> Any:
     for decorator in reversed(decorators):
         function = decorator(function)
@@ -148,39 +180,93 @@ def _apply(function: Any, decorators: list[Callable[[Any], Any]]) -> Any:
 
 def _api_options(function: Any) -> Any:
     """Where Model 2 (or Model 1, for `sample`) is and how to call it."""
-    return _apply(function, [
-        click.option("--backend", type=click.Choice(["gemini", "vertex"]), default="gemini",
-                     show_default=True, help="Gemini Developer API or Vertex AI."),
-        click.option("--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."),
-        click.option("--location", default="global", show_default=True,
-                     help="Vertex AI region."),
-        click.option("--base-url", help="Another endpoint, such as `klstream emulate`'s "
-                     "(default: $GOOGLE_GEMINI_BASE_URL)."),
-        click.option("--max-concurrent", type=click.IntRange(min=1), default=16,
-                     show_default=True, help="Requests in flight at most, across all files."),
-        click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0,
-                     show_default=True, help="Seconds before a request counts as failed."),
-        click.option("--max-retries", type=click.IntRange(min=0), default=8, show_default=True,
-                     help="Retries on 429, 5xx, time-outs and answers without logprobs."),
-        click.option("--thinking-budget", default="0", show_default=True,
-                     help="Thinking budget to send; `none` sends no thinking config."),
-    ])
+    return _apply(
+        function,
+        [
+            click.option(
+                "--backend",
+                type=click.Choice(["gemini", "vertex"]),
+                default="gemini",
+                show_default=True,
+                help="Gemini Developer API or Vertex AI.",
+            ),
+            click.option(
+                "--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."
+            ),
+            click.option(
+                "--location", default="global", show_default=True, help="Vertex AI region."
+            ),
+            click.option(
+                "--base-url",
+                help="Another endpoint, such as `klstream emulate`'s "
+                "(default: $GOOGLE_GEMINI_BASE_URL).",
+            ),
+            click.option(
+                "--max-concurrent",
+                type=click.IntRange(min=1),
+                default=16,
+                show_default=True,
+                help="Requests in flight at most, across all files.",
+            ),
+            click.option(
+                "--timeout",
+                type=click.FloatRange(min=0.1),
+                default=60.0,
+                show_default=True,
+                help="Seconds before a request counts as failed.",
+            ),
+            click.option(
+                "--max-retries",
+                type=click.IntRange(min=0),
+                default=8,
+                show_default=True,
+                help="Retries on 429, 5xx, time-outs and answers without logprobs.",
+            ),
+            click.option(
+                "--thinking-budget",
+                default="0",
+                show_default=True,
+                help="Thinking budget to send; `none` sends no thinking config.",
+            ),
+        ],
+    )
 
 
 def _score_options(function: Any) -> Any:
     """The options of `score` and `run` beyond the API's, in the spec's names where it has them."""
-    return _apply(_api_options(function), [
-        click.option("--model2", required=True, help="Model 2, e.g. gemini-2.0-flash."),
-        click.option("--top-logprobs", type=click.IntRange(1, 20), default=20,
-                     show_default=True, help="Top-k logprobs to request per position."),
-        click.option("--resume", is_flag=True,
-                     help="Continue a run: skip what is scored, retry what failed."),
-        click.option("--overwrite", is_flag=True, help="Discard this model2's results first."),
-        click.option("--checkpoint-rows", type=click.IntRange(min=1), default=256,
-                     show_default=True, help="Write a checkpoint part every N results..."),
-        click.option("--checkpoint-seconds", type=click.FloatRange(min=0.1), default=10.0,
-                     show_default=True, help="...or every T seconds."),
-    ])
+    return _apply(
+        _api_options(function),
+        [
+            click.option("--model2", required=True, help="Model 2, e.g. gemini-2.0-flash."),
+            click.option(
+                "--top-logprobs",
+                type=click.IntRange(1, 20),
+                default=20,
+                show_default=True,
+                help="Top-k logprobs to request per position.",
+            ),
+            click.option(
+                "--resume",
+                is_flag=True,
+                help="Continue a run: skip what is scored, retry what failed.",
+            ),
+            click.option("--overwrite", is_flag=True, help="Discard this model2's results first."),
+            click.option(
+                "--checkpoint-rows",
+                type=click.IntRange(min=1),
+                default=256,
+                show_default=True,
+                help="Write a checkpoint part every N results...",
+            ),
+            click.option(
+                "--checkpoint-seconds",
+                type=click.FloatRange(min=0.1),
+                default=10.0,
+                show_default=True,
+                help="...or every T seconds.",
+            ),
+        ],
+    )
 
 
 def _thinking_budget(value: str) -> int | None:
@@ -194,14 +280,17 @@ def _endpoint(params: dict[str, Any]) -> Any:
     from klstream.backends.gemini import endpoint_from_environment
 
     return endpoint_from_environment(
-        params["backend"], params["project_id"], params["location"], params["base_url"],
+        params["backend"],
+        params["project_id"],
+        params["location"],
+        params["base_url"],
         params["timeout"],
     )
 
 
 def _run_score(run_dir: Path, params: dict[str, Any]) -> None:
-    from klstream.scoring.caller import RetryPolicy
     from klstream.progress import ProgressLine
+    from klstream.scoring.caller import RetryPolicy
     from klstream.scoring.score import ScoreOptions, score_run
 
     options = ScoreOptions(
@@ -250,9 +339,13 @@ def score(run_dir: Path, **params: Any) -> None:
 
 
 @main.command()
-@click.option("--prompts", "prompts_path", required=True,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="Prompts, one per line, or JSON Lines of strings or {\"prompt\": ...}.")
+@click.option(
+    "--prompts",
+    "prompts_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help='Prompts, one per line, or JSON Lines of strings or {"prompt": ...}.',
+)
 @click.option("--model", required=True, help="Model 1, e.g. gemini-2.5-flash-lite.")
 @click.option("-o", "--output-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--num-samples", type=click.IntRange(min=1), default=5, show_default=True)
@@ -264,9 +357,9 @@ def score(run_dir: Path, **params: Any) -> None:
 @_api_options
 def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
     """Sample Model 1 responses with logprobs, one spec-format JSON file per prompt."""
-    from klstream.scoring.caller import RetryPolicy
     from klstream.input.sample import SampleOptions
     from klstream.input.sample import sample as sample_prompts
+    from klstream.scoring.caller import RetryPolicy
 
     options = SampleOptions(
         model=params["model"],
@@ -298,15 +391,24 @@ WORKSPACE = "run"
 
 
 @main.command(name="run")
-@click.option("--input-dir", required=True, type=click.Path(path_type=Path),
-              help="Model 1 response files (the spec's input format).")
-@click.option("--output-dir", required=True, type=click.Path(path_type=Path),
-              help="Where the _kl.json files go; the run's Parquet workspace is its run/.")
+@click.option(
+    "--input-dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Model 1 response files (the spec's input format).",
+)
+@click.option(
+    "--output-dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where the _kl.json files go; the run's Parquet workspace is its run/.",
+)
 @click.option("--pattern", default="*.json", show_default=True, help="Glob for input files.")
 @click.option("--max-files", type=click.IntRange(min=1), help="Process at most N files.")
 @_score_options
-def run_all(input_dir: Path, output_dir: Path, pattern: str, max_files: int | None,
-            **params: Any) -> None:
+def run_all(
+    input_dir: Path, output_dir: Path, pattern: str, max_files: int | None, **params: Any
+) -> None:
     """explode → score → export in one resumable command, with the spec's flags."""
     from klstream.input.explode import explode as explode_inputs
     from klstream.output.export import export as export_run
@@ -322,11 +424,14 @@ def run_all(input_dir: Path, output_dir: Path, pattern: str, max_files: int | No
             )
     else:
         report = explode_inputs(input_dir, run_dir, pattern=pattern, max_files=max_files)
-        click.echo(f"exploded {report.files} files: {report.responses} responses, "
-                   f"{report.positions} positions -> {run_dir}")
+        click.echo(
+            f"exploded {report.files} files: {report.responses} responses, "
+            f"{report.positions} positions -> {run_dir}"
+        )
     _run_score(run_dir, params)
     exported = export_run(run_dir, output_dir, params["model2"])
     click.echo(format_summary(exported.summary))
-    click.echo(f"wrote {len(exported.files)} _kl.json files and {exported.summary_path.name} "
-               f"to {output_dir}")
-
+    click.echo(
+        f"wrote {len(exported.files)} _kl.json files and {exported.summary_path.name} "
+        f"to {output_dir}"
+    )

@@ -99,8 +99,12 @@ class ResponseRange:
     hi_index: int
 
     def params(self) -> dict[str, str | int]:
-        return {"lo_stem": self.lo_stem, "lo_index": self.lo_index,
-                "hi_stem": self.hi_stem, "hi_index": self.hi_index}
+        return {
+            "lo_stem": self.lo_stem,
+            "lo_index": self.lo_index,
+            "hi_stem": self.hi_stem,
+            "hi_index": self.hi_index,
+        }
 
 
 def response_ranges(

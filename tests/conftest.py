@@ -58,14 +58,25 @@ def toy_inputs(tmp_path_factory: pytest.TempPathFactory) -> ToyInputs:
         prompt = f"Tell story number {file_index} about a lighthouse keeper."
         responses: list[list[Token]] = []
         for response_index in range(TOY_RESPONSES):
-            generation = model.sample(prompt, TOY_TOKENS, temperature=1.0,
-                                      seed=10 * file_index + response_index, top_k_logprobs=20)
+            generation = model.sample(
+                prompt,
+                TOY_TOKENS,
+                temperature=1.0,
+                seed=10 * file_index + response_index,
+                top_k_logprobs=20,
+            )
             steps = [s for s in generation.steps if s.chosen.token_id != EOS_ID]
-            responses.append([
-                (s.chosen.token, s.chosen.token_id, s.chosen.logprob,
-                 [(c.token, c.token_id, c.logprob) for c in s.top])
-                for s in steps
-            ])
+            responses.append(
+                [
+                    (
+                        s.chosen.token,
+                        s.chosen.token_id,
+                        s.chosen.logprob,
+                        [(c.token, c.token_id, c.logprob) for c in s.top],
+                    )
+                    for s in steps
+                ]
+            )
             for position, step in enumerate(steps):
                 prefill = "".join(s.chosen.token for s in steps[:position])
                 top = [(c.token_id, c.logprob) for c in step.top]

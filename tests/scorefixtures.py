@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klstream import schemas
-from klstream.scoring.caller import Outcome
-from klstream.scoring.checkpoint import write_scores_part
 from klstream.backends.gemini import Answer, Candidate, Generated
 from klstream.rundir import RunDir
+from klstream.scoring.caller import Outcome
+from klstream.scoring.checkpoint import write_scores_part
 from klstream.scoring.score import WorkItem, result_row
 
 Key = tuple[str, int, int]

@@ -92,8 +92,9 @@ def close(a: float, b: float, abs_tol: float = 1e-12) -> bool:
 
 def kl_lower_tolerance(p: list[Entry], q: list[Entry]) -> float:
     """Rounding moves r_q by ~1e-15, and r_p·log(r_p/r_q) amplifies that by r_p / r_q."""
-    p_kept, q_kept = reference.first_occurrences(keyed(p, True)), reference.first_occurrences(
-        keyed(q, True)
+    p_kept, q_kept = (
+        reference.first_occurrences(keyed(p, True)),
+        reference.first_occurrences(keyed(q, True)),
     )
     shared = [key for key in p_kept if key in q_kept]
     rest_p = reference.residual(1.0 - sum(math.exp(p_kept[key]) for key in shared))
@@ -177,6 +178,7 @@ def test_invariant_to_list_order(p, q, chosen, rnd):
 @given(row_strategy)
 def test_string_keys_agree_with_id_keys_when_strings_are_distinct(row):
     p, q, chosen = row
+
     def strip(entries):
         return [(t, None, lp) for t, _, lp in entries]
 

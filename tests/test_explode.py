@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from inputs import Token, make_input, make_response, write_input
 
-from klstream.input import explode as explode_module
 from klstream.errors import InputError, KlstreamError
+from klstream.input import explode as explode_module
 from klstream.input.explode import explode
 from klstream.schemas import POSITIONS, RESPONSES, SKIPPED
 

@@ -17,12 +17,12 @@ from inputs import make_input, make_response, write_input
 from scorefixtures import write_fixture_scores
 
 from klstream import schemas
-from klstream.metrics import reference
 from klstream.cli import main
 from klstream.errors import KlstreamError
 from klstream.input.explode import explode
-from klstream.output.export import export
+from klstream.metrics import reference
 from klstream.metrics.kl import compute_kl
+from klstream.output.export import export
 from klstream.output.query import run_query
 from klstream.rundir import connect, views_script
 
@@ -45,14 +45,25 @@ def random_tokens(rnd: random.Random, length: int, with_ids: bool = True):
 def inputs(tmp_path: Path) -> Path:
     rnd = random.Random(7)
     directory = tmp_path / "in"
-    write_input(directory, "alpha", make_input(
-        "Tell me about cats.", "model-one",
-        [random_tokens(rnd, 9), random_tokens(rnd, 5), []],
-    ))
+    write_input(
+        directory,
+        "alpha",
+        make_input(
+            "Tell me about cats.",
+            "model-one",
+            [random_tokens(rnd, 9), random_tokens(rnd, 5), []],
+        ),
+    )
     mismatch = make_response(random_tokens(rnd, 4), text="not the tokens")
-    write_input(directory, "beta", make_input(
-        "And dogs?", "model-one", [random_tokens(rnd, 6, with_ids=False), mismatch],
-    ))
+    write_input(
+        directory,
+        "beta",
+        make_input(
+            "And dogs?",
+            "model-one",
+            [random_tokens(rnd, 6, with_ids=False), mismatch],
+        ),
+    )
     return directory
 
 
@@ -109,8 +120,13 @@ def test_kl_table_matches_reference_per_position(scored_run):
 
 SPEC_TOP = ["prompt", "model1", "model2", "num_responses", "responses"]
 SPEC_RESPONSE = ["text", "num_tokens", "kl_per_token", "token_details", "statistics"]
-SPEC_DETAIL = ["position", "token", "kl_divergence", "model1_chosen_logprob",
-               "model2_chosen_logprob"]
+SPEC_DETAIL = [
+    "position",
+    "token",
+    "kl_divergence",
+    "model1_chosen_logprob",
+    "model2_chosen_logprob",
+]
 SPEC_STATS = ["mean_kl", "median_kl", "std_kl", "min_kl", "max_kl", "total_kl"]
 
 
@@ -190,8 +206,16 @@ def test_export_cli_prints_summary_table(scored_run, tmp_path: Path):
     run_dir = scored_run[0]
     result = CliRunner().invoke(main, ["export", str(run_dir), "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
-    for label in ("Mean    KLD:", "Maximum KLD:", "99.9%", "Median", "Minimum KLD:",
-                  "Same top token:", "M1 token outside M2 top-k:", "failed 1, unscored 2"):
+    for label in (
+        "Mean    KLD:",
+        "Maximum KLD:",
+        "99.9%",
+        "Median",
+        "Minimum KLD:",
+        "Same top token:",
+        "M1 token outside M2 top-k:",
+        "failed 1, unscored 2",
+    ):
         assert label in result.output
 
 
@@ -227,15 +251,19 @@ def test_query_formats(scored_run, tmp_path: Path):
     assert "alpha" in table and "beta" in table and "│" in table
     assert run_query(run_dir, sql, "csv") == "stem,n\nalpha,14\nbeta,10"
     assert [json.loads(line) for line in run_query(run_dir, sql, "json").splitlines()] == [
-        {"stem": "alpha", "n": 14}, {"stem": "beta", "n": 10},
+        {"stem": "alpha", "n": 14},
+        {"stem": "beta", "n": 10},
     ]
     target = tmp_path / "q.parquet"
     runner = CliRunner()
-    result = runner.invoke(main, ["query", str(run_dir), sql, "--format", "parquet", "-o",
-                                  str(target)])
+    result = runner.invoke(
+        main, ["query", str(run_dir), sql, "--format", "parquet", "-o", str(target)]
+    )
     assert result.exit_code == 0, result.output
-    assert pq.read_table(target).to_pylist() == [{"stem": "alpha", "n": 14},
-                                                 {"stem": "beta", "n": 10}]
+    assert pq.read_table(target).to_pylist() == [
+        {"stem": "alpha", "n": 14},
+        {"stem": "beta", "n": 10},
+    ]
     bad = runner.invoke(main, ["query", str(run_dir), "SELECT nope FROM kl"])
     assert bad.exit_code == 1 and "query failed" in bad.output
 
@@ -310,8 +338,9 @@ def test_small_response_ranges_give_the_same_kl_table_and_files(scored_run, tmp_
         compute_kl(run_dir, MODEL2, batch_rows=4, range_positions=positions_per_range)
         ranged_kl = pq.read_table(run_dir / "kl" / f"{MODEL2}.parquet")
         for name in whole.column_names:  # BLAS row sums may differ in the last bit by batch size
-            for want, got in zip(whole.column(name).to_pylist(),
-                                 ranged_kl.column(name).to_pylist(), strict=True):
+            for want, got in zip(
+                whole.column(name).to_pylist(), ranged_kl.column(name).to_pylist(), strict=True
+            ):
                 if isinstance(want, float):
                     assert math.isclose(got, want, rel_tol=1e-12, abs_tol=1e-15), name
                 else:

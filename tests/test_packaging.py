@@ -27,6 +27,12 @@ def test_wheel_carries_sql_and_loads_it_from_the_package(tmp_path: Path) -> None
         "print(sql_directory()); assert 'CREATE OR REPLACE VIEW kl' in load_sql('views')"
     )
     env = {**os.environ, "PYTHONPATH": str(installed)}
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            env=env, cwd=tmp_path, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    )
     assert Path(result.stdout.strip()) == installed / "klstream" / "sql"

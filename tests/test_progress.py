@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from klstream.scoring.caller import CallStats
 from klstream.progress import ProgressLine
+from klstream.scoring.caller import CallStats
 from klstream.scoring.score import ScoreStats
 
 

@@ -21,8 +21,14 @@ def state_after(error: BaseException, attempt: int) -> tenacity.RetryCallState:
 
 
 def rate_limited(details: list[dict], headers: dict[str, str] | None = None) -> BaseException:
-    body = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "slow down",
-                      "details": details}}
+    body = {
+        "error": {
+            "code": 429,
+            "status": "RESOURCE_EXHAUSTED",
+            "message": "slow down",
+            "details": details,
+        }
+    }
     return genai_errors.ClientError(429, body, SimpleNamespace(headers=headers or {}))
 
 

@@ -27,8 +27,9 @@ def server() -> Iterator[EmulatorServer]:
 @pytest.fixture
 def prompts(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.txt"
-    path.write_text("Tell me about owls.\n\nWhy is the sea salty?\nA poem, please.\n",
-                    encoding="utf-8")
+    path.write_text(
+        "Tell me about owls.\n\nWhy is the sea salty?\nA poem, please.\n", encoding="utf-8"
+    )
     return path
 
 
@@ -39,9 +40,23 @@ def invoke(*args: str) -> object:
 
 def test_sample_writes_the_spec_input_format(server, prompts, tmp_path: Path):
     out = tmp_path / "responses"
-    result = invoke("sample", "--prompts", str(prompts), "--model", "toy", "-o", str(out),
-                    "--num-samples", "2", "--max-tokens", "12", "--seed", "3",
-                    "--base-url", server.base_url)
+    result = invoke(
+        "sample",
+        "--prompts",
+        str(prompts),
+        "--model",
+        "toy",
+        "-o",
+        str(out),
+        "--num-samples",
+        "2",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "3",
+        "--base-url",
+        server.base_url,
+    )
     assert result.exit_code == 0, result.output
     files = sorted(out.glob("*.json"))
     assert [f.name for f in files] == [f"toy_prompt_{i}.json" for i in range(3)]
@@ -61,8 +76,21 @@ def test_sample_writes_the_spec_input_format(server, prompts, tmp_path: Path):
 
 
 def test_sample_is_reproducible_with_a_seed_and_skips_done_prompts(server, prompts, tmp_path):
-    args = ["sample", "--prompts", str(prompts), "--model", "toy", "--num-samples", "2",
-            "--max-tokens", "10", "--seed", "5", "--base-url", server.base_url]
+    args = [
+        "sample",
+        "--prompts",
+        str(prompts),
+        "--model",
+        "toy",
+        "--num-samples",
+        "2",
+        "--max-tokens",
+        "10",
+        "--seed",
+        "5",
+        "--base-url",
+        server.base_url,
+    ]
     assert invoke(*args, "-o", str(tmp_path / "a")).exit_code == 0
     assert invoke(*args, "-o", str(tmp_path / "b")).exit_code == 0
     for name in ("toy_prompt_0.json", "toy_prompt_2.json"):
@@ -85,17 +113,55 @@ def test_sample_reads_jsonl_prompts_and_names_bad_lines(tmp_path: Path):
 
 def test_run_is_the_one_shot_pipeline_and_resumes(server, prompts, tmp_path: Path):
     responses, out = tmp_path / "responses", tmp_path / "kl"
-    assert invoke("sample", "--prompts", str(prompts), "--model", "toy", "-o", str(responses),
-                  "--num-samples", "2", "--max-tokens", "8", "--seed", "1",
-                  "--base-url", server.base_url).exit_code == 0
-    args = ["run", "--input-dir", str(responses), "--output-dir", str(out), "--model2", "toy",
-            "--project-id", "unused", "--location", "global", "--top-logprobs", "20",
-            "--pattern", "*.json", "--max-concurrent", "8", "--max-files", "2",
-            "--base-url", server.base_url]
+    assert (
+        invoke(
+            "sample",
+            "--prompts",
+            str(prompts),
+            "--model",
+            "toy",
+            "-o",
+            str(responses),
+            "--num-samples",
+            "2",
+            "--max-tokens",
+            "8",
+            "--seed",
+            "1",
+            "--base-url",
+            server.base_url,
+        ).exit_code
+        == 0
+    )
+    args = [
+        "run",
+        "--input-dir",
+        str(responses),
+        "--output-dir",
+        str(out),
+        "--model2",
+        "toy",
+        "--project-id",
+        "unused",
+        "--location",
+        "global",
+        "--top-logprobs",
+        "20",
+        "--pattern",
+        "*.json",
+        "--max-concurrent",
+        "8",
+        "--max-files",
+        "2",
+        "--base-url",
+        server.base_url,
+    ]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.glob("*_kl.json")) == ["toy_prompt_0_kl.json",
-                                                             "toy_prompt_1_kl.json"]
+    assert sorted(p.name for p in out.glob("*_kl.json")) == [
+        "toy_prompt_0_kl.json",
+        "toy_prompt_1_kl.json",
+    ]
     kl = pq.read_table(out / "run" / "kl" / "toy.parquet").to_pylist()
     assert kl and all(row["kl_floor"] < 1e-9 for row in kl)  # the same model twice
 
@@ -109,9 +175,23 @@ def test_run_is_the_one_shot_pipeline_and_resumes(server, prompts, tmp_path: Pat
 
 def test_score_prefill_is_model1_tokens_before_the_position(server, prompts, tmp_path: Path):
     responses = tmp_path / "responses"
-    invoke("sample", "--prompts", str(prompts), "--model", "toy", "-o", str(responses),
-           "--num-samples", "1", "--max-tokens", "6", "--seed", "2", "--base-url",
-           server.base_url)
+    invoke(
+        "sample",
+        "--prompts",
+        str(prompts),
+        "--model",
+        "toy",
+        "-o",
+        str(responses),
+        "--num-samples",
+        "1",
+        "--max-tokens",
+        "6",
+        "--seed",
+        "2",
+        "--base-url",
+        server.base_url,
+    )
     run_dir = tmp_path / "run"
     explode(responses, run_dir)
     server.reset_log()
@@ -125,13 +205,15 @@ def test_score_prefill_is_model1_tokens_before_the_position(server, prompts, tmp
     }
     for pos in positions:
         before = "".join(
-            p["token"] for p in positions
+            p["token"]
+            for p in positions
             if (p["stem"], p["response_index"]) == (pos["stem"], pos["response_index"])
             and p["position"] < pos["position"]
         )
         assert (prompts_by_stem[pos["stem"]], before) in asked
         assert encode(before) == [
-            p["token_id"] for p in positions
+            p["token_id"]
+            for p in positions
             if (p["stem"], p["response_index"]) == (pos["stem"], pos["response_index"])
             and p["position"] < pos["position"]
         ]

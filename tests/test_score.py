@@ -28,12 +28,6 @@ import pytest
 from click.testing import CliRunner, Result
 
 from klstream import schemas
-from klstream.metrics import reference
-from klstream.scoring.caller import Caller, CallStats, RetryPolicy
-from klstream.cli import main
-from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
-from klstream.emulator.toymodel import Candidate, top_k
-from klstream.input.explode import explode
 from klstream.backends.gemini import (
     Endpoint,
     endpoint_from_environment,
@@ -41,7 +35,13 @@ from klstream.backends.gemini import (
     make_client,
     prefill_contents,
 )
+from klstream.cli import main
+from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
+from klstream.emulator.toymodel import Candidate, top_k
+from klstream.input.explode import explode
+from klstream.metrics import reference
 from klstream.rundir import RunDir
+from klstream.scoring.caller import Caller, CallStats, RetryPolicy
 from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score_run
 from klstream.scoring.throttle import AdaptiveLimiter
 
@@ -51,8 +51,12 @@ if TYPE_CHECKING:
 Key = tuple[str, int, int]
 MODEL2 = "toy-d0.5"
 FAST = RetryPolicy(max_retries=8, backoff_initial_s=0.01, backoff_max_s=0.05)
-CREDENTIAL_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL",
-                        "GOOGLE_CLOUD_PROJECT")
+CREDENTIAL_VARIABLES = (
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "GOOGLE_GEMINI_BASE_URL",
+    "GOOGLE_CLOUD_PROJECT",
+)
 PART_NAME = re.compile(r"part-\d{20}-\d+-\d{6}\.parquet")
 
 
@@ -63,24 +67,33 @@ def endpoint(server: EmulatorServer, timeout_s: float = 5.0) -> Endpoint:
     return Endpoint("gemini", "test-key", base_url=server.base_url, timeout_s=timeout_s)
 
 
-def score(run_dir: Path, server: EmulatorServer, model2: str = MODEL2, *,
-          timeout_s: float = 5.0,
-          on_progress: Callable[[ScoreStats], None] | None = None,
-          **options: Any) -> ScoreReport:
+def score(
+    run_dir: Path,
+    server: EmulatorServer,
+    model2: str = MODEL2,
+    *,
+    timeout_s: float = 5.0,
+    on_progress: Callable[[ScoreStats], None] | None = None,
+    **options: Any,
+) -> ScoreReport:
     """The library entry point, with back-offs short enough for tests."""
     options.setdefault("policy", FAST)
-    return score_run(run_dir, ScoreOptions(model2, **options), endpoint(server, timeout_s),
-                     on_progress)
+    return score_run(
+        run_dir, ScoreOptions(model2, **options), endpoint(server, timeout_s), on_progress
+    )
 
 
 def cli(*args: object) -> Result:
     """``klstream ARGS`` in process, with no credentials from the developer's environment."""
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False,
-                              env=dict.fromkeys(CREDENTIAL_VARIABLES))
+    return CliRunner().invoke(
+        main,
+        [str(a) for a in args],
+        catch_exceptions=False,
+        env=dict.fromkeys(CREDENTIAL_VARIABLES),
+    )
 
 
-def score_cli(run_dir: Path, server: EmulatorServer, model2: str = MODEL2,
-              *args: object) -> Result:
+def score_cli(run_dir: Path, server: EmulatorServer, model2: str = MODEL2, *args: object) -> Result:
     return cli("score", run_dir, "--model2", model2, "--base-url", server.base_url, *args)
 
 
@@ -93,7 +106,10 @@ def klstream_process(*args: object) -> subprocess.Popen[str]:
     """``python -m klstream ARGS`` as a separate process that can be killed."""
     return subprocess.Popen(
         [sys.executable, "-m", "klstream", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
     )
 
 
@@ -110,8 +126,9 @@ def parquet_files(run_dir: Path, model2: str = MODEL2) -> list[Path]:
 
 def score_rows(run_dir: Path, model2: str = MODEL2) -> list[dict[str, Any]]:
     """Every row of every part, read with plain pyarrow, one file at a time."""
-    return [row for part in parquet_files(run_dir, model2)
-            for row in pq.read_table(part).to_pylist()]
+    return [
+        row for part in parquet_files(run_dir, model2) for row in pq.read_table(part).to_pylist()
+    ]
 
 
 def resolved(run_dir: Path, model2: str = MODEL2) -> dict[Key, dict[str, Any]]:
@@ -120,7 +137,8 @@ def resolved(run_dir: Path, model2: str = MODEL2) -> dict[Key, dict[str, Any]]:
     for row in score_rows(run_dir, model2):
         kept = best.get(key_of(row))
         if kept is None or (row["status"] == "ok", row["scored_at"]) > (
-            kept["status"] == "ok", kept["scored_at"]
+            kept["status"] == "ok",
+            kept["scored_at"],
         ):
             best[key_of(row)] = row
     return best
@@ -132,13 +150,13 @@ def kl_rows(run_dir: Path, model2: str = MODEL2) -> dict[Key, dict[str, Any]]:
 
 def server_top(model2: str, position: ToyPosition, k: int = 20) -> list[Candidate]:
     """The server's own top-k at a position: its model, after the prefill re-tokenized."""
-    logprobs = ToyModel.for_name(model2).next_token_logprobs(position.prompt,
-                                                             encode(position.prefill))
+    logprobs = ToyModel.for_name(model2).next_token_logprobs(
+        position.prompt, encode(position.prefill)
+    )
     return top_k(logprobs, k)
 
 
-def assert_server_values(run_dir: Path, model2: str, toy_inputs: ToyInputs,
-                         k: int = 20) -> None:
+def assert_server_values(run_dir: Path, model2: str, toy_inputs: ToyInputs, k: int = 20) -> None:
     """Every position's resolved result is ok and is exactly the server's top-k there."""
     results = resolved(run_dir, model2)
     assert results.keys() == toy_inputs.positions.keys()
@@ -148,8 +166,9 @@ def assert_server_values(run_dir: Path, model2: str, toy_inputs: ToyInputs,
         expected = server_top(model2, position, k)
         assert row["top_token_ids"] == [c.token_id for c in expected], key
         assert row["top_tokens"] == [c.token for c in expected], key
-        assert row["top_logprobs"] == pytest.approx([c.logprob for c in expected],
-                                                    rel=1e-12, abs=1e-12), key
+        assert row["top_logprobs"] == pytest.approx(
+            [c.logprob for c in expected], rel=1e-12, abs=1e-12
+        ), key
 
 
 def assert_failure_rows(rows: list[dict[str, Any]], error: str) -> None:
@@ -157,8 +176,14 @@ def assert_failure_rows(rows: list[dict[str, Any]], error: str) -> None:
     for row in rows:
         assert row["status"] == schemas.SCORE_ERROR
         assert row["error"] is not None and row["error"].startswith(error), row["error"]
-        for column in ("top_tokens", "top_token_ids", "top_logprobs", "chosen_token",
-                       "chosen_token_id", "chosen_logprob"):
+        for column in (
+            "top_tokens",
+            "top_token_ids",
+            "top_logprobs",
+            "chosen_token",
+            "chosen_token_id",
+            "chosen_logprob",
+        ):
             assert row[column] is None, column
 
 
@@ -167,12 +192,14 @@ def requested(server: EmulatorServer, since: float = float("-inf")) -> Counter[t
     return Counter((r.prompt, r.prefill or "") for r in server.requests if r.time >= since)
 
 
-def identities(toy_inputs: ToyInputs,
-               keys: Iterable[Key] | None = None) -> Counter[tuple[str, str]]:
+def identities(
+    toy_inputs: ToyInputs, keys: Iterable[Key] | None = None
+) -> Counter[tuple[str, str]]:
     """(prompt, prefill) of the positions ``keys`` (all by default): what their requests carry."""
     chosen = toy_inputs.positions.keys() if keys is None else keys
-    return Counter((toy_inputs.positions[k].prompt, toy_inputs.positions[k].prefill)
-                   for k in chosen)
+    return Counter(
+        (toy_inputs.positions[k].prompt, toy_inputs.positions[k].prefill) for k in chosen
+    )
 
 
 def assert_parts_intact(run_dir: Path, model2: str = MODEL2) -> None:
@@ -216,9 +243,14 @@ def test_same_model_has_zero_kl_and_the_divergence_dial_orders_mean_kl(
         means.append(statistics.fmean(row["kl_floor"] for row in kl_rows(run_dir, model2).values()))
     assert 0 < means[0] < means[1] < means[2]
 
-    result = cli("query", run_dir, "SELECT model2, avg(kl_floor) AS mean_kl, count(*) AS n "
-                 "FROM kl WHERE model2 <> 'toy' GROUP BY model2 ORDER BY mean_kl", "--format",
-                 "json")
+    result = cli(
+        "query",
+        run_dir,
+        "SELECT model2, avg(kl_floor) AS mean_kl, count(*) AS n "
+        "FROM kl WHERE model2 <> 'toy' GROUP BY model2 ORDER BY mean_kl",
+        "--format",
+        "json",
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert [row["model2"] for row in rows] == ["toy-d0.25", "toy-d0.5", "toy-d1"]
@@ -249,8 +281,18 @@ def test_sigkill_at_any_point_then_resume_loses_and_repeats_nothing(
     assert score(uninterrupted, emulator).remaining == 0
 
     emulator.set_faults(FaultConfig(latency_ms=20))
-    command = ["score", run_dir, "--model2", MODEL2, "--base-url", emulator.base_url,
-               "--checkpoint-rows", "5", "--max-concurrent", "4"]
+    command = [
+        "score",
+        run_dir,
+        "--model2",
+        MODEL2,
+        "--base-url",
+        emulator.base_url,
+        "--checkpoint-rows",
+        "5",
+        "--max-concurrent",
+        "4",
+    ]
     not_flushed = identities(toy_inputs)
     # Kill once the run has written its config (before any part), then after 1, 2, ... more parts.
     kill_points: list[int | None] = [0, 1, 2, 3, 4, 5, None]
@@ -293,9 +335,18 @@ def test_a_signal_stops_the_run_with_everything_it_counted_saved(
 ) -> None:
     emulator.set_faults(FaultConfig(latency_ms=5))
     # A part per result, so that the signal nearly always lands while parts are being written.
-    process = klstream_process("score", run_dir, "--model2", MODEL2, "--base-url",
-                               emulator.base_url, "--checkpoint-rows", "1",
-                               "--max-concurrent", "8")
+    process = klstream_process(
+        "score",
+        run_dir,
+        "--model2",
+        MODEL2,
+        "--base-url",
+        emulator.base_url,
+        "--checkpoint-rows",
+        "1",
+        "--max-concurrent",
+        "8",
+    )
     wait_until(process, lambda: len(parquet_files(run_dir)) >= 10)
     process.send_signal(signum)
     stdout, stderr = process.communicate()
@@ -358,8 +409,15 @@ def test_rate_limits_lower_the_concurrency_and_successes_restore_it(
     async def calls() -> tuple[AdaptiveLimiter, float, CallStats]:
         limiter, stats = AdaptiveLimiter(ceiling=8), CallStats()
         async with aiohttp.ClientSession() as session:
-            caller = Caller(make_client(target, session), MODEL2, target,
-                            RetryPolicy(1, 0.01, 0.05), limiter, 0, stats)
+            caller = Caller(
+                make_client(target, session),
+                MODEL2,
+                target,
+                RetryPolicy(1, 0.01, 0.05),
+                limiter,
+                0,
+                stats,
+            )
             outcomes = await asyncio.gather(*(caller.call(contents, config) for _ in range(8)))
             assert all(o.answer is None and (o.error or "").startswith("429") for o in outcomes)
             lowered = limiter.limit
@@ -380,9 +438,17 @@ def test_rate_limits_lower_the_concurrency_and_successes_restore_it(
 def test_transient_faults_are_retried_to_the_correct_values(
     run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
 ) -> None:
-    emulator.set_faults(FaultConfig(rate_500=0.05, rate_503=0.05, rate_hang=0.03,
-                                    hang_seconds=2.0, rate_malformed=0.05,
-                                    rate_no_logprobs=0.05, seed=5))
+    emulator.set_faults(
+        FaultConfig(
+            rate_500=0.05,
+            rate_503=0.05,
+            rate_hang=0.03,
+            hang_seconds=2.0,
+            rate_malformed=0.05,
+            rate_no_logprobs=0.05,
+            seed=5,
+        )
+    )
     report = score(run_dir, emulator, timeout_s=0.3, policy=RetryPolicy(12, 0.01, 0.05))
 
     assert report.remaining == 0 and report.stats.failed == 0
@@ -396,23 +462,26 @@ ALWAYS_FAILING = [
     pytest.param(FaultConfig(rate_503=1.0), "503 UNAVAILABLE", id="503"),
     pytest.param(FaultConfig(rate_hang=1.0, hang_seconds=2.0), "timeout", id="hang"),
     pytest.param(FaultConfig(rate_malformed=1.0), "JSONDecodeError", id="malformed"),
-    pytest.param(FaultConfig(rate_no_logprobs=1.0), "RetryableAnswer: answer without logprobs",
-                 id="no-logprobs"),
+    pytest.param(
+        FaultConfig(rate_no_logprobs=1.0),
+        "RetryableAnswer: answer without logprobs",
+        id="no-logprobs",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("faults", "error"), ALWAYS_FAILING)
 def test_a_model2_that_always_fails_stops_after_the_probes(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer, faults: FaultConfig,
-    error: str
+    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer, faults: FaultConfig, error: str
 ) -> None:
     emulator.set_faults(faults)
     report = score(run_dir, emulator, timeout_s=0.3, policy=RetryPolicy(2, 0.01, 0.05))
 
     # Position 0 (no prefill), then position 1 (the first prefill), each tried 3 times.
     assert report.stopped_because is not None
-    assert report.stopped_because.startswith(f"the first 2 requests all failed; the last said: "
-                                             f"{error}")
+    assert report.stopped_because.startswith(
+        f"the first 2 requests all failed; the last said: {error}"
+    )
     assert report.stats.calls.requests == 2 * 3
     assert report.remaining == len(toy_inputs.positions)
     rows = score_rows(run_dir)
@@ -423,7 +492,8 @@ def test_a_model2_that_always_fails_stops_after_the_probes(
     assert kl.keys() == toy_inputs.positions.keys()
     assert all(row["kl_floor"] is None and row["kl_lower"] is None for row in kl.values())
     assert Counter(row["status"] for row in kl.values()) == {
-        schemas.KL_STATUS_ERROR: 2, schemas.KL_STATUS_UNSCORED: len(kl) - 2
+        schemas.KL_STATUS_ERROR: 2,
+        schemas.KL_STATUS_UNSCORED: len(kl) - 2,
     }
 
 
@@ -454,13 +524,20 @@ def test_a_model2_that_starts_failing_stops_after_max_consecutive_failures(
             switched.append(stats.scored)
 
     max_failures, max_concurrent, attempts = 10, 4, 3
-    report = score(run_dir, emulator, max_concurrent=max_concurrent,
-                   max_consecutive_failures=max_failures, on_progress=break_the_server,
-                   policy=RetryPolicy(attempts - 1, 0.01, 0.05))
+    report = score(
+        run_dir,
+        emulator,
+        max_concurrent=max_concurrent,
+        max_consecutive_failures=max_failures,
+        on_progress=break_the_server,
+        policy=RetryPolicy(attempts - 1, 0.01, 0.05),
+    )
 
     # Positions in flight when the streak reaches the limit may end it one or more longer.
-    stopped = re.fullmatch(r"(\d+) positions in a row failed; the last said: 503 UNAVAILABLE: .*",
-                           report.stopped_because or "")
+    stopped = re.fullmatch(
+        r"(\d+) positions in a row failed; the last said: 503 UNAVAILABLE: .*",
+        report.stopped_because or "",
+    )
     assert stopped, report.stopped_because
     assert max_failures <= int(stopped[1]) <= max_failures + max_concurrent
     # It failed fast: only the positions in flight besides those in the failing streak.
@@ -513,15 +590,19 @@ def test_a_model_that_rejects_prefill_stops_at_once(
     assert result.exit_code == 1
     assert "trailing model turn" in result.stderr and "prefill" in result.stderr
     assert emulator.stats()["total"] <= 3
-    assert all(r["status"] == schemas.SCORE_OK and r["position"] == 0
-               for r in score_rows(run_dir, "toy-noprefill"))
+    assert all(
+        r["status"] == schemas.SCORE_OK and r["position"] == 0
+        for r in score_rows(run_dir, "toy-noprefill")
+    )
 
 
 # --- 7: the API key stays secret -------------------------------------------------------------
 
 
 def test_the_api_key_is_never_written_or_printed(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer,
+    run_dir: Path,
+    toy_inputs: ToyInputs,
+    emulator: EmulatorServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     secret = "sk-test-SECRET-123"
@@ -530,13 +611,28 @@ def test_the_api_key_is_never_written_or_printed(
     monkeypatch.setenv("GEMINI_API_KEY", secret)
     # The key the subprocesses below get is the one they send.
     assert endpoint_from_environment("gemini", base_url=emulator.base_url).api_key == secret
-    emulator.set_faults(FaultConfig(rate_503=0.15, rate_500=0.1, rate_malformed=0.1,
-                                    rate_hang=0.05, hang_seconds=2.0))
-    command = ["score", run_dir, "--model2", MODEL2, "--base-url", emulator.base_url,
-               "--max-retries", "0", "--timeout", "0.3"]
+    emulator.set_faults(
+        FaultConfig(
+            rate_503=0.15, rate_500=0.1, rate_malformed=0.1, rate_hang=0.05, hang_seconds=2.0
+        )
+    )
+    command = [
+        "score",
+        run_dir,
+        "--model2",
+        MODEL2,
+        "--base-url",
+        emulator.base_url,
+        "--max-retries",
+        "0",
+        "--timeout",
+        "0.3",
+    ]
     failing = subprocess.run(
-        [sys.executable, "-m", "klstream", *map(str, command)], capture_output=True,
-        env=subprocess_env(GEMINI_API_KEY=secret), check=False,
+        [sys.executable, "-m", "klstream", *map(str, command)],
+        capture_output=True,
+        env=subprocess_env(GEMINI_API_KEY=secret),
+        check=False,
     )
     assert failing.returncode == 1, failing.stderr
     errors = [r["error"] for r in score_rows(run_dir) if r["status"] == schemas.SCORE_ERROR]
@@ -544,8 +640,10 @@ def test_the_api_key_is_never_written_or_printed(
 
     emulator.set_faults(FaultConfig())
     resumed = subprocess.run(
-        [sys.executable, "-m", "klstream", *map(str, command), "--resume"], capture_output=True,
-        env=subprocess_env(GEMINI_API_KEY=secret), check=False,
+        [sys.executable, "-m", "klstream", *map(str, command), "--resume"],
+        capture_output=True,
+        env=subprocess_env(GEMINI_API_KEY=secret),
+        check=False,
     )
     assert resumed.returncode == 0, resumed.stderr
 
@@ -607,8 +705,20 @@ def test_scoring_again_needs_resume_or_overwrite_and_resume_keeps_the_config(
 def test_the_vertex_backend_scores_through_its_regional_path(
     run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
 ) -> None:
-    result = cli("score", run_dir, "--model2", MODEL2, "--backend", "vertex", "--project-id", "p",
-                 "--location", "us-central1", "--base-url", emulator.base_url)
+    result = cli(
+        "score",
+        run_dir,
+        "--model2",
+        MODEL2,
+        "--backend",
+        "vertex",
+        "--project-id",
+        "p",
+        "--location",
+        "us-central1",
+        "--base-url",
+        emulator.base_url,
+    )
     assert result.exit_code == 0, result.output
 
     assert_server_values(run_dir, MODEL2, toy_inputs)
@@ -633,10 +743,16 @@ def test_results_reach_disk_every_checkpoint_interval_while_requests_stall(
 
     watcher = threading.Thread(target=stall_after_first_results)
     watcher.start()
-    runner = threading.Thread(target=lambda: score(
-        run_dir, emulator, timeout_s=30.0, max_concurrent=2, checkpoint_rows=10_000,
-        checkpoint_seconds=0.2,
-    ))
+    runner = threading.Thread(
+        target=lambda: score(
+            run_dir,
+            emulator,
+            timeout_s=30.0,
+            max_concurrent=2,
+            checkpoint_rows=10_000,
+            checkpoint_seconds=0.2,
+        )
+    )
     runner.start()
     try:
         watcher.join()
@@ -657,7 +773,9 @@ def test_results_reach_disk_every_checkpoint_interval_while_requests_stall(
 
 
 def test_scoring_range_by_range_asks_for_every_position_once(
-    run_dir: Path, emulator: EmulatorServer, toy_inputs: ToyInputs,
+    run_dir: Path,
+    emulator: EmulatorServer,
+    toy_inputs: ToyInputs,
     monkeypatch: pytest.MonkeyPatch,
 ):
     """Pending positions are read a few responses at a time; none is skipped or repeated."""

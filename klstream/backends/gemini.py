@@ -45,8 +45,10 @@ class Endpoint:
 
     def __repr__(self) -> str:
         key = "set" if self.api_key else "unset"
-        return (f"Endpoint(backend={self.backend!r}, api_key={key}, project={self.project!r}, "
-                f"location={self.location!r}, base_url={self.base_url!r})")
+        return (
+            f"Endpoint(backend={self.backend!r}, api_key={key}, project={self.project!r}, "
+            f"location={self.location!r}, base_url={self.base_url!r})"
+        )
 
     def redact(self, text: str) -> str:
         """``text`` with the API key, should an error message ever echo it, masked."""
@@ -95,8 +97,13 @@ def make_client(endpoint: Endpoint, session: aiohttp.ClientSession | None = None
             from google.oauth2.credentials import Credentials
 
             credentials = Credentials(token="local-server")  # type: ignore[no-untyped-call]
-        return genai.Client(vertexai=True, project=endpoint.project, location=endpoint.location,
-                            credentials=credentials, http_options=options)
+        return genai.Client(
+            vertexai=True,
+            project=endpoint.project,
+            location=endpoint.location,
+            credentials=credentials,
+            http_options=options,
+        )
     return genai.Client(api_key=endpoint.api_key, http_options=options)
 
 
@@ -113,8 +120,11 @@ def prefill_contents(prompt: str, prefill: str) -> list[types.ContentDict]:
 
 
 def generation_config(
-    top_logprobs: int, thinking_budget: int | None, max_output_tokens: int = 1,
-    temperature: float | None = None, seed: int | None = None,
+    top_logprobs: int,
+    thinking_budget: int | None,
+    max_output_tokens: int = 1,
+    temperature: float | None = None,
+    seed: int | None = None,
 ) -> types.GenerateContentConfig:
     """The request's config. The answer comes back as the raw HTTP body
     (``should_return_http_response``), which :func:`parse_answer` reads directly: the SDK's
@@ -196,7 +206,8 @@ def parse_answer(response: types.GenerateContentResponse, thinking_budget: int |
         thoughts = (body.get("usageMetadata") or {}).get("thoughtsTokenCount")
         if thoughts and not result:
             hint = (
-                "pass --thinking-budget 0" if thinking_budget is None
+                "pass --thinking-budget 0"
+                if thinking_budget is None
                 else "this model does not honour a thinking budget of "
                 f"{thinking_budget}; use a model whose thinking can be switched off"
             )
@@ -243,8 +254,11 @@ def classify_api_error(error: genai_errors.APIError, thinking_budget: int | None
             "--thinking-budget none (send no thinking config) or another model"
         )
     if code in RUN_ENDING_STATUS:
-        what = {401: "authentication failed", 403: "permission denied",
-                404: "model or endpoint not found"}[code]
+        what = {
+            401: "authentication failed",
+            403: "permission denied",
+            404: "model or endpoint not found",
+        }[code]
         raise KlstreamError(f"{what} ({code} {error.status}: {message}); no request can succeed")
     return "fail"
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from klstream.atomic import write_text_atomic
-from klstream.scoring.caller import CallStats, Outcome, RetryPolicy, open_caller
-from klstream.errors import InputError, KlstreamError
 from klstream.backends.gemini import Answer, Endpoint, generation_config, prefill_contents
+from klstream.errors import InputError, KlstreamError
 from klstream.rundir import model2_dirname
+from klstream.scoring.caller import CallStats, Outcome, RetryPolicy, open_caller
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,9 @@ def output_path(output_dir: Path, model: str, index: int, count: int) -> Path:
     return output_dir / f"{model2_dirname(model)}_prompt_{index:0{width}d}.json"
 
 
-async def sample_async(prompts: list[str], output_dir: Path, options: SampleOptions,
-                       endpoint: Endpoint) -> SampleReport:
+async def sample_async(
+    prompts: list[str], output_dir: Path, options: SampleOptions, endpoint: Endpoint
+) -> SampleReport:
     report = SampleReport()
     todo = []
     for index in range(len(prompts)):
@@ -108,13 +109,24 @@ async def sample_async(prompts: list[str], output_dir: Path, options: SampleOpti
     if not todo:
         return report
     output_dir.mkdir(parents=True, exist_ok=True)
-    async with open_caller(endpoint, options.model, options.policy, options.max_concurrent,
-                           options.thinking_budget, report.calls) as caller:
+    async with open_caller(
+        endpoint,
+        options.model,
+        options.policy,
+        options.max_concurrent,
+        options.thinking_budget,
+        report.calls,
+    ) as caller:
 
         async def one(prompt: str, sample: int) -> Outcome:
             seed = None if options.seed is None else options.seed + sample
-            config = generation_config(options.top_logprobs, options.thinking_budget,
-                                       options.max_tokens, options.temperature, seed)
+            config = generation_config(
+                options.top_logprobs,
+                options.thinking_budget,
+                options.max_tokens,
+                options.temperature,
+                seed,
+            )
             return await caller.call(prefill_contents(prompt, ""), config)
 
         async def prompt_file(index: int, path: Path) -> None:
@@ -127,8 +139,11 @@ async def sample_async(prompts: list[str], output_dir: Path, options: SampleOpti
             document = {
                 "prompt": prompt,
                 "model": options.model,
-                "responses": [response_entry(options.model, o.answer) for o in outcomes
-                              if o.answer is not None],
+                "responses": [
+                    response_entry(options.model, o.answer)
+                    for o in outcomes
+                    if o.answer is not None
+                ],
             }
             await asyncio.to_thread(
                 write_text_atomic, path, json.dumps(document, ensure_ascii=False, indent=1)
@@ -139,7 +154,8 @@ async def sample_async(prompts: list[str], output_dir: Path, options: SampleOpti
     return report
 
 
-def sample(prompts_path: Path, output_dir: Path, options: SampleOptions,
-           endpoint: Endpoint) -> SampleReport:
+def sample(
+    prompts_path: Path, output_dir: Path, options: SampleOptions, endpoint: Endpoint
+) -> SampleReport:
     prompts = read_prompts(prompts_path)
     return asyncio.run(sample_async(prompts, output_dir, options, endpoint))

@@ -315,8 +315,10 @@ class Estimates:
 
 
 def _matched_logprobs(p: TopK, q: TopK, m: Matches) -> tuple[np.ndarray, np.ndarray]:
-    return (p.logprobs.reshape(-1)[m.rows * p.width + m.p_cols],
-            q.logprobs.reshape(-1)[m.rows * q.width + m.q_cols])
+    return (
+        p.logprobs.reshape(-1)[m.rows * p.width + m.p_cols],
+        q.logprobs.reshape(-1)[m.rows * q.width + m.q_cols],
+    )
 
 
 def model1_only(p: TopK) -> tuple[np.ndarray, np.ndarray]:
@@ -336,8 +338,9 @@ def estimate(p: TopK, q: TopK, chosen_key: np.ndarray, chosen_logprob: np.ndarra
     """Every estimator for a batch; every row must have non-empty lists on both sides."""
     if len(chosen_key) == 0:
         nothing, no = np.empty(0), np.empty(0, dtype=bool)
-        return Estimates(nothing, nothing, nothing, nothing, no, no, nothing, nothing, nothing,
-                         nothing)
+        return Estimates(
+            nothing, nothing, nothing, nothing, no, no, nothing, nothing, nothing, nothing
+        )
     m, p_valid, q_valid = match(p, q)
     lp_m, lq_m = _matched_logprobs(p, q, m)
     ps, qs = side_sums(p, p_valid), side_sums(q, q_valid)
@@ -414,9 +417,7 @@ def keyed_sides(
     lp1, present1 = pad_list_array(m1.logprobs, np.nan)
     ids1, has_id1 = pad_list_array(m1.token_ids, NO_ID)
     chosen_ids = pc.fill_null(chosen_id, NO_ID).to_numpy(zero_copy_only=False).astype(np.int64)
-    use_ids = _complete_ids(has_id1, present1) & chosen_id.is_valid().to_numpy(
-        zero_copy_only=False
-    )
+    use_ids = _complete_ids(has_id1, present1) & chosen_id.is_valid().to_numpy(zero_copy_only=False)
     sides = [(m1, lp1, present1, ids1)]
     if m2 is not None:
         lp2, present2 = pad_list_array(m2.logprobs, np.nan)

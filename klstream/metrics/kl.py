@@ -63,7 +63,8 @@ def model1_columns(batch: pa.RecordBatch) -> SideColumns:
 def model2_columns(batch: pa.RecordBatch) -> SideColumns:
     """Model 2's lists in a batch of ``sql/kl_inputs.sql`` output."""
     return SideColumns(
-        batch.column("m2_top_tokens"), batch.column("m2_top_token_ids"),
+        batch.column("m2_top_tokens"),
+        batch.column("m2_top_token_ids"),
         batch.column("m2_top_logprobs"),
     )
 
@@ -100,8 +101,9 @@ def score_batch(batch: pa.RecordBatch, model2: str) -> pa.RecordBatch:
     if len(rows) < n:
         others = np.flatnonzero(status_code != 0)
         rest = batch.take(others)
-        p_rest, _, _ = keyed_sides(model1_columns(rest), None, rest.column("token"),
-                                   rest.column("token_id"))
+        p_rest, _, _ = keyed_sides(
+            model1_columns(rest), None, rest.column("token"), rest.column("token_id")
+        )
         entropy1[others], coverage1[others] = model1_only(p_rest)
 
     f64, boolean = pa.float64(), pa.bool_()
@@ -152,8 +154,12 @@ def score_batches(
             yield pending.popleft().result()
 
 
-def compute_kl(run_dir: Path, model2: str, batch_rows: int = DEFAULT_BATCH_ROWS,
-               range_positions: int = RANGE_POSITIONS) -> KlReport:
+def compute_kl(
+    run_dir: Path,
+    model2: str,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    range_positions: int = RANGE_POSITIONS,
+) -> KlReport:
     """(Re)compute ``kl/<model2>.parquet`` from the run's positions and Model 2's scores,
     one range of responses at a time."""
     run = RunDir(run_dir)

@@ -113,8 +113,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The summary as a text table, in the manner of llama.cpp's ``--kl-divergence``."""
     s = summary
     percentiles = [
-        ("99.9%", "p99_9_kl"), ("99.0%", "p99_kl"), ("95.0%", "p95_kl"), ("90.0%", "p90_kl"),
-        ("Median", "p50_kl"), ("10.0%", "p10_kl"), ("5.0%", "p05_kl"), ("1.0%", "p01_kl"),
+        ("99.9%", "p99_9_kl"),
+        ("99.0%", "p99_kl"),
+        ("95.0%", "p95_kl"),
+        ("90.0%", "p90_kl"),
+        ("Median", "p50_kl"),
+        ("10.0%", "p10_kl"),
+        ("5.0%", "p05_kl"),
+        ("1.0%", "p01_kl"),
     ]
 
     def mean_line(label: str, key: str) -> str:
@@ -140,8 +146,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-def export(run_dir: Path, output_dir: Path, model2: str | None = None,
-           range_positions: int = RANGE_POSITIONS) -> ExportReport:
+def export(
+    run_dir: Path,
+    output_dir: Path,
+    model2: str | None = None,
+    range_positions: int = RANGE_POSITIONS,
+) -> ExportReport:
     """Write one ``<stem>_kl.json`` per input file and ``summary.json`` into ``output_dir``."""
     RunDir(run_dir).require_exploded()
     con = connect(run_dir)
@@ -155,8 +165,13 @@ def export(run_dir: Path, output_dir: Path, model2: str | None = None,
             tmp = temporary_sibling(final)
             written.append((tmp, final))
             with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(file_document(chosen, list(rows)), handle, ensure_ascii=False,
-                          allow_nan=False, indent=1)
+                json.dump(
+                    file_document(chosen, list(rows)),
+                    handle,
+                    ensure_ascii=False,
+                    allow_nan=False,
+                    indent=1,
+                )
         for tmp, final in written:
             commit(tmp, final)
     finally:

@@ -19,7 +19,6 @@ import tenacity
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from klstream.errors import KlstreamError
 from klstream.backends.gemini import (
     TRANSIENT_ERRORS,
     Answer,
@@ -31,6 +30,7 @@ from klstream.backends.gemini import (
     parse_answer,
     server_retry_delay,
 )
+from klstream.errors import KlstreamError
 from klstream.scoring.throttle import AdaptiveLimiter
 
 
@@ -79,15 +79,23 @@ class Outcome:
 class Caller:
     """Makes calls for one model through one client, counting and throttling them."""
 
-    def __init__(self, client: Any, model: str, endpoint: Endpoint, policy: RetryPolicy,
-                 limiter: AdaptiveLimiter, thinking_budget: int | None,
-                 stats: CallStats) -> None:
+    def __init__(
+        self,
+        client: Any,
+        model: str,
+        endpoint: Endpoint,
+        policy: RetryPolicy,
+        limiter: AdaptiveLimiter,
+        thinking_budget: int | None,
+        stats: CallStats,
+    ) -> None:
         self.client, self.model, self.endpoint = client, model, endpoint
         self.policy, self.limiter, self.stats = policy, limiter, stats
         self.thinking_budget = thinking_budget
 
-    async def _attempt(self, contents: list[types.ContentDict],
-                       config: types.GenerateContentConfig) -> Answer:
+    async def _attempt(
+        self, contents: list[types.ContentDict], config: types.GenerateContentConfig
+    ) -> Answer:
         await self.limiter.acquire()
         try:
             self.stats.requests += 1
@@ -115,8 +123,9 @@ class Caller:
     def _count_retry(self, _: tenacity.RetryCallState) -> None:
         self.stats.retries += 1
 
-    async def call(self, contents: list[types.ContentDict],
-                   config: types.GenerateContentConfig) -> Outcome:
+    async def call(
+        self, contents: list[types.ContentDict], config: types.GenerateContentConfig
+    ) -> Outcome:
         """Retry until an answer or the retry budget is spent; run-ending errors propagate."""
         started = time.monotonic()
         retrying = tenacity.AsyncRetrying(
@@ -141,8 +150,12 @@ class Caller:
 
 @contextlib.asynccontextmanager
 async def open_caller(
-    endpoint: Endpoint, model: str, policy: RetryPolicy, max_concurrent: int,
-    thinking_budget: int | None, stats: CallStats,
+    endpoint: Endpoint,
+    model: str,
+    policy: RetryPolicy,
+    max_concurrent: int,
+    thinking_budget: int | None,
+    stats: CallStats,
 ) -> AsyncIterator[Caller]:
     """A :class:`Caller` over one HTTP session whose connection pool matches the concurrency.
 
@@ -151,5 +164,12 @@ async def open_caller(
     connector = aiohttp.TCPConnector(limit=max_concurrent, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         client = make_client(endpoint, session if endpoint.backend == "gemini" else None)
-        yield Caller(client, model, endpoint, policy, AdaptiveLimiter(ceiling=max_concurrent),
-                     thinking_budget, stats)
+        yield Caller(
+            client,
+            model,
+            endpoint,
+            policy,
+            AdaptiveLimiter(ceiling=max_concurrent),
+            thinking_budget,
+            stats,
+        )

@@ -32,4 +32,3 @@ def write_scores_part(scores_dir: Path, rows: pa.Table) -> Path:
     with atomic_path(final) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return final
-

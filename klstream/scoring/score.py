@@ -29,12 +29,12 @@ import pyarrow as pa
 
 from klstream import __version__, schemas
 from klstream.atomic import write_text_atomic
-from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, open_caller
-from klstream.scoring.checkpoint import write_scores_part
-from klstream.errors import KlstreamError
 from klstream.backends.gemini import Endpoint, generation_config, prefill_contents
+from klstream.errors import KlstreamError
 from klstream.metrics.kl import KlReport, compute_kl
 from klstream.rundir import ResponseRange, RunDir, connect, response_ranges
+from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, open_caller
+from klstream.scoring.checkpoint import write_scores_part
 from klstream.sqlfiles import load_sql
 
 RUN_CONFIG_FILE = "run.json"
@@ -202,12 +202,21 @@ class _Stop(Exception):
 
 
 class _Scorer:
-    def __init__(self, run_dir: Path, options: ScoreOptions, endpoint: Endpoint,
-                 stats: ScoreStats, on_progress: Callable[[ScoreStats], None] | None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        options: ScoreOptions,
+        endpoint: Endpoint,
+        stats: ScoreStats,
+        on_progress: Callable[[ScoreStats], None] | None,
+    ) -> None:
         self.options, self.endpoint, self.stats = options, endpoint, stats
         self.on_progress = on_progress
-        self.checkpoint = _Checkpointer(RunDir(run_dir).scores_dir(options.model2),
-                                        options.checkpoint_rows, options.checkpoint_seconds)
+        self.checkpoint = _Checkpointer(
+            RunDir(run_dir).scores_dir(options.model2),
+            options.checkpoint_rows,
+            options.checkpoint_seconds,
+        )
         self.config = generation_config(options.top_logprobs, options.thinking_budget)
         self.consecutive_failures = 0
         self.last_error: str | None = None
@@ -227,17 +236,24 @@ class _Scorer:
         if not outcome.answer and (
             self.consecutive_failures >= self.options.max_consecutive_failures
         ):
-            raise _Stop(f"{self.consecutive_failures} positions in a row failed; the last "
-                        f"said: {outcome.error}")
+            raise _Stop(
+                f"{self.consecutive_failures} positions in a row failed; the last "
+                f"said: {outcome.error}"
+            )
         if self.on_progress:
             self.on_progress(self.stats)
 
     async def run(self, items: AsyncIterator[WorkItem]) -> None:
         """Probe with the first items one at a time, then score the rest concurrently."""
         options = self.options
-        async with open_caller(self.endpoint, options.model2, options.policy,
-                               options.max_concurrent, options.thinking_budget,
-                               self.stats.calls) as caller:
+        async with open_caller(
+            self.endpoint,
+            options.model2,
+            options.policy,
+            options.max_concurrent,
+            options.thinking_budget,
+            self.stats.calls,
+        ) as caller:
             await self._probe_then_pipeline(caller, items)
 
     async def _probe_then_pipeline(self, caller: Caller, items: AsyncIterator[WorkItem]) -> None:
@@ -252,8 +268,7 @@ class _Scorer:
         else:
             return
         if self.stats.scored == 0:
-            raise _Stop(f"the first {probes} requests all failed; the last said: "
-                        f"{self.last_error}")
+            raise _Stop(f"the first {probes} requests all failed; the last said: {self.last_error}")
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(
             maxsize=4 * self.options.max_concurrent
         )
@@ -272,8 +287,7 @@ class _Scorer:
         feeding = asyncio.create_task(self._feed(items, queue, len(workers)))
         flushing = asyncio.create_task(flush_every_interval())
         try:
-            done, _ = await asyncio.wait([feeding, *workers],
-                                         return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait([feeding, *workers], return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()
         finally:
@@ -282,8 +296,9 @@ class _Scorer:
             await asyncio.gather(feeding, flushing, *workers, return_exceptions=True)
 
     @staticmethod
-    async def _feed(items: AsyncIterator[WorkItem], queue: asyncio.Queue[WorkItem | None],
-                    workers: int) -> None:
+    async def _feed(
+        items: AsyncIterator[WorkItem], queue: asyncio.Queue[WorkItem | None], workers: int
+    ) -> None:
         async for item in items:
             await queue.put(item)
         for _ in range(workers):
@@ -295,8 +310,13 @@ def _response_items(rows: list[dict[str, Any]]) -> list[WorkItem]:
     token_text = "".join(row["token"] for row in rows)
     prompt = rows[0]["prompt"]
     return [
-        WorkItem(row["stem"], row["response_index"], row["position"], prompt,
-                 token_text[: row["char_offset"]])
+        WorkItem(
+            row["stem"],
+            row["response_index"],
+            row["position"],
+            prompt,
+            token_text[: row["char_offset"]],
+        )
         for row in rows
         if row["pending"]
     ]
@@ -371,12 +391,18 @@ async def score_async(
                 loop.remove_signal_handler(signum)
         await scorer.checkpoint.close()
     remaining = stats.total - stats.already_done - stats.scored
-    kl = await asyncio.to_thread(compute_kl, run_dir, options.model2) if (
-        stats.already_done + stats.scored + stats.failed
-    ) else None
+    kl = (
+        await asyncio.to_thread(compute_kl, run_dir, options.model2)
+        if (stats.already_done + stats.scored + stats.failed)
+        else None
+    )
     return ScoreReport(stats=stats, remaining=remaining, kl=kl, stopped_because=stopped)
 
 
-def score_run(run_dir: Path, options: ScoreOptions, endpoint: Endpoint,
-          on_progress: Callable[[ScoreStats], None] | None = None) -> ScoreReport:
+def score_run(
+    run_dir: Path,
+    options: ScoreOptions,
+    endpoint: Endpoint,
+    on_progress: Callable[[ScoreStats], None] | None = None,
+) -> ScoreReport:
     return asyncio.run(score_async(run_dir, options, endpoint, on_progress))
