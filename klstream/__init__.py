@@ -1,8 +1,183 @@
-"""klstream: where, and by how much, two language models' next-token distributions disagree."""
+"""klstream: where, and by how much, two language models' next-token distributions disagree.
 
+The public Python API, the same one the ``klstream`` command line calls::
+
+    import klstream
+
+    endpoint = klstream.endpoint_from_environment("gemini", base_url="http://127.0.0.1:8765")
+    klstream.explode(Path("responses"), Path("runs/a"))
+    report = klstream.score(Path("runs/a"), klstream.ScoreOptions("toy-d0.5"), endpoint)
+    klstream.export(Path("runs/a"), Path("kl_results"))
+    with klstream.connect(Path("runs/a")) as con:
+        con.sql("SELECT avg(kl_floor) FROM kl").show()
+
+Inside a running event loop (Jupyter) ``await klstream.score_async(...)`` or
+``await klstream.run_async(...)``; the blocking forms work there too (in a worker thread).
+Names are imported on first use, so ``import klstream`` stays cheap for the command line.
+"""
+
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("klstream")
 except PackageNotFoundError:
     __version__ = "0.0.0+source"
+
+_EXPORTS: dict[str, str] = {
+    "explode": "klstream.input.explode",
+    "ExplodeReport": "klstream.input.explode",
+    "sample": "klstream.input.sample",
+    "sample_async": "klstream.input.sample",
+    "SampleOptions": "klstream.input.sample",
+    "SampleReport": "klstream.input.sample",
+    "Endpoint": "klstream.backends.gemini",
+    "endpoint_from_environment": "klstream.backends.gemini",
+    "RetryPolicy": "klstream.scoring.caller",
+    "score": "klstream.scoring.score",
+    "score_async": "klstream.scoring.score",
+    "ScoreOptions": "klstream.scoring.score",
+    "ScoreReport": "klstream.scoring.score",
+    "ScoreStats": "klstream.scoring.score",
+    "compute_kl": "klstream.metrics.kl",
+    "KlReport": "klstream.metrics.kl",
+    "export": "klstream.output.export",
+    "summary": "klstream.output.export",
+    "format_summary": "klstream.output.export",
+    "ExportReport": "klstream.output.export",
+    "run_query": "klstream.output.query",
+    "connect": "klstream.database",
+    "views_script": "klstream.database",
+    "RunDir": "klstream.rundir",
+    "run": "klstream.pipeline",
+    "run_async": "klstream.pipeline",
+    "RunOptions": "klstream.pipeline",
+    "RunReport": "klstream.pipeline",
+    "KlstreamError": "klstream.errors",
+    "InputError": "klstream.errors",
+    "InputSelectionError": "klstream.errors",
+    "RunDirError": "klstream.errors",
+    "NotExploded": "klstream.errors",
+    "PositionsExist": "klstream.errors",
+    "RunExists": "klstream.errors",
+    "ResultsExist": "klstream.errors",
+    "RunConfigMismatch": "klstream.errors",
+    "NoResults": "klstream.errors",
+    "AmbiguousModel2": "klstream.errors",
+    "EndpointError": "klstream.errors",
+    "MissingCredentials": "klstream.errors",
+    "AuthenticationError": "klstream.errors",
+    "ModelNotFound": "klstream.errors",
+    "ModelCannotScore": "klstream.errors",
+    "PrefillRejected": "klstream.errors",
+    "ThinkingRejected": "klstream.errors",
+    "ThinkingNotDisabled": "klstream.errors",
+    "RunIncomplete": "klstream.errors",
+    "QueryError": "klstream.errors",
+}
+
+__all__ = [
+    "__version__",
+    "explode",
+    "ExplodeReport",
+    "sample",
+    "sample_async",
+    "SampleOptions",
+    "SampleReport",
+    "Endpoint",
+    "endpoint_from_environment",
+    "RetryPolicy",
+    "score",
+    "score_async",
+    "ScoreOptions",
+    "ScoreReport",
+    "ScoreStats",
+    "compute_kl",
+    "KlReport",
+    "export",
+    "summary",
+    "format_summary",
+    "ExportReport",
+    "run_query",
+    "connect",
+    "views_script",
+    "RunDir",
+    "run",
+    "run_async",
+    "RunOptions",
+    "RunReport",
+    "KlstreamError",
+    "InputError",
+    "InputSelectionError",
+    "RunDirError",
+    "NotExploded",
+    "PositionsExist",
+    "RunExists",
+    "ResultsExist",
+    "RunConfigMismatch",
+    "NoResults",
+    "AmbiguousModel2",
+    "EndpointError",
+    "MissingCredentials",
+    "AuthenticationError",
+    "ModelNotFound",
+    "ModelCannotScore",
+    "PrefillRejected",
+    "ThinkingRejected",
+    "ThinkingNotDisabled",
+    "RunIncomplete",
+    "QueryError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'klstream' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from klstream.backends.gemini import Endpoint, endpoint_from_environment
+    from klstream.database import connect, views_script
+    from klstream.errors import (
+        AmbiguousModel2,
+        AuthenticationError,
+        EndpointError,
+        InputError,
+        InputSelectionError,
+        KlstreamError,
+        MissingCredentials,
+        ModelCannotScore,
+        ModelNotFound,
+        NoResults,
+        NotExploded,
+        PositionsExist,
+        PrefillRejected,
+        QueryError,
+        ResultsExist,
+        RunConfigMismatch,
+        RunDirError,
+        RunExists,
+        RunIncomplete,
+        ThinkingNotDisabled,
+        ThinkingRejected,
+    )
+    from klstream.input.explode import ExplodeReport, explode
+    from klstream.input.sample import SampleOptions, SampleReport, sample, sample_async
+    from klstream.metrics.kl import KlReport, compute_kl
+    from klstream.output.export import ExportReport, export, format_summary, summary
+    from klstream.output.query import run_query
+    from klstream.pipeline import RunOptions, RunReport, run, run_async
+    from klstream.rundir import RunDir
+    from klstream.scoring.caller import RetryPolicy
+    from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score, score_async

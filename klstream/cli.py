@@ -1,21 +1,75 @@
-"""The ``klstream`` command line: a thin layer over the library's stage functions."""
+"""The ``klstream`` command line: parse, call the public API (:mod:`klstream`), print.
+
+The library's errors describe problems without command-line flags; :data:`HINTS` adds the flag
+that fixes each one, and the exit status comes from the error (:mod:`klstream.errors`).
+"""
 
 from __future__ import annotations
 
 import importlib
+import shlex
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from klstream import __version__
-from klstream.errors import KlstreamError
+from klstream import errors as E
+
+if TYPE_CHECKING:
+    from klstream.backends.gemini import Endpoint
+    from klstream.scoring.score import ScoreOptions, ScoreReport
+
+
+def _thinking_hint(error: E.KlstreamError) -> str:
+    budget = getattr(error, "thinking_budget", 0)
+    if budget is None:
+        return "pass --thinking-budget 0"
+    return "use a model whose thinking can be switched off"
+
+
+HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
+    E.NotExploded: lambda e: (
+        f"run `klstream explode INPUT_DIR -o {getattr(e, 'run_dir', 'RUN_DIR')}` first"
+    ),
+    E.PositionsExist: lambda e: "pass --overwrite to replace them, or pick another run dir",
+    E.RunExists: lambda e: (
+        "pass --resume to continue it, or --overwrite to score again from scratch"
+    ),
+    E.ResultsExist: lambda e: (
+        "pass --resume to continue that run, or --overwrite to discard it and start again"
+    ),
+    E.RunConfigMismatch: lambda e: (
+        "use the recorded settings with --resume, or --overwrite to start again"
+    ),
+    E.NoResults: lambda e: "run `klstream score RUN_DIR --model2 NAME` first",
+    E.AmbiguousModel2: lambda e: "choose one with --model2",
+    E.MissingCredentials: lambda e: (
+        "set GEMINI_API_KEY, or pass --backend vertex with "
+        "--project-id, or --base-url for a local server such as `klstream emulate`"
+    ),
+    E.ThinkingRejected: lambda e: (
+        "try --thinking-budget none (send no thinking config) or another model"
+    ),
+    E.ThinkingNotDisabled: _thinking_hint,
+}
+"""The command-line fix for each kind of error, appended to its message."""
+
+
+def _message(error: E.KlstreamError) -> str:
+    for kind in type(error).__mro__:
+        hint = HINTS.get(kind)
+        if hint is not None:
+            return f"{error}; {hint(error)}"
+    return str(error)
 
 
 class _Group(click.Group):
-    """Turns a :class:`KlstreamError` into one clear line on stderr and exit status 1, and
+    """Turns a :class:`KlstreamError` into one clear line on stderr and its exit status, and
     imports the emulator (numpy, aiohttp, its toy vocabulary) only when it is asked for."""
 
     lazy_commands = {"emulate": ("klstream.emulator.command", "emulate_command")}
@@ -33,8 +87,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except KlstreamError as error:
-            raise click.ClickException(str(error)) from error
+        except E.KlstreamError as error:
+            click.echo(f"Error: {_message(error)}", err=True)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=_Group)
@@ -167,7 +222,7 @@ def query(run_dir: Path, sql: str, output_format: str, output: Path | None, max_
 @run_dir_argument
 def views(run_dir: Path) -> None:
     """Print SQL that creates the run's views, for the duckdb CLI: duckdb -init FILE."""
-    from klstream.rundir import views_script
+    from klstream.database import views_script
 
     click.echo(views_script(run_dir), nl=False)
 
@@ -232,7 +287,7 @@ def _api_options(function: Any) -> Any:
     )
 
 
-def _score_options(function: Any) -> Any:
+def _score_flags(function: Any) -> Any:
     """The options of `score` and `run` beyond the API's, in the spec's names where it has them."""
     return _apply(
         _api_options(function),
@@ -276,7 +331,7 @@ def _thinking_budget(value: str) -> int | None:
         raise click.BadParameter("an integer or `none`", param_hint="--thinking-budget") from error
 
 
-def _endpoint(params: dict[str, Any]) -> Any:
+def _endpoint(params: dict[str, Any]) -> Endpoint:
     from klstream.backends.gemini import endpoint_from_environment
 
     return endpoint_from_environment(
@@ -288,12 +343,11 @@ def _endpoint(params: dict[str, Any]) -> Any:
     )
 
 
-def _run_score(run_dir: Path, params: dict[str, Any]) -> None:
-    from klstream.progress import ProgressLine
+def _score_options(params: dict[str, Any]) -> ScoreOptions:
     from klstream.scoring.caller import RetryPolicy
-    from klstream.scoring.score import ScoreOptions, score_run
+    from klstream.scoring.score import ScoreOptions
 
-    options = ScoreOptions(
+    return ScoreOptions(
         model2=params["model2"],
         top_logprobs=params["top_logprobs"],
         max_concurrent=params["max_concurrent"],
@@ -304,13 +358,46 @@ def _run_score(run_dir: Path, params: dict[str, Any]) -> None:
         resume=params["resume"],
         overwrite=params["overwrite"],
     )
-    progress = ProgressLine(enabled=sys.stderr.isatty())
-    report = score_run(run_dir, options, _endpoint(params), on_progress=progress.update)
-    progress.close()
+
+
+def program_words() -> list[str]:
+    """How to invoke this very klstream again from the user's shell: by name when the shell
+    finds this one on PATH, else by the path of the interpreter or script that is running."""
+    script = Path(sys.argv[0])
+    if script.name == "__main__.py":
+        python = "python3" if shutil.which("python3") == sys.executable else sys.executable
+        return [python, "-m", "klstream"]
+    found = shutil.which(script.name)
+    if found is not None and Path(found).resolve() == script.resolve():
+        return [script.name]
+    return [str(script.resolve())]
+
+
+def resume_command(ctx: click.Context) -> str:
+    """The command that continues this run: as invoked, with every option the user gave, and
+    ``--resume`` in place of ``--overwrite``."""
+    words = [*program_words(), ctx.info_name or ""]
+    for param in ctx.command.params:
+        name = param.name or ""
+        value = ctx.params.get(name)
+        if name in ("resume", "overwrite"):
+            continue
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+            flag = max(param.opts, key=len)
+            if getattr(param, "is_flag", False):
+                words += [flag] if value else []
+            else:
+                words += [flag, str(value)]
+    return shlex.join([*words, "--resume"])
+
+
+def _report_score(report: ScoreReport, model2: str) -> None:
     stats, calls = report.stats, report.stats.calls
     rate = calls.requests / calls.elapsed if calls.elapsed else 0.0
     click.echo(
-        f"score {options.model2}: {stats.scored} scored, {stats.failed} failed, "
+        f"score {model2}: {stats.scored} scored, {stats.failed} failed, "
         f"{stats.already_done} already done, of {stats.total} positions; {calls.requests} "
         f"requests ({calls.retries} retries, {calls.rate_limited} rate-limited, concurrency "
         f"lowered {calls.concurrency_cuts} times) in "
@@ -320,22 +407,36 @@ def _run_score(run_dir: Path, params: dict[str, Any]) -> None:
         click.echo(f"kl: {report.kl.scored} positions with KL -> {report.kl.path}")
     if report.stopped_because:
         click.echo(f"stopped early: {report.stopped_because}", err=True)
-    if report.remaining:
-        raise click.ClickException(
-            f"{report.remaining} positions remain unscored; continue with: klstream score "
-            f"{run_dir} --model2 {options.model2} --resume"
-        )
+
+
+def _incomplete(report: ScoreReport) -> E.RunIncomplete:
+    command = resume_command(click.get_current_context())
+    return E.RunIncomplete(
+        f"{report.remaining} positions remain unscored; continue with: {command}",
+        report.remaining,
+    )
 
 
 @main.command()
 @run_dir_argument
-@_score_options
+@_score_flags
 def score(run_dir: Path, **params: Any) -> None:
     """Ask Model 2 for its top-k logprobs at every position (prefilled with Model 1's tokens).
 
     Ends with the KL pass, so `export` can follow at once.
     """
-    _run_score(run_dir, params)
+    from klstream.progress import ProgressLine
+    from klstream.scoring.score import score as score_run
+
+    options = _score_options(params)
+    progress = ProgressLine(enabled=sys.stderr.isatty())
+    try:
+        report = score_run(run_dir, options, _endpoint(params), on_progress=progress.update)
+    finally:
+        progress.close()
+    _report_score(report, options.model2)
+    if report.remaining:
+        raise _incomplete(report)
 
 
 @main.command()
@@ -387,9 +488,6 @@ def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
         )
 
 
-WORKSPACE = "run"
-
-
 @main.command(name="run")
 @click.option(
     "--input-dir",
@@ -405,33 +503,33 @@ WORKSPACE = "run"
 )
 @click.option("--pattern", default="*.json", show_default=True, help="Glob for input files.")
 @click.option("--max-files", type=click.IntRange(min=1), help="Process at most N files.")
-@_score_options
+@_score_flags
 def run_all(
     input_dir: Path, output_dir: Path, pattern: str, max_files: int | None, **params: Any
 ) -> None:
     """explode → score → export in one resumable command, with the spec's flags."""
-    from klstream.input.explode import explode as explode_inputs
-    from klstream.output.export import export as export_run
+    from klstream.input.explode import ExplodeReport
     from klstream.output.export import format_summary
-    from klstream.rundir import RunDir
+    from klstream.pipeline import RunOptions, run
+    from klstream.progress import ProgressLine
 
-    run_dir = output_dir / WORKSPACE
-    if RunDir(run_dir).positions.exists():
-        if not (params["resume"] or params["overwrite"]):
-            raise KlstreamError(
-                f"{run_dir} already holds a run: pass --resume to continue it, or --overwrite "
-                f"to score {params['model2']} again from scratch"
-            )
-    else:
-        report = explode_inputs(input_dir, run_dir, pattern=pattern, max_files=max_files)
+    def exploded(report: ExplodeReport) -> None:
         click.echo(
             f"exploded {report.files} files: {report.responses} responses, "
-            f"{report.positions} positions -> {run_dir}"
+            f"{report.positions} positions -> {report.positions_path.parent}"
         )
-    _run_score(run_dir, params)
-    exported = export_run(run_dir, output_dir, params["model2"])
-    click.echo(format_summary(exported.summary))
+
+    options = RunOptions(_score_options(params), pattern=pattern, max_files=max_files)
+    progress = ProgressLine(enabled=sys.stderr.isatty())
+    try:
+        report = run(input_dir, output_dir, options, _endpoint(params), progress.update, exploded)
+    finally:
+        progress.close()
+    _report_score(report.scored, options.score.model2)
+    if report.exported is None:
+        raise _incomplete(report.scored)
+    click.echo(format_summary(report.exported.summary))
     click.echo(
-        f"wrote {len(exported.files)} _kl.json files and {exported.summary_path.name} "
-        f"to {output_dir}"
+        f"wrote {len(report.exported.files)} _kl.json files and "
+        f"{report.exported.summary_path.name} to {output_dir}"
     )

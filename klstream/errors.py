@@ -1,17 +1,137 @@
-"""Errors that the CLI turns into a clear message and a non-zero exit."""
+"""Every exception klstream raises on purpose, and the exit status each one maps to.
+
+Messages describe the problem and its cause in terms of the library (no command-line flags):
+the CLI adds the flag that fixes it (:data:`klstream.cli.HINTS`). A notebook user catches
+:class:`KlstreamError` for all of them, or a subclass for one kind of failure.
+
+Exit statuses (documented in README.md): 1 any other failure, 2 usage (click's own), 3 bad
+input, 4 run directory conflict, 5 Model 2 endpoint or model unusable, 6 run incomplete.
+"""
 
 from __future__ import annotations
 
 
 class KlstreamError(Exception):
-    """A user-facing failure: the message says what is wrong and how to fix it."""
+    """A user-facing failure: the message says what is wrong and why."""
+
+    exit_code = 1
 
 
 class InputError(KlstreamError):
     """Malformed input, naming the file and the JSON path of the offending field."""
+
+    exit_code = 3
 
     def __init__(self, source: str, json_path: str, reason: str) -> None:
         self.source = source
         self.json_path = json_path
         self.reason = reason
         super().__init__(f"{source}: {json_path}: {reason}")
+
+
+class InputSelectionError(KlstreamError):
+    """The input directory, file pattern or file names cannot be used."""
+
+    exit_code = 3
+
+
+class RunDirError(KlstreamError):
+    """The run directory is missing, not a run, or cannot be written."""
+
+    exit_code = 4
+
+
+class NotExploded(RunDirError):
+    """A stage that reads positions was pointed at a directory without them."""
+
+    def __init__(self, run_dir: object) -> None:
+        self.run_dir = run_dir
+        super().__init__(f"{run_dir} is not an exploded run directory (no positions.parquet)")
+
+
+class PositionsExist(RunDirError):
+    """Explode would replace positions that a run already has."""
+
+
+class RunExists(RunDirError):
+    """A whole-pipeline run found an earlier run in its workspace and was not told what to do."""
+
+
+class ResultsExist(RunDirError):
+    """Scoring would mix with, or silently replace, results already saved for a Model 2."""
+
+    def __init__(self, message: str, model2: str) -> None:
+        self.model2 = model2
+        super().__init__(message)
+
+
+class RunConfigMismatch(RunDirError):
+    """A resumed run's result-changing parameters differ from the ones recorded."""
+
+    def __init__(self, config_path: object, differences: list[str]) -> None:
+        self.config_path = config_path
+        self.differences = differences
+        super().__init__(
+            f"this run's configuration differs from the one recorded in {config_path} "
+            f"({'; '.join(differences)})"
+        )
+
+
+class NoResults(RunDirError):
+    """A stage that needs Model 2 results found none."""
+
+
+class AmbiguousModel2(RunDirError):
+    """The run holds results for several Model 2s and none was chosen."""
+
+
+class EndpointError(KlstreamError):
+    """Model 2's endpoint cannot be used: unreachable, no credentials, or refusing every call."""
+
+    exit_code = 5
+
+
+class MissingCredentials(EndpointError):
+    """No API key or project where the backend needs one."""
+
+
+class AuthenticationError(EndpointError):
+    """The service rejected the credentials (401/403)."""
+
+
+class ModelNotFound(EndpointError):
+    """The service does not know the model or the endpoint path (404)."""
+
+
+class ModelCannotScore(EndpointError):
+    """The model, as configured, can never give what scoring needs (logprobs after a prefill)."""
+
+
+class PrefillRejected(ModelCannotScore):
+    """The model refuses a conversation that ends with its own (prefilled) turn."""
+
+
+class ThinkingRejected(ModelCannotScore):
+    """The model refuses the thinking configuration that was sent."""
+
+
+class ThinkingNotDisabled(ModelCannotScore):
+    """The model spends its output on thinking and returns no logprobs."""
+
+    def __init__(self, message: str, thinking_budget: int | None) -> None:
+        self.thinking_budget = thinking_budget
+        super().__init__(message)
+
+
+class RunIncomplete(KlstreamError):
+    """Scoring stopped with positions left; a resumed run picks them up."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, remaining: int) -> None:
+        self.remaining = remaining
+        super().__init__(message)
+
+
+class QueryError(KlstreamError):
+    """An ad-hoc query failed or cannot be written as asked."""

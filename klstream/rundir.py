@@ -1,19 +1,44 @@
-"""The run directory's layout, and a DuckDB connection with views over its Parquet files."""
+"""The sole owner of the run directory's layout: every file name, folder and glob in it.
+
+A run directory (``RUN_DIR``) holds::
+
+    positions.parquet                  one row per token position (explode)
+    responses.parquet                  one row per response (explode)
+    skipped.parquet                    responses explode --skip-invalid left out
+    scores/<model2>/part-*.parquet     Model 2 outcomes, append-only checkpoints (score)
+    scores/<model2>/run.json           the parameters a resumed run must share
+    kl/<model2>.parquet                per-position estimators (the KL pass)
+
+An export directory holds ``<stem>_kl.json`` per input file and ``summary.json``; ``klstream
+run`` keeps its run directory inside it, as ``OUTPUT_DIR/run``. Every other module asks this one
+for paths; the SQL views get the relative names from :meth:`RunDir.sql_variables`.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import itertools
+import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
+from klstream.errors import KlstreamError, NotExploded
 
-from klstream import schemas
-from klstream.errors import KlstreamError
-from klstream.sqlfiles import load_sql
+POSITIONS_FILE = "positions.parquet"
+RESPONSES_FILE = "responses.parquet"
+SKIPPED_FILE = "skipped.parquet"
+SCORES_DIR = "scores"
+KL_DIR = "kl"
+RUN_CONFIG_FILE = "run.json"
+PART_GLOB = "part-*.parquet"
+WORKSPACE = "run"
+"""``klstream run``'s run directory inside its output directory."""
+KL_JSON_SUFFIX = "_kl.json"
+SUMMARY_FILE = "summary.json"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_part_sequence = itertools.count()
 
 
 def model2_dirname(model2: str) -> str:
@@ -26,104 +51,84 @@ def model2_dirname(model2: str) -> str:
 
 @dataclass(frozen=True)
 class RunDir:
+    """Paths inside one run directory."""
+
     root: Path
 
     @property
     def positions(self) -> Path:
-        return self.root / "positions.parquet"
+        return self.root / POSITIONS_FILE
 
     @property
     def responses(self) -> Path:
-        return self.root / "responses.parquet"
+        return self.root / RESPONSES_FILE
 
     @property
     def skipped(self) -> Path:
-        return self.root / "skipped.parquet"
+        return self.root / SKIPPED_FILE
+
+    @property
+    def stage_dirs(self) -> list[Path]:
+        """Folders of results keyed to the current positions."""
+        return [self.root / SCORES_DIR, self.root / KL_DIR]
 
     def scores_dir(self, model2: str) -> Path:
-        return self.root / "scores" / model2_dirname(model2)
+        return self.root / SCORES_DIR / model2_dirname(model2)
+
+    def run_config(self, model2: str) -> Path:
+        return self.scores_dir(model2) / RUN_CONFIG_FILE
+
+    def score_parts(self, model2: str) -> list[Path]:
+        """Checkpoint parts in write order (their names sort by creation time)."""
+        return sorted(self.scores_dir(model2).glob(PART_GLOB))
+
+    def has_scores(self, model2: str | None = None) -> bool:
+        """Whether any checkpoint part exists, for ``model2`` or for any Model 2."""
+        if model2 is not None:
+            return any(self.scores_dir(model2).glob(PART_GLOB))
+        return any((self.root / SCORES_DIR).glob(f"*/{PART_GLOB}"))
+
+    def new_part(self, model2: str) -> Path:
+        """A unique part name that sorts by creation time across processes and restarts."""
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-{next(_part_sequence):06d}.parquet"
+        return self.scores_dir(model2) / name
 
     def kl_path(self, model2: str) -> Path:
-        return self.root / "kl" / f"{model2_dirname(model2)}.parquet"
+        return self.root / KL_DIR / f"{model2_dirname(model2)}.parquet"
+
+    def is_exploded(self) -> bool:
+        return self.positions.is_file() and self.responses.is_file()
 
     def require_exploded(self) -> None:
-        if not self.positions.is_file() or not self.responses.is_file():
-            raise KlstreamError(
-                f"{self.root} is not an exploded run directory (no positions.parquet); "
-                f"run `klstream explode INPUT_DIR -o {self.root}` first"
-            )
+        if not self.is_exploded():
+            raise NotExploded(self.root)
 
-
-def views_script(run_dir: Path) -> str:
-    """The views SQL preceded by the search path that makes its relative paths resolve."""
-    quoted = str(run_dir.resolve()).replace("'", "''")
-    return f"SET file_search_path = '{quoted}';\n" + load_sql("views")
-
-
-def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the run's views.
-
-    Views whose Parquet files do not exist yet (or that depend on such a view) are left out;
-    :func:`view_names` tells which exist. Before any Model 2 result, ``scores`` is an empty
-    table of the scores schema, so that "what is left to score" is one query either way.
-    """
-    run = RunDir(run_dir)
-    run.require_exploded()
-    con = duckdb.connect()
-    if not any(run.root.glob("scores/*/*.parquet")):
-        con.register("scores", schemas.SCORES.empty_table())
-    for statement in duckdb.extract_statements(views_script(run_dir)):
-        # Files that do not exist yet, or a view that depends on a view left out for that.
-        with contextlib.suppress(duckdb.IOException, duckdb.CatalogException):
-            con.execute(statement)
-    return con
-
-
-def view_names(con: duckdb.DuckDBPyConnection) -> set[str]:
-    rows = con.execute(load_sql("view_names")).fetchall()
-    return {name for (name,) in rows}
-
-
-RANGE_POSITIONS = 200_000
-"""Positions per range of responses that the KL pass and export hand to DuckDB at once: its
-joins and sorts hold a range in memory, so this bounds their memory whatever the run's size."""
-
-
-@dataclass(frozen=True)
-class ResponseRange:
-    """Responses from (lo_stem, lo_index) to (hi_stem, hi_index), both included, in key order."""
-
-    lo_stem: str
-    lo_index: int
-    hi_stem: str
-    hi_index: int
-
-    def params(self) -> dict[str, str | int]:
+    @staticmethod
+    def sql_variables() -> dict[str, str]:
+        """The relative paths and globs that ``sql/views.sql`` reads, as DuckDB variables."""
         return {
-            "lo_stem": self.lo_stem,
-            "lo_index": self.lo_index,
-            "hi_stem": self.hi_stem,
-            "hi_index": self.hi_index,
+            "positions_file": POSITIONS_FILE,
+            "responses_file": RESPONSES_FILE,
+            "skipped_file": SKIPPED_FILE,
+            "scores_files": f"{SCORES_DIR}/*/{PART_GLOB}",
+            "kl_files": f"{KL_DIR}/*.parquet",
         }
 
 
-def response_ranges(
-    con: duckdb.DuckDBPyConnection, max_positions: int = RANGE_POSITIONS
-) -> list[ResponseRange]:
-    """Consecutive ranges of whole responses, each with at most ``max_positions`` positions
-    (or a single longer response)."""
-    ranges: list[ResponseRange] = []
-    first: tuple[str, int] | None = None
-    last: tuple[str, int] = ("", 0)
-    size = 0
-    for stem, index, tokens in con.execute(load_sql("response_sizes")).fetchall():
-        if first is not None and size + tokens > max_positions:
-            ranges.append(ResponseRange(*first, *last))
-            first, size = None, 0
-        if first is None:
-            first = (stem, index)
-        last = (stem, index)
-        size += tokens
-    if first is not None:
-        ranges.append(ResponseRange(*first, *last))
-    return ranges
+@dataclass(frozen=True)
+class ExportDir:
+    """Paths of the spec's output files."""
+
+    root: Path
+
+    def kl_json(self, stem: str) -> Path:
+        return self.root / f"{stem}{KL_JSON_SUFFIX}"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY_FILE
+
+    @property
+    def workspace(self) -> RunDir:
+        """The run directory ``klstream run`` keeps beside its exports."""
+        return RunDir(self.root / WORKSPACE)

@@ -49,7 +49,6 @@ KEY_FIELDS = [
     pa.field("response_index", pa.int32(), nullable=False),
     pa.field("position", pa.int32(), nullable=False),
 ]
-KEY_COLUMNS = [f.name for f in KEY_FIELDS]
 
 POSITIONS = pa.schema(
     [
@@ -89,6 +88,17 @@ SKIPPED = pa.schema(
 
 SCORE_OK = "ok"
 SCORE_ERROR = "error"
+KL_STATUS_SCORED = "scored"
+KL_STATUS_ERROR = "error"
+KL_STATUS_UNSCORED = "unscored"
+STATUS_VARIABLES = {
+    "score_ok": SCORE_OK,
+    "score_error": SCORE_ERROR,
+    "kl_scored": KL_STATUS_SCORED,
+    "kl_error": KL_STATUS_ERROR,
+    "kl_unscored": KL_STATUS_UNSCORED,
+}
+"""The status values, as the DuckDB variables the SQL files compare with (``getvariable``)."""
 
 SCORES = pa.schema(
     [
@@ -108,10 +118,6 @@ SCORES = pa.schema(
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
-
-KL_STATUS_SCORED = "scored"
-KL_STATUS_ERROR = "error"
-KL_STATUS_UNSCORED = "unscored"
 
 KL = pa.schema(
     [

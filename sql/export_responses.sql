@@ -4,9 +4,8 @@
 -- Model 2 result have null values.
 WITH model_kl AS (
     SELECT * FROM kl
-    WHERE model2 = $model2 AND stem BETWEEN $lo_stem AND $hi_stem
-        AND (stem > $lo_stem OR response_index >= $lo_index)
-        AND (stem < $hi_stem OR response_index <= $hi_index)
+    WHERE model2 = $model2
+        AND in_response_range(stem, response_index, $lo_stem, $lo_index, $hi_stem, $hi_index)
 ),
 per_response AS (
     SELECT
@@ -65,10 +64,9 @@ SELECT
 FROM responses AS r
 LEFT JOIN per_response AS t USING (stem, response_index)
 LEFT JOIN (
-    SELECT * FROM response_stats WHERE model2 = $model2 AND stem BETWEEN $lo_stem AND $hi_stem
+    SELECT * FROM response_stats WHERE model2 = $model2
+        AND in_response_range(stem, response_index, $lo_stem, $lo_index, $hi_stem, $hi_index)
 ) AS s
     USING (stem, response_index)
-WHERE r.stem BETWEEN $lo_stem AND $hi_stem
-    AND (r.stem > $lo_stem OR r.response_index >= $lo_index)
-    AND (r.stem < $hi_stem OR r.response_index <= $hi_index)
+WHERE in_response_range(r.stem, r.response_index, $lo_stem, $lo_index, $hi_stem, $hi_index)
 ORDER BY r.stem, r.response_index;

@@ -20,10 +20,9 @@ SELECT
 FROM positions AS p
 LEFT JOIN (
     SELECT * FROM scores_resolved
-    WHERE model2 = $model2 AND stem BETWEEN $lo_stem AND $hi_stem
+    WHERE model2 = $model2
+        AND in_response_range(stem, response_index, $lo_stem, $lo_index, $hi_stem, $hi_index)
 ) AS s
     USING (stem, response_index, position)
-WHERE p.stem BETWEEN $lo_stem AND $hi_stem
-    AND (p.stem > $lo_stem OR p.response_index >= $lo_index)
-    AND (p.stem < $hi_stem OR p.response_index <= $hi_index)
+WHERE in_response_range(p.stem, p.response_index, $lo_stem, $lo_index, $hi_stem, $hi_index)
 ORDER BY p.stem, p.response_index, p.position;

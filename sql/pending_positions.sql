@@ -4,14 +4,13 @@
 -- responses from ($lo_stem, $lo_index) to ($hi_stem, $hi_index), as klstream asks range by range.
 WITH range_positions AS (
     SELECT * FROM positions
-    WHERE stem BETWEEN $lo_stem AND $hi_stem
-        AND (stem > $lo_stem OR response_index >= $lo_index)
-        AND (stem < $hi_stem OR response_index <= $hi_index)
+    WHERE in_response_range(stem, response_index, $lo_stem, $lo_index, $hi_stem, $hi_index)
 ),
 done AS (
     SELECT stem, response_index, position
     FROM scores_resolved
-    WHERE model2 = $model2 AND status = 'ok' AND stem BETWEEN $lo_stem AND $hi_stem
+    WHERE model2 = $model2 AND status = getvariable('score_ok')
+        AND in_response_range(stem, response_index, $lo_stem, $lo_index, $hi_stem, $hi_index)
 ),
 open_responses AS (
     SELECT DISTINCT stem, response_index

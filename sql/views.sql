@@ -1,23 +1,24 @@
 -- Views over one run directory's Parquet files, for klstream itself and for ad-hoc queries.
--- Paths are relative: run `SET file_search_path = 'RUN_DIR';` first (klstream does; so does the
--- script printed by `klstream views RUN_DIR`), or start duckdb inside RUN_DIR.
+-- File names come from DuckDB variables (positions_file, scores_files, ...) and status values too
+-- (score_ok, kl_error, ...), relative to file_search_path: klstream sets them first, and so does
+-- the script printed by `klstream views RUN_DIR`.
 -- A view whose files do not exist yet (no scores before `klstream score`) is not created.
 
 -- One row per token position of Model 1's responses.
 CREATE OR REPLACE VIEW positions AS
-SELECT * FROM read_parquet('positions.parquet');
+SELECT * FROM read_parquet(getvariable('positions_file'));
 
 -- One row per Model 1 response.
 CREATE OR REPLACE VIEW responses AS
-SELECT * FROM read_parquet('responses.parquet');
+SELECT * FROM read_parquet(getvariable('responses_file'));
 
 -- Responses that `explode --skip-invalid` left out, with the reason.
 CREATE OR REPLACE VIEW skipped AS
-SELECT * FROM read_parquet('skipped.parquet');
+SELECT * FROM read_parquet(getvariable('skipped_file'));
 
 -- Every Model 2 request outcome, all models, all checkpoint parts (a key may repeat).
 CREATE OR REPLACE VIEW scores AS
-SELECT * FROM read_parquet('scores/*/*.parquet', union_by_name = true);
+SELECT * FROM read_parquet(getvariable('scores_files'), union_by_name = true);
 
 -- The outcome that counts for each (model2, key): its newest success, else its newest failure.
 CREATE OR REPLACE VIEW scores_resolved AS
@@ -25,7 +26,7 @@ SELECT * EXCLUDE (resolution_rank)
 FROM (
     SELECT *, row_number() OVER (
         PARTITION BY model2, stem, response_index, position
-        ORDER BY (status = 'ok') DESC, scored_at DESC
+        ORDER BY (status = getvariable('score_ok')) DESC, scored_at DESC
     ) AS resolution_rank
     FROM scores
 )
@@ -33,7 +34,7 @@ WHERE resolution_rank = 1;
 
 -- Per-position estimators for every scored model2 (null where Model 2 has no result).
 CREATE OR REPLACE VIEW kl AS
-SELECT * FROM read_parquet('kl/*.parquet', union_by_name = true);
+SELECT * FROM read_parquet(getvariable('kl_files'), union_by_name = true);
 
 -- Per-response statistics of kl_floor (the spec's KL) and of the other estimators.
 -- std_kl is the population standard deviation, as numpy's default.

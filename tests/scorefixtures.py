@@ -81,5 +81,7 @@ def write_fixture_scores(
     for rows in (first_pass, later_pass):
         for start in range(0, len(rows), rows_per_part):
             chunk = rows[start : start + rows_per_part]
-            write_scores_part(scores_dir, pa.Table.from_pylist(chunk, schema=schemas.SCORES))
+            write_scores_part(
+                RunDir(run_dir), model2, pa.Table.from_pylist(chunk, schema=schemas.SCORES)
+            )
     return lists

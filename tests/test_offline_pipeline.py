@@ -24,7 +24,7 @@ from klstream.metrics import reference
 from klstream.metrics.kl import compute_kl
 from klstream.output.export import export
 from klstream.output.query import run_query
-from klstream.rundir import connect, views_script
+from klstream.database import connect, views_script
 
 MODEL2 = "gemini-fixture-2"
 WORDS = ["The", " cat", " sat", " on", " the", " mat", ".", " A", " dog", " ran", "\n", " é"]
@@ -240,7 +240,7 @@ def test_kl_without_scores_says_what_to_run(tmp_path: Path, inputs: Path):
     run_dir = tmp_path / "run"
     explode(inputs, run_dir)
     result = CliRunner().invoke(main, ["kl", str(run_dir), "--model2", MODEL2])
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert "no Model 2 results" in result.output and "klstream score" in result.output
 
 

@@ -166,7 +166,7 @@ def test_run_is_the_one_shot_pipeline_and_resumes(server, prompts, tmp_path: Pat
     assert kl and all(row["kl_floor"] < 1e-9 for row in kl)  # the same model twice
 
     refused = invoke(*args)
-    assert refused.exit_code == 1 and "--resume" in refused.output
+    assert refused.exit_code == 4 and "--resume" in refused.output
     server.reset_log()
     resumed = invoke(*args, "--resume")
     assert resumed.exit_code == 0, resumed.output

@@ -42,7 +42,8 @@ from klstream.input.explode import explode
 from klstream.metrics import reference
 from klstream.rundir import RunDir
 from klstream.scoring.caller import Caller, CallStats, RetryPolicy
-from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score_run
+from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats
+from klstream.scoring.score import score as score_run
 from klstream.scoring.throttle import AdaptiveLimiter
 
 if TYPE_CHECKING:
@@ -351,7 +352,7 @@ def test_a_signal_stops_the_run_with_everything_it_counted_saved(
     process.send_signal(signum)
     stdout, stderr = process.communicate()
 
-    assert process.returncode == 1, stderr
+    assert process.returncode == 6, stderr
     assert f"stopped early: stopped by {signum.name}" in stderr
     counted = re.search(r"(\d+) scored, 0 failed", stdout)
     assert counted, stdout
@@ -503,12 +504,14 @@ def test_the_cli_says_why_it_stopped_and_how_to_resume(
     emulator.set_faults(FaultConfig(rate_503=1.0))
     result = score_cli(run_dir, emulator, MODEL2, "--max-retries", "0")
 
-    assert result.exit_code == 1
+    assert result.exit_code == 6
     assert "stopped early: the first 2 requests all failed; the last said: 503 UNAVAILABLE" in (
         result.stderr
     )
     assert f"{len(toy_inputs.positions)} positions remain unscored" in result.stderr
-    assert f"--model2 {MODEL2} --resume" in result.stderr
+    resume = result.stderr.split("continue with: ")[1].strip()
+    assert f"score {run_dir} --model2 {MODEL2} --base-url {emulator.base_url}" in resume
+    assert resume.endswith("--max-retries 0 --resume")
     assert emulator.stats()["total"] == 2
 
 
@@ -573,7 +576,7 @@ def test_a_thinking_model_stops_at_once_without_a_budget_and_scores_with_budget_
     run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
 ) -> None:
     result = score_cli(run_dir, emulator, "toy-thinking", "--thinking-budget", "none")
-    assert result.exit_code == 1
+    assert result.exit_code == 5
     assert "thinking" in result.stderr and "--thinking-budget 0" in result.stderr
     assert emulator.stats()["total"] == 1
     assert parquet_files(run_dir, "toy-thinking") == []
@@ -587,7 +590,7 @@ def test_a_model_that_rejects_prefill_stops_at_once(
     run_dir: Path, emulator: EmulatorServer
 ) -> None:
     result = score_cli(run_dir, emulator, "toy-noprefill")
-    assert result.exit_code == 1
+    assert result.exit_code == 5
     assert "trailing model turn" in result.stderr and "prefill" in result.stderr
     assert emulator.stats()["total"] <= 3
     assert all(
@@ -634,7 +637,7 @@ def test_the_api_key_is_never_written_or_printed(
         env=subprocess_env(GEMINI_API_KEY=secret),
         check=False,
     )
-    assert failing.returncode == 1, failing.stderr
+    assert failing.returncode == 6, failing.stderr
     errors = [r["error"] for r in score_rows(run_dir) if r["status"] == schemas.SCORE_ERROR]
     assert errors, "the faults should have left failures in the error column"
 
@@ -672,12 +675,12 @@ def test_scoring_again_needs_resume_or_overwrite_and_resume_keeps_the_config(
     emulator.reset_log()
 
     again = score_cli(run_dir, emulator)
-    assert again.exit_code == 1
+    assert again.exit_code == 4
     assert "--resume" in again.stderr and "--overwrite" in again.stderr
 
     other_k = score_cli(run_dir, emulator, MODEL2, "--resume", "--top-logprobs", "5")
-    assert other_k.exit_code == 1
-    assert "--resume refused" in other_k.stderr
+    assert other_k.exit_code == 4
+    assert "differs from the one recorded" in other_k.stderr
     assert "top_logprobs: recorded 20, now 5" in other_k.stderr
 
     assert snapshot(run_dir) == before
@@ -726,7 +729,7 @@ def test_the_vertex_backend_scores_through_its_regional_path(
     assert all("/projects/p/locations/us-central1/" in r.path for r in emulator.requests)
 
     as_gemini = score_cli(run_dir, emulator, MODEL2, "--resume")
-    assert as_gemini.exit_code == 1
+    assert as_gemini.exit_code == 4
     assert "backend: recorded 'vertex', now 'gemini'" in as_gemini.stderr
 
 
@@ -776,14 +779,9 @@ def test_scoring_range_by_range_asks_for_every_position_once(
     run_dir: Path,
     emulator: EmulatorServer,
     toy_inputs: ToyInputs,
-    monkeypatch: pytest.MonkeyPatch,
 ):
     """Pending positions are read a few responses at a time; none is skipped or repeated."""
-    import klstream.scoring.score as score_module
-    from klstream.rundir import response_ranges
-
-    monkeypatch.setattr(score_module, "response_ranges", lambda con: response_ranges(con, 7))
-    report = score(run_dir, emulator, max_concurrent=4)
+    report = score(run_dir, emulator, max_concurrent=4, range_positions=7)
     assert report.remaining == 0
     assert requested(emulator) == identities(toy_inputs)
     assert_server_values(run_dir, MODEL2, toy_inputs)

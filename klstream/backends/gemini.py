@@ -19,7 +19,14 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from klstream.errors import KlstreamError
+from klstream.errors import (
+    AuthenticationError,
+    MissingCredentials,
+    ModelNotFound,
+    PrefillRejected,
+    ThinkingNotDisabled,
+    ThinkingRejected,
+)
 
 Backend = Literal["gemini", "vertex"]
 API_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
@@ -29,7 +36,6 @@ PLACEHOLDER_KEY = "no-key-needed-for-this-base-url"
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-RUN_ENDING_STATUS = frozenset({401, 403, 404})
 
 
 @dataclass(frozen=True)
@@ -67,17 +73,13 @@ def endpoint_from_environment(
     if backend == "vertex":
         project = project_id or os.environ.get(PROJECT_VARIABLE)
         if not project:
-            raise KlstreamError(
-                f"--backend vertex needs a Google Cloud project: pass --project-id or set "
-                f"{PROJECT_VARIABLE}"
-            )
+            raise MissingCredentials(f"Vertex AI needs a Google Cloud project ({PROJECT_VARIABLE})")
         return Endpoint("vertex", None, project, location, base_url, timeout_s)
     api_key = next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), None)
     if api_key is None:
         if base_url is None:
-            raise KlstreamError(
-                "the Gemini Developer API needs an API key: set GEMINI_API_KEY (or "
-                "GOOGLE_API_KEY), or use --backend vertex, or point --base-url at a local server"
+            raise MissingCredentials(
+                "the Gemini Developer API needs an API key in GEMINI_API_KEY (or GOOGLE_API_KEY)"
             )
         api_key = PLACEHOLDER_KEY
     return Endpoint("gemini", api_key, None, location, base_url, timeout_s)
@@ -146,10 +148,6 @@ class RetryableAnswer(Exception):
     """A 200 answer that cannot be used but may be fine next time (no logprobs, say)."""
 
 
-class ModelCannotScore(KlstreamError):
-    """The model, as configured, can never give what scoring needs: stop the run, say why."""
-
-
 @dataclass(frozen=True)
 class Candidate:
     token: str
@@ -205,15 +203,11 @@ def parse_answer(response: types.GenerateContentResponse, thinking_budget: int |
     if not top_steps:
         thoughts = (body.get("usageMetadata") or {}).get("thoughtsTokenCount")
         if thoughts and not result:
-            hint = (
-                "pass --thinking-budget 0"
-                if thinking_budget is None
-                else "this model does not honour a thinking budget of "
-                f"{thinking_budget}; use a model whose thinking can be switched off"
-            )
-            raise ModelCannotScore(
+            raise ThinkingNotDisabled(
                 f"the model spent its output tokens on thinking ({thoughts} thought tokens, "
-                f"finish reason {finish}) and returned no logprobs: {hint}"
+                f"finish reason {finish}) and returned no logprobs with a thinking budget of "
+                f"{thinking_budget}",
+                thinking_budget,
             )
         raise RetryableAnswer(
             f"answer without logprobs (finish reason {finish}); the model may not support "
@@ -237,29 +231,30 @@ _THINKING_REJECTED = re.compile(r"thinking|budget", re.IGNORECASE)
 
 
 def classify_api_error(error: genai_errors.APIError, thinking_budget: int | None) -> str:
-    """``retry``, ``fail`` (this position only) or raise :class:`ModelCannotScore`/Klstream."""
+    """``retry``, ``fail`` (this position only), or raise an
+    :class:`~klstream.errors.EndpointError` that ends the run."""
     code = error.code or 0
     message = error.message or str(error)
     if code in RETRIED_STATUS:
         return "retry"
     if code == 400 and _PREFILL_REJECTED.search(message):
-        raise ModelCannotScore(
+        raise PrefillRejected(
             f"the model rejects a trailing model turn ({code}: {message}). Scoring needs "
             "prefill: the prompt, then Model 1's tokens so far as the model's own turn. "
             "Choose a Model 2 that accepts it."
         )
     if code == 400 and thinking_budget is not None and _THINKING_REJECTED.search(message):
-        raise ModelCannotScore(
-            f"the model rejects the thinking configuration ({code}: {message}); try "
-            "--thinking-budget none (send no thinking config) or another model"
+        raise ThinkingRejected(f"the model rejects the thinking configuration ({code}: {message})")
+    if code in (401, 403):
+        what = "authentication failed" if code == 401 else "permission denied"
+        raise AuthenticationError(
+            f"{what} ({code} {error.status}: {message}); no request can succeed"
         )
-    if code in RUN_ENDING_STATUS:
-        what = {
-            401: "authentication failed",
-            403: "permission denied",
-            404: "model or endpoint not found",
-        }[code]
-        raise KlstreamError(f"{what} ({code} {error.status}: {message}); no request can succeed")
+    if code == 404:
+        raise ModelNotFound(
+            f"model or endpoint not found ({code} {error.status}: {message}); "
+            "no request can succeed"
+        )
     return "fail"
 
 

@@ -1,9 +1,9 @@
 """The spec's step 1: sample Model 1's responses with their logprobs, in the spec's input format.
 
 Requests go through the same client, retry policy and adaptive concurrency as scoring
-(:mod:`klstream.scoring.caller`). One file per prompt, ``<model>_prompt_<i>.json``, written atomically once
-all its samples are in; a prompt whose file exists is skipped, so re-running after a failure or an
-interruption asks only for what is missing.
+(:mod:`klstream.scoring.caller`). One file per prompt, ``<model>_prompt_<i>.json``, written
+atomically once all its samples are in; a prompt whose file exists is skipped, so re-running after
+a failure or an interruption asks only for what is missing.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from klstream.atomic import write_text_atomic
 from klstream.backends.gemini import Answer, Endpoint, generation_config, prefill_contents
 from klstream.errors import InputError, KlstreamError
+from klstream.loop import run_blocking
 from klstream.rundir import model2_dirname
 from klstream.scoring.caller import CallStats, Outcome, RetryPolicy, open_caller
 
@@ -98,6 +99,8 @@ def output_path(output_dir: Path, model: str, index: int, count: int) -> Path:
 async def sample_async(
     prompts: list[str], output_dir: Path, options: SampleOptions, endpoint: Endpoint
 ) -> SampleReport:
+    """Sample ``options.num_samples`` responses per prompt into one spec-format file each;
+    prompts whose file exists are skipped unless ``options.overwrite``."""
     report = SampleReport()
     todo = []
     for index in range(len(prompts)):
@@ -157,5 +160,6 @@ async def sample_async(
 def sample(
     prompts_path: Path, output_dir: Path, options: SampleOptions, endpoint: Endpoint
 ) -> SampleReport:
+    """:func:`sample_async` over the prompts in ``prompts_path``, blocking."""
     prompts = read_prompts(prompts_path)
-    return asyncio.run(sample_async(prompts, output_dir, options, endpoint))
+    return run_blocking(sample_async(prompts, output_dir, options, endpoint))

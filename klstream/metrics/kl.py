@@ -1,7 +1,7 @@
 """The KL pass: positions ⨝ resolved Model 2 scores → ``kl/<model2>.parquet`` (schema ``KL``).
 
 DuckDB streams the join in key order as Arrow record batches, one range of responses at a time
-(:func:`klstream.rundir.response_ranges`); each batch goes through the vectorized estimators
+(:func:`klstream.database.ranged`); each batch goes through the vectorized estimators
 and is appended to the output, so memory stays bounded by the range and batch sizes whatever
 the size of the run. The output is written to a temporary name and renamed into place.
 """
@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 
 from klstream import schemas
 from klstream.atomic import atomic_path
-from klstream.errors import KlstreamError
+from klstream.database import RANGE_POSITIONS, connect, ranged
+from klstream.errors import NoResults
 from klstream.metrics.estimators import SideColumns, estimate, keyed_sides, model1_only
-from klstream.rundir import RANGE_POSITIONS, RunDir, connect, response_ranges
-from klstream.sqlfiles import load_sql
+from klstream.rundir import RunDir
 
 DEFAULT_BATCH_ROWS = 16_384
 """Measured best with two worker threads (bench/kl_bench.py): smaller batches spend more time
@@ -164,27 +164,24 @@ def compute_kl(
     one range of responses at a time."""
     run = RunDir(run_dir)
     run.require_exploded()
-    if not any(run.scores_dir(model2).glob("*.parquet")):
-        raise KlstreamError(
-            f"no Model 2 results for {model2!r} in {run.scores_dir(model2)}; "
-            f"run `klstream score {run_dir} --model2 {model2}` first"
-        )
-    con = connect(run_dir)
-    sql = load_sql("kl_inputs")
-
-    def inputs() -> Iterator[pa.RecordBatch]:
-        for response_range in response_ranges(con, range_positions):
-            params = {"model2": model2, **response_range.params()}
-            yield from con.sql(sql, params=params).to_arrow_reader(batch_rows)
-
+    if not run.has_scores(model2):
+        raise NoResults(f"no Model 2 results for {model2!r} in {run.scores_dir(model2)}")
     counts: Counter[str] = Counter()
     final = run.kl_path(model2)
-    with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schemas.KL, compression="zstd") as out:
-        for result in score_batches(inputs(), model2):
+    with (
+        connect(run_dir) as con,
+        atomic_path(final) as tmp,
+        pq.ParquetWriter(tmp, schemas.KL, compression="zstd") as out,
+    ):
+        inputs = (
+            batch
+            for relation in ranged(con, "kl_inputs", {"model2": model2}, range_positions)
+            for batch in relation.to_arrow_reader(batch_rows)
+        )
+        for result in score_batches(inputs, model2):
             out.write_batch(result)
             for entry in pc.value_counts(result.column("status")).to_pylist():
                 counts[entry["values"]] += entry["counts"]
-    con.close()
     return KlReport(
         path=final,
         positions=sum(counts.values()),

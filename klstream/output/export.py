@@ -18,11 +18,10 @@ from typing import Any
 import duckdb
 
 from klstream.atomic import commit, temporary_sibling, write_text_atomic
-from klstream.errors import KlstreamError
-from klstream.rundir import RANGE_POSITIONS, RunDir, connect, response_ranges, view_names
+from klstream.database import RANGE_POSITIONS, connect, ranged, view_names
+from klstream.errors import AmbiguousModel2, NoResults
+from klstream.rundir import ExportDir
 from klstream.sqlfiles import load_sql
-
-SUMMARY_FILE = "summary.json"
 
 _SPEC_RESPONSE_KEYS = ("text", "num_tokens", "kl_per_token", "token_details", "statistics")
 _EXTRA_RESPONSE_KEYS = ("response_index", "tokens_match_text", "unscored_positions")
@@ -47,29 +46,24 @@ def resolve_model2(con: duckdb.DuckDBPyConnection, run_dir: Path, model2: str | 
     available = scored_models(con)
     if model2 is not None:
         if model2 not in available:
-            raise KlstreamError(
+            raise NoResults(
                 f"{run_dir} has no KL results for model2 {model2!r} "
-                f"(available: {', '.join(available) or 'none'}); run `klstream score` first"
+                f"(available: {', '.join(available) or 'none'})"
             )
         return model2
     if len(available) == 1:
         return available[0]
     if not available:
-        raise KlstreamError(f"{run_dir} has no KL results yet; run `klstream score` first")
-    raise KlstreamError(
-        f"{run_dir} has KL results for several models ({', '.join(available)}); "
-        "choose one with --model2"
-    )
+        raise NoResults(f"{run_dir} has no KL results yet")
+    raise AmbiguousModel2(f"{run_dir} has KL results for several models ({', '.join(available)})")
 
 
 def _response_rows(
     con: duckdb.DuckDBPyConnection, model2: str, range_positions: int
 ) -> Iterator[dict[str, Any]]:
     """Export rows in key order, one range of responses at a time to bound DuckDB's memory."""
-    sql = load_sql("export_responses")
-    for response_range in response_ranges(con, range_positions):
-        params = {"model2": model2, **response_range.params()}
-        for batch in con.sql(sql, params=params).to_arrow_reader(256):
+    for relation in ranged(con, "export_responses", {"model2": model2}, range_positions):
+        for batch in relation.to_arrow_reader(256):
             yield from batch.to_pylist()
 
 
@@ -146,6 +140,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
+def summary(run_dir: Path, model2: str | None = None) -> dict[str, Any]:
+    """Run-level figures for one Model 2 (the only one when ``model2`` is None)."""
+    with connect(run_dir) as con:
+        return summarize(con, resolve_model2(con, run_dir, model2))
+
+
 def export(
     run_dir: Path,
     output_dir: Path,
@@ -153,32 +153,30 @@ def export(
     range_positions: int = RANGE_POSITIONS,
 ) -> ExportReport:
     """Write one ``<stem>_kl.json`` per input file and ``summary.json`` into ``output_dir``."""
-    RunDir(run_dir).require_exploded()
-    con = connect(run_dir)
-    chosen = resolve_model2(con, run_dir, model2)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    exports = ExportDir(output_dir)
     written: list[tuple[Path, Path]] = []
-    try:
-        rows_in_order = _response_rows(con, chosen, range_positions)
-        for stem, rows in groupby(rows_in_order, key=lambda row: row["stem"]):
-            final = output_dir / f"{stem}_kl.json"
-            tmp = temporary_sibling(final)
-            written.append((tmp, final))
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(
-                    file_document(chosen, list(rows)),
-                    handle,
-                    ensure_ascii=False,
-                    allow_nan=False,
-                    indent=1,
-                )
-        for tmp, final in written:
-            commit(tmp, final)
-    finally:
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
-    summary = summarize(con, chosen)
-    con.close()
-    summary_path = output_dir / SUMMARY_FILE
-    write_text_atomic(summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    return ExportReport(chosen, [final for _, final in written], summary, summary_path)
+    with connect(run_dir) as con:
+        chosen = resolve_model2(con, run_dir, model2)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            rows_in_order = _response_rows(con, chosen, range_positions)
+            for stem, rows in groupby(rows_in_order, key=lambda row: row["stem"]):
+                final = exports.kl_json(stem)
+                tmp = temporary_sibling(final)
+                written.append((tmp, final))
+                with open(tmp, "w", encoding="utf-8") as handle:
+                    json.dump(
+                        file_document(chosen, list(rows)),
+                        handle,
+                        ensure_ascii=False,
+                        allow_nan=False,
+                        indent=1,
+                    )
+            for tmp, final in written:
+                commit(tmp, final)
+        finally:
+            for tmp, _ in written:
+                tmp.unlink(missing_ok=True)
+        run_summary = summarize(con, chosen)
+    write_text_atomic(exports.summary, json.dumps(run_summary, indent=2, allow_nan=False) + "\n")
+    return ExportReport(chosen, [final for _, final in written], run_summary, exports.summary)

@@ -12,8 +12,8 @@ from typing import Literal
 import duckdb
 
 from klstream.atomic import atomic_path
-from klstream.errors import KlstreamError
-from klstream.rundir import connect
+from klstream.database import connect
+from klstream.errors import QueryError
 
 OutputFormat = Literal["table", "csv", "json", "parquet"]
 
@@ -46,28 +46,34 @@ def run_query(
     With ``output``, ``table`` means CSV. JSON is one object per line.
     """
     if output_format == "parquet" and output is None:
-        raise KlstreamError("--format parquet needs an output file (-o FILE)")
-    con = connect(run_dir)
-    try:
-        relation = con.sql(sql)
-        if relation is None:
-            return ""
-        if output is not None:
-            with atomic_path(output) as tmp:
-                _write(relation, output_format, tmp)
-            return f"wrote {output}"
-        if output_format == "table":
-            rendered = io.StringIO()
-            with contextlib.redirect_stdout(rendered):
-                relation.show(max_rows=max_rows, max_width=200)
-            return rendered.getvalue().rstrip("\n")
-        if output_format == "json":
-            return "\n".join(_json_lines(relation))
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / "result.csv"
-            relation.write_csv(str(path))
-            return path.read_text(encoding="utf-8").rstrip("\n")
-    except duckdb.Error as error:
-        raise KlstreamError(f"query failed: {error}") from error
-    finally:
-        con.close()
+        raise QueryError("parquet output needs an output file")
+    with connect(run_dir) as con:
+        try:
+            return _render(con.sql(sql), output_format, output, max_rows)
+        except duckdb.Error as error:
+            raise QueryError(f"query failed: {error}") from error
+
+
+def _render(
+    relation: duckdb.DuckDBPyRelation | None,
+    output_format: OutputFormat,
+    output: Path | None,
+    max_rows: int,
+) -> str:
+    if relation is None:
+        return ""
+    if output is not None:
+        with atomic_path(output) as tmp:
+            _write(relation, output_format, tmp)
+        return f"wrote {output}"
+    if output_format == "table":
+        rendered = io.StringIO()
+        with contextlib.redirect_stdout(rendered):
+            relation.show(max_rows=max_rows, max_width=200)
+        return rendered.getvalue().rstrip("\n")
+    if output_format == "json":
+        return "\n".join(_json_lines(relation))
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "result.csv"
+        relation.write_csv(str(path))
+        return path.read_text(encoding="utf-8").rstrip("\n")

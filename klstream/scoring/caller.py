@@ -143,7 +143,8 @@ class Caller:
             error = self.endpoint.redact(describe(failure))
         except KlstreamError as fatal:
             # Run-ending errors quote the server; the key must not reach the user's terminal.
-            raise type(fatal)(self.endpoint.redact(str(fatal))) from None
+            fatal.args = (self.endpoint.redact(str(fatal)),)
+            raise fatal from None
         attempts = int(retrying.statistics.get("attempt_number", 1))
         return Outcome(answer, error, attempts, (time.monotonic() - started) * 1000)
 

@@ -1,4 +1,4 @@
-"""Append-only checkpoint parts of Model 2 results: ``scores/<model2>/part-*.parquet``.
+"""Append-only checkpoint parts of Model 2 results (:meth:`klstream.rundir.RunDir.new_part`).
 
 Each part is written whole to a temporary name, fsynced and renamed, so a crash loses at most
 the batch being written and never leaves a corrupt part. Part names sort in write order.
@@ -6,9 +6,6 @@ the batch being written and never leaves a corrupt part. Part names sort in writ
 
 from __future__ import annotations
 
-import itertools
-import os
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,19 +13,13 @@ import pyarrow.parquet as pq
 
 from klstream import schemas
 from klstream.atomic import atomic_path
-
-_sequence = itertools.count()
-
-
-def part_name() -> str:
-    """A unique name that sorts by creation time across processes and restarts."""
-    return f"part-{time.time_ns():020d}-{os.getpid()}-{next(_sequence):06d}.parquet"
+from klstream.rundir import RunDir
 
 
-def write_scores_part(scores_dir: Path, rows: pa.Table) -> Path:
+def write_scores_part(run: RunDir, model2: str, rows: pa.Table) -> Path:
     """Durably add ``rows`` (schema ``SCORES``) as a new part file and return its path."""
     table = rows.cast(schemas.SCORES)
-    final = scores_dir / part_name()
+    final = run.new_part(model2)
     with atomic_path(final) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return final

@@ -2,8 +2,8 @@
 
 DuckDB lists the positions that still lack a successful result (``sql/pending_positions.sql``),
 so a resumed run asks only for what is missing. Worker tasks share an adaptive limiter
-(:mod:`klstream.scoring.throttle`); each request is retried by tenacity on transient failures, waiting
-as long as the server asks (RetryInfo / Retry-After) or longer. Outcomes are checkpointed as
+(:mod:`klstream.scoring.throttle`); each request is retried by tenacity on transient failures,
+waiting as long as the server asks (RetryInfo / Retry-After) or longer. Outcomes are checkpointed as
 Parquet parts (:mod:`klstream.scoring.checkpoint`) every ``checkpoint_rows`` results or
 ``checkpoint_seconds``. A model that can never answer as needed (no prefill, thinking that
 cannot be switched off, wrong credentials) stops the run at the first sign, not after thousands
@@ -30,14 +30,20 @@ import pyarrow as pa
 from klstream import __version__, schemas
 from klstream.atomic import write_text_atomic
 from klstream.backends.gemini import Endpoint, generation_config, prefill_contents
-from klstream.errors import KlstreamError
+from klstream.database import RANGE_POSITIONS, connect, ranged
+from klstream.errors import ResultsExist, RunConfigMismatch
+from klstream.loop import run_blocking
 from klstream.metrics.kl import KlReport, compute_kl
-from klstream.rundir import ResponseRange, RunDir, connect, response_ranges
+from klstream.rundir import RunDir
 from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, open_caller
 from klstream.scoring.checkpoint import write_scores_part
 from klstream.sqlfiles import load_sql
 
-RUN_CONFIG_FILE = "run.json"
+RESULTS_FORMAT = 1
+"""Version of what a stored result means. It changes only when results written by one release
+cannot be mixed with another's; a resumed run compares it, never the package version."""
+RESULT_PARAMETERS = ("results_format", "model2", "top_logprobs", "backend", "thinking_budget")
+"""The recorded parameters that change results: a resumed run must share every one."""
 
 
 @dataclass(frozen=True)
@@ -52,15 +58,18 @@ class ScoreOptions:
     resume: bool = False
     overwrite: bool = False
     max_consecutive_failures: int = 50
+    range_positions: int = RANGE_POSITIONS
+    """Positions of whole responses read from DuckDB at once (bounds its memory)."""
 
     def recorded(self, endpoint: Endpoint) -> dict[str, Any]:
-        """What a resumed run must share with the original for its results to be comparable."""
+        """``run.json``: the parameters that change results, and the version that wrote them."""
         return {
+            "results_format": RESULTS_FORMAT,
             "model2": self.model2,
             "top_logprobs": self.top_logprobs,
             "backend": endpoint.backend,
             "thinking_budget": self.thinking_budget,
-            "tool_version": __version__,
+            "written_by": __version__,
         }
 
 
@@ -99,32 +108,29 @@ class WorkItem:
 def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) -> None:
     """Refuse to mix results of different configurations under one model2."""
     scores_dir = run.scores_dir(options.model2)
-    has_parts = any(scores_dir.glob("part-*.parquet"))
-    config_path = scores_dir / RUN_CONFIG_FILE
+    has_parts = run.has_scores(options.model2)
+    config_path = run.run_config(options.model2)
+    wanted = options.recorded(endpoint)
     if has_parts and options.overwrite:
         shutil.rmtree(scores_dir)
         run.kl_path(options.model2).unlink(missing_ok=True)
     elif has_parts and not options.resume:
-        raise KlstreamError(
-            f"{scores_dir} already holds results for {options.model2!r}: pass --resume to "
-            "continue that run, or --overwrite to discard it and start again"
+        raise ResultsExist(
+            f"{scores_dir} already holds results for {options.model2!r}", options.model2
         )
     elif has_parts and config_path.is_file():
         recorded = json.loads(config_path.read_text(encoding="utf-8"))
-        wanted = options.recorded(endpoint)
+        # Runs written before results_format existed stored results of format 1.
+        recorded.setdefault("results_format", 1)
         differences = [
-            f"{key}: recorded {recorded.get(key)!r}, now {value!r}"
-            for key, value in wanted.items()
-            if recorded.get(key) != value
+            f"{key}: recorded {recorded.get(key)!r}, now {wanted[key]!r}"
+            for key in RESULT_PARAMETERS
+            if recorded.get(key) != wanted[key]
         ]
         if differences:
-            raise KlstreamError(
-                f"--resume refused: this run's configuration differs from the one recorded in "
-                f"{config_path} ({'; '.join(differences)}). Use the recorded settings, or "
-                "--overwrite to start again"
-            )
+            raise RunConfigMismatch(config_path, differences)
     scores_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(config_path, json.dumps(options.recorded(endpoint), indent=2) + "\n")
+    write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
 
 
 def result_row(item: WorkItem, model2: str, outcome: Outcome) -> dict[str, Any]:
@@ -164,8 +170,8 @@ def result_row(item: WorkItem, model2: str, outcome: Outcome) -> dict[str, Any]:
 class _Checkpointer:
     """Buffers result rows and writes them as a part every N rows or T seconds."""
 
-    def __init__(self, scores_dir: Path, rows: int, seconds: float) -> None:
-        self.scores_dir, self.rows, self.seconds = scores_dir, rows, seconds
+    def __init__(self, run: RunDir, model2: str, rows: int, seconds: float) -> None:
+        self.run, self.model2, self.rows, self.seconds = run, model2, rows, seconds
         self.buffer: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
         self.lock = asyncio.Lock()
@@ -185,7 +191,7 @@ class _Checkpointer:
                 # The rows have left the buffer: a cancelled caller (a stop, SIGINT) must not
                 # cancel their write, which close() waits for instead.
                 write = asyncio.get_running_loop().run_in_executor(
-                    None, write_scores_part, self.scores_dir, table
+                    None, write_scores_part, self.run, self.model2, table
                 )
                 self.writes.add(write)
                 write.add_done_callback(self.writes.discard)
@@ -213,7 +219,8 @@ class _Scorer:
         self.options, self.endpoint, self.stats = options, endpoint, stats
         self.on_progress = on_progress
         self.checkpoint = _Checkpointer(
-            RunDir(run_dir).scores_dir(options.model2),
+            RunDir(run_dir),
+            options.model2,
             options.checkpoint_rows,
             options.checkpoint_seconds,
         )
@@ -322,35 +329,30 @@ def _response_items(rows: list[dict[str, Any]]) -> list[WorkItem]:
     ]
 
 
-async def _pending_items(run_dir: Path, model2: str) -> AsyncIterator[WorkItem]:
+async def _pending_items(
+    run_dir: Path, model2: str, range_positions: int
+) -> AsyncIterator[WorkItem]:
     """Stream the positions without a successful result, in key order, with their requests.
 
-    One range of whole responses at a time (:func:`klstream.rundir.response_ranges`), read in a
-    worker thread, so neither memory nor the event loop depends on the size of the run.
+    One range of whole responses at a time (:func:`klstream.database.ranged`), read in a worker
+    thread, so neither memory nor the event loop depends on the size of the run.
     """
-    con = connect(run_dir)
-    sql = load_sql("pending_positions")
+    with connect(run_dir) as con:
+        ranges = ranged(con, "pending_positions", {"model2": model2}, range_positions)
 
-    def range_rows(response_range: ResponseRange) -> list[dict[str, Any]]:
-        params = {"model2": model2, **response_range.params()}
-        return con.sql(sql, params=params).to_arrow_table().to_pylist()
+        def next_range_rows() -> list[dict[str, Any]] | None:
+            relation = next(ranges, None)
+            return None if relation is None else relation.to_arrow_table().to_pylist()
 
-    try:
-        for response_range in await asyncio.to_thread(response_ranges, con):
-            rows = await asyncio.to_thread(range_rows, response_range)
+        while (rows := await asyncio.to_thread(next_range_rows)) is not None:
             for _, response in groupby(rows, key=lambda r: (r["stem"], r["response_index"])):
                 for item in _response_items(list(response)):
                     yield item
-    finally:
-        con.close()
 
 
 def _count_pending(run_dir: Path, model2: str) -> tuple[int, int]:
-    con = connect(run_dir)
-    try:
+    with connect(run_dir) as con:
         counts = con.execute(load_sql("pending_count"), {"model2": model2}).fetchone()
-    finally:
-        con.close()
     assert counts is not None
     return int(counts[0]), int(counts[1])
 
@@ -380,7 +382,7 @@ async def score_async(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop_on, signum)
     try:
-        await scorer.run(_pending_items(run_dir, options.model2))
+        await scorer.run(_pending_items(run_dir, options.model2, options.range_positions))
     except _Stop as stop:
         stopped = str(stop)
     except asyncio.CancelledError as cancelled:
@@ -399,10 +401,11 @@ async def score_async(
     return ScoreReport(stats=stats, remaining=remaining, kl=kl, stopped_because=stopped)
 
 
-def score_run(
+def score(
     run_dir: Path,
     options: ScoreOptions,
     endpoint: Endpoint,
     on_progress: Callable[[ScoreStats], None] | None = None,
 ) -> ScoreReport:
-    return asyncio.run(score_async(run_dir, options, endpoint, on_progress))
+    """:func:`score_async`, blocking; inside a running event loop (Jupyter) it runs in a thread."""
+    return run_blocking(score_async(run_dir, options, endpoint, on_progress))

@@ -1,0 +1,83 @@
+"""The whole dataflow in one call: explode → score (→ KL pass) → export.
+
+``klstream run`` is this function behind click; a notebook calls :func:`run` or awaits
+:func:`run_async`. The run directory lives inside the output directory
+(:attr:`klstream.rundir.ExportDir.workspace`), so one folder holds the spec's files and the
+Parquet tables they came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from klstream.backends.gemini import Endpoint
+from klstream.errors import RunExists
+from klstream.input.explode import ExplodeReport, explode
+from klstream.loop import run_blocking
+from klstream.output.export import ExportReport, export
+from klstream.rundir import ExportDir
+from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score_async
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What to read and how to score it."""
+
+    score: ScoreOptions
+    pattern: str = "*.json"
+    max_files: int | None = None
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What each stage did. ``exported`` is None while positions remain unscored."""
+
+    run_dir: Path
+    exploded: ExplodeReport | None
+    """None when an earlier run's positions were reused (resume)."""
+    scored: ScoreReport
+    exported: ExportReport | None
+
+
+async def run_async(
+    input_dir: Path,
+    output_dir: Path,
+    options: RunOptions,
+    endpoint: Endpoint,
+    on_progress: Callable[[ScoreStats], None] | None = None,
+    on_exploded: Callable[[ExplodeReport], None] | None = None,
+) -> RunReport:
+    """Explode ``input_dir`` (unless resuming), score every position, export when complete."""
+    run = ExportDir(output_dir).workspace
+    exploded: ExplodeReport | None = None
+    if run.is_exploded():
+        if not (options.score.resume or options.score.overwrite):
+            raise RunExists(f"{run.root} already holds a run")
+    else:
+        exploded = await asyncio.to_thread(
+            explode, input_dir, run.root, pattern=options.pattern, max_files=options.max_files
+        )
+        if on_exploded is not None:
+            on_exploded(exploded)
+    scored = await score_async(run.root, options.score, endpoint, on_progress)
+    exported = None
+    if not scored.remaining:
+        exported = await asyncio.to_thread(export, run.root, output_dir, options.score.model2)
+    return RunReport(run.root, exploded, scored, exported)
+
+
+def run(
+    input_dir: Path,
+    output_dir: Path,
+    options: RunOptions,
+    endpoint: Endpoint,
+    on_progress: Callable[[ScoreStats], None] | None = None,
+    on_exploded: Callable[[ExplodeReport], None] | None = None,
+) -> RunReport:
+    """:func:`run_async`, blocking; inside a running event loop it runs in a thread."""
+    return run_blocking(
+        run_async(input_dir, output_dir, options, endpoint, on_progress, on_exploded)
+    )
