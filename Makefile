@@ -20,4 +20,5 @@ bench: install
 
 lint: install
 	$(UV) run ruff check klstream tests bench examples
-	$(UV) run mypy klstream
+	$(UV) run ruff format --check klstream tests bench examples
+	$(UV) run mypy --strict klstream tests

@@ -8,6 +8,7 @@ is the real CLI, run as a subprocess, so the printed commands can be copied.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -20,9 +21,14 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "demo"
 
 
+def shown(path: Path) -> str:
+    """``path`` as the user can type it from where they ran the demo."""
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def klstream(*args: str) -> None:
     command = [sys.executable, "-m", "klstream", *args]
-    print(f"\n$ klstream {shlex.join(args)}", flush=True)
+    print(f"\n$ uv run klstream {shlex.join(args)}", flush=True)
     subprocess.run(command, check=True)
 
 
@@ -36,7 +42,7 @@ def main() -> None:
         klstream(
             "sample",
             "--prompts",
-            str(HERE / "prompts.txt"),
+            shown(HERE / "prompts.txt"),
             "--model",
             "toy",
             "--num-samples",
@@ -46,16 +52,16 @@ def main() -> None:
             "--seed",
             "1",
             "-o",
-            str(OUT / "responses"),
+            shown(OUT / "responses"),
             "--base-url",
             server.base_url,
         )
         klstream(
             "run",
             "--input-dir",
-            str(OUT / "responses"),
+            shown(OUT / "responses"),
             "--output-dir",
-            str(OUT / "kl"),
+            shown(OUT / "kl"),
             "--model2",
             "toy-d0.5",
             "--max-concurrent",
@@ -64,12 +70,10 @@ def main() -> None:
             server.base_url,
         )
         print(f"\nthe emulator answered {server.stats()['total']} requests")
-    print(f"\n_kl.json files: {OUT / 'kl'}")
-    print(f"per-token Parquet for DuckDB/pandas/polars: {OUT / 'kl' / 'run'}")
-    print(
-        f'try: klstream query {OUT / "kl" / "run"} "SELECT token, kl_floor FROM kl '
-        'ORDER BY kl_floor DESC LIMIT 5"'
-    )
+    print(f"\n_kl.json files: {shown(OUT / 'kl')}")
+    print(f"per-token Parquet for DuckDB/pandas/polars: {shown(OUT / 'kl' / 'run')}")
+    query = "SELECT token, kl_floor FROM kl ORDER BY kl_floor DESC LIMIT 5"
+    print(f"try: uv run klstream query {shlex.join([shown(OUT / 'kl' / 'run'), query])}")
 
 
 if __name__ == "__main__":
