@@ -24,7 +24,7 @@ from google.genai import errors, types
 
 from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
 from klstream.emulator.command import emulate_command
-from klstream.emulator.server import NOPREFILL_MESSAGE
+from klstream.emulator.protocol import NOPREFILL_MESSAGE
 from klstream.emulator.toymodel import top_k
 
 T = TypeVar("T")

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from klstream.cli import main
-from klstream.emulator.server import EmulatorServer, FaultConfig
+from klstream.emulator import EmulatorServer, FaultConfig
 from klstream.emulator.toymodel import encode
 from klstream.errors import InputError
 from klstream.input.explode import explode

@@ -78,13 +78,8 @@ Faults (``FaultConfig``, CLI flags in brackets; all off by default)
     ``EmulatorServer.requests`` keeps the last 50,000 as ``RequestRecord``s.
 """
 
-from klstream.emulator.server import (
-    Emulator,
-    EmulatorServer,
-    FaultConfig,
-    RequestRecord,
-    serve,
-)
+from klstream.emulator.app import Emulator, EmulatorServer, RequestRecord, serve
+from klstream.emulator.faults import FaultConfig
 from klstream.emulator.toymodel import ToyModel, decode, encode
 
 __all__ = [
