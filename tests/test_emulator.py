@@ -22,7 +22,14 @@ from click.testing import CliRunner
 from google import genai
 from google.genai import errors, types
 
-from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
+from klstream.emulator import (
+    DISCONNECT,
+    EmulatorServer,
+    FaultConfig,
+    RequestRecord,
+    ToyModel,
+    encode,
+)
 from klstream.emulator.command import emulate_command
 from klstream.emulator.protocol import NOPREFILL_MESSAGE
 from klstream.emulator.toymodel import top_k
@@ -103,13 +110,17 @@ class Api:
             )
         )
 
-    def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def http(
+        self, method: str, path: str, body: Any = None, timeout_s: float | None = None
+    ) -> tuple[int, Any]:
         """A plain HTTP request, for what the SDK cannot send."""
 
         async def go() -> tuple[int, Any]:
+            url = self.server.base_url + path
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
             async with (
                 aiohttp.ClientSession() as session,
-                session.request(method, self.server.base_url + path, json=body) as resp,
+                session.request(method, url, json=body, timeout=timeout) as resp,
             ):
                 return resp.status, await resp.json()
 
@@ -135,6 +146,14 @@ def api(shared_api: Api) -> Api:
     shared_api.server.set_faults(FaultConfig())
     shared_api.server.reset_log()
     return shared_api
+
+
+def wait_for_records(server: EmulatorServer, count: int) -> list[RequestRecord]:
+    """The request log once it holds ``count`` records (handlers log when they finish)."""
+    deadline = time.monotonic() + 5
+    while len(server.requests) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server.requests
 
 
 def assert_matches_toy_model(
@@ -317,10 +336,30 @@ def test_hang_times_out_on_the_client(api: Api) -> None:
         api.generate(api.client(timeout=200))
     assert time.monotonic() - start < 0.9
     # The server answers once the hang is over (keeps the next test's log clean).
-    deadline = time.monotonic() + 5
-    while not api.server.requests and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert api.server.requests[0].fault == "hang"
+    assert wait_for_records(api.server, 1)[0].fault == "hang"
+
+
+@pytest.mark.parametrize(
+    ("faults", "by_fault"),
+    [
+        (FaultConfig(latency_ms=300), {}),
+        (FaultConfig(rate_hang=1.0, hang_seconds=0.3), {"hang": 1}),
+    ],
+    ids=["before-the-body-is-read", "after-the-body-is-read"],
+)
+def test_a_client_giving_up_mid_request_is_logged_as_a_disconnect(
+    api: Api, faults: FaultConfig, by_fault: dict[str, int]
+) -> None:
+    api.server.set_faults(faults)
+    with pytest.raises(TimeoutError):
+        api.http("POST", "/v1beta/models/toy:generateContent", {"contents": contents(PROMPT)}, 0.05)
+    (record,) = wait_for_records(api.server, 1)
+    assert (record.status, record.model) == (DISCONNECT, "toy")
+    assert api.server.stats() == {
+        "total": 1,
+        "by_status": {"disconnect": 1},
+        "by_fault": by_fault,
+    }
 
 
 def test_latency_and_jitter(api: Api) -> None:

@@ -311,7 +311,7 @@ def test_sigkill_at_any_point_then_resume_loses_and_repeats_nothing(
 
         # A resumed run asks only for positions without a flushed ok row at the kill.
         # The killed run's last requests may reach the server's handler only now; those whose
-        # body it can no longer read are logged without a prompt (and as an emulator error).
+        # body it can no longer read are logged without a prompt (as disconnects).
         asked = requested(emulator, since=started)
         asked.pop(("", ""), None)
         assert set(asked) <= set(not_flushed)

@@ -19,7 +19,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, Literal, TextIO
 
 from aiohttp import web
 
@@ -35,10 +35,13 @@ from klstream.emulator.protocol import (
 )
 from klstream.emulator.toymodel import encode
 
+DISCONNECT: Final = "disconnect"
+"""Status logged when the client went away (gave up, timed out, was killed) mid-request."""
+
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One answered request, as kept in the in-process log."""
+    """One handled request, as kept in the in-process log."""
 
     time: float
     """``time.monotonic()`` when the request arrived."""
@@ -47,7 +50,8 @@ class RequestRecord:
     prompt: str
     prefill: str | None
     """Text of the trailing model turn, or None when there was none."""
-    status: int
+    status: int | Literal["disconnect"]
+    """The HTTP status answered, or ``DISCONNECT`` when nobody was left to answer."""
     fault: str | None
     """The injected fault (``"429"``, ``"quota"``, ``"hang"``, ...), if any."""
 
@@ -70,7 +74,7 @@ class Emulator:
         self._log_file: TextIO | None = None
         self._lock = threading.Lock()
         self._records: deque[RequestRecord] = deque(maxlen=log_limit)
-        self._by_status: Counter[int] = Counter()
+        self._by_status: Counter[str] = Counter()
         self._by_fault: Counter[str] = Counter()
         self._closing: asyncio.Event | None = None
 
@@ -89,7 +93,7 @@ class Emulator:
         with self._lock:
             return {
                 "total": sum(self._by_status.values()),
-                "by_status": {str(k): v for k, v in sorted(self._by_status.items())},
+                "by_status": dict(sorted(self._by_status.items())),
                 "by_fault": dict(sorted(self._by_fault.items())),
             }
 
@@ -143,7 +147,7 @@ class Emulator:
     def _record(self, record: RequestRecord) -> None:
         with self._lock:
             self._records.append(record)
-            self._by_status[record.status] += 1
+            self._by_status[str(record.status)] += 1
             if record.fault:
                 self._by_fault[record.fault] += 1
         if self._log_file:
@@ -175,13 +179,14 @@ class Emulator:
             response, fault = await self._answer(call, state, request, body)
         except ApiError as exc:
             response, fault = exc.response(), exc.fault
+        except ConnectionResetError:  # aiohttp's "Connection lost" while reading the body
+            response = web.Response(status=499)  # never sent: the client has gone
         except Exception as exc:  # a bug: still answer in the API's format
             response = ApiError(500, f"Internal error in the emulator: {exc!r}").response()
             fault = "emulator_bug"
+        status = DISCONNECT if _client_gone(request) else response.status
         self._record(
-            RequestRecord(
-                arrived, request.path, model_name, prompt, prefill, response.status, fault
-            )
+            RequestRecord(arrived, request.path, model_name, prompt, prefill, status, fault)
         )
         return response
 
@@ -236,6 +241,12 @@ class Emulator:
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
         return web.Response(body=payload, headers=JSON_HEADERS), fault
+
+
+def _client_gone(request: web.Request) -> bool:
+    """Whether the client closed its connection, so no answer can reach it."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _url(host: str, port: int) -> str:
