@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any, TypeVar
 import aiohttp
 import google.oauth2.credentials
 import pytest
-from click.testing import CliRunner
+from cli import invoke, start_process
 from google import genai
 from google.genai import errors, types
 
@@ -30,7 +28,6 @@ from klstream.emulator import (
     ToyModel,
     encode,
 )
-from klstream.emulator.command import emulate_command
 from klstream.emulator.protocol import NOPREFILL_MESSAGE
 from klstream.emulator.toymodel import top_k
 
@@ -537,13 +534,7 @@ def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float) ->
 
 
 def test_emulate_command_serves_until_sigterm() -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "klstream.emulator", "--port", "0", "--latency-ms", "1"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_process("emulate", "--port", "0", "--latency-ms", "1", PYTHONUNBUFFERED="1")
     try:
         url = _wait_for_line(proc, r"klstream emulator listening on (http://\S+)", 20).group(1)
         client = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=url))
@@ -566,10 +557,9 @@ def test_emulate_command_serves_until_sigterm() -> None:
 
 
 def test_emulate_command_help_and_validation() -> None:
-    runner = CliRunner()
-    result = runner.invoke(emulate_command, ["--help"])
+    result = invoke("emulate", "--help")
     assert result.exit_code == 0
     assert "without spending money" in " ".join(result.output.split())
-    result = runner.invoke(emulate_command, ["--rate-429", "1.5"])
+    result = invoke("emulate", "--rate-429", "1.5")
     assert result.exit_code == 2
     assert "rate_429" in result.output

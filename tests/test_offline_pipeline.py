@@ -12,12 +12,11 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
+from cli import invoke
 from inputs import make_input, make_response, write_input
 from scorefixtures import write_fixture_scores
 
 from klstream import schemas
-from klstream.cli import main
 from klstream.errors import KlstreamError
 from klstream.input.explode import explode
 from klstream.metrics import reference
@@ -204,7 +203,7 @@ def test_export_writes_the_spec_format(scored_run, tmp_path: Path):
 
 def test_export_cli_prints_summary_table(scored_run, tmp_path: Path):
     run_dir = scored_run[0]
-    result = CliRunner().invoke(main, ["export", str(run_dir), "-o", str(tmp_path / "o")])
+    result = invoke("export", run_dir, "-o", tmp_path / "o")
     assert result.exit_code == 0, result.output
     for label in (
         "Mean    KLD:",
@@ -239,7 +238,7 @@ def test_export_needs_model2_when_several(scored_run, tmp_path: Path):
 def test_kl_without_scores_says_what_to_run(tmp_path: Path, inputs: Path):
     run_dir = tmp_path / "run"
     explode(inputs, run_dir)
-    result = CliRunner().invoke(main, ["kl", str(run_dir), "--model2", MODEL2])
+    result = invoke("kl", run_dir, "--model2", MODEL2)
     assert result.exit_code == 1
     assert "no Model 2 results" in result.output and "klstream score" in result.output
 
@@ -255,16 +254,13 @@ def test_query_formats(scored_run, tmp_path: Path):
         {"stem": "beta", "n": 10},
     ]
     target = tmp_path / "q.parquet"
-    runner = CliRunner()
-    result = runner.invoke(
-        main, ["query", str(run_dir), sql, "--format", "parquet", "-o", str(target)]
-    )
+    result = invoke("query", run_dir, sql, "--format", "parquet", "-o", target)
     assert result.exit_code == 0, result.output
     assert pq.read_table(target).to_pylist() == [
         {"stem": "alpha", "n": 14},
         {"stem": "beta", "n": 10},
     ]
-    bad = runner.invoke(main, ["query", str(run_dir), "SELECT nope FROM kl"])
+    bad = invoke("query", run_dir, "SELECT nope FROM kl")
     assert bad.exit_code == 1 and "query failed" in bad.output
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
+from cli import invoke
 
-from klstream.cli import main
 from klstream.emulator import EmulatorServer, FaultConfig
 from klstream.emulator.toymodel import encode
 from klstream.errors import InputError
@@ -31,11 +30,6 @@ def prompts(tmp_path: Path) -> Path:
         "Tell me about owls.\n\nWhy is the sea salty?\nA poem, please.\n", encoding="utf-8"
     )
     return path
-
-
-def invoke(*args: str) -> object:
-    result = CliRunner().invoke(main, list(args))
-    return result
 
 
 def test_sample_writes_the_spec_input_format(server, prompts, tmp_path: Path):
