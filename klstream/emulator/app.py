@@ -37,6 +37,7 @@ from klstream.emulator.toymodel import encode
 
 DISCONNECT: Final = "disconnect"
 """Status logged when the client went away (gave up, timed out, was killed) mid-request."""
+RequestStatus = int | Literal["disconnect"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class RequestRecord:
     prompt: str
     prefill: str | None
     """Text of the trailing model turn, or None when there was none."""
-    status: int | Literal["disconnect"]
+    status: RequestStatus
     """The HTTP status answered, or ``DISCONNECT`` when nobody was left to answer."""
     fault: str | None
     """The injected fault (``"429"``, ``"quota"``, ``"hang"``, ...), if any."""
@@ -184,7 +185,7 @@ class Emulator:
         except Exception as exc:  # a bug: still answer in the API's format
             response = ApiError(500, f"Internal error in the emulator: {exc!r}").response()
             fault = "emulator_bug"
-        status = DISCONNECT if _client_gone(request) else response.status
+        status: RequestStatus = DISCONNECT if _client_gone(request) else response.status
         self._record(
             RequestRecord(arrived, request.path, model_name, prompt, prefill, status, fault)
         )
