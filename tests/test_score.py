@@ -690,7 +690,7 @@ def test_the_vertex_backend_scores_through_its_regional_path(
 
 def test_results_reach_disk_every_checkpoint_interval_while_requests_stall(
     run_dir: Path, emulator: EmulatorServer
-):
+) -> None:
     """A stall (every further request hangs) must not keep finished results in memory only."""
     finished = threading.Event()
 
@@ -735,7 +735,7 @@ def test_scoring_range_by_range_asks_for_every_position_once(
     emulator: EmulatorServer,
     toy_inputs: ToyInputs,
     monkeypatch: pytest.MonkeyPatch,
-):
+) -> None:
     """Pending positions are read a few responses at a time; none is skipped or repeated."""
     import klstream.scoring.score as score_module
     from klstream.rundir import response_ranges
