@@ -1,8 +1,10 @@
 """KL pass benchmark: the vectorized core against a plain per-position Python implementation.
 
 Prints, from one run on the same synthetic data:
-  * positions/s of ``klstream.metrics.reference.kl_floor`` over Python dicts (what a user would script),
-    of the vectorized kl_floor (Arrow columns in, kl_floor out) and of ``klstream.metrics.kl.score_batch``
+  * positions/s of ``klstream.metrics.reference.kl_floor`` over Python dicts (what a user would
+    script),
+    of the vectorized kl_floor (Arrow columns in, kl_floor out) and of
+    ``klstream.metrics.kl.score_batch``
     (everything the KL pass does per batch: all estimators, Arrow batch out), and the ratios;
     once with token ids as keys and once with token strings (inputs without ids);
   * a streaming run over N positions (default 10 million) in record batches: throughput and peak

@@ -2,7 +2,7 @@
 
 The emulator runs in its own process (``python -m klstream.emulator --latency-ms 50``) so its CPU
 does not compete with the client's. For each ``--concurrency`` the benchmark scores a fresh copy
-of one run directory through the real :func:`klstream.scoring.score.score_run` path and, side by side in
+of one run directory through the real :func:`klstream.scoring.score.score` path and, side by side in
 the same run, sends the same requests
 
 * through the bare google-genai SDK (``client.aio.models.generate_content``, called as klstream
@@ -17,7 +17,7 @@ this process) gives the rate one process can sustain at most, ``1 / CPU per requ
 shows how much of klstream's per-request CPU the SDK alone already costs. Rates and CPU are taken
 over a steady-state window, from the completion of the first ``--warmup`` fraction of requests to
 the last completion, so client set-up, the probe requests and the KL pass after scoring are left
-out (the whole ``score_run`` call is reported below the table). The server's CPU use over the same
+out (the whole ``score`` call is reported below the table). The server's CPU use over the same
 window (``/proc/PID/stat``) shows whether the emulator, rather than the client, was the limit.
 
 ``--variants`` adds two more clients that show what the SDK costs when used differently:
@@ -61,7 +61,7 @@ from google.genai import types
 from klstream.backends.gemini import Endpoint
 from klstream.emulator.toymodel import EOS_ID, ToyModel
 from klstream.input.explode import explode
-from klstream.scoring.score import ScoreOptions, ScoreStats, score_run
+from klstream.scoring.score import ScoreOptions, ScoreStats, score
 
 MODEL1 = "toy"
 MODEL2 = "toy-d0.5"
@@ -358,7 +358,7 @@ class WholeRun:
 def klstream_run(
     base_url: str, concurrency: int, master: Path, work: Path, positions: int, window: Window
 ) -> WholeRun:
-    """``score_run`` on a fresh copy of the exploded run dir; the window follows its progress."""
+    """``score`` on a fresh copy of the exploded run dir; the window follows its progress."""
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(master, work)
     endpoint = Endpoint("gemini", api_key=API_KEY, base_url=base_url)
@@ -368,10 +368,10 @@ def klstream_run(
         window.completed(stats.done)
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    report = score_run(work, options, endpoint, on_progress)
+    report = score(work, options, endpoint, on_progress)
     whole = WholeRun(time.perf_counter() - wall0, time.process_time() - cpu0, report.stats.scored)
     if report.stopped_because or report.stats.failed or report.stats.scored != positions:
-        raise RuntimeError(f"score_run did not score every position: {report}")
+        raise RuntimeError(f"score did not score every position: {report}")
     if report.stats.calls.retries:
         print(f"  note: klstream retried {report.stats.calls.retries} requests", file=sys.stderr)
     return whole
@@ -396,7 +396,7 @@ def profile_klstream(
         stats = pstats.Stats(profiler, stream=out)
         stats.sort_stats(order).print_stats(top)
         print(
-            f"\ncProfile of score_run at max_concurrent {concurrency}, by {order} "
+            f"\ncProfile of score at max_concurrent {concurrency}, by {order} "
             f"(profiling slows the run; compare shares, not absolute times):"
         )
         print(
@@ -541,7 +541,7 @@ def main() -> None:
             print(LEGEND)
             print_table(results)
             print_breakdown(results, args.target)
-            print("\nWhole score_run calls (set-up, probe requests and the KL pass included):")
+            print("\nWhole score calls (set-up, probe requests and the KL pass included):")
             for concurrency, whole in wholes.items():
                 print(
                     f"  conc {concurrency:>4}: {whole.scored:,} positions in "

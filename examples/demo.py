@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from klstream.emulator.server import EmulatorServer, FaultConfig
+from klstream.emulator import EmulatorServer, FaultConfig
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "demo"

@@ -77,7 +77,6 @@ def write_fixture_scores(
             later_pass.append(success)
         else:
             first_pass.append(success)
-    scores_dir = RunDir(run_dir).scores_dir(model2)
     for rows in (first_pass, later_pass):
         for start in range(0, len(rows), rows_per_part):
             chunk = rows[start : start + rows_per_part]

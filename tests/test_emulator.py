@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -18,13 +16,19 @@ from typing import Any, TypeVar
 import aiohttp
 import google.oauth2.credentials
 import pytest
-from click.testing import CliRunner
+from cli import invoke, start_process
 from google import genai
 from google.genai import errors, types
 
-from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
-from klstream.emulator.command import emulate_command
-from klstream.emulator.server import NOPREFILL_MESSAGE
+from klstream.emulator import (
+    DISCONNECT,
+    EmulatorServer,
+    FaultConfig,
+    RequestRecord,
+    ToyModel,
+    encode,
+)
+from klstream.emulator.protocol import NOPREFILL_MESSAGE
 from klstream.emulator.toymodel import top_k
 
 T = TypeVar("T")
@@ -103,13 +107,17 @@ class Api:
             )
         )
 
-    def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def http(
+        self, method: str, path: str, body: Any = None, timeout_s: float | None = None
+    ) -> tuple[int, Any]:
         """A plain HTTP request, for what the SDK cannot send."""
 
         async def go() -> tuple[int, Any]:
+            url = self.server.base_url + path
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
             async with (
                 aiohttp.ClientSession() as session,
-                session.request(method, self.server.base_url + path, json=body) as resp,
+                session.request(method, url, json=body, timeout=timeout) as resp,
             ):
                 return resp.status, await resp.json()
 
@@ -137,18 +145,64 @@ def api(shared_api: Api) -> Api:
     return shared_api
 
 
+def wait_for_records(server: EmulatorServer, count: int) -> list[RequestRecord]:
+    """The request log once it holds ``count`` records (handlers log when they finish)."""
+    deadline = time.monotonic() + 5
+    while len(server.requests) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server.requests
+
+
+def token_credentials() -> google.oauth2.credentials.Credentials:
+    """Credentials that already hold a token, so the SDK never tries to refresh them."""
+    # google-auth's constructors carry no annotations.
+    return google.oauth2.credentials.Credentials(token="test-token")  # type: ignore[no-untyped-call]
+
+
+def candidate_of(response: types.GenerateContentResponse) -> types.Candidate:
+    """The response's first (and only) candidate."""
+    assert response.candidates
+    return response.candidates[0]
+
+
+def logprobs_of(response: types.GenerateContentResponse) -> types.LogprobsResult:
+    logprobs = candidate_of(response).logprobs_result
+    assert logprobs is not None
+    return logprobs
+
+
+def chosen_of(response: types.GenerateContentResponse) -> list[types.LogprobsResultCandidate]:
+    """The chosen token of every step."""
+    chosen = logprobs_of(response).chosen_candidates
+    assert chosen is not None
+    return chosen
+
+
+def top_of(response: types.GenerateContentResponse) -> list[list[types.LogprobsResultCandidate]]:
+    """The top candidates of every step."""
+    steps = logprobs_of(response).top_candidates
+    assert steps is not None
+    tops = [step.candidates for step in steps]
+    assert all(top is not None for top in tops)
+    return [top for top in tops if top is not None]
+
+
+def usage_of(response: types.GenerateContentResponse) -> types.GenerateContentResponseUsageMetadata:
+    assert response.usage_metadata is not None
+    return response.usage_metadata
+
+
 def assert_matches_toy_model(
     response: types.GenerateContentResponse, model: str, prompt: str, prefill: str | None
 ) -> None:
     expected = top_k(
         ToyModel.for_name(model).next_token_logprobs(prompt, encode(prefill or "")), 20
     )
-    logprobs = response.candidates[0].logprobs_result
-    got = logprobs.top_candidates[0].candidates
+    got = top_of(response)[0]
     assert len(got) == 20
     assert [(c.token, c.token_id, c.log_probability) for c in got] == [tuple(c) for c in expected]
-    chosen = logprobs.chosen_candidates[0]
-    assert chosen.log_probability == response.candidates[0].avg_logprobs
+    chosen = chosen_of(response)[0]
+    assert chosen.log_probability == candidate_of(response).avg_logprobs
     assert chosen.token == (response.text or "")
 
 
@@ -158,13 +212,13 @@ def assert_matches_toy_model(
 def test_scoring_request_matches_the_toy_model(api: Api, prefill: str | None) -> None:
     response = api.generate(prefill=prefill)
     assert_matches_toy_model(response, "toy", PROMPT, prefill)
-    candidate = response.candidates[0]
+    candidate = candidate_of(response)
     assert candidate.finish_reason in (types.FinishReason.MAX_TOKENS, types.FinishReason.STOP)
-    assert candidate.logprobs_result.log_probability_sum == candidate.avg_logprobs
-    usage = response.usage_metadata
+    assert logprobs_of(response).log_probability_sum == candidate.avg_logprobs
+    usage = usage_of(response)
     assert usage.prompt_token_count == len(encode(PROMPT)) + len(encode(prefill or ""))
     assert usage.candidates_token_count == 1
-    assert usage.total_token_count == usage.prompt_token_count + 1
+    assert usage.total_token_count == len(encode(PROMPT)) + len(encode(prefill or "")) + 1
     assert response.model_version == "toy"
     assert response.response_id
     (record,) = api.server.requests
@@ -180,11 +234,11 @@ def test_vertex_path_with_project_and_location(api: Api) -> None:
     client = api.vertex(
         project="p",
         location="us-central1",
-        credentials=google.oauth2.credentials.Credentials(token="test-token"),
+        credentials=token_credentials(),
     )
     response = api.generate(client, model="toy-d0.5", prefill="The")
     assert_matches_toy_model(response, "toy-d0.5", PROMPT, "The")
-    assert response.candidates[0].logprobs_result.log_probability_sum is None
+    assert logprobs_of(response).log_probability_sum is None
     assert api.server.requests[0].path == (
         "/v1beta1/projects/p/locations/us-central1/publishers/google/models/"
         "toy-d0.5:generateContent"
@@ -199,11 +253,9 @@ def test_vertex_express_mode_path(api: Api) -> None:
 
 def test_vertex_without_project_posts_to_the_bare_base_url(api: Api) -> None:
     with pytest.raises(errors.ClientError) as info:
-        api.generate(
-            api.vertex(credentials=google.oauth2.credentials.Credentials(token="test-token"))
-        )
+        api.generate(api.vertex(credentials=token_credentials()))
     assert info.value.code == 404
-    assert "project" in info.value.message
+    assert "project" in (info.value.message or "")
 
 
 @pytest.mark.parametrize("version", ["v1", "v1beta", "v1alpha"])
@@ -224,25 +276,24 @@ def test_sampling_is_seeded_and_retokenizes(api: Api) -> None:
     assert first.text != other.text
 
     local = ToyModel.for_name("toy").sample(PROMPT, 40, 0.9, 7, 5)
-    candidate = first.candidates[0]
-    chosen = candidate.logprobs_result.chosen_candidates
+    chosen = chosen_of(first)
     assert [(c.token, c.token_id, c.log_probability) for c in chosen] == [
         tuple(s.chosen) for s in local.steps
     ]
-    assert "".join(c.token for c in chosen) == (first.text or "")
+    assert "".join(c.token or "" for c in chosen) == (first.text or "")
     assert encode(first.text or "") == [c.token_id for c in chosen if c.token_id != 0]
-    assert len(candidate.logprobs_result.top_candidates) == len(chosen)
-    assert candidate.finish_reason == local.finish_reason
-    assert first.usage_metadata.candidates_token_count == len(chosen)
+    assert len(top_of(first)) == len(chosen)
+    assert candidate_of(first).finish_reason == local.finish_reason
+    assert usage_of(first).candidates_token_count == len(chosen)
 
 
 def test_temperature_zero_picks_the_top_candidate(api: Api) -> None:
     config = types.GenerateContentConfig(
         max_output_tokens=10, temperature=0.0, response_logprobs=True, logprobs=1
     )
-    logprobs = api.generate(config=config).candidates[0].logprobs_result
-    for chosen, top in zip(logprobs.chosen_candidates, logprobs.top_candidates, strict=True):
-        assert chosen == top.candidates[0]
+    response = api.generate(config=config)
+    for chosen, top in zip(chosen_of(response), top_of(response), strict=True):
+        assert chosen == top[0]
 
 
 def test_generation_continues_after_the_prefill(api: Api) -> None:
@@ -251,8 +302,8 @@ def test_generation_continues_after_the_prefill(api: Api) -> None:
     response = api.generate(prefill=prefill, config=config)
     local = ToyModel.for_name("toy").sample(PROMPT, 6, 0.0, prefill_ids=encode(prefill))
     assert (response.text or "") == local.text
-    assert response.candidates[0].logprobs_result is None  # not requested
-    assert response.candidates[0].avg_logprobs is not None
+    assert candidate_of(response).logprobs_result is None  # not requested
+    assert candidate_of(response).avg_logprobs is not None
 
 
 def test_429_carries_retry_info(api: Api) -> None:
@@ -267,9 +318,12 @@ def test_429_carries_retry_info(api: Api) -> None:
     assert api.server.stats()["by_status"] == {"429": 1}
 
 
-@pytest.mark.parametrize(("code", "status"), [(500, "INTERNAL"), (503, "UNAVAILABLE")])
-def test_server_errors(api: Api, code: int, status: str) -> None:
-    api.server.set_faults(FaultConfig(**{f"rate_{code}": 1.0}))
+@pytest.mark.parametrize(
+    ("faults", "code", "status"),
+    [(FaultConfig(rate_500=1.0), 500, "INTERNAL"), (FaultConfig(rate_503=1.0), 503, "UNAVAILABLE")],
+)
+def test_server_errors(api: Api, faults: FaultConfig, code: int, status: str) -> None:
+    api.server.set_faults(faults)
     with pytest.raises(errors.ServerError) as info:
         api.generate()
     assert (info.value.code, info.value.status) == (code, status)
@@ -304,10 +358,10 @@ def test_malformed_body(api: Api) -> None:
 def test_answers_without_logprobs(api: Api) -> None:
     api.server.set_faults(FaultConfig(rate_no_logprobs=1.0))
     response = api.generate()
-    assert response.candidates[0].logprobs_result is None
-    assert response.candidates[0].content.parts[0].text
+    assert candidate_of(response).logprobs_result is None
+    assert response.text
     response = api.generate(model="toy-nologprobs")
-    assert response.candidates[0].logprobs_result is None
+    assert candidate_of(response).logprobs_result is None
 
 
 def test_hang_times_out_on_the_client(api: Api) -> None:
@@ -317,10 +371,30 @@ def test_hang_times_out_on_the_client(api: Api) -> None:
         api.generate(api.client(timeout=200))
     assert time.monotonic() - start < 0.9
     # The server answers once the hang is over (keeps the next test's log clean).
-    deadline = time.monotonic() + 5
-    while not api.server.requests and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert api.server.requests[0].fault == "hang"
+    assert wait_for_records(api.server, 1)[0].fault == "hang"
+
+
+@pytest.mark.parametrize(
+    ("faults", "by_fault"),
+    [
+        (FaultConfig(latency_ms=300), {}),
+        (FaultConfig(rate_hang=1.0, hang_seconds=0.3), {"hang": 1}),
+    ],
+    ids=["before-the-body-is-read", "after-the-body-is-read"],
+)
+def test_a_client_giving_up_mid_request_is_logged_as_a_disconnect(
+    api: Api, faults: FaultConfig, by_fault: dict[str, int]
+) -> None:
+    api.server.set_faults(faults)
+    with pytest.raises(TimeoutError):
+        api.http("POST", "/v1beta/models/toy:generateContent", {"contents": contents(PROMPT)}, 0.05)
+    (record,) = wait_for_records(api.server, 1)
+    assert (record.status, record.model) == (DISCONNECT, "toy")
+    assert api.server.stats() == {
+        "total": 1,
+        "by_status": {"disconnect": 1},
+        "by_fault": by_fault,
+    }
 
 
 def test_latency_and_jitter(api: Api) -> None:
@@ -371,23 +445,23 @@ def test_fail_first_n_per_distinct_request(api: Api) -> None:
 def test_thinking_model_spends_the_budget_on_thoughts(api: Api) -> None:
     config = types.GenerateContentConfig(max_output_tokens=8, response_logprobs=True, logprobs=5)
     response = api.generate(model="toy-thinking", config=config)
-    candidate = response.candidates[0]
+    candidate = candidate_of(response)
     assert candidate.finish_reason == types.FinishReason.MAX_TOKENS
     assert response.text is None
     assert candidate.logprobs_result is None
-    assert response.usage_metadata.thoughts_token_count == 8
-    assert response.usage_metadata.candidates_token_count is None
+    assert usage_of(response).thoughts_token_count == 8
+    assert usage_of(response).candidates_token_count is None
 
     partial = config.model_copy(update={"thinking_config": types.ThinkingConfig(thinking_budget=3)})
     response = api.generate(model="toy-thinking", config=partial)
-    assert response.usage_metadata.thoughts_token_count == 3
-    assert len(response.candidates[0].logprobs_result.chosen_candidates) <= 5
+    assert usage_of(response).thoughts_token_count == 3
+    assert len(chosen_of(response)) <= 5
 
 
 def test_thinking_model_with_budget_zero_answers(api: Api) -> None:
     response = api.generate(model="toy-thinking", prefill="The")
     assert_matches_toy_model(response, "toy-thinking", PROMPT, "The")
-    assert response.usage_metadata.thoughts_token_count is None
+    assert usage_of(response).thoughts_token_count is None
 
 
 @pytest.mark.parametrize("key", ["thinkingBudget", "thinking_budget"])
@@ -422,8 +496,7 @@ def test_noprefill_model_rejects_a_trailing_model_turn(api: Api) -> None:
 def test_same_model_under_two_names_answers_identically(api: Api) -> None:
     a = api.generate(model="toy", prefill="The")
     b = api.generate(model="gemini-toy", prefill="The")
-    top = [r.candidates[0].logprobs_result.top_candidates[0] for r in (a, b)]
-    assert top[0] == top[1]
+    assert top_of(a)[0] == top_of(b)[0]
 
 
 @pytest.mark.parametrize(
@@ -439,14 +512,14 @@ def test_invalid_arguments(api: Api, config: types.GenerateContentConfig, fragme
     with pytest.raises(errors.ClientError) as info:
         api.generate(config=config)
     assert (info.value.code, info.value.status) == (400, "INVALID_ARGUMENT")
-    assert fragment in info.value.message
+    assert fragment in (info.value.message or "")
 
 
 def test_unknown_model_is_not_found(api: Api) -> None:
     with pytest.raises(errors.ClientError) as info:
         api.generate(model="gemini-2.5-flash")
     assert (info.value.code, info.value.status) == (404, "NOT_FOUND")
-    assert "models/gemini-2.5-flash is not found" in info.value.message
+    assert "models/gemini-2.5-flash is not found" in (info.value.message or "")
 
 
 def test_raw_protocol_errors(api: Api) -> None:
@@ -498,13 +571,7 @@ def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float) ->
 
 
 def test_emulate_command_serves_until_sigterm() -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "klstream.emulator", "--port", "0", "--latency-ms", "1"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_process("emulate", "--port", "0", "--latency-ms", "1", PYTHONUNBUFFERED="1")
     try:
         url = _wait_for_line(proc, r"klstream emulator listening on (http://\S+)", 20).group(1)
         client = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=url))
@@ -516,7 +583,7 @@ def test_emulate_command_serves_until_sigterm() -> None:
                 )
 
         response = asyncio.run(one())
-        assert len(response.candidates[0].logprobs_result.top_candidates[0].candidates) == 20
+        assert len(top_of(response)[0]) == 20
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
         assert proc.returncode == 0
@@ -527,10 +594,9 @@ def test_emulate_command_serves_until_sigterm() -> None:
 
 
 def test_emulate_command_help_and_validation() -> None:
-    runner = CliRunner()
-    result = runner.invoke(emulate_command, ["--help"])
+    result = invoke("emulate", "--help")
     assert result.exit_code == 0
     assert "without spending money" in " ".join(result.output.split())
-    result = runner.invoke(emulate_command, ["--rate-429", "1.5"])
+    result = invoke("emulate", "--rate-429", "1.5")
     assert result.exit_code == 2
     assert "rate_429" in result.output

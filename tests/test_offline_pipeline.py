@@ -7,31 +7,31 @@ import math
 import random
 import statistics
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
-from inputs import make_input, make_response, write_input
-from scorefixtures import write_fixture_scores
+from cli import invoke
+from inputs import Token, make_input, make_response, write_input
+from scorefixtures import Key, write_fixture_scores
 
 from klstream import schemas
-from klstream.cli import main
+from klstream.database import connect, views_script
 from klstream.errors import KlstreamError
 from klstream.input.explode import explode
 from klstream.metrics import reference
-from klstream.metrics.kl import compute_kl
+from klstream.metrics.kl import KlReport, compute_kl
 from klstream.output.export import export
 from klstream.output.query import run_query
-from klstream.database import connect, views_script
 
 MODEL2 = "gemini-fixture-2"
 WORDS = ["The", " cat", " sat", " on", " the", " mat", ".", " A", " dog", " ran", "\n", " é"]
 
 
-def random_tokens(rnd: random.Random, length: int, with_ids: bool = True):
-    tokens = []
+def random_tokens(rnd: random.Random, length: int, with_ids: bool = True) -> list[Token]:
+    tokens: list[Token] = []
     for _ in range(length):
         ids = rnd.sample(range(len(WORDS)), k=rnd.randint(2, 6))
         logprobs = sorted((rnd.uniform(-9, -0.01) for _ in ids), reverse=True)
@@ -67,8 +67,18 @@ def inputs(tmp_path: Path) -> Path:
     return directory
 
 
+class ScoredRun(NamedTuple):
+    """A run with fixture scores for MODEL2 and its KL table computed."""
+
+    run_dir: Path
+    lists: dict[Key, tuple[list[str], list[int | None], list[float]]]
+    errors: frozenset[Key]
+    missing: frozenset[Key]
+    report: KlReport
+
+
 @pytest.fixture
-def scored_run(tmp_path: Path, inputs: Path):
+def scored_run(tmp_path: Path, inputs: Path) -> ScoredRun:
     run_dir = tmp_path / "run"
     explode(inputs, run_dir)
     errors = frozenset({("alpha", 0, 3)})
@@ -78,10 +88,10 @@ def scored_run(tmp_path: Path, inputs: Path):
         run_dir, MODEL2, errors=errors, missing=missing, fail_then_succeed=retried
     )
     report = compute_kl(run_dir, MODEL2)
-    return run_dir, lists, errors, missing, report
+    return ScoredRun(run_dir, lists, errors, missing, report)
 
 
-def test_kl_table_matches_reference_per_position(scored_run):
+def test_kl_table_matches_reference_per_position(scored_run: ScoredRun) -> None:
     run_dir, lists, errors, missing, report = scored_run
     kl = pq.read_table(run_dir / "kl" / f"{MODEL2}.parquet")
     assert kl.schema == schemas.KL
@@ -130,11 +140,11 @@ SPEC_DETAIL = [
 SPEC_STATS = ["mean_kl", "median_kl", "std_kl", "min_kl", "max_kl", "total_kl"]
 
 
-def starts_with_spec_keys(obj: dict, spec_keys: list[str]) -> bool:
+def starts_with_spec_keys(obj: dict[str, Any], spec_keys: list[str]) -> bool:
     return list(obj)[: len(spec_keys)] == spec_keys
 
 
-def test_export_writes_the_spec_format(scored_run, tmp_path: Path):
+def test_export_writes_the_spec_format(scored_run: ScoredRun, tmp_path: Path) -> None:
     run_dir, _, errors, missing, _ = scored_run
     out = tmp_path / "out"
     report = export(run_dir, out, MODEL2)
@@ -202,9 +212,9 @@ def test_export_writes_the_spec_format(scored_run, tmp_path: Path):
     assert summary["top1_agreement"] == pytest.approx(sum(top1) / len(top1))
 
 
-def test_export_cli_prints_summary_table(scored_run, tmp_path: Path):
+def test_export_cli_prints_summary_table(scored_run: ScoredRun, tmp_path: Path) -> None:
     run_dir = scored_run[0]
-    result = CliRunner().invoke(main, ["export", str(run_dir), "-o", str(tmp_path / "o")])
+    result = invoke("export", run_dir, "-o", tmp_path / "o")
     assert result.exit_code == 0, result.output
     for label in (
         "Mean    KLD:",
@@ -219,7 +229,9 @@ def test_export_cli_prints_summary_table(scored_run, tmp_path: Path):
         assert label in result.output
 
 
-def test_export_refuses_unknown_model2_and_writes_nothing(scored_run, tmp_path: Path):
+def test_export_refuses_unknown_model2_and_writes_nothing(
+    scored_run: ScoredRun, tmp_path: Path
+) -> None:
     run_dir = scored_run[0]
     out = tmp_path / "o"
     with pytest.raises(KlstreamError, match="no KL results for model2 'other'"):
@@ -227,7 +239,7 @@ def test_export_refuses_unknown_model2_and_writes_nothing(scored_run, tmp_path: 
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_export_needs_model2_when_several(scored_run, tmp_path: Path):
+def test_export_needs_model2_when_several(scored_run: ScoredRun, tmp_path: Path) -> None:
     run_dir = scored_run[0]
     write_fixture_scores(run_dir, "second-model", seed=3)
     compute_kl(run_dir, "second-model")
@@ -236,15 +248,15 @@ def test_export_needs_model2_when_several(scored_run, tmp_path: Path):
     assert export(run_dir, tmp_path / "o", "second-model").model2 == "second-model"
 
 
-def test_kl_without_scores_says_what_to_run(tmp_path: Path, inputs: Path):
+def test_kl_without_scores_says_what_to_run(tmp_path: Path, inputs: Path) -> None:
     run_dir = tmp_path / "run"
     explode(inputs, run_dir)
-    result = CliRunner().invoke(main, ["kl", str(run_dir), "--model2", MODEL2])
+    result = invoke("kl", run_dir, "--model2", MODEL2)
     assert result.exit_code == 4
     assert "no Model 2 results" in result.output and "klstream score" in result.output
 
 
-def test_query_formats(scored_run, tmp_path: Path):
+def test_query_formats(scored_run: ScoredRun, tmp_path: Path) -> None:
     run_dir = scored_run[0]
     sql = "SELECT stem, count(*) AS n FROM kl GROUP BY stem ORDER BY stem"
     table = run_query(run_dir, sql)
@@ -255,20 +267,17 @@ def test_query_formats(scored_run, tmp_path: Path):
         {"stem": "beta", "n": 10},
     ]
     target = tmp_path / "q.parquet"
-    runner = CliRunner()
-    result = runner.invoke(
-        main, ["query", str(run_dir), sql, "--format", "parquet", "-o", str(target)]
-    )
+    result = invoke("query", run_dir, sql, "--format", "parquet", "-o", target)
     assert result.exit_code == 0, result.output
     assert pq.read_table(target).to_pylist() == [
         {"stem": "alpha", "n": 14},
         {"stem": "beta", "n": 10},
     ]
-    bad = runner.invoke(main, ["query", str(run_dir), "SELECT nope FROM kl"])
+    bad = invoke("query", run_dir, "SELECT nope FROM kl")
     assert bad.exit_code == 1 and "query failed" in bad.output
 
 
-def test_views_script_works_in_a_plain_duckdb(scored_run):
+def test_views_script_works_in_a_plain_duckdb(scored_run: ScoredRun) -> None:
     """The script `klstream views` prints gives a bare duckdb the same views klstream uses."""
     run_dir = scored_run[0]
     con = duckdb.connect()
@@ -306,7 +315,7 @@ README_QUERIES = {
 
 
 @pytest.mark.parametrize("name", sorted(README_QUERIES))
-def test_readme_queries_run(scored_run, name):
+def test_readme_queries_run(scored_run: ScoredRun, name: str) -> None:
     run_dir = scored_run[0]
     con = connect(run_dir)
     rows = con.execute(README_QUERIES[name]).fetchall()
@@ -315,7 +324,7 @@ def test_readme_queries_run(scored_run, name):
     assert " ".join(README_QUERIES[name].split()) in " ".join(readme.split())
 
 
-def test_kl_pass_with_no_successful_result_in_a_batch(tmp_path: Path, inputs: Path):
+def test_kl_pass_with_no_successful_result_in_a_batch(tmp_path: Path, inputs: Path) -> None:
     """Every position failed: the KL table is all nulls, not a crash on an empty selection."""
     run_dir = tmp_path / "run"
     explode(inputs, run_dir)
@@ -329,7 +338,9 @@ def test_kl_pass_with_no_successful_result_in_a_batch(tmp_path: Path, inputs: Pa
     assert all(r["entropy1"] is not None for r in rows)
 
 
-def test_small_response_ranges_give_the_same_kl_table_and_files(scored_run, tmp_path: Path):
+def test_small_response_ranges_give_the_same_kl_table_and_files(
+    scored_run: ScoredRun, tmp_path: Path
+) -> None:
     """Ranges bound DuckDB's memory; cutting the run into many must not change any output."""
     run_dir = scored_run[0]
     whole = pq.read_table(run_dir / "kl" / f"{MODEL2}.parquet")

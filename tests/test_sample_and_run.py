@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
+from cli import invoke
 
-from klstream.cli import main
-from klstream.emulator.server import EmulatorServer, FaultConfig
+from klstream.emulator import EmulatorServer, FaultConfig
 from klstream.emulator.toymodel import encode
 from klstream.errors import InputError
 from klstream.input.explode import explode
@@ -33,12 +32,9 @@ def prompts(tmp_path: Path) -> Path:
     return path
 
 
-def invoke(*args: str) -> object:
-    result = CliRunner().invoke(main, list(args))
-    return result
-
-
-def test_sample_writes_the_spec_input_format(server, prompts, tmp_path: Path):
+def test_sample_writes_the_spec_input_format(
+    server: EmulatorServer, prompts: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "responses"
     result = invoke(
         "sample",
@@ -75,7 +71,9 @@ def test_sample_writes_the_spec_input_format(server, prompts, tmp_path: Path):
     assert report.responses == 6 and report.responses_text_mismatch == 0
 
 
-def test_sample_is_reproducible_with_a_seed_and_skips_done_prompts(server, prompts, tmp_path):
+def test_sample_is_reproducible_with_a_seed_and_skips_done_prompts(
+    server: EmulatorServer, prompts: Path, tmp_path: Path
+) -> None:
     args = [
         "sample",
         "--prompts",
@@ -101,7 +99,7 @@ def test_sample_is_reproducible_with_a_seed_and_skips_done_prompts(server, promp
     assert server.requests == []
 
 
-def test_sample_reads_jsonl_prompts_and_names_bad_lines(tmp_path: Path):
+def test_sample_reads_jsonl_prompts_and_names_bad_lines(tmp_path: Path) -> None:
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt": "one\\ntwo"}\n"three"\n', encoding="utf-8")
     assert read_prompts(good) == ["one\ntwo", "three"]
@@ -111,7 +109,9 @@ def test_sample_reads_jsonl_prompts_and_names_bad_lines(tmp_path: Path):
         read_prompts(bad)
 
 
-def test_run_is_the_one_shot_pipeline_and_resumes(server, prompts, tmp_path: Path):
+def test_run_is_the_one_shot_pipeline_and_resumes(
+    server: EmulatorServer, prompts: Path, tmp_path: Path
+) -> None:
     responses, out = tmp_path / "responses", tmp_path / "kl"
     assert (
         invoke(
@@ -173,7 +173,9 @@ def test_run_is_the_one_shot_pipeline_and_resumes(server, prompts, tmp_path: Pat
     assert server.requests == []  # nothing left to ask
 
 
-def test_score_prefill_is_model1_tokens_before_the_position(server, prompts, tmp_path: Path):
+def test_score_prefill_is_model1_tokens_before_the_position(
+    server: EmulatorServer, prompts: Path, tmp_path: Path
+) -> None:
     responses = tmp_path / "responses"
     invoke(
         "sample",

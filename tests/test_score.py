@@ -1,5 +1,5 @@
 """The Model 2 stage end to end: real HTTP to the emulator through the real google-genai SDK, real
-Parquet parts, real DuckDB, and the CLI through CliRunner or a subprocess.
+Parquet parts, real DuckDB, and the CLI in process or as a subprocess (``cli.py``).
 
 The emulator answers from toy models whose exact distributions the tests recompute, so every
 value written can be checked against what the server's model really is, not only against itself.
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner, Result
+from cli import CREDENTIAL_VARIABLES, invoke, start_process
+from click.testing import Result
 
 from klstream import schemas
 from klstream.backends.gemini import (
@@ -35,7 +34,6 @@ from klstream.backends.gemini import (
     make_client,
     prefill_contents,
 )
-from klstream.cli import main
 from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
 from klstream.emulator.toymodel import Candidate, top_k
 from klstream.input.explode import explode
@@ -52,12 +50,6 @@ if TYPE_CHECKING:
 Key = tuple[str, int, int]
 MODEL2 = "toy-d0.5"
 FAST = RetryPolicy(max_retries=8, backoff_initial_s=0.01, backoff_max_s=0.05)
-CREDENTIAL_VARIABLES = (
-    "GEMINI_API_KEY",
-    "GOOGLE_API_KEY",
-    "GOOGLE_GEMINI_BASE_URL",
-    "GOOGLE_CLOUD_PROJECT",
-)
 PART_NAME = re.compile(r"part-\d{20}-\d+-\d{6}\.parquet")
 
 
@@ -84,34 +76,8 @@ def score(
     )
 
 
-def cli(*args: object) -> Result:
-    """``klstream ARGS`` in process, with no credentials from the developer's environment."""
-    return CliRunner().invoke(
-        main,
-        [str(a) for a in args],
-        catch_exceptions=False,
-        env=dict.fromkeys(CREDENTIAL_VARIABLES),
-    )
-
-
 def score_cli(run_dir: Path, server: EmulatorServer, model2: str = MODEL2, *args: object) -> Result:
-    return cli("score", run_dir, "--model2", model2, "--base-url", server.base_url, *args)
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES}
-    return {**env, **extra}
-
-
-def klstream_process(*args: object) -> subprocess.Popen[str]:
-    """``python -m klstream ARGS`` as a separate process that can be killed."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "klstream", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-    )
+    return invoke("score", run_dir, "--model2", model2, "--base-url", server.base_url, *args)
 
 
 # --- reading what it wrote -----------------------------------------------------------------
@@ -244,7 +210,7 @@ def test_same_model_has_zero_kl_and_the_divergence_dial_orders_mean_kl(
         means.append(statistics.fmean(row["kl_floor"] for row in kl_rows(run_dir, model2).values()))
     assert 0 < means[0] < means[1] < means[2]
 
-    result = cli(
+    result = invoke(
         "query",
         run_dir,
         "SELECT model2, avg(kl_floor) AS mean_kl, count(*) AS n "
@@ -300,7 +266,7 @@ def test_sigkill_at_any_point_then_resume_loses_and_repeats_nothing(
     for attempt, more_parts in enumerate(kill_points):
         parts_before = len(parquet_files(run_dir))
         started = time.monotonic()
-        process = klstream_process(*command, *(["--resume"] if attempt else []))
+        process = start_process(*command, *(["--resume"] if attempt else []))
         if more_parts is None:
             _, stderr = process.communicate()
             assert process.returncode == 0, stderr
@@ -312,7 +278,7 @@ def test_sigkill_at_any_point_then_resume_loses_and_repeats_nothing(
 
         # A resumed run asks only for positions without a flushed ok row at the kill.
         # The killed run's last requests may reach the server's handler only now; those whose
-        # body it can no longer read are logged without a prompt (and as an emulator error).
+        # body it can no longer read are logged without a prompt (as disconnects).
         asked = requested(emulator, since=started)
         asked.pop(("", ""), None)
         assert set(asked) <= set(not_flushed)
@@ -336,7 +302,7 @@ def test_a_signal_stops_the_run_with_everything_it_counted_saved(
 ) -> None:
     emulator.set_faults(FaultConfig(latency_ms=5))
     # A part per result, so that the signal nearly always lands while parts are being written.
-    process = klstream_process(
+    process = start_process(
         "score",
         run_dir,
         "--model2",
@@ -631,28 +597,20 @@ def test_the_api_key_is_never_written_or_printed(
         "--timeout",
         "0.3",
     ]
-    failing = subprocess.run(
-        [sys.executable, "-m", "klstream", *map(str, command)],
-        capture_output=True,
-        env=subprocess_env(GEMINI_API_KEY=secret),
-        check=False,
-    )
-    assert failing.returncode == 6, failing.stderr
+    failing = start_process(*command, GEMINI_API_KEY=secret)
+    failing_output = failing.communicate()
+    assert failing.returncode == 6, failing_output[1]
     errors = [r["error"] for r in score_rows(run_dir) if r["status"] == schemas.SCORE_ERROR]
     assert errors, "the faults should have left failures in the error column"
 
     emulator.set_faults(FaultConfig())
-    resumed = subprocess.run(
-        [sys.executable, "-m", "klstream", *map(str, command), "--resume"],
-        capture_output=True,
-        env=subprocess_env(GEMINI_API_KEY=secret),
-        check=False,
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = start_process(*command, "--resume", GEMINI_API_KEY=secret)
+    resumed_output = resumed.communicate()
+    assert resumed.returncode == 0, resumed_output[1]
 
     assert_server_values(run_dir, MODEL2, toy_inputs)
-    for output in (failing.stdout, failing.stderr, resumed.stdout, resumed.stderr):
-        assert secret.encode() not in output
+    for output in (*failing_output, *resumed_output):
+        assert secret not in output
     files = [path for path in run_dir.rglob("*") if path.is_file()]
     assert any(path.suffix == ".json" for path in files)
     for path in files:
@@ -708,7 +666,7 @@ def test_scoring_again_needs_resume_or_overwrite_and_resume_keeps_the_config(
 def test_the_vertex_backend_scores_through_its_regional_path(
     run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
 ) -> None:
-    result = cli(
+    result = invoke(
         "score",
         run_dir,
         "--model2",
@@ -735,7 +693,7 @@ def test_the_vertex_backend_scores_through_its_regional_path(
 
 def test_results_reach_disk_every_checkpoint_interval_while_requests_stall(
     run_dir: Path, emulator: EmulatorServer
-):
+) -> None:
     """A stall (every further request hangs) must not keep finished results in memory only."""
     finished = threading.Event()
 
@@ -779,7 +737,7 @@ def test_scoring_range_by_range_asks_for_every_position_once(
     run_dir: Path,
     emulator: EmulatorServer,
     toy_inputs: ToyInputs,
-):
+) -> None:
     """Pending positions are read a few responses at a time; none is skipped or repeated."""
     report = score(run_dir, emulator, max_concurrent=4, range_positions=7)
     assert report.remaining == 0

@@ -76,18 +76,16 @@ Faults (``FaultConfig``, CLI flags in brackets; all off by default)
     503 [--fail-first-n]. Fault randomness comes from ``seed`` [--seed].
     ``--request-log FILE`` appends one JSON line per request; in process,
     ``EmulatorServer.requests`` keeps the last 50,000 as ``RequestRecord``s.
+    A client that goes away mid-request (gives up, times out, is killed) is
+    logged and counted with status ``"disconnect"`` (``DISCONNECT``).
 """
 
-from klstream.emulator.server import (
-    Emulator,
-    EmulatorServer,
-    FaultConfig,
-    RequestRecord,
-    serve,
-)
+from klstream.emulator.app import DISCONNECT, Emulator, EmulatorServer, RequestRecord, serve
+from klstream.emulator.faults import FaultConfig
 from klstream.emulator.toymodel import ToyModel, decode, encode
 
 __all__ = [
+    "DISCONNECT",
     "Emulator",
     "EmulatorServer",
     "FaultConfig",

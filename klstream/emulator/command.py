@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from klstream.emulator.server import FaultConfig, serve
+from klstream.emulator.app import serve
+from klstream.emulator.faults import FaultConfig
 
 
 async def _serve_until_signalled(

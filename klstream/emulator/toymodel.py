@@ -90,19 +90,23 @@ VOCAB_SIZE = len(VOCAB)
 TOKEN_IDS: dict[str, int] = {tok: i for i, tok in enumerate(VOCAB) if i != EOS_ID}
 
 
+_Trie = dict[str, "_Trie"]
+"""A character trie: each character maps to the subtrie of the tokens continuing with it."""
+
+
 def _trie_pattern(tokens: Sequence[str]) -> str:
     """A regex matching the longest token at a position.
 
     In a prefix-closed set every trie node is a token, so a greedy descent of
     nested optional groups never backtracks and stops at the longest match.
     """
-    trie: dict[str, dict] = {}
+    trie: _Trie = {}
     for tok in tokens:
         node = trie
         for ch in tok:
             node = node.setdefault(ch, {})
 
-    def alternatives(node: dict[str, dict]) -> list[str]:
+    def alternatives(node: _Trie) -> list[str]:
         out = []
         for ch in sorted(node):
             sub = alternatives(node[ch])
@@ -386,7 +390,7 @@ class ToyModel:
         forbidden = _FORBIDDEN[last] if 0 <= last < VOCAB_SIZE else _NO_IDS
         logits[forbidden] = -np.inf
         top = logits.max()
-        lp = logits - (top + np.log(np.exp(logits - top).sum()))
+        lp: np.ndarray = logits - (top + np.log(np.exp(logits - top).sum()))
         lp[forbidden] = MASKED_LOGPROB
         return lp
 

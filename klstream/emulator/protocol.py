@@ -1,0 +1,255 @@
+"""The Gemini ``generateContent`` wire format, as the emulator reads and writes it.
+
+Parsing a request body into a validated call (``parse_contents``, ``build_call``),
+encoding an answer (``response_body``) and Google's JSON error bodies (``ApiError``).
+Nothing here knows about HTTP serving or fault injection.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from aiohttp import web
+
+from klstream.emulator.toymodel import Generation, ToyModel, UnknownModelError, encode
+
+MAX_LOGPROBS = 20
+DEFAULT_MAX_OUTPUT_TOKENS = 8192
+NOPREFILL_MESSAGE = "Requests ending with a model turn are not supported."
+
+_STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+JSON_HEADERS = {"Content-Type": "application/json; charset=UTF-8"}
+
+
+class ApiError(Exception):
+    """An error answered in Google's JSON error format."""
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        *,
+        fault: str | None = None,
+        retry_delay_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fault = fault
+        self.retry_delay_s = retry_delay_s
+
+    def response(self) -> web.Response:
+        error: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "status": _STATUS_NAMES[self.code],
+        }
+        headers = dict(JSON_HEADERS)
+        if self.retry_delay_s is not None:
+            delay = f"{self.retry_delay_s:.3f}".rstrip("0").rstrip(".") + "s"
+            error["details"] = [
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
+            ]
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_delay_s)))
+        return web.Response(
+            status=self.code, body=json.dumps({"error": error}).encode(), headers=headers
+        )
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def normalize_keys(obj: Any) -> Any:
+    """Recursively rename snake_case keys to camelCase, like proto-JSON parsing.
+
+    The SDK serialises some nested configs by pydantic field name (e.g.
+    ``thinkingConfig.thinking_budget``), and the real service accepts both.
+    Applied to the top level and ``generationConfig``: the keys of contents
+    (``role``, ``parts``, ``text``) are the same in both spellings.
+    """
+    if isinstance(obj, dict):
+        return {_camel(k): normalize_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [normalize_keys(v) for v in obj]
+    return obj
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated generateContent request."""
+
+    model: ToyModel
+    prompt: str
+    prefill: str | None
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    response_logprobs: bool
+    logprobs: int
+    thinking_budget: int | None
+
+
+def _text_of(content: Any, where: str) -> str:
+    if not isinstance(content, dict) or not isinstance(content.get("parts", []), list):
+        raise ApiError(400, f"Invalid value at '{where}': expected a Content object.")
+    texts = [p.get("text", "") for p in content.get("parts", []) if isinstance(p, dict)]
+    if not all(isinstance(t, str) for t in texts):
+        raise ApiError(400, f"Invalid value at '{where}.parts.text': expected a string.")
+    return "".join(texts)
+
+
+def _number(cfg: dict[str, Any], key: str, kind: type, lo: float, hi: float) -> Any:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok_type:
+        raise ApiError(400, f"Invalid value at 'generation_config.{key}': {value!r}")
+    if not lo <= value <= hi:
+        raise ApiError(400, f"generation_config.{key} must be in [{lo:g}, {hi:g}], got {value}.")
+    return value
+
+
+def parse_contents(body: bytes) -> tuple[dict[str, Any], str, str | None]:
+    """Decode the body; returns (normalised request, prompt, prefill text or None).
+
+    The prompt is the system instruction and the user turns' text joined by
+    newlines; a trailing model turn is the prefill. Raises ``ApiError`` (400).
+    """
+    try:
+        raw = json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"Invalid JSON payload received. {exc}") from None
+    if not isinstance(raw, dict):
+        raise ApiError(400, "Invalid JSON payload received. Expected an object.")
+    req = {_camel(k): v for k, v in raw.items()}
+    req["generationConfig"] = normalize_keys(req.get("generationConfig"))
+    contents = req.get("contents")
+    if not isinstance(contents, list) or not contents:
+        raise ApiError(400, "* GenerateContentRequest.contents: contents is not specified")
+    for i, content in enumerate(contents):
+        role = content.get("role", "user") if isinstance(content, dict) else None
+        if role not in ("user", "model"):
+            raise ApiError(400, f"Please use a valid role: user, model (contents[{i}]).")
+    prefill = None
+    if contents[-1].get("role") == "model":
+        prefill = _text_of(contents[-1], f"contents[{len(contents) - 1}]")
+        contents = contents[:-1]
+    turns = [
+        _text_of(c, f"contents[{i}]")
+        for i, c in enumerate(contents)
+        if c.get("role", "user") == "user"
+    ]
+    if not turns:
+        raise ApiError(400, "* GenerateContentRequest.contents: must contain a user turn")
+    if "systemInstruction" in req:
+        turns.insert(0, _text_of(req["systemInstruction"], "system_instruction"))
+    return req, "\n".join(turns), prefill
+
+
+def build_call(
+    req: dict[str, Any], prompt: str, prefill: str | None, model_name: str, version: str
+) -> Call:
+    """Resolve the model and validate ``generationConfig``; raises ``ApiError`` (400/404)."""
+    try:
+        model = ToyModel.for_name(model_name)
+    except UnknownModelError:
+        raise ApiError(
+            404,
+            f"models/{model_name} is not found for API version {version}, or is not "
+            "supported for generateContent. The klstream emulator serves toy models: "
+            "names with a 'toy' part, such as 'toy' or 'toy-d0.5'.",
+        ) from None
+    cfg = req.get("generationConfig") or {}
+    if not isinstance(cfg, dict):
+        raise ApiError(400, "Invalid value at 'generation_config': expected an object.")
+    logprobs = _number(cfg, "logprobs", int, 0, MAX_LOGPROBS)
+    response_logprobs = cfg.get("responseLogprobs") is True
+    if logprobs and not response_logprobs:
+        raise ApiError(400, "logprobs is set but responseLogprobs is not enabled.")
+    thinking = cfg.get("thinkingConfig") or {}
+    if not isinstance(thinking, dict):
+        raise ApiError(400, "Invalid value at 'generation_config.thinking_config'.")
+    max_tokens = _number(cfg, "maxOutputTokens", int, 1, 1 << 31)
+    temperature = _number(cfg, "temperature", float, 0.0, 2.0)
+    return Call(
+        model=model,
+        prompt=prompt,
+        prefill=prefill,
+        max_tokens=DEFAULT_MAX_OUTPUT_TOKENS if max_tokens is None else max_tokens,
+        temperature=1.0 if temperature is None else temperature,
+        seed=_number(cfg, "seed", int, -(1 << 63), 1 << 63),
+        response_logprobs=response_logprobs,
+        logprobs=logprobs or 0,
+        thinking_budget=_number(thinking, "thinkingBudget", int, -1, 1 << 31),
+    )
+
+
+@lru_cache(maxsize=4096)
+def _prompt_token_count(prompt: str) -> int:
+    return len(encode(prompt))
+
+
+def _candidate_json(token: str, token_id: int, logprob: float) -> dict[str, Any]:
+    return {"token": token, "tokenId": token_id, "logProbability": logprob}
+
+
+def response_body(
+    call: Call,
+    gen: Generation | None,
+    prefill_len: int,
+    thoughts: int,
+    with_logprobs: bool,
+    vertex: bool,
+) -> dict[str, Any]:
+    """The generateContent JSON for a generation (``None``: all tokens were thoughts)."""
+    steps = gen.steps if gen else []
+    text = "".join(s.chosen.token for s in steps)
+    candidate: dict[str, Any] = {"content": {"role": "model"}}
+    if text:
+        candidate["content"]["parts"] = [{"text": text}]
+    candidate["finishReason"] = gen.finish_reason if gen else "MAX_TOKENS"
+    if steps and with_logprobs:
+        total = sum(s.chosen.logprob for s in steps)
+        candidate["avgLogprobs"] = total / len(steps)
+        if call.response_logprobs:
+            result: dict[str, Any] = {}
+            if call.logprobs:
+                result["topCandidates"] = [
+                    {"candidates": [_candidate_json(*c) for c in s.top]} for s in steps
+                ]
+            result["chosenCandidates"] = [_candidate_json(*s.chosen) for s in steps]
+            if not vertex:  # "This field is not supported in Vertex AI."
+                result["logProbabilitySum"] = total
+            candidate["logprobsResult"] = result
+    prompt_tokens = _prompt_token_count(call.prompt) + prefill_len
+    usage = {
+        "promptTokenCount": prompt_tokens,
+        "candidatesTokenCount": len(steps),
+        "thoughtsTokenCount": thoughts,
+        "totalTokenCount": prompt_tokens + len(steps) + thoughts,
+    }
+    body: dict[str, Any] = {
+        "candidates": [candidate],
+        # Proto3 JSON leaves out zero-valued fields.
+        "usageMetadata": {k: v for k, v in usage.items() if v},
+        "modelVersion": call.model.name,
+        "responseId": secrets.token_urlsafe(15),
+    }
+    if vertex:
+        body["createTime"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return body

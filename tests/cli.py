@@ -1,0 +1,45 @@
+"""The one way tests run the klstream CLI.
+
+``invoke`` runs it in process through click's CliRunner; ``start_process`` runs
+``python -m klstream`` as a separate process, for tests that must signal or kill it
+or see every byte it prints. Neither sees the developer's credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from click.testing import CliRunner, Result
+
+from klstream.cli import main
+
+CREDENTIAL_VARIABLES = (
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "GOOGLE_GEMINI_BASE_URL",
+    "GOOGLE_CLOUD_PROJECT",
+)
+
+
+def invoke(*args: object) -> Result:
+    """``klstream ARGS`` in process; exceptions the CLI does not handle propagate to the test."""
+    return CliRunner().invoke(
+        main,
+        [str(a) for a in args],
+        catch_exceptions=False,
+        env=dict.fromkeys(CREDENTIAL_VARIABLES),
+    )
+
+
+def start_process(*args: object, **env: str) -> subprocess.Popen[str]:
+    """``python -m klstream ARGS`` in a separate process, with ``env`` added to its environment."""
+    inherited = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES}
+    return subprocess.Popen(
+        [sys.executable, "-m", "klstream", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**inherited, **env},
+    )
