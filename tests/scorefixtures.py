@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,11 +21,13 @@ from klstream.scoring.checkpoint import write_scores_part
 from klstream.scoring.score import WorkItem, result_row
 
 Key = tuple[str, int, int]
+Lists = tuple[list[str], list[int | None], list[float]]
+"""Model 2's top-k at one position: tokens, token ids, logprobs."""
 
 
 def model2_list(
     tokens: list[str], ids: list[int | None], logprobs: list[float], rnd: random.Random
-) -> tuple[list[str], list[int | None], list[float]]:
+) -> Lists:
     shifted = [min(lp + rnd.uniform(-1.0, 0.5), 0.0) for lp in logprobs]
     tokens, ids = list(tokens), list(ids)
     if len(tokens) > 1:
@@ -33,7 +36,9 @@ def model2_list(
     return tokens, ids, shifted
 
 
-def score_row(key: Key, model2: str, *, lists=None, error: str | None = None) -> dict:
+def score_row(
+    key: Key, model2: str, *, lists: Lists | None = None, error: str | None = None
+) -> dict[str, Any]:
     """A SCORES row built by the score stage's own row builder."""
     answer = None
     if lists is not None:
@@ -61,7 +66,7 @@ def write_fixture_scores(
     """
     rnd = random.Random(seed)
     positions = pq.read_table(RunDir(run_dir).positions).to_pylist()
-    lists: dict[Key, tuple[list[str], list[int | None], list[float]]] = {}
+    lists: dict[Key, Lists] = {}
     first_pass, later_pass = [], []
     for pos in positions:
         key = (pos["stem"], pos["response_index"], pos["position"])

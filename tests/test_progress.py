@@ -15,7 +15,9 @@ def stats() -> ScoreStats:
     return ScoreStats(total=400, already_done=100, scored=95, failed=5, calls=calls)
 
 
-def test_progress_line_shows_positions_rate_retries_429s_and_eta(capsys: pytest.CaptureFixture):
+def test_progress_line_shows_positions_rate_retries_429s_and_eta(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     line = ProgressLine(enabled=True, interval_s=0.0)
     line.update(stats())
     line.close()
@@ -27,7 +29,7 @@ def test_progress_line_shows_positions_rate_retries_429s_and_eta(capsys: pytest.
     assert shown.endswith("\n")
 
 
-def test_progress_line_is_silent_when_not_on_a_terminal(capsys: pytest.CaptureFixture):
+def test_progress_line_is_silent_when_not_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     line = ProgressLine(enabled=False)
     line.update(stats())
     line.close()
