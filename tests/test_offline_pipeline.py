@@ -280,15 +280,14 @@ def test_query_formats(scored_run: ScoredRun, tmp_path: Path) -> None:
 def test_views_script_works_in_a_plain_duckdb(scored_run: ScoredRun) -> None:
     """The script `klstream views` prints gives a bare duckdb the same views klstream uses."""
     run_dir = scored_run[0]
-    con = duckdb.connect()
-    for statement in duckdb.extract_statements(views_script(run_dir)):
-        try:
-            con.execute(statement)
-        except duckdb.IOException:
-            assert "skipped" in statement.query
-    ours = connect(run_dir)
     sql = "SELECT stem, response_index, mean_kl, total_kl FROM response_stats ORDER BY ALL"
-    assert con.execute(sql).fetchall() == ours.execute(sql).fetchall()
+    with duckdb.connect() as con, connect(run_dir) as ours:
+        for statement in duckdb.extract_statements(views_script(run_dir)):
+            try:
+                con.execute(statement)
+            except duckdb.IOException:
+                assert "skipped" in statement.query
+        assert con.execute(sql).fetchall() == ours.execute(sql).fetchall()
 
 
 README_QUERIES = {
@@ -317,8 +316,8 @@ README_QUERIES = {
 @pytest.mark.parametrize("name", sorted(README_QUERIES))
 def test_readme_queries_run(scored_run: ScoredRun, name: str) -> None:
     run_dir = scored_run[0]
-    con = connect(run_dir)
-    rows = con.execute(README_QUERIES[name]).fetchall()
+    with connect(run_dir) as con:
+        rows = con.execute(README_QUERIES[name]).fetchall()
     assert rows
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     assert " ".join(README_QUERIES[name].split()) in " ".join(readme.split())
