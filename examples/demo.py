@@ -70,6 +70,7 @@ def main() -> None:
         f'try: klstream query {OUT / "kl" / "run"} "SELECT token, kl_floor FROM kl '
         'ORDER BY kl_floor DESC LIMIT 5"'
     )
+    print(f"\nHTML report (open it in a browser): {OUT / 'kl' / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,8 @@ class Payload:
         """Magic, header length (u32 LE), header JSON, then every array 8-byte aligned.
 
         Section offsets in the header count from the first 8-byte boundary after the header.
+        An array of wider items is stored byte plane by byte plane (every item's first byte,
+        then every second byte, ...): gzip finds far more repeats in the high bytes that way.
         """
         table: dict[str, list[Any]] = {}
         blobs: list[bytes] = []
@@ -161,7 +163,7 @@ class Payload:
         for name, array in self.sections.items():
             little = array.astype(array.dtype.newbyteorder("<"), copy=False)
             table[name] = [little.dtype.name, offset, len(little)]
-            blob = little.tobytes()
+            blob = little.view(np.uint8).reshape(-1, little.dtype.itemsize).T.tobytes()
             padding = -len(blob) % _ALIGN
             blobs.append(blob + b"\0" * padding)
             offset += len(blob) + padding
@@ -201,6 +203,16 @@ def _ints(column: pa.ChunkedArray | pa.Array, dtype: type[np.generic]) -> np.nda
 def _bools(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A boolean column, null as false."""
     return np.asarray(pc.fill_null(column, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+LOGPROB_UNITS = 10_000
+"""Top-k logprobs in the page are integers of 1e-4: exact to the four decimals it shows."""
+MISSING_LOGPROB = np.iinfo(np.int32).min
+
+
+def _fixed_point_logprobs(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    values = _floats(column) * LOGPROB_UNITS
+    return np.where(np.isnan(values), MISSING_LOGPROB, np.rint(values)).astype(np.int32)
 
 
 def _json_floats(values: Iterable[float | None]) -> list[float | None]:
@@ -400,7 +412,12 @@ class _Builder:
         header = self.payload.header
         header["error_messages"] = messages.dictionary.to_pylist()
         header["thresholds"] = defaults
-        header["scales"] = {"kl": KL_SCALE.describe(), "logratio": LOGRATIO_SCALE.describe()}
+        header["scales"] = {
+            "kl": KL_SCALE.describe(),
+            "logratio": LOGRATIO_SCALE.describe(),
+            "logprob_units": LOGPROB_UNITS,
+            "missing_logprob": int(MISSING_LOGPROB),
+        }
         header["flags"] = {
             "error": FLAG_ERROR,
             "unscored": FLAG_UNSCORED,
@@ -460,12 +477,15 @@ class _Builder:
             }
         )
         self.con.register("detail_keys", keys)
+        stems = sorted({stem for stem, _ in detail.keys})
         try:
-            model1 = _execute(self.con, "report_detail_model1")
+            model1 = _execute(self.con, "report_detail_model1", {"stems": stems})
             self._lists(model1, "detail/m1")
             sections["detail/m1/logprob"] = _floats(model1.column("logprob")).astype(np.float32)
             for m, model2 in enumerate(self.models):
-                model2_table = _execute(self.con, "report_detail_model2", {"model2": model2})
+                model2_table = _execute(
+                    self.con, "report_detail_model2", {"model2": model2, "stems": stems}
+                )
                 self._lists(model2_table, f"detail/{m}")
                 for name in ("kl_floor", "kl_lower", "logratio", "entropy1", "entropy2"):
                     sections[f"detail/{m}/{name}"] = _floats(model2_table.column(name)).astype(
@@ -485,8 +505,8 @@ class _Builder:
         self.payload.sections[f"{prefix}/offset"] = np.concatenate(
             [[0], np.cumsum(lengths)]
         ).astype(np.uint32)
-        self.payload.sections[f"{prefix}/logprobs"] = _floats(pc.list_flatten(logprobs)).astype(
-            np.float32
+        self.payload.sections[f"{prefix}/logprobs"] = _fixed_point_logprobs(
+            pc.list_flatten(logprobs)
         )
         self.token_columns[f"{prefix}/tokens"] = pc.list_flatten(tokens)
 

@@ -62,9 +62,10 @@ function percent(value, digits = 2) { return isMissing(value) ? "n/a" : (100 * v
 
 function count(value) { return isMissing(value) ? "n/a" : Number(value).toLocaleString("en-US"); }
 
+// A probability in percent to three significant digits.
 function probability(logprob) {
-  const p = Math.exp(logprob);
-  return p >= 1e-4 ? (100 * p).toFixed(2) + " %" : (100 * p).toExponential(1) + " %";
+  const pct = 100 * Math.exp(logprob);
+  return (pct >= 0.01 ? String(Number(pct.toPrecision(3))) : pct.toExponential(2)) + " %";
 }
 
 // Token text made visible: line breaks and tabs as symbols (line breaks still break).
@@ -129,9 +130,22 @@ async function loadPayload() {
   const base = Math.ceil((8 + headerLength) / 8) * 8;
   const arrays = {};
   for (const [name, [dtype, offset, length]] of Object.entries(header.sections)) {
-    arrays[name] = new TYPED[dtype](buffer, base + offset, length);
+    const Type = TYPED[dtype];
+    const planes = new Uint8Array(buffer, base + offset, length * Type.BYTES_PER_ELEMENT);
+    arrays[name] = Type.BYTES_PER_ELEMENT === 1 ? planes : new Type(interleave(planes, Type.BYTES_PER_ELEMENT));
   }
   return new Run(header, arrays);
+}
+
+// Arrays of wider items come byte plane by byte plane (see Payload.encode); put items together.
+function interleave(planes, width) {
+  const n = planes.length / width;
+  const bytes = new Uint8Array(planes.length);
+  for (let b = 0; b < width; b++) {
+    const plane = planes.subarray(b * n, (b + 1) * n);
+    for (let i = 0, j = b; i < n; i++, j += width) bytes[j] = plane[i];
+  }
+  return bytes.buffer;
 }
 
 function logTable(scale) {
@@ -199,8 +213,11 @@ class Run {
     const list = (prefix) => {
       const from = this.a[`${prefix}/offset`][at], to = this.a[`${prefix}/offset`][at + 1];
       const tokens = this.a[`${prefix}/tokens`], logprobs = this.a[`${prefix}/logprobs`];
+      const { logprob_units: units, missing_logprob: missing } = this.header.scales;
       const entries = [];
-      for (let i = from; i < to; i++) entries.push({ token: this.dictionary[tokens[i]], logprob: logprobs[i] });
+      for (let i = from; i < to; i++) {
+        entries.push({ token: this.dictionary[tokens[i]], logprob: logprobs[i] === missing ? NaN : logprobs[i] / units });
+      }
       return entries;
     };
     const exact = (m, name) => this.a[`detail/${m}/${name}`][at];
@@ -638,8 +655,8 @@ class Report {
       bar.append(svg("defs", {}, gradient(HEAT, "g-heat")), svg("rect", { x: 0, y: 0, width: 180, height: 14, fill: "url(#g-heat)" }));
     }
     const label = this.score === "logratio"
-      ? `−${num(peak)} (Model 2 more sure) … ±${num(threshold)} … +${num(peak)} (Model 1 more sure)`
-      : `${num(threshold)} … ${num(peak)} (this response's maximum)`;
+      ? `−${num(peak)} (Model 2 more sure) … ±${num(threshold)} … +${num(peak)} (Model 1 more sure), ≈ ±5 %`
+      : `${num(threshold)} … ${num(peak)} (this response's maximum, ≈ ±5 %)`;
     byId("heat-legend").replaceChildren(bar, h("span", {}, label));
   }
 
