@@ -2,16 +2,19 @@
 
 Data flow: DuckDB runs ``sql/report_*.sql``, ``sql/summary.sql`` and ``sql/top_tokens.sql`` over
 the run's views; numpy turns the columns into compact typed arrays; they travel as one binary
-payload (a JSON header, then little-endian arrays) compressed with gzip and base64-encoded inside
-the page, which the browser's ``DecompressionStream`` unpacks. The Jinja2 template inlines its CSS
-and JS: the file needs no server and loads nothing over the network.
+payload (a JSON header, then little-endian arrays stored byte plane by byte plane, see
+:meth:`Payload.encode`) compressed with gzip and base64-encoded inside the page, which the
+browser's ``DecompressionStream`` unpacks (``templates/report.js`` mirrors every encoding here).
+The Jinja2 template inlines its CSS and JS: the file needs no server and loads nothing over the
+network.
 
 Scale: a run of 10,000 responses × 500 tokens cannot carry every top-k list, so every position
 carries its token (an index into a token dictionary), one byte per estimator (KL, normalized KL,
 log-ratio: log-scale quantized, :class:`LogScale` / :class:`SignedLogScale`) and one byte of flags
-per Model 2. Full top-k lists and exact estimators ride along only for *detail* responses: those
-named with ``detail``, then the most divergent by mean and by max KL until ``detail_positions``
-positions. ``only`` writes a page for chosen responses, all of them with detail.
+per Model 2. Full top-k lists (logprobs in fixed point, :data:`LOGPROB_UNITS`) and exact
+estimators ride along only for *detail* responses: those named with ``detail``, then the most
+divergent by mean and by max KL until ``detail_positions`` positions. ``only`` writes a page
+for chosen responses, all of them with detail.
 """
 
 from __future__ import annotations
@@ -281,7 +284,7 @@ class _Builder:
 
     def _responses(self) -> dict[ResponseKey, int]:
         responses = pa.concat_tables(_range_tables(self.con, "report_responses", self.ranges))
-        if self.options.only and responses.num_rows < len(set(self.options.only)):
+        if self.options.only:
             self._require_known(self.options.only, responses)
         stems = pc.dictionary_encode(responses.column("stem").combine_chunks())
         prompts = pc.dictionary_encode(responses.column("prompt").combine_chunks())

@@ -395,7 +395,9 @@ class Report {
     this.refreshTable();
     this.drawTopTokens();
     const target = this.parseHash();
-    this.open(target ? target.row : this.order.length ? this.order[0] : 0, target ? target.position : -1, false);
+    // Opened on a link to a token (#response=ROW&pos=P): go there; else the most divergent response.
+    if (target) this.open(target.row, target.position, true);
+    else this.open(this.order.length ? this.order[0] : 0, -1, false);
     window.addEventListener("hashchange", () => {
       const next = this.parseHash();
       if (next) this.open(next.row, next.position, true);
@@ -799,11 +801,10 @@ class Report {
   const status = byId("load-status");
   try {
     const run = await loadPayload();
-    const report = new Report(run);
-    report.start();
-    byId("app").hidden = false;
     status.textContent = "";
     status.hidden = true;
+    byId("app").hidden = false;
+    new Report(run).start();
     document.documentElement.dataset.readyMs = String(performance.now());
     document.documentElement.dataset.ready = "true";
   } catch (error) {
