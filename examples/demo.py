@@ -74,6 +74,7 @@ def main() -> None:
     print(f"per-token Parquet for DuckDB/pandas/polars: {shown(OUT / 'kl' / 'run')}")
     query = "SELECT token, kl_floor FROM kl ORDER BY kl_floor DESC LIMIT 5"
     print(f"try: uv run klstream query {shlex.join([shown(OUT / 'kl' / 'run'), query])}")
+    print(f"\nHTML report (open it in a browser): {shown(OUT / 'kl' / 'report.html')}")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,11 @@ def _message(error: E.KlstreamError) -> str:
     return str(error)
 
 
+if TYPE_CHECKING:
+    from klstream.output.report import ReportResult
+    from klstream.output.top import Score
+
+
 class _Group(click.Group):
     """Turns a :class:`KlstreamError` into one clear line on stderr and its exit status, and
     imports the emulator (numpy, aiohttp, its toy vocabulary) only when it is asked for."""
@@ -225,6 +230,126 @@ def views(run_dir: Path) -> None:
     from klstream.database import views_script
 
     click.echo(views_script(run_dir), nl=False)
+
+
+@main.command()
+@run_dir_argument
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="HTML file to write (default: RUN_DIR/report.html, or a name after --response).",
+)
+@click.option(
+    "--detail",
+    multiple=True,
+    metavar="STEM:INDEX",
+    help="Carry this response's full top-k lists too (repeatable).",
+)
+@click.option(
+    "--detail-positions",
+    type=click.IntRange(min=0),
+    help="Budget of positions with full top-k lists, filled by the most divergent responses "
+    "(default 50,000: some 10 MB).",
+)
+@click.option(
+    "--response",
+    "responses",
+    multiple=True,
+    metavar="STEM:INDEX",
+    help="Write a page for just this response (repeatable), with its full top-k lists.",
+)
+@click.option(
+    "--top-tokens",
+    type=click.IntRange(min=0),
+    help="Highest-KL tokens listed per Model 2 (default 100).",
+)
+def report(
+    run_dir: Path,
+    output: Path | None,
+    detail: tuple[str, ...],
+    detail_positions: int | None,
+    responses: tuple[str, ...],
+    top_tokens: int | None,
+) -> None:
+    """Write a self-contained HTML report: overview, response table, token heat maps."""
+    from klstream.output.report import ReportOptions, parse_response_key, write_report
+
+    only = tuple(parse_response_key(text) for text in responses)
+    if output is None and only:
+        output = run_dir / ("report-" + "-".join(f"{s}_{i}" for s, i in only) + ".html")
+    given = {"detail_positions": detail_positions, "top_tokens": top_tokens}
+    options = ReportOptions(
+        detail=tuple(parse_response_key(text) for text in detail),
+        only=only,
+        **{name: value for name, value in given.items() if value is not None},
+    )
+    click.echo(_report_line(write_report(run_dir, output, options)))
+
+
+def _report_line(result: ReportResult) -> str:
+    return (
+        f"report: {result.responses} responses, {result.positions} positions, "
+        f"{result.detail_responses} with top-k detail, {result.size_bytes / 1e6:.1f} MB "
+        f"-> {result.path}"
+    )
+
+
+@main.command()
+@run_dir_argument
+@click.option("--model2", help="Which Model 2 (needed when the run has several).")
+@click.option(
+    "--score",
+    type=click.Choice(["kl", "normalized"]),
+    default="kl",
+    show_default=True,
+    help="kl: kl_floor; normalized: kl_floor / (entropy1 + entropy2).",
+)
+@click.option("--min", "minimum", type=float, help="Only positions with score >= MIN.")
+@click.option("--max", "maximum", type=float, help="Only positions with score <= MAX.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Rows at most."
+)
+@click.option(
+    "--context",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Tokens of context on each side.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines instead of a table.")
+@click.option(
+    "--parquet",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the rows to this Parquet file instead.",
+)
+def top(
+    run_dir: Path,
+    model2: str | None,
+    score: str,
+    minimum: float | None,
+    maximum: float | None,
+    limit: int,
+    context: int,
+    as_json: bool,
+    parquet: Path | None,
+) -> None:
+    """The highest-KL tokens of a run with their context, optionally within [--min, --max]."""
+    import json
+
+    from klstream.output.top import TopQuery, format_table, top_tokens_of_run, write_parquet
+
+    chosen: Score = "normalized" if score == "normalized" else "kl"
+    query = TopQuery(model2, chosen, minimum, maximum, limit, context)
+    table = top_tokens_of_run(run_dir, query)
+    if parquet is not None:
+        write_parquet(table, parquet)
+        click.echo(f"wrote {table.num_rows} rows to {parquet}")
+    elif as_json:
+        for row in table.to_pylist():
+            click.echo(json.dumps(row, ensure_ascii=False))
+    else:
+        click.echo(format_table(table))
 
 
 def _apply(function: Any, decorators: list[Callable[[Any], Any]]) -> Any:
@@ -503,9 +628,15 @@ def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
 )
 @click.option("--pattern", default="*.json", show_default=True, help="Glob for input files.")
 @click.option("--max-files", type=click.IntRange(min=1), help="Process at most N files.")
+@click.option("--no-report", is_flag=True, help="Do not write report.html beside the results.")
 @_score_flags
 def run_all(
-    input_dir: Path, output_dir: Path, pattern: str, max_files: int | None, **params: Any
+    input_dir: Path,
+    output_dir: Path,
+    pattern: str,
+    max_files: int | None,
+    no_report: bool,
+    **params: Any,
 ) -> None:
     """explode → score → export in one resumable command, with the spec's flags."""
     from klstream.input.explode import ExplodeReport
@@ -519,7 +650,9 @@ def run_all(
             f"{report.positions} positions -> {report.positions_path.parent}"
         )
 
-    options = RunOptions(_score_options(params), pattern=pattern, max_files=max_files)
+    options = RunOptions(
+        _score_options(params), pattern=pattern, max_files=max_files, report=not no_report
+    )
     progress = ProgressLine(enabled=sys.stderr.isatty())
     try:
         report = run(input_dir, output_dir, options, _endpoint(params), progress.update, exploded)
@@ -533,3 +666,5 @@ def run_all(
         f"wrote {len(report.exported.files)} _kl.json files and "
         f"{report.exported.summary_path.name} to {output_dir}"
     )
+    if report.report is not None:
+        click.echo(_report_line(report.report))

@@ -111,8 +111,10 @@ def ranged(
     sql_name: str,
     params: Mapping[str, object],
     max_positions: int = RANGE_POSITIONS,
+    ranges: list[ResponseRange] | None = None,
 ) -> Iterator[duckdb.DuckDBPyRelation]:
-    """``sql/<sql_name>.sql`` once per range of responses, in key order."""
+    """``sql/<sql_name>.sql`` once per range of responses (``ranges``, by default all the run's
+    responses in ranges of at most ``max_positions`` positions), in key order."""
     sql = load_sql(sql_name)
-    for response_range in response_ranges(con, max_positions):
+    for response_range in ranges if ranges is not None else response_ranges(con, max_positions):
         yield con.sql(sql, params={**params, **response_range.params()})

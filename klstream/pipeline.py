@@ -1,4 +1,4 @@
-"""The whole dataflow in one call: explode → score (→ KL pass) → export.
+"""The whole dataflow in one call: explode → score (→ KL pass) → export → report.
 
 ``klstream run`` is this function behind click; a notebook calls :func:`run` or awaits
 :func:`run_async`. The run directory lives inside the output directory
@@ -18,6 +18,7 @@ from klstream.errors import RunExists
 from klstream.input.explode import ExplodeReport, explode
 from klstream.loop import run_blocking
 from klstream.output.export import ExportReport, export
+from klstream.output.report import ReportResult, write_report
 from klstream.rundir import ExportDir
 from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score_async
 
@@ -29,6 +30,8 @@ class RunOptions:
     score: ScoreOptions
     pattern: str = "*.json"
     max_files: int | None = None
+    report: bool = True
+    """Write the HTML report beside the exported files."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class RunReport:
     """None when an earlier run's positions were reused (resume)."""
     scored: ScoreReport
     exported: ExportReport | None
+    report: ReportResult | None
+    """None while positions remain unscored, or when no report was asked for."""
 
 
 async def run_async(
@@ -51,7 +56,8 @@ async def run_async(
     on_exploded: Callable[[ExplodeReport], None] | None = None,
 ) -> RunReport:
     """Explode ``input_dir`` (unless resuming), score every position, export when complete."""
-    run = ExportDir(output_dir).workspace
+    exports = ExportDir(output_dir)
+    run = exports.workspace
     exploded: ExplodeReport | None = None
     if run.is_exploded():
         if not (options.score.resume or options.score.overwrite):
@@ -63,10 +69,12 @@ async def run_async(
         if on_exploded is not None:
             on_exploded(exploded)
     scored = await score_async(run.root, options.score, endpoint, on_progress)
-    exported = None
+    exported = report = None
     if not scored.remaining:
         exported = await asyncio.to_thread(export, run.root, output_dir, options.score.model2)
-    return RunReport(run.root, exploded, scored, exported)
+        if options.report:
+            report = await asyncio.to_thread(write_report, run.root, exports.report)
+    return RunReport(run.root, exploded, scored, exported, report)
 
 
 def run(

@@ -8,8 +8,10 @@ A run directory (``RUN_DIR``) holds::
     scores/<model2>/part-*.parquet     Model 2 outcomes, append-only checkpoints (score)
     scores/<model2>/run.json           the parameters a resumed run must share
     kl/<model2>.parquet                per-position estimators (the KL pass)
+    report.html                        the default place of ``klstream report``
 
-An export directory holds ``<stem>_kl.json`` per input file and ``summary.json``; ``klstream
+An export directory holds ``<stem>_kl.json`` per input file, ``summary.json`` and
+``report.html``; ``klstream
 run`` keeps its run directory inside it, as ``OUTPUT_DIR/run``. Every other module asks this one
 for paths; the SQL views get the relative names from :meth:`RunDir.sql_variables`.
 """
@@ -36,6 +38,7 @@ WORKSPACE = "run"
 """``klstream run``'s run directory inside its output directory."""
 KL_JSON_SUFFIX = "_kl.json"
 SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _part_sequence = itertools.count()
@@ -93,6 +96,10 @@ class RunDir:
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{next(_part_sequence):06d}.parquet"
         return self.scores_dir(model2) / name
 
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_FILE
+
     def kl_path(self, model2: str) -> Path:
         return self.root / KL_DIR / f"{model2_dirname(model2)}.parquet"
 
@@ -127,6 +134,10 @@ class ExportDir:
     @property
     def summary(self) -> Path:
         return self.root / SUMMARY_FILE
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_FILE
 
     @property
     def workspace(self) -> RunDir:

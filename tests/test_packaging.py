@@ -19,12 +19,18 @@ def test_wheel_carries_sql_and_loads_it_from_the_package(tmp_path: Path) -> None
     prefix = "klstream/sql/"
     shipped = sorted(n.removeprefix(prefix) for n in names if n.startswith(prefix))
     assert shipped == sorted(p.name for p in (ROOT / "sql").glob("*.sql"))
+    templates = ROOT / "klstream" / "output" / "templates"
+    assert {f"klstream/output/templates/{p.name}" for p in templates.iterdir()} <= set(names)
 
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)
     probe = (
         "from klstream.sqlfiles import sql_directory, load_sql; "
-        "print(sql_directory()); assert 'CREATE OR REPLACE VIEW kl' in load_sql('views')"
+        "print(sql_directory()); assert 'CREATE OR REPLACE VIEW kl' in load_sql('views'); "
+        "from klstream.output.report import Payload, render; "
+        "page = render(Payload({'meta': {'klstream_version': '0', 'run_dir': 'r', "
+        "'generated_at': 'now', 'page_of': []}, 'models': []}), 't'); "
+        "assert 'DecompressionStream' in page and 'KLR1' in page"
     )
     env = {**os.environ, "PYTHONPATH": str(installed)}
     result = subprocess.run(

@@ -86,11 +86,12 @@ def file_document(model2: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any]:
-    cursor = con.execute(load_sql("summary"), {"model2": model2})
-    names = [d[0] for d in cursor.description]
-    row = cursor.fetchone()
-    assert row is not None
-    return dict(zip(names, row, strict=True))
+    """Run-level figures for ``model2`` (``sql/summary.sql``), read whole so that the
+    connection is free for the next query."""
+    rows: list[dict[str, Any]] = (
+        con.sql(load_sql("summary"), params={"model2": model2}).to_arrow_table().to_pylist()
+    )
+    return rows[0]
 
 
 def _fmt(value: float | None, width: int = 10, digits: int = 6) -> str:

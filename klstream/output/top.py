@@ -1,0 +1,89 @@
+"""The highest-KL tokens of a run with their context: ``klstream top`` and the report's list.
+
+Both run ``sql/top_tokens.sql``, so the command and the report always agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from klstream.atomic import atomic_path
+from klstream.database import connect
+from klstream.output.export import resolve_model2
+from klstream.sqlfiles import load_sql
+
+Score = Literal["kl", "normalized"]
+SCORES: tuple[Score, ...] = ("kl", "normalized")
+DEFAULT_LIMIT = 20
+DEFAULT_CONTEXT = 8
+
+
+@dataclass(frozen=True)
+class TopQuery:
+    """Which positions: one Model 2's (the run's only one when None), with ``score`` in
+    [minimum, maximum], the highest first."""
+
+    model2: str | None = None
+    score: Score = "kl"
+    minimum: float | None = None
+    maximum: float | None = None
+    limit: int | None = DEFAULT_LIMIT
+    context: int = DEFAULT_CONTEXT
+
+    def params(self) -> dict[str, object]:
+        return {
+            "model2": self.model2,
+            "score": self.score,
+            "min": self.minimum,
+            "max": self.maximum,
+            "limit": self.limit,
+            "context": self.context,
+        }
+
+
+def top_tokens(con: duckdb.DuckDBPyConnection, query: TopQuery) -> pa.Table:
+    """The rows of ``sql/top_tokens.sql`` for ``query``, highest score first."""
+    return con.sql(load_sql("top_tokens"), params=query.params()).to_arrow_table()
+
+
+def top_tokens_of_run(run_dir: Path, query: TopQuery) -> pa.Table:
+    """:func:`top_tokens` over a run directory."""
+    with connect(run_dir) as con:
+        model2 = resolve_model2(con, run_dir, query.model2)
+        return top_tokens(con, replace(query, model2=model2))
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def _visible(text: str) -> str:
+    """Whitespace that would break a table row, shown as symbols."""
+    return text.replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥")
+
+
+def format_table(table: pa.Table) -> str:
+    """A plain-text table: rank, KL, normalized KL, where, and the token inside its context."""
+    header = f"{'#':>4}  {'kl':>10}  {'kl/(H1+H2)':>10}  {'where':<28}  context ⟦token⟧"
+    lines = [header, "-" * len(header)]
+    for rank, row in enumerate(table.to_pylist(), start=1):
+        normalized = row["normalized_kl"]
+        normalized_text = "n/a" if normalized is None else f"{normalized:.6f}"
+        where = f"{row['stem']}:{row['response_index']}@{row['position']}"
+        context = (
+            f"{_visible(row['context_before'])}⟦{_visible(row['token'])}⟧"
+            f"{_visible(row['context_after'])}"
+        )
+        lines.append(
+            f"{rank:>4}  {row['kl']:>10.6f}  {normalized_text:>10}  {where:<28}  {context}"
+        )
+    if table.num_rows == 0:
+        lines.append("(no position in that range)")
+    return "\n".join(lines)
