@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import tenacity
 from google.genai import errors as genai_errors
 
+from klstream.backends.gemini import server_retry_delay
 from klstream.scoring.caller import RetryPolicy
 
 
@@ -33,18 +34,18 @@ def rate_limited(details: list[dict], headers: dict[str, str] | None = None) -> 
 
 
 def test_wait_is_never_shorter_than_the_retry_info_delay():
-    wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait()
+    wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait(server_retry_delay)
     info = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7.5s"}]
     assert wait(state_after(rate_limited(info), attempt=1)) >= 7.5
 
 
 def test_wait_honours_retry_after_when_there_is_no_retry_info():
-    wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait()
+    wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait(server_retry_delay)
     assert wait(state_after(rate_limited([], {"Retry-After": "3"}), attempt=1)) >= 3.0
 
 
 def test_wait_backs_off_exponentially_with_jitter_up_to_the_cap():
-    wait = RetryPolicy(backoff_initial_s=1.0, backoff_max_s=8.0).wait()
+    wait = RetryPolicy(backoff_initial_s=1.0, backoff_max_s=8.0).wait(server_retry_delay)
     timeout = TimeoutError()
     first, third = wait(state_after(timeout, 1)), wait(state_after(timeout, 3))
     assert 1.0 <= first <= 2.0

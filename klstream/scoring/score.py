@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from klstream import __version__, schemas
 from klstream.atomic import write_text_atomic
-from klstream.backends.gemini import Endpoint, generation_config, prefill_contents
+from klstream.backends.base import Endpoint, PrefillRequest
 from klstream.database import RANGE_POSITIONS, connect, ranged
 from klstream.errors import ResultsExist, RunConfigMismatch
 from klstream.loop import run_blocking
@@ -224,12 +224,13 @@ class _Scorer:
             options.checkpoint_rows,
             options.checkpoint_seconds,
         )
-        self.config = generation_config(options.top_logprobs, options.thinking_budget)
         self.consecutive_failures = 0
         self.last_error: str | None = None
 
     async def score_one(self, caller: Caller, item: WorkItem) -> None:
-        outcome = await caller.call(prefill_contents(item.prompt, item.prefill), self.config)
+        outcome = await caller.call(
+            PrefillRequest(item.prompt, item.prefill, self.options.top_logprobs)
+        )
         # Counted before the checkpoint's await: the row is buffered at once, so it is saved even
         # if the run is cancelled during a flush, and the counts must include it.
         if outcome.answer:
