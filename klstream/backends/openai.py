@@ -124,7 +124,8 @@ def _json_object(text: str, content_type: str) -> dict[str, Any]:
         body = json.loads(text)
     except ValueError:
         snippet = " ".join(text.split())[:200]
-        raise RetryableAnswer(f"answer body is not JSON ({content_type}): {snippet!r}") from None
+        kind = f" ({content_type})" if content_type else ""
+        raise RetryableAnswer(f"answer body is not JSON{kind}: {snippet!r}") from None
     if not isinstance(body, dict):
         raise RetryableAnswer(f"answer body is not a JSON object: {str(body)[:200]}")
     return body
