@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from types import SimpleNamespace
+from typing import Any
 
 import tenacity
 from google.genai import errors as genai_errors
@@ -13,15 +13,17 @@ from klstream.scoring.caller import RetryPolicy
 
 
 def state_after(error: BaseException, attempt: int) -> tenacity.RetryCallState:
-    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state = tenacity.RetryCallState(retry_object=tenacity.Retrying(), fn=None, args=(), kwargs={})
     state.attempt_number = attempt
-    outcome: Future[None] = Future()
+    outcome = tenacity.Future(attempt)
     outcome.set_exception(error)
     state.outcome = outcome
     return state
 
 
-def rate_limited(details: list[dict], headers: dict[str, str] | None = None) -> BaseException:
+def rate_limited(
+    details: list[dict[str, Any]], headers: dict[str, str] | None = None
+) -> BaseException:
     body = {
         "error": {
             "code": 429,
@@ -33,18 +35,18 @@ def rate_limited(details: list[dict], headers: dict[str, str] | None = None) -> 
     return genai_errors.ClientError(429, body, SimpleNamespace(headers=headers or {}))
 
 
-def test_wait_is_never_shorter_than_the_retry_info_delay():
+def test_wait_is_never_shorter_than_the_retry_info_delay() -> None:
     wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait(server_retry_delay)
     info = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7.5s"}]
     assert wait(state_after(rate_limited(info), attempt=1)) >= 7.5
 
 
-def test_wait_honours_retry_after_when_there_is_no_retry_info():
+def test_wait_honours_retry_after_when_there_is_no_retry_info() -> None:
     wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait(server_retry_delay)
     assert wait(state_after(rate_limited([], {"Retry-After": "3"}), attempt=1)) >= 3.0
 
 
-def test_wait_backs_off_exponentially_with_jitter_up_to_the_cap():
+def test_wait_backs_off_exponentially_with_jitter_up_to_the_cap() -> None:
     wait = RetryPolicy(backoff_initial_s=1.0, backoff_max_s=8.0).wait(server_retry_delay)
     timeout = TimeoutError()
     first, third = wait(state_after(timeout, 1)), wait(state_after(timeout, 3))

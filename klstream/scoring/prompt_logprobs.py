@@ -22,7 +22,8 @@ distribution after the whole response: the logprobs of the one token the request
 A response that does not fit the server's context (its ``max_model_len``, with the one token
 generated) is a recorded failure for its positions. Results are rows of the same scores table as
 the prefill method's (:func:`klstream.scoring.score.result_row`); ``attempts`` and
-``latency_ms`` are those of the response's request.
+``latency_ms`` are those of the response's request, ``chosen_*`` is Model 2's most likely token
+there (nothing is generated at that position) and ``finish_reason`` is null.
 """
 
 from __future__ import annotations
