@@ -58,7 +58,7 @@ import aiohttp
 from google import genai
 from google.genai import types
 
-from klstream.backends.gemini import Endpoint
+from klstream.backends.base import Endpoint
 from klstream.emulator.toymodel import EOS_ID, ToyModel
 from klstream.input.explode import explode
 from klstream.scoring.score import ScoreOptions, ScoreStats, score

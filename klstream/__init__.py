@@ -34,8 +34,8 @@ _EXPORTS: dict[str, str] = {
     "sample_async": "klstream.input.sample",
     "SampleOptions": "klstream.input.sample",
     "SampleReport": "klstream.input.sample",
-    "Endpoint": "klstream.backends.gemini",
-    "endpoint_from_environment": "klstream.backends.gemini",
+    "Endpoint": "klstream.backends.base",
+    "endpoint_from_environment": "klstream.backends",
     "RetryPolicy": "klstream.scoring.caller",
     "score": "klstream.scoring.score",
     "score_async": "klstream.scoring.score",
@@ -69,6 +69,8 @@ _EXPORTS: dict[str, str] = {
     "AmbiguousModel2": "klstream.errors",
     "EndpointError": "klstream.errors",
     "MissingCredentials": "klstream.errors",
+    "MissingServerUrl": "klstream.errors",
+    "MethodUnsupported": "klstream.errors",
     "AuthenticationError": "klstream.errors",
     "ModelNotFound": "klstream.errors",
     "ModelCannotScore": "klstream.errors",
@@ -122,6 +124,8 @@ __all__ = [
     "AmbiguousModel2",
     "EndpointError",
     "MissingCredentials",
+    "MissingServerUrl",
+    "MethodUnsupported",
     "AuthenticationError",
     "ModelNotFound",
     "ModelCannotScore",
@@ -147,7 +151,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from klstream.backends.gemini import Endpoint, endpoint_from_environment
+    from klstream.backends import endpoint_from_environment
+    from klstream.backends.base import Endpoint
     from klstream.database import connect, views_script
     from klstream.errors import (
         AmbiguousModel2,
@@ -156,7 +161,9 @@ if TYPE_CHECKING:
         InputError,
         InputSelectionError,
         KlstreamError,
+        MethodUnsupported,
         MissingCredentials,
+        MissingServerUrl,
         ModelCannotScore,
         ModelNotFound,
         NoResults,

@@ -21,7 +21,7 @@ from klstream import __version__
 from klstream import errors as E
 
 if TYPE_CHECKING:
-    from klstream.backends.gemini import Endpoint
+    from klstream.backends.base import Endpoint
     from klstream.scoring.score import ScoreOptions, ScoreReport
 
 
@@ -51,6 +51,10 @@ HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
     E.MissingCredentials: lambda e: (
         "set GEMINI_API_KEY, or pass --backend vertex with "
         "--project-id, or --base-url for a local server such as `klstream emulate`"
+    ),
+    E.MissingServerUrl: lambda e: "pass --base-url (or set OPENAI_BASE_URL)",
+    E.MethodUnsupported: lambda e: (
+        "use --method prefill, or --method prompt-logprobs with --backend openai and a vLLM server"
     ),
     E.ThinkingRejected: lambda e: (
         "try --thinking-budget none (send no thinking config) or another model"
@@ -365,10 +369,11 @@ def _api_options(function: Any) -> Any:
         [
             click.option(
                 "--backend",
-                type=click.Choice(["gemini", "vertex"]),
+                type=click.Choice(["gemini", "vertex", "openai"]),
                 default="gemini",
                 show_default=True,
-                help="Gemini Developer API or Vertex AI.",
+                help="Gemini Developer API, Vertex AI, or an OpenAI-compatible server (vLLM, "
+                "SGLang; needs klstream[openai]).",
             ),
             click.option(
                 "--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."
@@ -378,8 +383,8 @@ def _api_options(function: Any) -> Any:
             ),
             click.option(
                 "--base-url",
-                help="Another endpoint, such as `klstream emulate`'s "
-                "(default: $GOOGLE_GEMINI_BASE_URL).",
+                help="Another endpoint, such as `klstream emulate`'s (default: "
+                "$GOOGLE_GEMINI_BASE_URL, or $OPENAI_BASE_URL with --backend openai).",
             ),
             click.option(
                 "--max-concurrent",
@@ -432,6 +437,14 @@ def _score_flags(function: Any) -> Any:
             ),
             click.option("--overwrite", is_flag=True, help="Discard this model2's results first."),
             click.option(
+                "--method",
+                type=click.Choice(["prefill", "prompt-logprobs"]),
+                default="prefill",
+                show_default=True,
+                help="One request per position (any backend), or one per response from vLLM's "
+                "prompt logprobs (--backend openai).",
+            ),
+            click.option(
                 "--checkpoint-rows",
                 type=click.IntRange(min=1),
                 default=256,
@@ -457,7 +470,7 @@ def _thinking_budget(value: str) -> int | None:
 
 
 def _endpoint(params: dict[str, Any]) -> Endpoint:
-    from klstream.backends.gemini import endpoint_from_environment
+    from klstream.backends import endpoint_from_environment
 
     return endpoint_from_environment(
         params["backend"],
@@ -482,6 +495,7 @@ def _score_options(params: dict[str, Any]) -> ScoreOptions:
         checkpoint_seconds=params["checkpoint_seconds"],
         resume=params["resume"],
         overwrite=params["overwrite"],
+        method=params["method"],
     )
 
 

@@ -95,6 +95,14 @@ class MissingCredentials(EndpointError):
     """No API key or project where the backend needs one."""
 
 
+class MissingServerUrl(MissingCredentials):
+    """An OpenAI-compatible backend was chosen without the server's address."""
+
+
+class MethodUnsupported(EndpointError):
+    """The scoring method needs what this backend or server does not offer."""
+
+
 class AuthenticationError(EndpointError):
     """The service rejected the credentials (401/403)."""
 

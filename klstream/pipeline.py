@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from klstream.backends.gemini import Endpoint
+from klstream.backends.base import Endpoint
 from klstream.errors import RunExists
 from klstream.input.explode import ExplodeReport, explode
 from klstream.loop import run_blocking

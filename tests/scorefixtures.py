@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klstream import schemas
-from klstream.backends.gemini import Answer, Candidate, Generated
+from klstream.backends.base import Answer, Candidate, Generated
 from klstream.rundir import RunDir
 from klstream.scoring.caller import Outcome
 from klstream.scoring.checkpoint import write_scores_part

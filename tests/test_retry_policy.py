@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import tenacity
 from google.genai import errors as genai_errors
 
+from klstream.backends.gemini import server_retry_delay
 from klstream.scoring.caller import RetryPolicy
 
 
@@ -21,7 +22,7 @@ def state_after(error: BaseException, attempt: int) -> tenacity.RetryCallState:
 
 
 def rate_limited(
-    details: Sequence[Mapping[str, object]], headers: dict[str, str] | None = None
+    details: list[dict[str, Any]], headers: dict[str, str] | None = None
 ) -> BaseException:
     body = {
         "error": {
@@ -35,18 +36,18 @@ def rate_limited(
 
 
 def test_wait_is_never_shorter_than_the_retry_info_delay() -> None:
-    wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait()
+    wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait(server_retry_delay)
     info = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7.5s"}]
     assert wait(state_after(rate_limited(info), attempt=1)) >= 7.5
 
 
 def test_wait_honours_retry_after_when_there_is_no_retry_info() -> None:
-    wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait()
+    wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait(server_retry_delay)
     assert wait(state_after(rate_limited([], {"Retry-After": "3"}), attempt=1)) >= 3.0
 
 
 def test_wait_backs_off_exponentially_with_jitter_up_to_the_cap() -> None:
-    wait = RetryPolicy(backoff_initial_s=1.0, backoff_max_s=8.0).wait()
+    wait = RetryPolicy(backoff_initial_s=1.0, backoff_max_s=8.0).wait(server_retry_delay)
     timeout = TimeoutError()
     first, third = wait(state_after(timeout, 1)), wait(state_after(timeout, 3))
     assert 1.0 <= first <= 2.0

@@ -20,20 +20,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import pyarrow.parquet as pq
 import pytest
 from cli import CREDENTIAL_VARIABLES, invoke, start_process
 from click.testing import Result
 
 from klstream import schemas
-from klstream.backends.gemini import (
-    Endpoint,
-    endpoint_from_environment,
-    generation_config,
-    make_client,
-    prefill_contents,
-)
+from klstream.backends import endpoint_from_environment
+from klstream.backends.base import Endpoint, PrefillRequest
+from klstream.backends.gemini import open_gemini_client
 from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
 from klstream.emulator.toymodel import Candidate, top_k
 from klstream.input.explode import explode
@@ -370,27 +365,18 @@ def test_rate_limits_lower_the_concurrency_and_successes_restore_it(
 ) -> None:
     emulator.set_faults(FaultConfig(rate_429=1.0, retry_delay_s=0.01))
     target = endpoint(emulator)
-    contents = prefill_contents("Tell me a story.", " Once")
-    config = generation_config(20, 0)
+    request = PrefillRequest("Tell me a story.", " Once", 20)
 
     async def calls() -> tuple[AdaptiveLimiter, float, CallStats]:
         limiter, stats = AdaptiveLimiter(ceiling=8), CallStats()
-        async with aiohttp.ClientSession() as session:
-            caller = Caller(
-                make_client(target, session),
-                MODEL2,
-                target,
-                RetryPolicy(1, 0.01, 0.05),
-                limiter,
-                0,
-                stats,
-            )
-            outcomes = await asyncio.gather(*(caller.call(contents, config) for _ in range(8)))
+        async with open_gemini_client(target, MODEL2, 8, 0) as client:
+            caller = Caller(client, RetryPolicy(1, 0.01, 0.05), limiter, stats)
+            outcomes = await asyncio.gather(*(caller.call(request) for _ in range(8)))
             assert all(o.answer is None and (o.error or "").startswith("429") for o in outcomes)
             lowered = limiter.limit
             emulator.set_faults(FaultConfig())
             for _ in range(40):
-                assert (await caller.call(contents, config)).answer is not None
+                assert (await caller.call(request)).answer is not None
         return limiter, lowered, stats
 
     limiter, lowered, stats = asyncio.run(calls())

@@ -1,16 +1,19 @@
 """The boundary with the Gemini API: client set-up, one prefill request, and what its answer means.
 
 Everything here goes through ``google-genai``'s async client. The SDK's own retries are switched
-off (one attempt), so that :mod:`klstream.scoring.score` decides about every retry and counts it.
+off (one attempt), so that :mod:`klstream.scoring.caller` decides about every retry and counts it.
+:class:`GeminiClient` is this backend's :class:`~klstream.backends.base.ModelClient`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -19,6 +22,14 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from klstream.backends.base import (
+    Answer,
+    Candidate,
+    Endpoint,
+    Generated,
+    PrefillRequest,
+    RetryableAnswer,
+)
 from klstream.errors import (
     AuthenticationError,
     MissingCredentials,
@@ -38,37 +49,15 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """Where and how to reach Model 2. ``api_key`` is a secret: it is never printed or saved."""
-
-    backend: Backend
-    api_key: str | None = None
-    project: str | None = None
-    location: str = "global"
-    base_url: str | None = None
-    timeout_s: float = 60.0
-
-    def __repr__(self) -> str:
-        key = "set" if self.api_key else "unset"
-        return (
-            f"Endpoint(backend={self.backend!r}, api_key={key}, project={self.project!r}, "
-            f"location={self.location!r}, base_url={self.base_url!r})"
-        )
-
-    def redact(self, text: str) -> str:
-        """``text`` with the API key, should an error message ever echo it, masked."""
-        return text.replace(self.api_key, "***") if self.api_key else text
-
-
-def endpoint_from_environment(
+def gemini_endpoint(
     backend: Backend,
     project_id: str | None = None,
     location: str = "global",
     base_url: str | None = None,
     timeout_s: float = 60.0,
 ) -> Endpoint:
-    """Resolve credentials and endpoint from options and the documented environment variables."""
+    """Resolve Gemini's or Vertex AI's credentials and endpoint from options and the documented
+    environment variables."""
     base_url = base_url or os.environ.get(BASE_URL_VARIABLE) or None
     if backend == "vertex":
         project = project_id or os.environ.get(PROJECT_VARIABLE)
@@ -142,32 +131,6 @@ def generation_config(
         else types.ThinkingConfig(thinking_budget=thinking_budget),
         should_return_http_response=True,
     )
-
-
-class RetryableAnswer(Exception):
-    """A 200 answer that cannot be used but may be fine next time (no logprobs, say)."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    token: str
-    token_id: int | None
-    logprob: float
-
-
-@dataclass(frozen=True)
-class Generated:
-    """One generated step: the token chosen and the top-k alternatives with logprobs."""
-
-    chosen: Candidate
-    top: list[Candidate]
-
-
-@dataclass(frozen=True)
-class Answer:
-    steps: list[Generated]
-    text: str
-    finish_reason: str | None
 
 
 def _candidate(raw: Any) -> Candidate:
@@ -301,3 +264,62 @@ def describe(error: BaseException) -> str:
     if isinstance(error, asyncio.TimeoutError):
         return "timeout: no answer within the request timeout"
     return f"{type(error).__name__}: {error}"
+
+
+_cached_config = functools.lru_cache(maxsize=64)(generation_config)
+"""Scoring sends one config for every request: built once, it spares a pydantic object per call."""
+
+
+class GeminiClient:
+    """One Gemini model through one google-genai client (see :class:`ModelClient`)."""
+
+    failures: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, genai_errors.APIError)
+
+    def __init__(
+        self, client: genai.Client, model: str, endpoint: Endpoint, thinking_budget: int | None
+    ) -> None:
+        self.client, self.model, self.endpoint = client, model, endpoint
+        self.thinking_budget = thinking_budget
+
+    async def generate(self, request: PrefillRequest) -> Answer:
+        config = _cached_config(
+            request.top_logprobs,
+            self.thinking_budget,
+            request.max_tokens,
+            request.temperature,
+            request.seed,
+        )
+        response = await self.client.aio.models.generate_content(
+            model=self.model,
+            contents=prefill_contents(request.prompt, request.prefill),
+            config=config,
+        )
+        return parse_answer(response, self.thinking_budget)
+
+    def should_retry(self, error: BaseException) -> bool:
+        if isinstance(error, genai_errors.APIError):
+            return classify_api_error(error, self.thinking_budget) == "retry"
+        return isinstance(error, TRANSIENT_ERRORS)
+
+    def is_rate_limit(self, error: BaseException) -> bool:
+        return is_rate_limit(error)
+
+    def retry_delay(self, error: BaseException) -> float | None:
+        return server_retry_delay(error)
+
+    def describe(self, error: BaseException) -> str:
+        return describe(error)
+
+
+@contextlib.asynccontextmanager
+async def open_gemini_client(
+    endpoint: Endpoint, model: str, max_concurrent: int, thinking_budget: int | None
+) -> AsyncIterator[GeminiClient]:
+    """A client over one HTTP session whose connection pool matches the concurrency.
+
+    With Vertex the SDK keeps its own session, which carries the Google auth.
+    """
+    connector = aiohttp.TCPConnector(limit=max_concurrent, limit_per_host=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        client = make_client(endpoint, session if endpoint.backend == "gemini" else None)
+        yield GeminiClient(client, model, endpoint, thinking_budget)

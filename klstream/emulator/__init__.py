@@ -1,7 +1,9 @@
 """A local stand-in for the Gemini API, for dry runs and tests without network or cost.
 
 The emulator is an aiohttp server that speaks the ``generateContent`` REST
-protocol closely enough for the real google-genai SDK, and answers from
+protocol closely enough for the real google-genai SDK — and vLLM's
+OpenAI-compatible routes closely enough for the real openai SDK
+(``klstream.emulator.openai_routes``) — and answers from
 deterministic toy language models (``klstream.emulator.toymodel``) whose exact
 next-token distributions tests can recompute locally.
 
@@ -25,12 +27,17 @@ Pointing clients at it
     fails because the SDK tries to refresh it) and the same ``base_url``.
     Without project/location (and without an api_key) the SDK posts to the bare
     base_url with no model in the path; the emulator answers 404 saying so.
+    The openai SDK: ``openai.AsyncOpenAI(base_url=url + "/v1", api_key="x")``;
+    klstream: ``--backend openai --base-url http://127.0.0.1:8765``.
 
 Endpoints (any version segment: v1, v1beta, v1alpha, v1beta1, ...)
     ``POST /{version}/models/{model}:generateContent`` (Developer API),
     ``POST /{version}/projects/{p}/locations/{l}/publishers/{pub}/models/{model}:generateContent``
     and ``POST /{version}/publishers/{pub}/models/{model}:generateContent`` (Vertex
-    AI, the latter in express mode), ``GET /_emulator/stats`` (request counters).
+    AI, the latter in express mode), ``GET /_emulator/stats`` (request counters),
+    and ``POST /v1/chat/completions``, ``POST /v1/completions`` (with vLLM's
+    ``prompt_logprobs``) and ``POST /tokenize`` (described in
+    ``klstream.emulator.openai_routes``, with its toy chat template).
     The prompt is the system instruction and the user turns' text joined by
     newlines; a trailing model turn is a prefill that generation continues,
     re-tokenized with the toy tokenizer. ``generationConfig`` supports
@@ -68,8 +75,10 @@ Faults (``FaultConfig``, CLI flags in brackets; all off by default)
     --jitter-ms]; fractions of 429 with ``retry_delay_s`` [--rate-429,
     --retry-delay], of 500 and 503 [--rate-500, --rate-503], of hangs lasting
     ``hang_seconds`` before a normal answer [--rate-hang, --hang-seconds], of
-    200 answers with a truncated JSON body [--rate-malformed] and of answers
-    without logprobs [--rate-no-logprobs]; ``quota_per_minute`` requests per
+    200 answers with a truncated JSON body [--rate-malformed] or an HTML page
+    [--rate-html], of answers without logprobs [--rate-no-logprobs] and of
+    OpenAI completions whose ``prompt_logprobs`` lack their last entries
+    [--rate-short-prompt-logprobs]; ``quota_per_minute`` requests per
     rolling window (``quota_window_s``, default 60 s), then 429 whose
     ``retryDelay`` is the time until the window frees [--quota-per-minute];
     ``fail_first_n``: the first N copies of each distinct request body get

@@ -24,6 +24,7 @@ from typing import Any, Final, Literal, TextIO
 from aiohttp import web
 
 from klstream.emulator.faults import FaultConfig, FaultState
+from klstream.emulator.openai_routes import HTML_PAGE, OpenAIRoutes
 from klstream.emulator.protocol import (
     JSON_HEADERS,
     NOPREFILL_MESSAGE,
@@ -115,6 +116,7 @@ class Emulator:
             self._generate,
         )
         app.router.add_get("/_emulator/stats", self._stats)
+        OpenAIRoutes(lambda: self._state, self._sleep, self._record_openai).register(app)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
@@ -153,6 +155,19 @@ class Emulator:
                 self._by_fault[record.fault] += 1
         if self._log_file:
             self._log_file.write(json.dumps(dataclasses.asdict(record)) + "\n")
+
+    def _record_openai(
+        self,
+        request: web.Request,
+        arrived: float,
+        model: str,
+        prompt: str,
+        prefill: str | None,
+        response: web.Response,
+        fault: str | None,
+    ) -> None:
+        status: RequestStatus = DISCONNECT if _client_gone(request) else response.status
+        self._record(RequestRecord(arrived, request.path, model, prompt, prefill, status, fault))
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake up early when the server shuts down."""
@@ -241,6 +256,8 @@ class Emulator:
         ).encode()
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
+        if fault == "html":
+            return web.Response(body=HTML_PAGE, content_type="text/html"), fault
         return web.Response(body=payload, headers=JSON_HEADERS), fault
 
 

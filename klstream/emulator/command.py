@@ -1,4 +1,5 @@
-"""The ``klstream emulate`` command: run the local Gemini emulator in the foreground."""
+"""The ``klstream emulate`` command: run the local Gemini (and OpenAI-compatible) emulator in
+the foreground."""
 
 from __future__ import annotations
 
@@ -53,10 +54,19 @@ async def _serve_until_signalled(
     "--rate-malformed", default=0.0, show_default=True, help="Fraction with a truncated body."
 )
 @click.option(
+    "--rate-html", default=0.0, show_default=True, help="Fraction answered 200 with an HTML page."
+)
+@click.option(
     "--rate-no-logprobs",
     default=0.0,
     show_default=True,
-    help="Fraction answered without logprobsResult.",
+    help="Fraction answered without logprobs (logprobsResult, logprobs, prompt_logprobs).",
+)
+@click.option(
+    "--rate-short-prompt-logprobs",
+    default=0.0,
+    show_default=True,
+    help="Fraction of OpenAI completions whose prompt_logprobs lack their last entries.",
 )
 @click.option(
     "--quota-per-minute",
@@ -89,7 +99,9 @@ def emulate_command(
     rate_hang: float,
     hang_seconds: float,
     rate_malformed: float,
+    rate_html: float,
     rate_no_logprobs: float,
+    rate_short_prompt_logprobs: float,
     quota_per_minute: int,
     fail_first_n: int,
     seed: int,
@@ -98,12 +110,14 @@ def emulate_command(
     """Run a local Gemini API emulator backed by deterministic toy models.
 
     It lets you dry-run klstream pipelines (and anything else built on the
-    google-genai SDK) without network access and without spending money, and
-    rehearse failures: latency, 429/500/503 errors, hangs, malformed bodies,
-    missing logprobs and quotas. Point clients at it with
-    --base-url http://HOST:PORT or GOOGLE_GEMINI_BASE_URL=http://HOST:PORT and
-    use toy model names such as "toy" and "toy-d0.5" (see the
-    klstream.emulator module documentation). Stops on Ctrl-C or SIGTERM.
+    google-genai or openai SDKs) without network access and without spending
+    money, and rehearse failures: latency, 429/500/503 errors, hangs, malformed
+    or HTML bodies, missing logprobs and quotas. Point clients at it with
+    --base-url http://HOST:PORT or GOOGLE_GEMINI_BASE_URL=http://HOST:PORT
+    (the same URL with --backend openai serves vLLM-style /v1/completions,
+    /v1/chat/completions and /tokenize) and use toy model names such as "toy"
+    and "toy-d0.5" (see the klstream.emulator module documentation). Stops on
+    Ctrl-C or SIGTERM.
     """
     try:
         faults = FaultConfig(
@@ -116,7 +130,9 @@ def emulate_command(
             rate_hang=rate_hang,
             hang_seconds=hang_seconds,
             rate_malformed=rate_malformed,
+            rate_html=rate_html,
             rate_no_logprobs=rate_no_logprobs,
+            rate_short_prompt_logprobs=rate_short_prompt_logprobs,
             quota_per_minute=quota_per_minute,
             fail_first_n=fail_first_n,
             seed=seed,

@@ -15,7 +15,7 @@ from klstream.emulator.protocol import ApiError
 class FaultConfig:
     """Which failures to inject; everything is off by default.
 
-    Rates are per-request probabilities. The 429/500/503/hang/malformed rates
+    Rates are per-request probabilities. The 429/500/503/hang/malformed/html rates
     are mutually exclusive outcomes of one draw, so they must sum to at most 1.
     All randomness comes from ``random.Random(seed)``.
     """
@@ -29,7 +29,11 @@ class FaultConfig:
     rate_hang: float = 0.0
     hang_seconds: float = 60.0
     rate_malformed: float = 0.0
+    rate_html: float = 0.0
+    """200 answers whose body is an HTML page (a proxy's or gateway's) instead of JSON."""
     rate_no_logprobs: float = 0.0
+    rate_short_prompt_logprobs: float = 0.0
+    """OpenAI completions answers whose ``prompt_logprobs`` lack their last entries."""
     quota_per_minute: int = 0
     """Requests allowed per rolling window; 0 means unlimited."""
     quota_window_s: float = 60.0
@@ -46,14 +50,23 @@ class FaultConfig:
             if name != "seed" and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.exclusive_rate > 1.0 + 1e-9:
-            raise ValueError("rate_429 + rate_500 + rate_503 + rate_hang + rate_malformed > 1")
+            raise ValueError(
+                "rate_429 + rate_500 + rate_503 + rate_hang + rate_malformed + rate_html > 1"
+            )
         if self.quota_window_s <= 0:
             raise ValueError("quota_window_s must be > 0")
 
     @property
     def exclusive_rate(self) -> float:
         """Probability of one of the mutually exclusive faults."""
-        return self.rate_429 + self.rate_500 + self.rate_503 + self.rate_hang + self.rate_malformed
+        return (
+            self.rate_429
+            + self.rate_500
+            + self.rate_503
+            + self.rate_hang
+            + self.rate_malformed
+            + self.rate_html
+        )
 
 
 class FaultState:
@@ -91,7 +104,7 @@ class FaultState:
             )
 
     def draw_exclusive(self) -> str | None:
-        """One draw deciding among 429/500/503/hang/malformed (or none)."""
+        """One draw deciding among 429/500/503/hang/malformed/html (or none)."""
         c = self.config
         if not c.exclusive_rate:
             return None
@@ -102,6 +115,7 @@ class FaultState:
             ("503", c.rate_503),
             ("hang", c.rate_hang),
             ("malformed", c.rate_malformed),
+            ("html", c.rate_html),
         ):
             if u < rate:
                 return name
@@ -110,4 +124,8 @@ class FaultState:
 
     def draw_no_logprobs(self) -> bool:
         rate = self.config.rate_no_logprobs
+        return bool(rate) and self.rng.random() < rate
+
+    def draw_short_prompt_logprobs(self) -> bool:
+        rate = self.config.rate_short_prompt_logprobs
         return bool(rate) and self.rng.random() < rate

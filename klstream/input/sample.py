@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from klstream.atomic import write_text_atomic
-from klstream.backends.gemini import Answer, Endpoint, generation_config, prefill_contents
+from klstream.backends.base import Answer, Endpoint, PrefillRequest
 from klstream.errors import InputError, KlstreamError
 from klstream.loop import run_blocking
 from klstream.rundir import model2_dirname
@@ -123,14 +123,10 @@ async def sample_async(
 
         async def one(prompt: str, sample: int) -> Outcome:
             seed = None if options.seed is None else options.seed + sample
-            config = generation_config(
-                options.top_logprobs,
-                options.thinking_budget,
-                options.max_tokens,
-                options.temperature,
-                seed,
+            request = PrefillRequest(
+                prompt, "", options.top_logprobs, options.max_tokens, options.temperature, seed
             )
-            return await caller.call(prefill_contents(prompt, ""), config)
+            return await caller.call(request)
 
         async def prompt_file(index: int, path: Path) -> None:
             prompt = prompts[index]

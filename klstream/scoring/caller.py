@@ -1,37 +1,28 @@
-"""One Gemini call with klstream's retry policy and adaptive concurrency, shared by every stage.
+"""One Model 2 call with klstream's retry policy and adaptive concurrency, shared by every stage
+and every backend (:class:`klstream.backends.base.ModelClient`).
 
-tenacity retries 408/429/5xx, time-outs, connection errors, malformed bodies and answers without
-logprobs, backing off exponentially with jitter but never sooner than the server asked
-(RetryInfo's retryDelay or Retry-After). 400/401/403/404 are not retried. A 429 also halves the
-concurrency (:mod:`klstream.scoring.throttle`).
+tenacity retries what the backend calls transient — 408/429/5xx, time-outs, connection errors,
+malformed bodies, answers without logprobs — backing off exponentially with jitter but never
+sooner than the server asked (RetryInfo's retryDelay or Retry-After). 400/401/403/404 are not
+retried. A 429 also halves the concurrency (:mod:`klstream.scoring.throttle`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
-import aiohttp
 import tenacity
-from google.genai import errors as genai_errors
-from google.genai import types
 
-from klstream.backends.gemini import (
-    TRANSIENT_ERRORS,
-    Answer,
-    Endpoint,
-    classify_api_error,
-    describe,
-    is_rate_limit,
-    make_client,
-    parse_answer,
-    server_retry_delay,
-)
+from klstream.backends import open_client
+from klstream.backends.base import Answer, Endpoint, ModelClient, PrefillRequest
 from klstream.errors import KlstreamError
 from klstream.scoring.throttle import AdaptiveLimiter
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,14 +44,17 @@ class RetryPolicy:
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
 
-    def wait(self) -> Callable[[tenacity.RetryCallState], float]:
+    def wait(
+        self, server_delay: Callable[[BaseException], float | None]
+    ) -> Callable[[tenacity.RetryCallState], float]:
+        """Exponential back-off with jitter, never shorter than ``server_delay`` of the error."""
         backoff = tenacity.wait_exponential_jitter(
             initial=self.backoff_initial_s, max=self.backoff_max_s
         )
 
         def wait(state: tenacity.RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
-            asked = server_retry_delay(error) if error else None
+            asked = server_delay(error) if error else None
             return max(backoff(state), asked or 0.0)
 
         return wait
@@ -76,77 +70,76 @@ class Outcome:
     latency_ms: float
 
 
+@dataclass(frozen=True)
+class Retried(Generic[T]):
+    """Any retried operation's end: its value, or the error text of its last attempt."""
+
+    value: T | None
+    error: str | None
+    attempts: int
+    latency_ms: float
+
+
 class Caller:
-    """Makes calls for one model through one client, counting and throttling them."""
+    """Makes calls through one :class:`ModelClient`, counting and throttling them."""
 
     def __init__(
         self,
-        client: Any,
-        model: str,
-        endpoint: Endpoint,
+        client: ModelClient,
         policy: RetryPolicy,
         limiter: AdaptiveLimiter,
-        thinking_budget: int | None,
         stats: CallStats,
     ) -> None:
-        self.client, self.model, self.endpoint = client, model, endpoint
-        self.policy, self.limiter, self.stats = policy, limiter, stats
-        self.thinking_budget = thinking_budget
+        self.client, self.policy, self.limiter, self.stats = client, policy, limiter, stats
 
-    async def _attempt(
-        self, contents: list[types.ContentDict], config: types.GenerateContentConfig
-    ) -> Answer:
+    async def _attempt(self, operation: Callable[[], Awaitable[T]]) -> T:
         await self.limiter.acquire()
         try:
             self.stats.requests += 1
-            response = await self.client.aio.models.generate_content(
-                model=self.model, contents=contents, config=config
-            )
-        except genai_errors.APIError as error:
-            if is_rate_limit(error):
+            result = await operation()
+        except BaseException as error:
+            if self.client.is_rate_limit(error):
                 self.stats.rate_limited += 1
                 self.limiter.on_rate_limited()
                 self.stats.concurrency_cuts = self.limiter.decreases
             raise
         finally:
             await self.limiter.release()
-        answer = parse_answer(response, self.thinking_budget)
         self.limiter.on_success()
-        return answer
-
-    def _should_retry(self, error: BaseException) -> bool:
-        """Raises for errors that end the run (see :func:`classify_api_error`)."""
-        if isinstance(error, genai_errors.APIError):
-            return classify_api_error(error, self.thinking_budget) == "retry"
-        return isinstance(error, TRANSIENT_ERRORS)
+        return result
 
     def _count_retry(self, _: tenacity.RetryCallState) -> None:
         self.stats.retries += 1
 
-    async def call(
-        self, contents: list[types.ContentDict], config: types.GenerateContentConfig
-    ) -> Outcome:
-        """Retry until an answer or the retry budget is spent; run-ending errors propagate."""
+    async def retried(self, operation: Callable[[], Awaitable[T]]) -> Retried[T]:
+        """Run ``operation`` (one HTTP request) until it succeeds or the retry budget is spent;
+        run-ending errors propagate."""
         started = time.monotonic()
+        endpoint: Endpoint = self.client.endpoint
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self.policy.max_retries + 1),
-            wait=self.policy.wait(),
-            retry=tenacity.retry_if_exception(self._should_retry),
+            wait=self.policy.wait(self.client.retry_delay),
+            retry=tenacity.retry_if_exception(self.client.should_retry),
             before_sleep=self._count_retry,
             reraise=True,
         )
-        answer: Answer | None = None
+        value: T | None = None
         error: str | None = None
         try:
-            answer = await retrying(self._attempt, contents, config)
-        except TRANSIENT_ERRORS + (genai_errors.APIError,) as failure:
-            error = self.endpoint.redact(describe(failure))
+            value = await retrying(self._attempt, operation)
         except KlstreamError as fatal:
             # Run-ending errors quote the server; the key must not reach the user's terminal.
-            fatal.args = (self.endpoint.redact(str(fatal)),)
+            fatal.args = (endpoint.redact(str(fatal)),)
             raise fatal from None
+        except self.client.failures as failure:
+            error = endpoint.redact(self.client.describe(failure))
         attempts = int(retrying.statistics.get("attempt_number", 1))
-        return Outcome(answer, error, attempts, (time.monotonic() - started) * 1000)
+        return Retried(value, error, attempts, (time.monotonic() - started) * 1000)
+
+    async def call(self, request: PrefillRequest) -> Outcome:
+        """One generation request, retried (see :meth:`retried`)."""
+        result = await self.retried(lambda: self.client.generate(request))
+        return Outcome(result.value, result.error, result.attempts, result.latency_ms)
 
 
 @contextlib.asynccontextmanager
@@ -158,19 +151,7 @@ async def open_caller(
     thinking_budget: int | None,
     stats: CallStats,
 ) -> AsyncIterator[Caller]:
-    """A :class:`Caller` over one HTTP session whose connection pool matches the concurrency.
-
-    With Vertex the SDK keeps its own session, which carries the Google auth.
-    """
-    connector = aiohttp.TCPConnector(limit=max_concurrent, limit_per_host=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        client = make_client(endpoint, session if endpoint.backend == "gemini" else None)
-        yield Caller(
-            client,
-            model,
-            endpoint,
-            policy,
-            AdaptiveLimiter(ceiling=max_concurrent),
-            thinking_budget,
-            stats,
-        )
+    """A :class:`Caller` over the client of ``endpoint``'s backend
+    (:func:`klstream.backends.open_client`)."""
+    async with open_client(endpoint, model, max_concurrent, thinking_budget) as client:
+        yield Caller(client, policy, AdaptiveLimiter(ceiling=max_concurrent), stats)

@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
 from klstream import __version__, schemas
 from klstream.atomic import write_text_atomic
-from klstream.backends.gemini import Endpoint, generation_config, prefill_contents
+from klstream.backends.base import Endpoint, PrefillRequest
 from klstream.database import RANGE_POSITIONS, connect, ranged
-from klstream.errors import ResultsExist, RunConfigMismatch
+from klstream.errors import MethodUnsupported, ResultsExist, RunConfigMismatch
 from klstream.loop import run_blocking
 from klstream.metrics.kl import KlReport, compute_kl
 from klstream.rundir import RunDir
@@ -39,11 +39,19 @@ from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, ope
 from klstream.scoring.checkpoint import write_scores_part
 from klstream.sqlfiles import load_sql
 
+if TYPE_CHECKING:
+    from klstream.scoring.prompt_logprobs import PromptLogprobsScorer
+
 RESULTS_FORMAT = 1
 """Version of what a stored result means. It changes only when results written by one release
 cannot be mixed with another's; a resumed run compares it, never the package version."""
 RESULT_PARAMETERS = ("results_format", "model2", "top_logprobs", "backend", "thinking_budget")
 """The recorded parameters that change results: a resumed run must share every one."""
+ScoringMethod = Literal["prefill", "prompt-logprobs"]
+"""``prefill``: one request per position, the prefix as the model's own turn. ``prompt-logprobs``
+(vLLM): one request per response, whose prompt logprobs give every position at once
+(:mod:`klstream.scoring.prompt_logprobs`). Both give the same values where both apply, so a run
+may mix them: a resumed run can fill with one what the other left."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class ScoreOptions:
     max_consecutive_failures: int = 50
     range_positions: int = RANGE_POSITIONS
     """Positions of whole responses read from DuckDB at once (bounds its memory)."""
+    method: ScoringMethod = "prefill"
 
     def recorded(self, endpoint: Endpoint) -> dict[str, Any]:
         """``run.json``: the parameters that change results, and the version that wrote them."""
@@ -224,12 +233,13 @@ class _Scorer:
             options.checkpoint_rows,
             options.checkpoint_seconds,
         )
-        self.config = generation_config(options.top_logprobs, options.thinking_budget)
         self.consecutive_failures = 0
         self.last_error: str | None = None
 
     async def score_one(self, caller: Caller, item: WorkItem) -> None:
-        outcome = await caller.call(prefill_contents(item.prompt, item.prefill), self.config)
+        outcome = await caller.call(
+            PrefillRequest(item.prompt, item.prefill, self.options.top_logprobs)
+        )
         # Counted before the checkpoint's await: the row is buffered at once, so it is saved even
         # if the run is cancelled during a flush, and the counts must include it.
         if outcome.answer:
@@ -329,10 +339,11 @@ def _response_items(rows: list[dict[str, Any]]) -> list[WorkItem]:
     ]
 
 
-async def _pending_items(
+async def pending_responses(
     run_dir: Path, model2: str, range_positions: int
-) -> AsyncIterator[WorkItem]:
-    """Stream the positions without a successful result, in key order, with their requests.
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Stream the responses with a position lacking a successful result, in key order: every
+    position's row of ``sql/pending_positions.sql``, each with whether it is pending.
 
     One range of whole responses at a time (:func:`klstream.database.ranged`), read in a worker
     thread, so neither memory nor the event loop depends on the size of the run.
@@ -346,8 +357,16 @@ async def _pending_items(
 
         while (rows := await asyncio.to_thread(next_range_rows)) is not None:
             for _, response in groupby(rows, key=lambda r: (r["stem"], r["response_index"])):
-                for item in _response_items(list(response)):
-                    yield item
+                yield list(response)
+
+
+async def _pending_items(
+    run_dir: Path, model2: str, range_positions: int
+) -> AsyncIterator[WorkItem]:
+    """Stream the positions without a successful result, in key order, with their requests."""
+    async for response in pending_responses(run_dir, model2, range_positions):
+        for item in _response_items(response):
+            yield item
 
 
 def _count_pending(run_dir: Path, model2: str) -> tuple[int, int]:
@@ -366,10 +385,21 @@ async def score_async(
     """Score every pending position of ``run_dir`` against ``options.model2``, then run KL."""
     run = RunDir(run_dir)
     run.require_exploded()
+    if options.method == "prompt-logprobs" and endpoint.backend != "openai":
+        raise MethodUnsupported(
+            f"prompt logprobs come from OpenAI-compatible servers such as vLLM, not from the "
+            f"{endpoint.backend} backend"
+        )
     _check_run_config(run, options, endpoint)
     positions, done = _count_pending(run_dir, options.model2)
     stats = ScoreStats(total=positions, already_done=done)
-    scorer = _Scorer(run_dir, options, endpoint, stats, on_progress)
+    scorer: _Scorer | PromptLogprobsScorer
+    if options.method == "prompt-logprobs":
+        from klstream.scoring.prompt_logprobs import PromptLogprobsScorer
+
+        scorer = PromptLogprobsScorer(run_dir, options, endpoint, stats, on_progress)
+    else:
+        scorer = _Scorer(run_dir, options, endpoint, stats, on_progress)
     stopped: str | None = None
     loop = asyncio.get_running_loop()
     current = asyncio.current_task()
@@ -382,7 +412,10 @@ async def score_async(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop_on, signum)
     try:
-        await scorer.run(_pending_items(run_dir, options.model2, options.range_positions))
+        if isinstance(scorer, _Scorer):
+            await scorer.run(_pending_items(run_dir, options.model2, options.range_positions))
+        else:
+            await scorer.run(pending_responses(run_dir, options.model2, options.range_positions))
     except _Stop as stop:
         stopped = str(stop)
     except asyncio.CancelledError as cancelled:

@@ -1,0 +1,370 @@
+"""Scoring by prompt logprobs (vLLM): one request per response instead of one per position.
+
+The prompt is the chat template's rendering of the user prompt up to where the assistant's
+answer starts (vLLM's ``/tokenize`` with ``messages`` and ``add_generation_prompt``), followed by
+Model 1's response, all as token ids; ``prompt_logprobs`` then gives Model 2's top-k before
+every token of the response — its distribution at every position — in one answer.
+
+Which ids stand for the response:
+
+- **the token path**: when the server's ``/tokenize`` of the response text gives exactly Model
+  1's token ids (one tokenizer), Model 1's ids are sent and position ``p`` is prompt token
+  ``template + p``: every position gets its value.
+- **the text path**: otherwise the server's own tokens of the text are sent, and each of Model
+  1's tokens is matched with the server token covering exactly the same characters. A position
+  without such a token — the two tokenizers split the text differently there, or the server's
+  decoded tokens stop reproducing the text — is recorded as a failure with the reason; it is
+  never given the distribution of another position. ``--method prefill`` can fill those.
+
+Model 1's first token without text after the response (an end-of-sequence token) gets the
+distribution after the whole response: the logprobs of the one token the request generates.
+
+A response that does not fit the server's context (its ``max_model_len``, with the one token
+generated) is a recorded failure for its positions. Results are rows of the same scores table as
+the prefill method's (:func:`klstream.scoring.score.result_row`); ``attempts`` and
+``latency_ms`` are those of the response's request, ``chosen_*`` is Model 2's most likely token
+there (nothing is generated at that position) and ``finish_reason`` is null.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from klstream.backends.base import Answer, Endpoint, Generated
+from klstream.backends.openai import OpenAIClient, PromptScores, Tokenized, open_openai_client
+from klstream.rundir import RunDir
+from klstream.scoring.caller import Caller, Outcome, Retried
+from klstream.scoring.score import (
+    ScoreOptions,
+    ScoreStats,
+    WorkItem,
+    _Checkpointer,
+    _Stop,
+    result_row,
+)
+from klstream.scoring.throttle import AdaptiveLimiter
+
+TEMPLATE_CACHE_SIZE = 1024
+"""Prompts whose chat-template tokens are kept: responses arrive grouped by input file, and the
+responses of one file share their prompt."""
+
+
+@dataclass(frozen=True)
+class ResponseWork:
+    """One response with at least one position still to score."""
+
+    stem: str
+    response_index: int
+    prompt: str
+    tokens: list[str]
+    token_ids: list[int | None]
+    pending: list[bool]
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]]) -> ResponseWork:
+        """From a response's rows of ``sql/pending_positions.sql`` (key order)."""
+        first = rows[0]
+        return cls(
+            first["stem"],
+            first["response_index"],
+            first["prompt"],
+            [row["token"] for row in rows],
+            [row["token_id"] for row in rows],
+            [row["pending"] for row in rows],
+        )
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+
+def _spans(tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end character offsets of consecutive tokens."""
+    lengths = np.fromiter(map(len, tokens), np.int64, len(tokens))
+    ends = np.cumsum(lengths)
+    return ends - lengths, ends
+
+
+def common_prefix_length(a: str, b: str) -> int:
+    """How many leading characters ``a`` and ``b`` share."""
+    size = min(len(a), len(b))
+    left = np.frombuffer(a[:size].encode("utf-32-le"), np.uint32)
+    right = np.frombuffer(b[:size].encode("utf-32-le"), np.uint32)
+    differ = np.flatnonzero(left != right)
+    return int(differ[0]) if differ.size else size
+
+
+def text_token_count(tokens: list[str]) -> int:
+    """Tokens up to the last one with text: what follows (end of sequence) is not in the text."""
+    count = len(tokens)
+    while count and not tokens[count - 1]:
+        count -= 1
+    return count
+
+
+def _with_end(match: np.ndarray, tokens: list[str], text_length: int, after: int) -> np.ndarray:
+    """Model 1's first token without text after the text's end (its end of sequence, say) gets
+    Model 2's distribution after the whole text, index ``after``."""
+    count = text_token_count(tokens)
+    if count < len(tokens):
+        match = match.copy()
+        match[count] = after
+    return match
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Model 1's tokens of a text against Model 2's tokens of the same text.
+
+    ``match[p]`` is the index of Model 2's token covering exactly the characters of Model 1's
+    token ``p``, ``len(model2)`` for Model 2's distribution after the whole text, or -1 where
+    Model 2 has no distribution for the position. Model 2's tokens are trusted only as far as
+    they reproduce the text (``reproduced`` characters). A match means both models condition on
+    the same text before the token and predict the same span, so Model 2's distribution there
+    belongs to Model 1's position.
+    """
+
+    model1: list[str]
+    model2: list[str]
+    reproduced: int
+    match: np.ndarray
+
+    @classmethod
+    def of(cls, text: str, model1: list[str], model2: list[str]) -> Alignment:
+        reproduced = common_prefix_length("".join(model2), text)
+        match = np.full(len(model1), -1, np.int64)
+        if model1 and model2:
+            start1, end1 = _spans(model1)
+            start2, end2 = _spans(model2)
+            last = len(model2) - 1
+            nearest = np.clip(np.searchsorted(start2, start1, side="right") - 1, 0, last)
+            same = (start2[nearest] == start1) & (end2[nearest] == end1) & (end1 <= reproduced)
+            match = np.where(same, nearest, -1)
+        return cls(model1, model2, reproduced, _with_end(match, model1, len(text), len(model2)))
+
+    @classmethod
+    def identical(cls, tokens: list[str]) -> Alignment:
+        """Model 2's tokens are Model 1's (same ids) up to the end of the text."""
+        count = text_token_count(tokens)
+        match = np.full(len(tokens), -1, np.int64)
+        match[:count] = np.arange(count)
+        text_length = sum(map(len, tokens))
+        return cls(
+            tokens, tokens[:count], text_length, _with_end(match, tokens, text_length, count)
+        )
+
+    def reason(self, position: int) -> str:
+        """Why Model 1's token at ``position`` has no counterpart among Model 2's tokens."""
+        start1, end1 = _spans(self.model1)
+        start, end = int(start1[position]), int(end1[position])
+        if start == end:
+            return (
+                "Model 1's token here has no text: prompt logprobs give a distribution for such "
+                "a token only right after the response's text; score it with the prefill method"
+            )
+        if end > self.reproduced:
+            return (
+                "prompt logprobs cannot place this token: the server's decoded tokens stop "
+                f"reproducing the response text at character {self.reproduced}, before this "
+                f"token's end ({end}); score it with the prefill method"
+            )
+        start2, end2 = _spans(self.model2)
+        first = int(np.searchsorted(end2, start, side="right"))
+        last = int(np.searchsorted(start2, end, side="left"))
+        return (
+            f"Model 2's tokenizer splits this text differently: Model 1's token "
+            f"{self.model1[position]!r} (characters {start}..{end}) against Model 2's "
+            f"{self.model2[first:last]!r}; score it with the prefill method"
+        )
+
+
+NO_AFTER = (
+    "the server returned no logprobs for the token after the response (the completion's own "
+    "logprobs); score it with the prefill method"
+)
+
+
+class PromptLogprobsScorer:
+    """Scores pending responses one request each, with the prefill scorer's checkpoints and
+    stop rules: the first response alone first, then up to ``max_concurrent`` at once."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        options: ScoreOptions,
+        endpoint: Endpoint,
+        stats: ScoreStats,
+        on_progress: Callable[[ScoreStats], None] | None,
+    ) -> None:
+        self.options, self.endpoint, self.stats = options, endpoint, stats
+        self.on_progress = on_progress
+        self.checkpoint = _Checkpointer(
+            RunDir(run_dir), options.model2, options.checkpoint_rows, options.checkpoint_seconds
+        )
+        self.templates: OrderedDict[str, asyncio.Task[Retried[Tokenized]]] = OrderedDict()
+        self.consecutive_failures = 0
+
+    async def run(self, responses: AsyncIterator[list[dict[str, Any]]]) -> None:
+        options = self.options
+        async with open_openai_client(self.endpoint, options.model2) as client:
+            limiter = AdaptiveLimiter(ceiling=options.max_concurrent)
+            caller = Caller(client, options.policy, limiter, self.stats.calls)
+            try:
+                await self._probe_then_pipeline(caller, client, responses)
+            finally:
+                for task in self.templates.values():
+                    task.cancel()
+                await asyncio.gather(*self.templates.values(), return_exceptions=True)
+
+    async def _probe_then_pipeline(
+        self,
+        caller: Caller,
+        client: OpenAIClient,
+        responses: AsyncIterator[list[dict[str, Any]]],
+    ) -> None:
+        first = await anext(responses, None)
+        if first is None:
+            return
+        error = await self.score_response(caller, client, ResponseWork.from_rows(first))
+        if error is not None:
+            raise _Stop(f"the first response could not be scored; the server said: {error}")
+        queue: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue(
+            maxsize=2 * self.options.max_concurrent
+        )
+
+        async def worker() -> None:
+            while (rows := await queue.get()) is not None:
+                await self.score_response(caller, client, ResponseWork.from_rows(rows))
+
+        async def feed() -> None:
+            async for rows in responses:
+                await queue.put(rows)
+            for _ in workers:
+                await queue.put(None)
+
+        async def flush_every_interval() -> None:
+            while True:
+                await asyncio.sleep(self.options.checkpoint_seconds)
+                await self.checkpoint.flush()
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.options.max_concurrent)]
+        feeding = asyncio.create_task(feed())
+        flushing = asyncio.create_task(flush_every_interval())
+        try:
+            done, _ = await asyncio.wait([feeding, *workers], return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in [feeding, flushing, *workers]:
+                task.cancel()
+            await asyncio.gather(feeding, flushing, *workers, return_exceptions=True)
+
+    async def _template(
+        self, caller: Caller, client: OpenAIClient, prompt: str
+    ) -> Retried[Tokenized]:
+        """The prompt's chat-template tokens, asked once for all the responses that share it."""
+        task = self.templates.get(prompt)
+        if task is None:
+            task = asyncio.create_task(caller.retried(lambda: client.tokenize_chat(prompt)))
+            self.templates[prompt] = task
+            if len(self.templates) > TEMPLATE_CACHE_SIZE:
+                self.templates.popitem(last=False)
+        result = await task
+        if result.value is None and self.templates.get(prompt) is task:
+            del self.templates[prompt]  # the next response asks again
+        return result
+
+    async def score_response(
+        self, caller: Caller, client: OpenAIClient, work: ResponseWork
+    ) -> str | None:
+        """Score the response's pending positions; the error text if its requests failed."""
+        template = await self._template(caller, client, work.prompt)
+        if template.value is None:
+            return await self._fail(work, template)
+        text = work.text
+        server = await caller.retried(lambda: client.tokenize_text(text))
+        if server.value is None:
+            return await self._fail(work, server)
+        response_ids = server.value.tokens
+        own_ids = response_ids == work.token_ids[: text_token_count(work.tokens)]
+        prompt_ids = template.value.tokens + response_ids
+        limit = template.value.max_model_len
+        if limit is not None and len(prompt_ids) + 1 > limit:
+            error = (
+                f"the prompt's {len(template.value.tokens)} tokens and the response's "
+                f"{len(response_ids)} do not fit the server's context of {limit} tokens with "
+                "the one token generated"
+            )
+            await self._record_failure(work, Retried(None, error, 0, 0.0))
+            return None
+        start = len(template.value.tokens)
+        answer = await caller.retried(
+            lambda: client.prompt_logprobs(prompt_ids, self.options.top_logprobs, start)
+        )
+        if answer.value is None:
+            return await self._fail(work, answer)
+        self.consecutive_failures = 0
+        if own_ids:
+            alignment = Alignment.identical(work.tokens)
+        else:
+            decoded = [token.token.token for token in answer.value.tokens]
+            alignment = Alignment.of(text, work.tokens, decoded)
+        await self._record(work, alignment, answer.value, answer)
+        return None
+
+    async def _record(
+        self,
+        work: ResponseWork,
+        alignment: Alignment,
+        scores: PromptScores,
+        answer: Retried[Any],
+    ) -> None:
+        """One row per pending position: Model 2's top-k there, or why it has none."""
+        tops = [token.top for token in scores.tokens] + [scores.after]
+        for position in np.flatnonzero(np.asarray(work.pending, bool)).tolist():
+            item = WorkItem(work.stem, work.response_index, position, work.prompt, "")
+            match = int(alignment.match[position])
+            top = tops[match] if match >= 0 else None
+            if top:
+                scored = Answer([Generated(top[0], top)], "", None)
+                outcome = Outcome(scored, None, answer.attempts, answer.latency_ms)
+                self.stats.scored += 1
+            else:
+                reason = alignment.reason(position) if match < 0 else NO_AFTER
+                outcome = Outcome(None, reason, answer.attempts, answer.latency_ms)
+                self.stats.failed += 1
+            await self.checkpoint.add(result_row(item, self.options.model2, outcome))
+        if self.on_progress:
+            self.on_progress(self.stats)
+
+    async def _record_failure(self, work: ResponseWork, failed: Retried[Any]) -> int:
+        """The same error at every pending position; how many positions that was."""
+        error = failed.error or "no answer"
+        positions = 0
+        for position, pending in enumerate(work.pending):
+            if pending:
+                item = WorkItem(work.stem, work.response_index, position, work.prompt, "")
+                outcome = Outcome(None, error, failed.attempts, failed.latency_ms)
+                self.stats.failed += 1
+                positions += 1
+                await self.checkpoint.add(result_row(item, self.options.model2, outcome))
+        if self.on_progress:
+            self.on_progress(self.stats)
+        return positions
+
+    async def _fail(self, work: ResponseWork, failed: Retried[Any]) -> str:
+        """A request of the response failed: record it, and stop after too many in a row."""
+        self.consecutive_failures += await self._record_failure(work, failed)
+        error = failed.error or "no answer"
+        if self.consecutive_failures >= self.options.max_consecutive_failures:
+            raise _Stop(
+                f"{self.consecutive_failures} positions in a row failed; the last said: {error}"
+            )
+        return error
