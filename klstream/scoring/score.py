@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -38,6 +38,9 @@ from klstream.rundir import RunDir
 from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, open_caller
 from klstream.scoring.checkpoint import write_scores_part
 from klstream.sqlfiles import load_sql
+
+if TYPE_CHECKING:
+    from klstream.scoring.batch import BatchOptions, BatchSummary
 
 RESULTS_FORMAT = 1
 """Version of what a stored result means. It changes only when results written by one release
@@ -60,6 +63,8 @@ class ScoreOptions:
     max_consecutive_failures: int = 50
     range_positions: int = RANGE_POSITIONS
     """Positions of whole responses read from DuckDB at once (bounds its memory)."""
+    batch: BatchOptions | None = None
+    """Score through batch jobs (:mod:`klstream.scoring.batch`) instead of online calls."""
 
     def recorded(self, endpoint: Endpoint) -> dict[str, Any]:
         """``run.json``: the parameters that change results, and the version that wrote them."""
@@ -94,6 +99,8 @@ class ScoreReport:
     remaining: int
     kl: KlReport | None
     stopped_because: str | None
+    batch: BatchSummary | None = None
+    """Where a batch run left its jobs; None for an online run."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,9 @@ def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) ->
     write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
 
 
-def result_row(item: WorkItem, model2: str, outcome: Outcome) -> dict[str, Any]:
+def result_row(
+    item: WorkItem, model2: str, outcome: Outcome, source: str = schemas.SOURCE_ONLINE
+) -> dict[str, Any]:
     """One row of the SCORES schema for a position's outcome."""
     answer = outcome.answer
     row: dict[str, Any] = {
@@ -153,6 +162,7 @@ def result_row(item: WorkItem, model2: str, outcome: Outcome) -> dict[str, Any]:
         "latency_ms": outcome.latency_ms,
         "error": outcome.error,
         "scored_at": datetime.now(UTC),
+        "source": source,
     }
     if answer:
         step = answer.steps[0]
@@ -364,6 +374,10 @@ async def score_async(
     on_progress: Callable[[ScoreStats], None] | None = None,
 ) -> ScoreReport:
     """Score every pending position of ``run_dir`` against ``options.model2``, then run KL."""
+    if options.batch is not None:
+        from klstream.scoring.batch import score_batch_async
+
+        return await score_batch_async(run_dir, options, endpoint, on_progress)
     run = RunDir(run_dir)
     run.require_exploded()
     _check_run_config(run, options, endpoint)
