@@ -75,13 +75,18 @@ class BatchConfig:
     lost_create_replies: int = 0
     """The first N creates make the job but answer 503, as a reply lost on the way."""
     upload_delay_s: float = 0.0
-    """Delay before answering each upload request carrying data (Files API and GCS)."""
+    """Delay before answering each upload request carrying data (Files API and GCS)..."""
+    upload_delay_after: int = 0
+    """...once this many such requests have been answered without it."""
     create_delay_s: float = 0.0
     """Delay before a create takes effect; a client gone by then creates nothing."""
     create_reply_delay_s: float = 0.0
     """Delay between creating a job and replying."""
     download_delay_s: float = 0.0
     """Delay before the body of a file or object download."""
+    echo_custom_fields: bool = True
+    """Vertex AI: echo an input line's own fields (such as ``key``) in its output line; False
+    leaves only the request (labels included), the response and the status."""
     unsupported_locations: frozenset[str] = frozenset()
     """Vertex AI locations answering a create with 400, as regions without batch do."""
     seed: int = 0
@@ -206,6 +211,7 @@ class BatchService:
         self._rng = random.Random(self.config.seed)
         self._failed_keys: set[str] = set()
         self._creates = 0
+        self._upload_requests = 0
         self._closing: asyncio.Event | None = None
 
     def configure(self, config: BatchConfig) -> None:
@@ -214,6 +220,7 @@ class BatchService:
             self.config = config
             self._rng = random.Random(config.seed)
             self._creates = 0
+            self._upload_requests = 0
 
     @property
     def events(self) -> list[BatchEvent]:
@@ -297,6 +304,13 @@ class BatchService:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closing.wait(), seconds)
 
+    async def _upload_delay(self) -> None:
+        with self._lock:
+            self._upload_requests += 1
+            slow = self._upload_requests > self.config.upload_delay_after
+        if slow:
+            await self._sleep(self.config.upload_delay_s)
+
     def _log(self, kind: str, subject: str, keys: tuple[str, ...] = ()) -> None:
         with self._lock:
             self._events.append(BatchEvent(time.monotonic(), kind, subject, keys))
@@ -351,7 +365,7 @@ class BatchService:
             return _error_with(ApiError(404, "Upload session not found."), status_header)
         chunk = await request.read()
         self._log("upload_chunk", upload.target["name"])
-        await self._sleep(self.config.upload_delay_s)
+        await self._upload_delay()
         offset = int(request.headers.get("X-Goog-Upload-Offset", "0"))
         if offset != len(upload.data):
             return _error_with(ApiError(400, "Upload offset mismatch."), status_header)
@@ -504,7 +518,8 @@ class BatchService:
             except ApiError as api_error:
                 error = api_error
         if job.vertex:
-            out = {**line, "processed_time": _now_iso()}
+            echoed = line if self.config.echo_custom_fields else {"request": request}
+            out = {**echoed, "processed_time": _now_iso()}
             if body is not None:
                 out.update(response=body, status="")
             else:
@@ -893,7 +908,7 @@ class BatchService:
             return _json({}, headers={"Location": location})
         body = await request.read()
         self._log("upload_chunk", f"gs://{bucket}/{request.query.get('name', '')}")
-        await self._sleep(self.config.upload_delay_s)
+        await self._upload_delay()
         if _client_gone(request):
             return web.Response(status=499)
         if kind == "multipart":
@@ -913,7 +928,7 @@ class BatchService:
         chunk = await request.read()
         target = upload.target
         self._log("upload_chunk", f"gs://{target['bucket']}/{target['name']}")
-        await self._sleep(self.config.upload_delay_s)
+        await self._upload_delay()
         if _client_gone(request):
             return web.Response(status=499)
         content_range = request.headers.get("Content-Range", "")
