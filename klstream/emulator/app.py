@@ -251,12 +251,13 @@ async def serve(
     faults: FaultConfig | None = None,
     request_log: str | Path | None = None,
     on_ready: Callable[[str], None] | None = None,
+    batch: BatchConfig | None = None,
 ) -> None:
     """Run the emulator in the current event loop until cancelled.
 
     ``on_ready`` gets the base URL once the socket listens (port 0 → a free port).
     """
-    runner = _runner(Emulator(faults, request_log))
+    runner = _runner(Emulator(faults, request_log, batch=batch))
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -743,8 +743,10 @@ async def batch_cancel_async(
 def batch_status(
     run_dir: Path, model2: str | None = None, endpoint: Endpoint | None = None
 ) -> list[JobStatus]:
+    """:func:`batch_status_async`, blocking."""
     return run_blocking(batch_status_async(run_dir, model2, endpoint))
 
 
 def batch_cancel(run_dir: Path, endpoint: Endpoint, model2: str | None = None) -> list[JobStatus]:
+    """:func:`batch_cancel_async`, blocking."""
     return run_blocking(batch_cancel_async(run_dir, endpoint, model2))
