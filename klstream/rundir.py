@@ -102,15 +102,11 @@ class RunDir:
     def batch_dir(self, model2: str) -> Path:
         return self.root / BATCH_DIR / model2_dirname(model2)
 
-    def batch_manifests(self, model2: str) -> list[Path]:
-        """Every batch job manifest of ``model2``, in job order."""
-        return sorted(self.batch_dir(model2).glob(BATCH_MANIFEST_GLOB))
-
-    def batch_model2_dirs(self) -> list[Path]:
-        """The folders holding batch job manifests, one per Model 2."""
-        return sorted(
-            {path.parent for path in (self.root / BATCH_DIR).glob(f"*/{BATCH_MANIFEST_GLOB}")}
-        )
+    def batch_manifests(self, model2: str | None = None) -> list[Path]:
+        """The batch job manifests of ``model2`` (or of every Model 2), in job order."""
+        if model2 is not None:
+            return sorted(self.batch_dir(model2).glob(BATCH_MANIFEST_GLOB))
+        return sorted((self.root / BATCH_DIR).glob(f"*/{BATCH_MANIFEST_GLOB}"))
 
     def batch_manifest(self, model2: str, job_id: str) -> Path:
         return self.batch_dir(model2) / f"job-{job_id}.json"

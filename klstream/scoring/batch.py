@@ -58,6 +58,7 @@ from klstream.errors import (
     BatchCreateUnknown,
     BatchJobsActive,
     BatchRejected,
+    BatchServiceError,
     ModelCannotScore,
     ResultsExist,
     RunConfigMismatch,
@@ -248,7 +249,7 @@ def _check_batch_dir(run: RunDir, options: ScoreOptions, manifests: list[JobMani
 
 
 def _check_endpoint(
-    manifests: list[JobManifest], backend: BatchBackend, endpoint: Endpoint
+    run: RunDir, manifests: list[JobManifest], backend: BatchBackend, endpoint: Endpoint
 ) -> None:
     """Jobs can only be found where they were created."""
     for manifest in manifests:
@@ -263,7 +264,9 @@ def _check_endpoint(
             if getattr(manifest, key) != value
         ]
         if differences:
-            raise RunConfigMismatch(manifest.display_name, differences)
+            raise RunConfigMismatch(
+                run.batch_manifest(manifest.model2, manifest.job_id), differences
+            )
 
 
 class _JobWriter:
@@ -395,7 +398,6 @@ class _BatchRun:
         if outcome.answer:
             self.stats.scored += 1
             return None
-        self.stats.failed += 1
         return first
 
     async def plan(self) -> list[JobManifest]:
@@ -520,10 +522,15 @@ class _BatchRun:
             with atomic_path(final) as tmp:
                 pq.write_table(table, tmp, compression="zstd")
             output.unlink(missing_ok=True)
-            scored = pc.sum(pc.equal(table["status"], schemas.SCORE_OK)).as_py()
-            manifest.scored, manifest.failed = scored or 0, table.num_rows - (scored or 0)
+            manifest.scored = pc.sum(pc.equal(table["status"], schemas.SCORE_OK)).as_py() or 0
+            manifest.failed = table.num_rows - manifest.scored
             self.stats.scored += manifest.scored
             self.stats.failed += manifest.failed
+        else:
+            # Written by a process that died before saying so: counted as already done.
+            status = pq.read_table(written, columns=["status"])["status"]
+            manifest.scored = pc.sum(pc.equal(status, schemas.SCORE_OK)).as_py() or 0
+            manifest.failed = len(status) - manifest.scored
         manifest.stage = "collected"
         manifest.save(self.run)
         if not self.batch.keep_files and not manifest.cleaned:
@@ -650,7 +657,7 @@ async def score_batch_async(
         manifests = []
     _check_run_config(run, options, endpoint)
     backend = make_backend(endpoint, model2, batch)
-    _check_endpoint(manifests, backend, endpoint)
+    _check_endpoint(run, manifests, backend, endpoint)
     positions, done = _count_pending(run_dir, model2)
     stats = BatchStats(total=positions, already_done=done)
     runner = _BatchRun(run, options, endpoint, backend, stats, on_progress)
@@ -663,7 +670,7 @@ async def score_batch_async(
             await runner.submit(active)
             if batch.wait:
                 await runner.wait(active)
-    except _Stop as stop:
+    except (_Stop, BatchServiceError) as stop:
         stopped = str(stop)
     except asyncio.CancelledError as cancelled:
         stopped = str(cancelled.args[0]) if cancelled.args else "cancelled"
@@ -687,12 +694,6 @@ async def score_batch_async(
     )
 
 
-def _model2_dirs(run: RunDir, model2: str | None) -> list[Path]:
-    if model2 is not None:
-        return [run.batch_dir(model2)]
-    return run.batch_model2_dirs()
-
-
 async def batch_status_async(
     run_dir: Path, model2: str | None = None, endpoint: Endpoint | None = None
 ) -> list[JobStatus]:
@@ -700,13 +701,12 @@ async def batch_status_async(
     state of each live job is asked of the service first (and saved)."""
     run = RunDir(run_dir)
     statuses = []
-    for directory in _model2_dirs(run, model2):
-        manifests = [JobManifest.load(path) for path in sorted(directory.glob("job-*.json"))]
-        for manifest in manifests:
-            if endpoint is not None and manifest.stage == "submitted" and manifest.job_name:
-                backend = make_backend(endpoint, manifest.model2, BatchOptions())
-                observe(run, manifest, await backend.get(manifest.job_name))
-            statuses.append(JobStatus(manifest.model2, manifest))
+    for path in run.batch_manifests(model2):
+        manifest = JobManifest.load(path)
+        if endpoint is not None and manifest.stage == "submitted" and manifest.job_name:
+            backend = make_backend(endpoint, manifest.model2, BatchOptions())
+            observe(run, manifest, await backend.get(manifest.job_name))
+        statuses.append(JobStatus(manifest.model2, manifest))
     return statuses
 
 
@@ -718,25 +718,26 @@ async def batch_cancel_async(
     cancelled jobs answered and submits the rest again."""
     run = RunDir(run_dir)
     cancelled = []
-    for directory in _model2_dirs(run, model2):
-        for path in sorted(directory.glob("job-*.json")):
-            manifest = JobManifest.load(path)
-            backend = make_backend(endpoint, manifest.model2, BatchOptions())
-            if manifest.stage == "creating":
-                found = await backend.find(manifest.display_name)
-                manifest.job_name = found.name if found is not None else None
-            if manifest.stage in ("creating", "submitted") and manifest.job_name:
-                job = await backend.get(manifest.job_name)
-                if job is not None and not job.ended:
-                    await backend.cancel(manifest.job_name)
-                manifest.stage = "submitted"
-            elif manifest.stage in ("planned", "uploaded", "creating"):
-                manifest.stage, manifest.state = "ended", "CANCELLED"
-                manifest.error = "cancelled before it was submitted"
-            else:
+    for path in run.batch_manifests(model2):
+        manifest = JobManifest.load(path)
+        backend = make_backend(endpoint, manifest.model2, BatchOptions())
+        if manifest.stage == "creating":
+            found = await backend.find(manifest.display_name)
+            if found is not None:
+                manifest.job_name, manifest.stage = found.name, "submitted"
+        if manifest.stage == "submitted" and manifest.job_name:
+            job = await backend.get(manifest.job_name)
+            if job is None or job.ended:
+                observe(run, manifest, job)
                 continue
-            manifest.save(run)
-            cancelled.append(JobStatus(manifest.model2, manifest))
+            await backend.cancel(manifest.job_name)
+        elif manifest.stage in ("planned", "uploaded", "creating"):
+            manifest.stage, manifest.state = "ended", "CANCELLED"
+            manifest.error = "cancelled before it was submitted"
+        else:
+            continue
+        manifest.save(run)
+        cancelled.append(JobStatus(manifest.model2, manifest))
     return cancelled
 
 
