@@ -42,6 +42,9 @@ _EXPORTS: dict[str, str] = {
     "ScoreOptions": "klstream.scoring.score",
     "ScoreReport": "klstream.scoring.score",
     "ScoreStats": "klstream.scoring.score",
+    "BatchOptions": "klstream.scoring.batch",
+    "batch_status": "klstream.scoring.batch",
+    "batch_cancel": "klstream.scoring.batch",
     "compute_kl": "klstream.metrics.kl",
     "KlReport": "klstream.metrics.kl",
     "export": "klstream.output.export",
@@ -79,6 +82,10 @@ _EXPORTS: dict[str, str] = {
     "ThinkingNotDisabled": "klstream.errors",
     "RunIncomplete": "klstream.errors",
     "QueryError": "klstream.errors",
+    "BatchRejected": "klstream.errors",
+    "BatchUnavailable": "klstream.errors",
+    "BatchServiceError": "klstream.errors",
+    "BatchJobsActive": "klstream.errors",
 }
 
 __all__ = [
@@ -97,6 +104,9 @@ __all__ = [
     "ScoreOptions",
     "ScoreReport",
     "ScoreStats",
+    "BatchOptions",
+    "batch_status",
+    "batch_cancel",
     "compute_kl",
     "KlReport",
     "export",
@@ -134,6 +144,10 @@ __all__ = [
     "ThinkingNotDisabled",
     "RunIncomplete",
     "QueryError",
+    "BatchRejected",
+    "BatchUnavailable",
+    "BatchServiceError",
+    "BatchJobsActive",
 ]
 
 
@@ -157,6 +171,10 @@ if TYPE_CHECKING:
     from klstream.errors import (
         AmbiguousModel2,
         AuthenticationError,
+        BatchJobsActive,
+        BatchRejected,
+        BatchServiceError,
+        BatchUnavailable,
         EndpointError,
         InputError,
         InputSelectionError,
@@ -186,5 +204,6 @@ if TYPE_CHECKING:
     from klstream.output.query import run_query
     from klstream.pipeline import RunOptions, RunReport, run, run_async
     from klstream.rundir import RunDir
+    from klstream.scoring.batch import BatchOptions, batch_cancel, batch_status
     from klstream.scoring.caller import RetryPolicy
     from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score, score_async

@@ -22,6 +22,7 @@ from klstream import errors as E
 
 if TYPE_CHECKING:
     from klstream.backends.base import Endpoint
+    from klstream.scoring.batch import BatchOptions
     from klstream.scoring.score import ScoreOptions, ScoreReport
 
 
@@ -60,6 +61,11 @@ HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
         "try --thinking-budget none (send no thinking config) or another model"
     ),
     E.ThinkingNotDisabled: _thinking_hint,
+    E.BatchUnavailable: lambda e: (
+        "pass --location with a region that offers batch prediction (such as us-central1), "
+        "or score online without --batch"
+    ),
+    E.BatchJobsActive: lambda e: "run `klstream batch cancel RUN_DIR` first, or --resume",
 }
 """The command-line fix for each kind of error, appended to its message."""
 
@@ -417,6 +423,58 @@ def _api_options(function: Any) -> Any:
     )
 
 
+_batch_flags = [
+    click.option(
+        "--batch",
+        is_flag=True,
+        help="Score through batch jobs: half the price, results within a day, no online quota.",
+    ),
+    click.option(
+        "--no-wait",
+        is_flag=True,
+        help="With --batch: submit the jobs and exit; --resume collects the results later.",
+    ),
+    click.option(
+        "--bucket-name",
+        help="With --batch on Vertex AI: Cloud Storage bucket for the JSONL files "
+        "(default: <project>-klstream-batch, created if missing).",
+    ),
+    click.option(
+        "--keep-batch-files",
+        is_flag=True,
+        help="With --batch: keep the uploaded inputs and the outputs after collecting them.",
+    ),
+    click.option(
+        "--batch-fallback",
+        type=click.Choice(["none", "online"]),
+        default="none",
+        show_default=True,
+        help="With --batch: score online what the jobs left unanswered (failed, expired, ...).",
+    ),
+    click.option(
+        "--batch-max-requests",
+        type=click.IntRange(min=1),
+        help="With --batch: requests per job (default 50,000).",
+    ),
+    click.option(
+        "--batch-poll-seconds",
+        type=click.FloatRange(min=0.01),
+        default=60.0,
+        show_default=True,
+        help="With --batch: longest wait between two looks at the jobs.",
+    ),
+    click.option(
+        "--batch-settle-seconds",
+        type=click.FloatRange(min=0.0),
+        default=60.0,
+        show_default=True,
+        help="With --batch: how long a create that got no reply may take to show in the "
+        "service's job list, before klstream concludes it made nothing.",
+    ),
+]
+"""The options of batch mode, shared by `score` and `run`."""
+
+
 def _score_flags(function: Any) -> Any:
     """The options of `score` and `run` beyond the API's, in the spec's names where it has them."""
     return _apply(
@@ -458,6 +516,7 @@ def _score_flags(function: Any) -> Any:
                 show_default=True,
                 help="...or every T seconds.",
             ),
+            *_batch_flags,
         ],
     )
 
@@ -481,6 +540,24 @@ def _endpoint(params: dict[str, Any]) -> Endpoint:
     )
 
 
+def _batch_options(params: dict[str, Any]) -> BatchOptions | None:
+    from klstream.scoring.batch import BatchOptions
+
+    if not params["batch"]:
+        return None
+    poll_max = params["batch_poll_seconds"]
+    return BatchOptions(
+        bucket_name=params["bucket_name"],
+        wait=not params["no_wait"],
+        keep_files=params["keep_batch_files"],
+        fallback_online=params["batch_fallback"] == "online",
+        max_requests=params["batch_max_requests"],
+        poll_initial_s=min(5.0, poll_max),
+        poll_max_s=poll_max,
+        create_settle_s=params["batch_settle_seconds"],
+    )
+
+
 def _score_options(params: dict[str, Any]) -> ScoreOptions:
     from klstream.scoring.caller import RetryPolicy
     from klstream.scoring.score import ScoreOptions
@@ -496,6 +573,7 @@ def _score_options(params: dict[str, Any]) -> ScoreOptions:
         resume=params["resume"],
         overwrite=params["overwrite"],
         method=params["method"],
+        batch=_batch_options(params),
     )
 
 
@@ -519,7 +597,7 @@ def resume_command(ctx: click.Context) -> str:
     for param in ctx.command.params:
         name = param.name or ""
         value = ctx.params.get(name)
-        if name in ("resume", "overwrite"):
+        if name in ("resume", "overwrite", "no_wait"):
             continue
         if isinstance(param, click.Argument):
             words.append(str(value))
@@ -534,6 +612,9 @@ def resume_command(ctx: click.Context) -> str:
 
 def _report_score(report: ScoreReport, model2: str) -> None:
     stats, calls = report.stats, report.stats.calls
+    if report.batch is not None:
+        _report_batch(report, model2)
+        return
     rate = calls.requests / calls.elapsed if calls.elapsed else 0.0
     click.echo(
         f"score {model2}: {stats.scored} scored, {stats.failed} failed, "
@@ -546,6 +627,32 @@ def _report_score(report: ScoreReport, model2: str) -> None:
         click.echo(f"kl: {report.kl.scored} positions with KL -> {report.kl.path}")
     if report.stopped_because:
         click.echo(f"stopped early: {report.stopped_because}", err=True)
+
+
+def _report_batch(report: ScoreReport, model2: str) -> None:
+    stats, batch = report.stats, report.batch
+    assert batch is not None
+    jobs = ", ".join(f"{count} {state.lower()}" for state, count in sorted(batch.jobs.items()))
+    click.echo(
+        f"score {model2} (batch): {stats.scored} scored, {stats.failed} failed, "
+        f"{stats.already_done} already done, of {stats.total} positions; jobs: {jobs or 'none'}, "
+        f"{batch.positions_in_jobs} positions in jobs not collected yet"
+    )
+    if report.kl is not None:
+        click.echo(f"kl: {report.kl.scored} positions with KL -> {report.kl.path}")
+    if report.stopped_because:
+        click.echo(f"stopped early: {report.stopped_because}", err=True)
+
+
+def _submitted_only(report: ScoreReport) -> bool:
+    """`--no-wait` did what it was asked: every job submitted, nothing stopped."""
+    batch = report.batch
+    return batch is not None and not batch.waited and report.stopped_because is None
+
+
+def _report_submitted() -> None:
+    command = resume_command(click.get_current_context())
+    click.echo(f"batch jobs submitted; collect their results with: {command}")
 
 
 def _incomplete(report: ScoreReport) -> E.RunIncomplete:
@@ -574,7 +681,9 @@ def score(run_dir: Path, **params: Any) -> None:
     finally:
         progress.close()
     _report_score(report, options.model2)
-    if report.remaining:
+    if report.remaining and _submitted_only(report):
+        _report_submitted()
+    elif report.remaining:
         raise _incomplete(report)
 
 
@@ -673,6 +782,9 @@ def run_all(
     finally:
         progress.close()
     _report_score(report.scored, options.score.model2)
+    if report.exported is None and _submitted_only(report.scored):
+        _report_submitted()
+        return
     if report.exported is None:
         raise _incomplete(report.scored)
     click.echo(format_summary(report.exported.summary))
@@ -682,3 +794,73 @@ def run_all(
     )
     if report.report is not None:
         click.echo(_report_line(report.report))
+
+
+@main.group()
+def batch() -> None:
+    """Show or cancel the batch jobs of a run (`score --batch`, `run --batch`)."""
+
+
+def _batch_job_options(function: Any) -> Any:
+    """Which run's jobs, and where the service is."""
+    return _apply(function, _batch_endpoint_options)
+
+
+_batch_endpoint_options = [
+    click.option("--model2", help="Only this Model 2's jobs (default: every Model 2's)."),
+    click.option(
+        "--backend",
+        type=click.Choice(["gemini", "vertex"]),
+        default="gemini",
+        show_default=True,
+        help="Where the jobs run.",
+    ),
+    click.option("--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."),
+    click.option("--location", default="global", show_default=True, help="Vertex AI region."),
+    click.option("--base-url", help="Another endpoint, such as `klstream emulate`'s."),
+    click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True),
+]
+
+
+def _print_jobs(statuses: list[Any]) -> None:
+    if not statuses:
+        click.echo("no batch jobs")
+        return
+    for status in statuses:
+        m = status.manifest
+        state = m.state or "-"
+        counts = ""
+        if m.stage == "collected":
+            counts = f" {m.scored} scored, {m.failed} failed"
+        elif m.service_succeeded is not None:
+            counts = f" service: {m.service_succeeded} done, {m.service_failed} failed"
+        error = f" ({m.error})" if m.error else ""
+        click.echo(
+            f"{m.model2}  {m.display_name}  {m.stage}  {state}  {m.positions} positions"
+            f"{counts}  {m.job_name or '-'}{error}"
+        )
+
+
+@batch.command("status")
+@run_dir_argument
+@_batch_job_options
+@click.option("--offline", is_flag=True, help="Show the manifests without asking the service.")
+def batch_status_command(run_dir: Path, offline: bool, **params: Any) -> None:
+    """Each job: its stage here, its state on the service, its positions and counts."""
+    from klstream.scoring.batch import batch_status
+
+    endpoint = None if offline else _endpoint(params)
+    _print_jobs(batch_status(run_dir, params["model2"], endpoint))
+
+
+@batch.command("cancel")
+@run_dir_argument
+@_batch_job_options
+def batch_cancel_command(run_dir: Path, **params: Any) -> None:
+    """Cancel every job that may be queued or running; --resume later collects what they
+    answered and submits the rest again."""
+    from klstream.scoring.batch import batch_cancel
+
+    cancelled = batch_cancel(run_dir, _endpoint(params), params["model2"])
+    click.echo(f"cancelled {len(cancelled)} batch jobs")
+    _print_jobs(cancelled)

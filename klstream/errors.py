@@ -131,6 +131,34 @@ class ThinkingNotDisabled(ModelCannotScore):
         super().__init__(message)
 
 
+class BatchRejected(EndpointError):
+    """The service refused a batch request outright (400/403/404): nothing was created."""
+
+
+class BatchUnavailable(BatchRejected):
+    """Batch mode cannot be used here: the region does not offer it, or its client library is
+    not installed."""
+
+
+class BatchServiceError(EndpointError):
+    """The batch service or its storage kept failing (5xx, time-outs) after retries; the jobs
+    are where the manifests say, so a resumed run continues."""
+
+
+class BatchCreateUnknown(KlstreamError):
+    """A batch create ended without saying whether the job exists (a lost reply, a time-out):
+    it is resolved by looking the job up by its display name, never by creating it again."""
+
+    def __init__(self, message: str, replied: bool) -> None:
+        self.replied = replied
+        """Whether the service answered (a 5xx): then the create has run its course."""
+        super().__init__(message)
+
+
+class BatchJobsActive(RunDirError):
+    """Batch jobs of this run are still queued or running, so its results cannot be discarded."""
+
+
 class RunIncomplete(KlstreamError):
     """Scoring stopped with positions left; a resumed run picks them up."""
 

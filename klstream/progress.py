@@ -1,10 +1,12 @@
-"""A one-line progress display for a terminal: positions, request rate, retries, 429s, ETA."""
+"""A one-line progress display for a terminal: positions, request rate, retries, 429s, ETA;
+for a batch run, jobs by state and the services' own counts instead."""
 
 from __future__ import annotations
 
 import sys
 import time
 
+from klstream.scoring.batch import BatchStats
 from klstream.scoring.score import ScoreStats
 
 
@@ -21,21 +23,41 @@ class ProgressLine:
         if not self.enabled or now - self.last_draw < self.interval_s:
             return
         self.last_draw = now
+        line = self._batch_line(stats) if isinstance(stats, BatchStats) else self._line(stats)
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        self.drawn = True
+
+    def _bar(self, stats: ScoreStats) -> str:
         fraction = stats.done / stats.total if stats.total else 1.0
         filled = int(self.width * fraction)
+        return f"\r[{'#' * filled}{'.' * (self.width - filled)}] {stats.done:,}/{stats.total:,} "
+
+    def _batch_line(self, stats: BatchStats) -> str:
+        """Jobs by state, positions done, the services' own counts, time waited."""
+        jobs = ", ".join(f"{n} {state.lower()}" for state, n in sorted(stats.jobs.items()))
+        service = (
+            f"  service {stats.service_done:,}/{stats.service_total:,} lines"
+            if stats.service_total
+            else ""
+        )
+        elapsed = time.monotonic() - stats.started
+        return (
+            f"{self._bar(stats)}positions  jobs: {jobs or 'none'}{service}  "
+            f"{elapsed / 60:,.1f} min "
+        )
+
+    def _line(self, stats: ScoreStats) -> str:
         calls = stats.calls
         elapsed = calls.elapsed or float("inf")
         rate = (stats.scored + stats.failed) / elapsed
         left = stats.total - stats.done
         eta = f"{left / rate:,.0f}s" if rate > 0 else "?"
-        line = (
-            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {stats.done:,}/{stats.total:,} "
-            f"positions  {calls.requests / elapsed:,.1f} req/s  retries {calls.retries:,}  "
+        return (
+            f"{self._bar(stats)}positions  {calls.requests / elapsed:,.1f} req/s  "
+            f"retries {calls.retries:,}  "
             f"429s {calls.rate_limited:,}  failed {stats.failed:,}  ETA {eta} "
         )
-        sys.stderr.write(line)
-        sys.stderr.flush()
-        self.drawn = True
 
     def close(self) -> None:
         if self.drawn:

@@ -9,6 +9,10 @@ A run directory (``RUN_DIR``) holds::
     scores/<model2>/run.json           the parameters a resumed run must share
     kl/<model2>.parquet                per-position estimators (the KL pass)
     report.html                        the default place of ``klstream report``
+    batch/<model2>/job-<id>.json       a batch job's manifest (score --batch)
+    batch/<model2>/job-<id>.keys.parquet   the positions it asks for
+    batch/<model2>/job-<id>.jsonl      its requests, until the job exists on the service
+    batch/<model2>/plan-<round>.done   marks a planning round complete
 
 An export directory holds ``<stem>_kl.json`` per input file, ``summary.json`` and
 ``report.html``; ``klstream
@@ -32,6 +36,8 @@ RESPONSES_FILE = "responses.parquet"
 SKIPPED_FILE = "skipped.parquet"
 SCORES_DIR = "scores"
 KL_DIR = "kl"
+BATCH_DIR = "batch"
+BATCH_MANIFEST_GLOB = "job-*.json"
 RUN_CONFIG_FILE = "run.json"
 PART_GLOB = "part-*.parquet"
 WORKSPACE = "run"
@@ -99,6 +105,38 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / REPORT_FILE
+
+    def batch_dir(self, model2: str) -> Path:
+        return self.root / BATCH_DIR / model2_dirname(model2)
+
+    def batch_manifests(self, model2: str | None = None) -> list[Path]:
+        """The batch job manifests of ``model2`` (or of every Model 2), in job order."""
+        if model2 is not None:
+            return sorted(self.batch_dir(model2).glob(BATCH_MANIFEST_GLOB))
+        return sorted((self.root / BATCH_DIR).glob(f"*/{BATCH_MANIFEST_GLOB}"))
+
+    def batch_manifest(self, model2: str, job_id: str) -> Path:
+        return self.batch_dir(model2) / f"job-{job_id}.json"
+
+    def batch_keys(self, model2: str, job_id: str) -> Path:
+        return self.batch_dir(model2) / f"job-{job_id}.keys.parquet"
+
+    def batch_input(self, model2: str, job_id: str) -> Path:
+        return self.batch_dir(model2) / f"job-{job_id}.jsonl"
+
+    def batch_output(self, model2: str, job_id: str) -> Path:
+        return self.batch_dir(model2) / f"job-{job_id}.output.jsonl"
+
+    def batch_plan_marker(self, model2: str, plan: str) -> Path:
+        return self.batch_dir(model2) / f"plan-{plan}.done"
+
+    def new_batch_part(self, model2: str, job_id: str) -> Path:
+        """The part holding one batch job's results: named after the job, so that writing it
+        twice (a crash between the part and the manifest) is seen and avoided."""
+        return self.scores_dir(model2) / f"part-{time.time_ns():020d}-batch-{job_id}.parquet"
+
+    def batch_part(self, model2: str, job_id: str) -> Path | None:
+        return next(iter(self.scores_dir(model2).glob(f"part-*-batch-{job_id}.parquet")), None)
 
     def kl_path(self, model2: str) -> Path:
         return self.root / KL_DIR / f"{model2_dirname(model2)}.parquet"

@@ -32,7 +32,10 @@ A run directory (``RUN_DIR``) holds:
     ``(stem, response_index, position)`` may appear more than once (a failure, then a success after
     ``--resume``). The resolved result for a key is its newest ``ok`` row, else its newest row.
     ``status`` is ``ok`` (the top-k lists are filled) or ``error`` (lists null, ``error`` filled):
-    a failed request is never written as a value.
+    a failed request is never written as a value. ``source`` says how the request was made:
+    ``online`` (one call) or ``batch`` (a line of a batch job, ``score --batch``; ``latency_ms`` is
+    then the job's run time); the requests are the same, so the two are interchangeable. Parts
+    written before the column existed read it as null (they are online).
 
 ``kl/<model2>.parquet`` (:data:`KL`) — written by the KL pass
     One row per position of ``positions.parquet`` with the estimators of
@@ -88,6 +91,8 @@ SKIPPED = pa.schema(
 
 SCORE_OK = "ok"
 SCORE_ERROR = "error"
+SOURCE_ONLINE = "online"
+SOURCE_BATCH = "batch"
 KL_STATUS_SCORED = "scored"
 KL_STATUS_ERROR = "error"
 KL_STATUS_UNSCORED = "unscored"
@@ -116,6 +121,7 @@ SCORES = pa.schema(
         pa.field("latency_ms", pa.float64(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("source", pa.string()),
     ]
 )
 

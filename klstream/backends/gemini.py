@@ -133,6 +133,33 @@ def generation_config(
     )
 
 
+def request_template(
+    endpoint: Endpoint, top_logprobs: int, thinking_budget: int | None
+) -> dict[str, Any]:
+    """Everything of an online scoring request's JSON body but its ``contents``, exactly as the
+    SDK serialises :func:`generation_config` for ``endpoint``'s backend, so that a batch line
+    (``{"contents": prefill_contents(...), **template}``) asks what the online request asks.
+
+    The SDK's own converter runs once per run here (it is private API: a test compares the
+    result with the body the SDK sends online, so an SDK change that breaks it shows at once).
+    """
+    from google.genai import _common, models
+
+    client = make_client(endpoint)
+    parameters = types._GenerateContentParameters(
+        model="scoring",
+        contents=[types.Content(role="user", parts=[types.Part(text="")])],
+        config=generation_config(top_logprobs, thinking_budget),
+    )
+    convert = (
+        models._GenerateContentParameters_to_vertex
+        if endpoint.backend == "vertex"
+        else models._GenerateContentParameters_to_mldev
+    )
+    body = _common.convert_to_dict(convert(client._api_client, parameters))
+    return {key: value for key, value in body.items() if key not in ("contents", "_url")}
+
+
 def _candidate(raw: Any) -> Candidate:
     if not isinstance(raw, dict):
         raise RetryableAnswer(f"malformed logprob candidate {raw!r}")
@@ -152,6 +179,12 @@ def parse_answer(response: types.GenerateContentResponse, thinking_budget: int |
     are none."""
     http = response.sdk_http_response
     body = json.loads(http.body) if http is not None and http.body else None
+    return parse_answer_body(body, thinking_budget)
+
+
+def parse_answer_body(body: Any, thinking_budget: int | None) -> Answer:
+    """:func:`parse_answer` for a decoded ``GenerateContentResponse`` JSON object, such as a
+    line of a batch job's output."""
     if not isinstance(body, dict):
         raise RetryableAnswer(f"answer body is not a JSON object: {str(body)[:200]}")
     candidates = body.get("candidates") or []

@@ -87,13 +87,35 @@ Faults (``FaultConfig``, CLI flags in brackets; all off by default)
     ``EmulatorServer.requests`` keeps the last 50,000 as ``RequestRecord``s.
     A client that goes away mid-request (gives up, times out, is killed) is
     logged and counted with status ``"disconnect"`` (``DISCONNECT``).
+
+Batch (``klstream.emulator.batch_routes``)
+    The Gemini Files API (resumable upload to ``/upload/{version}/files``, get,
+    ``files/{id}:download``, delete), ``models/{model}:batchGenerateContent``
+    (from an uploaded JSONL file or inline requests) and ``batches`` get, list,
+    cancel and delete, the job carried in the Operation's ``metadata``; Vertex AI
+    ``projects/{p}/locations/{l}/batchPredictionJobs`` create, get, list, cancel
+    and delete, reading and writing JSONL in an in-memory Cloud Storage that
+    ``google-cloud-storage`` reaches with ``STORAGE_EMULATOR_HOST`` (or an
+    ``api_endpoint``) set to the base URL: buckets get/insert, object media,
+    multipart and resumable uploads, metadata, download, list and delete.
+    ``BatchConfig`` sets the schedule (``pending_s``, ``running_s``; CLI
+    ``--batch-seconds``), per-line failures (``line_error_rate``;
+    ``--batch-line-error-rate``), end states per job (``end_states``, with
+    ``partial_fraction`` of the lines answered), lost create replies, slow
+    uploads, creates and downloads, and regions without batch.
+    ``EmulatorServer.batch`` (a ``BatchService``) has ``configure()``, the event
+    log ``events`` and ``submitted_keys()``: how many created jobs held each key.
 """
 
 from klstream.emulator.app import DISCONNECT, Emulator, EmulatorServer, RequestRecord, serve
+from klstream.emulator.batch_routes import BatchConfig, BatchEvent, BatchService
 from klstream.emulator.faults import FaultConfig
 from klstream.emulator.toymodel import ToyModel, decode, encode
 
 __all__ = [
+    "BatchConfig",
+    "BatchEvent",
+    "BatchService",
     "DISCONNECT",
     "Emulator",
     "EmulatorServer",

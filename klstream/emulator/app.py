@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, TextIO
 
 from aiohttp import web
 
+from klstream.emulator.batch_routes import BatchConfig, BatchService
 from klstream.emulator.faults import FaultConfig, FaultState
 from klstream.emulator.openai_routes import HTML_PAGE, OpenAIRoutes
 from klstream.emulator.protocol import (
@@ -30,11 +31,10 @@ from klstream.emulator.protocol import (
     NOPREFILL_MESSAGE,
     ApiError,
     Call,
+    answer_body,
     build_call,
     parse_contents,
-    response_body,
 )
-from klstream.emulator.toymodel import encode
 
 DISCONNECT: Final = "disconnect"
 """Status logged when the client went away (gave up, timed out, was killed) mid-request."""
@@ -70,6 +70,7 @@ class Emulator:
         faults: FaultConfig | None = None,
         request_log: str | Path | None = None,
         log_limit: int = 50_000,
+        batch: BatchConfig | None = None,
     ) -> None:
         self._state = FaultState(faults or FaultConfig())
         self._request_log_path = Path(request_log) if request_log else None
@@ -79,6 +80,8 @@ class Emulator:
         self._by_status: Counter[str] = Counter()
         self._by_fault: Counter[str] = Counter()
         self._closing: asyncio.Event | None = None
+        self.batch = BatchService(batch)
+        """Files, buckets and batch jobs (:mod:`klstream.emulator.batch_routes`)."""
 
     def set_faults(self, faults: FaultConfig) -> None:
         """Switch fault config; resets the fault RNG, quota window and fail_first_n counts."""
@@ -115,6 +118,7 @@ class Emulator:
             f"{prefix}/projects/{{project}}/locations/{{location}}/publishers/{{publisher}}/{model}",
             self._generate,
         )
+        self.batch.register(app)
         app.router.add_get("/_emulator/stats", self._stats)
         OpenAIRoutes(lambda: self._state, self._sleep, self._record_openai).register(app)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
@@ -230,29 +234,12 @@ class Emulator:
         if fault == "hang":
             await self._sleep(config.hang_seconds)
 
-        prefill_ids = encode(call.prefill) if call.prefill else []
-        thoughts = 0
-        if model.thinking and call.thinking_budget != 0:
-            budget = call.thinking_budget
-            thoughts = call.max_tokens if budget is None or budget < 0 else budget
-            thoughts = min(thoughts, call.max_tokens)
-        gen = None
-        if call.max_tokens > thoughts:
-            gen = model.sample(
-                call.prompt,
-                call.max_tokens - thoughts,
-                call.temperature,
-                call.seed,
-                call.logprobs if call.response_logprobs else 0,
-                prefill_ids,
-            )
         with_logprobs = not model.nologprobs
         if state.draw_no_logprobs():
             with_logprobs, fault = False, fault or "no_logprobs"
         vertex = "publisher" in request.match_info
         payload = json.dumps(
-            response_body(call, gen, len(prefill_ids), thoughts, with_logprobs, vertex),
-            separators=(",", ":"),
+            answer_body(call, with_logprobs, vertex), separators=(",", ":")
         ).encode()
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
@@ -281,12 +268,13 @@ async def serve(
     faults: FaultConfig | None = None,
     request_log: str | Path | None = None,
     on_ready: Callable[[str], None] | None = None,
+    batch: BatchConfig | None = None,
 ) -> None:
     """Run the emulator in the current event loop until cancelled.
 
     ``on_ready`` gets the base URL once the socket listens (port 0 → a free port).
     """
-    runner = _runner(Emulator(faults, request_log))
+    runner = _runner(Emulator(faults, request_log, batch=batch))
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -310,8 +298,9 @@ class EmulatorServer:
         host: str = "127.0.0.1",
         port: int = 0,
         request_log: str | Path | None = None,
+        batch: BatchConfig | None = None,
     ) -> None:
-        self.emulator = Emulator(faults, request_log)
+        self.emulator = Emulator(faults, request_log, batch=batch)
         self.host = host
         self.port = port
         self._thread: threading.Thread | None = None
@@ -336,6 +325,10 @@ class EmulatorServer:
 
     def set_faults(self, faults: FaultConfig) -> None:
         self.emulator.set_faults(faults)
+
+    @property
+    def batch(self) -> BatchService:
+        return self.emulator.batch
 
     def start(self) -> EmulatorServer:
         self._thread = threading.Thread(target=self._run, name="klstream-emulator", daemon=True)

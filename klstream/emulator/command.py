@@ -10,11 +10,12 @@ from pathlib import Path
 import click
 
 from klstream.emulator.app import serve
+from klstream.emulator.batch_routes import BatchConfig
 from klstream.emulator.faults import FaultConfig
 
 
 async def _serve_until_signalled(
-    host: str, port: int, faults: FaultConfig, request_log: Path | None
+    host: str, port: int, faults: FaultConfig, request_log: Path | None, batch: BatchConfig
 ) -> None:
     """Serve until SIGINT/SIGTERM, then shut the server down cleanly."""
     loop = asyncio.get_running_loop()
@@ -25,6 +26,7 @@ async def _serve_until_signalled(
             faults,
             request_log,
             on_ready=lambda url: click.echo(f"klstream emulator listening on {url}"),
+            batch=batch,
         )
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -82,6 +84,18 @@ async def _serve_until_signalled(
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault randomness.")
 @click.option(
+    "--batch-seconds",
+    default=0.0,
+    show_default=True,
+    help="How long a batch job runs before it succeeds.",
+)
+@click.option(
+    "--batch-line-error-rate",
+    default=0.0,
+    show_default=True,
+    help="Fraction of batch lines answered with an error (once per key).",
+)
+@click.option(
     "--request-log",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -105,6 +119,8 @@ def emulate_command(
     quota_per_minute: int,
     fail_first_n: int,
     seed: int,
+    batch_seconds: float,
+    batch_line_error_rate: float,
     request_log: Path | None,
 ) -> None:
     """Run a local Gemini API emulator backed by deterministic toy models.
@@ -137,6 +153,7 @@ def emulate_command(
             fail_first_n=fail_first_n,
             seed=seed,
         )
+        batch = BatchConfig(running_s=batch_seconds, line_error_rate=batch_line_error_rate)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    asyncio.run(_serve_until_signalled(host, port, faults, request_log))
+    asyncio.run(_serve_until_signalled(host, port, faults, request_log, batch))

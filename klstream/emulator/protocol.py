@@ -26,6 +26,7 @@ NOPREFILL_MESSAGE = "Requests ending with a model turn are not supported."
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
     404: "NOT_FOUND",
+    409: "ALREADY_EXISTS",
     429: "RESOURCE_EXHAUSTED",
     500: "INTERNAL",
     503: "UNAVAILABLE",
@@ -253,3 +254,26 @@ def response_body(
     if vertex:
         body["createTime"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return body
+
+
+def answer_body(call: Call, with_logprobs: bool, vertex: bool) -> dict[str, Any]:
+    """The toy model's answer to a validated call: thoughts first when the model thinks, then
+    the sampled continuation of the prefill. Online requests and batch lines share it."""
+    model = call.model
+    prefill_ids = encode(call.prefill) if call.prefill else []
+    thoughts = 0
+    if model.thinking and call.thinking_budget != 0:
+        budget = call.thinking_budget
+        thoughts = call.max_tokens if budget is None or budget < 0 else budget
+        thoughts = min(thoughts, call.max_tokens)
+    gen = None
+    if call.max_tokens > thoughts:
+        gen = model.sample(
+            call.prompt,
+            call.max_tokens - thoughts,
+            call.temperature,
+            call.seed,
+            call.logprobs if call.response_logprobs else 0,
+            prefill_ids,
+        )
+    return response_body(call, gen, len(prefill_ids), thoughts, with_logprobs, vertex)

@@ -40,6 +40,7 @@ from klstream.scoring.checkpoint import write_scores_part
 from klstream.sqlfiles import load_sql
 
 if TYPE_CHECKING:
+    from klstream.scoring.batch import BatchOptions, BatchSummary
     from klstream.scoring.prompt_logprobs import PromptLogprobsScorer
 
 RESULTS_FORMAT = 1
@@ -69,6 +70,8 @@ class ScoreOptions:
     range_positions: int = RANGE_POSITIONS
     """Positions of whole responses read from DuckDB at once (bounds its memory)."""
     method: ScoringMethod = "prefill"
+    batch: BatchOptions | None = None
+    """Score through batch jobs (:mod:`klstream.scoring.batch`) instead of online calls."""
 
     def recorded(self, endpoint: Endpoint) -> dict[str, Any]:
         """``run.json``: the parameters that change results, and the version that wrote them."""
@@ -103,6 +106,8 @@ class ScoreReport:
     remaining: int
     kl: KlReport | None
     stopped_because: str | None
+    batch: BatchSummary | None = None
+    """Where a batch run left its jobs; None for an online run."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,9 @@ def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) ->
     write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
 
 
-def result_row(item: WorkItem, model2: str, outcome: Outcome) -> dict[str, Any]:
+def result_row(
+    item: WorkItem, model2: str, outcome: Outcome, source: str = schemas.SOURCE_ONLINE
+) -> dict[str, Any]:
     """One row of the SCORES schema for a position's outcome."""
     answer = outcome.answer
     row: dict[str, Any] = {
@@ -162,6 +169,7 @@ def result_row(item: WorkItem, model2: str, outcome: Outcome) -> dict[str, Any]:
         "latency_ms": outcome.latency_ms,
         "error": outcome.error,
         "scored_at": datetime.now(UTC),
+        "source": source,
     }
     if answer:
         step = answer.steps[0]
@@ -383,6 +391,10 @@ async def score_async(
     on_progress: Callable[[ScoreStats], None] | None = None,
 ) -> ScoreReport:
     """Score every pending position of ``run_dir`` against ``options.model2``, then run KL."""
+    if options.batch is not None:
+        from klstream.scoring.batch import score_batch_async
+
+        return await score_batch_async(run_dir, options, endpoint, on_progress)
     run = RunDir(run_dir)
     run.require_exploded()
     if options.method == "prompt-logprobs" and endpoint.backend != "openai":

@@ -1,0 +1,424 @@
+"""`score --batch` and `run --batch` through the real google-genai and google-cloud-storage
+clients, over real HTTP to the emulator's batch side, including SIGKILL at every step.
+
+The emulator logs every job it creates with the keys of its lines
+(``BatchService.submitted_keys``): a key submitted twice is a position paid for twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from aiohttp import web
+from cli import invoke, start_process
+from conftest import ToyInputs
+
+from klstream.backends.base import BackendName, Endpoint
+from klstream.backends.gemini import (
+    generation_config,
+    make_client,
+    prefill_contents,
+    request_template,
+)
+from klstream.database import connect
+from klstream.emulator import EmulatorServer
+from klstream.emulator.batch_routes import BatchConfig, BatchEvent, EndState
+from klstream.rundir import RunDir
+from klstream.scoring.batch import JobManifest, load_manifests
+
+MODEL2 = "toy-d0.5"
+BACKENDS: list[BackendName] = ["gemini", "vertex"]
+PER_JOB = 60
+"""Requests per job in these tests: the 210 toy positions make four jobs."""
+
+
+def backend_flags(backend: str) -> list[str]:
+    if backend == "vertex":
+        return ["--backend", "vertex", "--project-id", "proj", "--location", "us-central1"]
+    return []
+
+
+def batch_flags(server: EmulatorServer, backend: str) -> list[str]:
+    return [
+        "--model2",
+        MODEL2,
+        "--base-url",
+        server.base_url,
+        "--batch",
+        "--batch-max-requests",
+        str(PER_JOB),
+        "--batch-poll-seconds",
+        "0.05",
+        "--batch-settle-seconds",
+        "0.5",
+        *backend_flags(backend),
+    ]
+
+
+def score_batch(run_dir: Path, server: EmulatorServer, backend: str, *extra: str) -> Any:
+    return invoke("score", run_dir, *batch_flags(server, backend), *extra)
+
+
+def all_keys(run_dir: Path) -> set[str]:
+    rows = pq.read_table(RunDir(run_dir).positions, columns=["stem", "response_index", "position"])
+    return {f"{r['stem']}#{r['response_index']}#{r['position']}" for r in rows.to_pylist()}
+
+
+def resolved(run_dir: Path) -> list[dict[str, Any]]:
+    with connect(run_dir) as con:
+        relation = con.sql(
+            "SELECT stem, response_index, position, status, source, error "
+            "FROM scores_resolved ORDER BY ALL"
+        )
+        return [dict(zip(relation.columns, row, strict=True)) for row in relation.fetchall()]
+
+
+def key_of(row: dict[str, Any]) -> str:
+    return f"{row['stem']}#{row['response_index']}#{row['position']}"
+
+
+def assert_scored_once_each(run_dir: Path, server: EmulatorServer) -> None:
+    """Every position has a result; every batch submission is of a distinct position, and the
+    positions not submitted in batch were answered online (the probe)."""
+    submitted = server.batch.submitted_keys()
+    assert submitted, "no batch job was created"
+    assert max(submitted.values()) == 1, Counter(submitted).most_common(3)
+    rows = resolved(run_dir)
+    assert {row["status"] for row in rows} == {"ok"}
+    assert {key_of(row) for row in rows} == all_keys(run_dir)
+    online = {key_of(row) for row in rows if row["source"] == "online"}
+    assert set(submitted) | online == all_keys(run_dir)
+    assert not set(submitted) & online
+
+
+@pytest.fixture
+def server() -> Iterator[EmulatorServer]:
+    with EmulatorServer() as running:
+        yield running
+
+
+def events(server: EmulatorServer, kind: str) -> list[BatchEvent]:
+    return [event for event in server.batch.events if event.kind == kind]
+
+
+def wait_for(server: EmulatorServer, kind: str, count: int = 1, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(events(server, kind)) < count:
+        assert time.monotonic() < deadline, f"no {kind!r} event in {timeout_s}s"
+        time.sleep(0.02)
+
+
+def kill(process: subprocess.Popen[str]) -> None:
+    assert process.poll() is None, f"ended before the kill: {process.communicate()}"
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+
+
+def manifests(run_dir: Path) -> list[JobManifest]:
+    return load_manifests(RunDir(run_dir), MODEL2)
+
+
+# --- the requests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_lines_ask_exactly_what_the_online_request_asks(backend: BackendName) -> None:
+    """The SDK's online body, caught on the wire, equals a batch line's request."""
+    bodies: list[Any] = []
+
+    async def capture(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        return web.json_response({"candidates": []})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", capture)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        endpoint = Endpoint(backend, "k" if backend == "gemini" else None, "p", "us-central1", url)
+        contents = prefill_contents("Tell a story.", "Once upon")
+        await make_client(endpoint).aio.models.generate_content(
+            model=MODEL2, contents=contents, config=generation_config(7, 0)
+        )
+        await runner.cleanup()
+        line = {"contents": contents, **request_template(endpoint, 7, 0)}
+        assert json.loads(json.dumps(line)) == bodies[0]
+
+    asyncio.run(main())
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_run_batch_writes_the_same_kl_files_as_an_online_run(
+    backend: str, server: EmulatorServer, toy_inputs: ToyInputs, tmp_path: Path
+) -> None:
+    server.batch.configure(BatchConfig(pending_s=0.1, running_s=0.2))
+    common = ["--input-dir", toy_inputs.directory]
+    online = invoke(
+        "run", *common, "--output-dir", tmp_path / "online", "--model2", MODEL2,
+        "--base-url", server.base_url, *backend_flags(backend),
+    )  # fmt: skip
+    assert online.exit_code == 0, online.output
+    batch = invoke(
+        "run", *common, "--output-dir", tmp_path / "batch", *batch_flags(server, backend)
+    )
+    assert batch.exit_code == 0, batch.output
+    assert "(batch)" in batch.output
+    online_files = sorted(p.name for p in (tmp_path / "online").glob("*.json"))
+    assert online_files == sorted(p.name for p in (tmp_path / "batch").glob("*.json"))
+    assert len(online_files) == 4
+    for name in online_files:
+        online_text = (tmp_path / "online" / name).read_text(encoding="utf-8")
+        assert (tmp_path / "batch" / name).read_text(encoding="utf-8") == online_text, name
+    run_dir = tmp_path / "batch" / "run"
+    assert_scored_once_each(run_dir, server)
+    assert Counter(row["source"] for row in resolved(run_dir)) == {"batch": 209, "online": 1}
+    assert len(manifests(run_dir)) == 4
+    assert all(m.stage == "collected" and m.cleaned for m in manifests(run_dir))
+    assert server.batch.file_names() == []
+    if backend == "vertex":
+        assert server.batch.object_names("proj-klstream-batch") == []
+
+
+def test_keep_batch_files_leaves_inputs_and_outputs(server: EmulatorServer, run_dir: Path) -> None:
+    result = score_batch(run_dir, server, "gemini", "--keep-batch-files")
+    assert result.exit_code == 0, result.output
+    names = server.batch.file_names()
+    assert sum(name.startswith("files/klstream-") for name in names) == 4
+    assert sum(name.startswith("files/batch-") for name in names) == 4
+
+
+# --- per-line errors, end states, fallback -----------------------------------------------------
+
+
+def test_line_errors_are_failures_and_resume_submits_only_them(
+    server: EmulatorServer, run_dir: Path
+) -> None:
+    server.batch.configure(BatchConfig(line_error_rate=0.2, seed=3, shuffle_output=True))
+    first = score_batch(run_dir, server, "gemini")
+    assert first.exit_code == 6, first.output
+    failed = {key_of(row) for row in resolved(run_dir) if row["status"] == "error"}
+    assert failed
+    assert all(
+        row["error"].startswith("batch line error: 500")
+        for row in resolved(run_dir)
+        if row["status"] == "error"
+    )
+    before = server.batch.submitted_keys()
+    second = score_batch(run_dir, server, "gemini", "--resume")
+    assert second.exit_code == 0, second.output
+    again = server.batch.submitted_keys() - before
+    # The resumed round's probe answers one of them online; the rest go in a batch job.
+    assert set(again) < failed and len(again) == len(failed) - 1
+    assert {row["status"] for row in resolved(run_dir)} == {"ok"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("end_state", ["FAILED", "EXPIRED"])
+def test_a_job_that_fails_or_expires_keeps_its_answers_and_resume_resubmits_the_rest(
+    backend: str, end_state: EndState, server: EmulatorServer, run_dir: Path
+) -> None:
+    server.batch.configure(BatchConfig(end_states=("SUCCEEDED", end_state), partial_fraction=0.5))
+    first = score_batch(run_dir, server, backend)
+    assert first.exit_code == 6, first.output
+    unscored = [row for row in resolved(run_dir) if row["status"] == "error"]
+    assert len(unscored) == PER_JOB // 2
+    assert all(f"ended {end_state}" in row["error"] for row in unscored)
+    second = score_batch(run_dir, server, backend, "--resume")
+    assert second.exit_code == 0, second.output
+    resubmitted = server.batch.submitted_keys()
+    assert {key for key, count in resubmitted.items() if count == 2} | {
+        key_of(row) for row in resolved(run_dir) if row["source"] == "online"
+    } >= {key_of(row) for row in unscored}
+    assert sum(count == 2 for count in resubmitted.values()) == len(unscored) - 1
+
+
+def test_batch_fallback_online_scores_what_the_jobs_left(
+    server: EmulatorServer, run_dir: Path
+) -> None:
+    server.batch.configure(BatchConfig(end_states=("EXPIRED",), partial_fraction=0.25))
+    result = score_batch(run_dir, server, "gemini", "--batch-fallback", "online")
+    assert result.exit_code == 0, result.output
+    sources = Counter(row["source"] for row in resolved(run_dir))
+    assert sources == {"batch": 209 - (PER_JOB - PER_JOB // 4), "online": 1 + PER_JOB * 3 // 4}
+    assert max(server.batch.submitted_keys().values()) == 1
+
+
+def test_no_wait_then_status_cancel_and_resume(server: EmulatorServer, run_dir: Path) -> None:
+    server.batch.configure(BatchConfig(pending_s=0.3, running_s=30.0))
+    submitted = score_batch(run_dir, server, "gemini", "--no-wait")
+    assert submitted.exit_code == 0, submitted.output
+    assert "batch jobs submitted; collect their results with:" in submitted.output
+    assert "--no-wait" not in submitted.output.splitlines()[-1]
+    assert "--resume" in submitted.output
+    assert {m.stage for m in manifests(run_dir)} == {"submitted"}
+
+    status = invoke("batch", "status", run_dir, "--base-url", server.base_url)
+    assert status.exit_code == 0, status.output
+    assert status.output.count("klstream-") == 4
+    time.sleep(0.6)
+    status = invoke("batch", "status", run_dir, "--base-url", server.base_url)
+    assert status.output.count("RUNNING") == 4, status.output
+
+    cancelled = invoke("batch", "cancel", run_dir, "--base-url", server.base_url)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert "cancelled 4 batch jobs" in cancelled.output
+    assert len(events(server, "cancelled")) == 4
+
+    collected = score_batch(run_dir, server, "gemini", "--resume")
+    assert collected.exit_code == 6, collected.output
+    errors = [row["error"] for row in resolved(run_dir) if row["status"] == "error"]
+    assert errors and all("ended CANCELLED" in error for error in errors)
+    assert {m.state for m in manifests(run_dir)} == {"CANCELLED"}
+
+    server.batch.configure(BatchConfig())
+    finished = score_batch(run_dir, server, "gemini", "--resume")
+    assert finished.exit_code == 0, finished.output
+    assert {row["status"] for row in resolved(run_dir)} == {"ok"}
+    counts = server.batch.submitted_keys()
+    assert sum(count == 2 for count in counts.values()) == len(errors) - 1
+
+
+def test_no_wait_then_resume_collects_without_submitting_again(
+    server: EmulatorServer, run_dir: Path
+) -> None:
+    server.batch.configure(BatchConfig(pending_s=0.2, running_s=0.3))
+    assert score_batch(run_dir, server, "vertex", "--no-wait").exit_code == 0
+    result = score_batch(run_dir, server, "vertex", "--resume")
+    assert result.exit_code == 0, result.output
+    assert_scored_once_each(run_dir, server)
+
+
+def test_vertex_output_without_keys_is_matched_by_the_request_label(
+    server: EmulatorServer, run_dir: Path
+) -> None:
+    server.batch.configure(BatchConfig(echo_custom_fields=False))
+    result = score_batch(run_dir, server, "vertex")
+    assert result.exit_code == 0, result.output
+    assert_scored_once_each(run_dir, server)
+
+
+def test_a_lost_create_reply_is_resolved_by_display_name(
+    server: EmulatorServer, run_dir: Path
+) -> None:
+    server.batch.configure(BatchConfig(lost_create_replies=2))
+    result = score_batch(run_dir, server, "gemini")
+    assert result.exit_code == 0, result.output
+    assert len(events(server, "create_reply_lost")) == 2
+    assert len(events(server, "created")) == 4
+    assert_scored_once_each(run_dir, server)
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def test_a_region_without_batch_is_a_clear_error(server: EmulatorServer, run_dir: Path) -> None:
+    server.batch.configure(BatchConfig(unsupported_locations=frozenset({"us-central1"})))
+    result = score_batch(run_dir, server, "vertex")
+    assert result.exit_code == 5
+    assert "batch prediction is not available in location 'us-central1'" in result.output
+    assert "--location" in result.output
+    assert {m.stage for m in manifests(run_dir)} == {"uploaded"}
+
+
+def test_existing_jobs_need_resume_and_live_jobs_block_overwrite(
+    server: EmulatorServer, run_dir: Path
+) -> None:
+    server.batch.configure(BatchConfig(running_s=30.0))
+    assert score_batch(run_dir, server, "gemini", "--no-wait").exit_code == 0
+    again = score_batch(run_dir, server, "gemini")
+    assert again.exit_code == 4 and "--resume" in again.output
+    overwrite = score_batch(run_dir, server, "gemini", "--overwrite")
+    assert overwrite.exit_code == 4 and "klstream batch cancel" in overwrite.output
+
+
+def test_a_planning_round_cut_short_is_discarded(server: EmulatorServer, run_dir: Path) -> None:
+    assert score_batch(run_dir, server, "gemini", "--no-wait").exit_code == 0
+    run = RunDir(run_dir)
+    manifest = manifests(run_dir)[0]
+    orphan = JobManifest(**{**manifest.__dict__, "job_id": "ffffffff0000-0000", "plan": "cut",
+                            "stage": "planned"})  # fmt: skip
+    orphan.save(run)
+    run.batch_input(MODEL2, orphan.job_id).write_text("{}\n", encoding="utf-8")
+    assert [m.job_id for m in load_manifests(run, MODEL2)] == [
+        m.job_id for m in manifests(run_dir) if m.plan != "cut"
+    ]
+    assert not run.batch_manifest(MODEL2, orphan.job_id).exists()
+    assert not run.batch_input(MODEL2, orphan.job_id).exists()
+
+
+# --- SIGKILL at every step ---------------------------------------------------------------------
+
+KILL_POINTS = {
+    # name: (emulator behaviour, event to kill at, how many of them, stage expected after)
+    "uploading": (BatchConfig(upload_delay_s=30.0), "upload_chunk", 1, {"planned"}),
+    "between upload and create": (
+        BatchConfig(upload_delay_s=30.0, upload_delay_after=1),
+        "upload_chunk",
+        2,
+        {"uploaded", "planned"},
+    ),
+    "creating, job not made yet": (
+        BatchConfig(create_delay_s=30.0),
+        "create_received",
+        1,
+        {"creating", "uploaded"},
+    ),
+    "creating, job made, reply pending": (
+        BatchConfig(create_reply_delay_s=30.0),
+        "created",
+        1,
+        {"creating", "uploaded"},
+    ),
+    "polling": (BatchConfig(running_s=30.0), "job_get", 1, {"submitted"}),
+    "downloading": (BatchConfig(download_delay_s=30.0), "download", 1, {"ended", "submitted"}),
+}
+
+
+VERTEX_KILL_POINTS = ["uploading", "between upload and create", "creating, job made, reply pending",
+                      "downloading"]  # fmt: skip
+"""Where Vertex AI differs: its uploads, its listing, its downloads (the rest is shared)."""
+
+
+@pytest.mark.parametrize(
+    ("backend", "point"),
+    [("gemini", point) for point in KILL_POINTS] + [("vertex", p) for p in VERTEX_KILL_POINTS],
+)
+def test_sigkill_at_any_step_then_resume_never_submits_a_position_twice(
+    backend: str, point: str, server: EmulatorServer, run_dir: Path
+) -> None:
+    config, event, count, stages = KILL_POINTS[point]
+    server.batch.configure(config)
+    process = start_process("score", run_dir, *batch_flags(server, backend))
+    try:
+        wait_for(server, event, count)
+        if point == "between upload and create":
+            assert len(events(server, "uploaded")) >= 1
+    finally:
+        kill(process)
+    assert {m.stage for m in manifests(run_dir)} <= stages | {"collected"}, [
+        m.stage for m in manifests(run_dir)
+    ]
+    if point == "between upload and create":
+        assert manifests(run_dir)[0].stage == "uploaded"
+    server.batch.configure(BatchConfig())
+    result = score_batch(run_dir, server, backend, "--resume")
+    assert result.exit_code == 0, result.output
+    assert_scored_once_each(run_dir, server)
+    assert all(m.stage == "collected" for m in manifests(run_dir))
