@@ -35,6 +35,12 @@ class InputSelectionError(KlstreamError):
     exit_code = 3
 
 
+class PriceTableError(KlstreamError):
+    """A price table (the shipped one or a user's) cannot be read or has a malformed entry."""
+
+    exit_code = 3
+
+
 class RunDirError(KlstreamError):
     """The run directory is missing, not a run, or cannot be written."""
 
@@ -121,6 +127,11 @@ class ThinkingNotDisabled(ModelCannotScore):
     def __init__(self, message: str, thinking_budget: int | None) -> None:
         self.thinking_budget = thinking_budget
         super().__init__(message)
+
+
+class GreedyInconsistent(ModelCannotScore):
+    """Greedy lookahead was asked for, but the service's logprobs change with the sampling
+    temperature, so greedy steps would not be the distributions a one-token request gives."""
 
 
 class RunIncomplete(KlstreamError):

@@ -10,7 +10,7 @@ import asyncio
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -19,6 +19,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from klstream.backends.prices import Usage, usage_of
 from klstream.errors import (
     AuthenticationError,
     MissingCredentials,
@@ -157,17 +158,25 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Generated:
-    """One generated step: the token chosen and the top-k alternatives with logprobs."""
+    """One generated step: the token chosen and the top-k alternatives with logprobs.
+
+    ``chosen_reported`` is false when the answer listed no chosen candidate for the step, so
+    ``chosen`` is only the most likely alternative: a guess lookahead must not build on.
+    """
 
     chosen: Candidate
     top: list[Candidate]
+    chosen_reported: bool = True
 
 
 @dataclass(frozen=True)
 class Answer:
+    """The answer's steps (thinking excluded), its text and its token usage."""
+
     steps: list[Generated]
     text: str
     finish_reason: str | None
+    usage: Usage = field(default_factory=Usage)
 
 
 def _candidate(raw: Any) -> Candidate:
@@ -184,9 +193,17 @@ def _candidate(raw: Any) -> Candidate:
     return Candidate(token, token_id, float(logprob))
 
 
+def _thought_steps(step_count: int, usage: Usage) -> int:
+    """How many leading logprob steps are thinking: those beyond the answer's own tokens
+    (``candidatesTokenCount``) when the thought tokens account for them. A service that lists
+    thoughts among the logprobs lists them before the answer they lead to."""
+    extra = step_count - usage.candidates_tokens
+    return extra if usage.candidates_tokens and 0 < extra <= usage.thoughts_tokens else 0
+
+
 def parse_answer(response: types.GenerateContentResponse, thinking_budget: int | None) -> Answer:
     """Read the logprobs out of an answer's JSON body (the REST wire format), or say why there
-    are none."""
+    are none. Thinking (``thought`` parts, thought tokens among the logprobs) is left out."""
     http = response.sdk_http_response
     body = json.loads(http.body) if http is not None and http.body else None
     if not isinstance(body, dict):
@@ -198,32 +215,38 @@ def parse_answer(response: types.GenerateContentResponse, thinking_budget: int |
         )
     candidate = candidates[0]
     finish = candidate.get("finishReason")
+    usage = usage_of(body.get("usageMetadata"))
     result = candidate.get("logprobsResult") or {}
     top_steps = result.get("topCandidates") or []
-    if not top_steps:
-        thoughts = (body.get("usageMetadata") or {}).get("thoughtsTokenCount")
-        if thoughts and not result:
+    chosen = result.get("chosenCandidates") or []
+    thoughts = _thought_steps(len(top_steps), usage)
+    only_thinking = bool(usage.thoughts_tokens) and not usage.candidates_tokens
+    if len(top_steps) <= thoughts or only_thinking:
+        if only_thinking:
             raise ThinkingNotDisabled(
-                f"the model spent its output tokens on thinking ({thoughts} thought tokens, "
-                f"finish reason {finish}) and returned no logprobs with a thinking budget of "
-                f"{thinking_budget}",
+                f"the model spent its output tokens on thinking ({usage.thoughts_tokens} thought "
+                f"tokens, finish reason {finish}) and returned no logprobs with a thinking budget "
+                f"of {thinking_budget}",
                 thinking_budget,
             )
         raise RetryableAnswer(
             f"answer without logprobs (finish reason {finish}); the model may not support "
             "response_logprobs"
         )
-    chosen = result.get("chosenCandidates") or []
     steps = []
-    for index, top in enumerate(top_steps):
-        alternatives = [_candidate(c) for c in (top or {}).get("candidates") or []]
+    for index in range(thoughts, len(top_steps)):
+        alternatives = [_candidate(c) for c in (top_steps[index] or {}).get("candidates") or []]
         if not alternatives:
             raise RetryableAnswer("answer with an empty top-candidates list")
-        picked = _candidate(chosen[index]) if index < len(chosen) else alternatives[0]
-        steps.append(Generated(picked, alternatives))
+        if index < len(chosen):
+            steps.append(Generated(_candidate(chosen[index]), alternatives))
+        else:
+            steps.append(Generated(alternatives[0], alternatives, chosen_reported=False))
     parts = (candidate.get("content") or {}).get("parts") or []
-    text = "".join(part.get("text", "") for part in parts if isinstance(part, dict))
-    return Answer(steps, text, finish)
+    text = "".join(
+        part.get("text", "") for part in parts if isinstance(part, dict) and not part.get("thought")
+    )
+    return Answer(steps, text, finish, usage)
 
 
 _PREFILL_REJECTED = re.compile(r"model turn|prefill|last turn|ending with", re.IGNORECASE)

@@ -31,8 +31,10 @@ from klstream.emulator.protocol import (
     Call,
     build_call,
     parse_contents,
+    prompt_ids,
     response_body,
 )
+from klstream.emulator.service import PrefixCache, ServiceConfig
 from klstream.emulator.toymodel import encode
 
 DISCONNECT: Final = "disconnect"
@@ -69,8 +71,10 @@ class Emulator:
         faults: FaultConfig | None = None,
         request_log: str | Path | None = None,
         log_limit: int = 50_000,
+        service: ServiceConfig | None = None,
     ) -> None:
         self._state = FaultState(faults or FaultConfig())
+        self.set_service(service or ServiceConfig())
         self._request_log_path = Path(request_log) if request_log else None
         self._log_file: TextIO | None = None
         self._lock = threading.Lock()
@@ -82,6 +86,11 @@ class Emulator:
     def set_faults(self, faults: FaultConfig) -> None:
         """Switch fault config; resets the fault RNG, quota window and fail_first_n counts."""
         self._state = FaultState(faults)
+
+    def set_service(self, service: ServiceConfig) -> None:
+        """Switch the service's behaviour; empties the implicit cache."""
+        self._service = service
+        self._cache = PrefixCache(service)
 
     @property
     def requests(self) -> list[RequestRecord]:
@@ -216,27 +225,35 @@ class Emulator:
             await self._sleep(config.hang_seconds)
 
         prefill_ids = encode(call.prefill) if call.prefill else []
+        cached = self._cache.send(
+            model.name, [*prompt_ids(call.prompt), *prefill_ids], time.monotonic()
+        )
         thoughts = 0
         if model.thinking and call.thinking_budget != 0:
             budget = call.thinking_budget
             thoughts = call.max_tokens if budget is None or budget < 0 else budget
             thoughts = min(thoughts, call.max_tokens)
-        gen = None
+        gen, thinking = None, []
+        top_k = call.logprobs if call.response_logprobs else 0
         if call.max_tokens > thoughts:
             gen = model.sample(
                 call.prompt,
                 call.max_tokens - thoughts,
                 call.temperature,
                 call.seed,
-                call.logprobs if call.response_logprobs else 0,
+                top_k,
                 prefill_ids,
+                self._service.scaled_logprobs,
             )
+            thinking = model.think(call.prompt, thoughts, top_k)
         with_logprobs = not model.nologprobs
         if state.draw_no_logprobs():
             with_logprobs, fault = False, fault or "no_logprobs"
         vertex = "publisher" in request.match_info
         payload = json.dumps(
-            response_body(call, gen, len(prefill_ids), thoughts, with_logprobs, vertex),
+            response_body(
+                call, gen, len(prefill_ids), thoughts, thinking, with_logprobs, vertex, cached
+            ),
             separators=(",", ":"),
         ).encode()
         if fault == "malformed":
@@ -264,12 +281,13 @@ async def serve(
     faults: FaultConfig | None = None,
     request_log: str | Path | None = None,
     on_ready: Callable[[str], None] | None = None,
+    service: ServiceConfig | None = None,
 ) -> None:
     """Run the emulator in the current event loop until cancelled.
 
     ``on_ready`` gets the base URL once the socket listens (port 0 → a free port).
     """
-    runner = _runner(Emulator(faults, request_log))
+    runner = _runner(Emulator(faults, request_log, service=service))
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -293,8 +311,9 @@ class EmulatorServer:
         host: str = "127.0.0.1",
         port: int = 0,
         request_log: str | Path | None = None,
+        service: ServiceConfig | None = None,
     ) -> None:
-        self.emulator = Emulator(faults, request_log)
+        self.emulator = Emulator(faults, request_log, service=service)
         self.host = host
         self.port = port
         self._thread: threading.Thread | None = None
@@ -319,6 +338,9 @@ class EmulatorServer:
 
     def set_faults(self, faults: FaultConfig) -> None:
         self.emulator.set_faults(faults)
+
+    def set_service(self, service: ServiceConfig) -> None:
+        self.emulator.set_service(service)
 
     def start(self) -> EmulatorServer:
         self._thread = threading.Thread(target=self._run, name="klstream-emulator", daemon=True)

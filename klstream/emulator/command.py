@@ -10,10 +10,11 @@ import click
 
 from klstream.emulator.app import serve
 from klstream.emulator.faults import FaultConfig
+from klstream.emulator.service import ServiceConfig
 
 
 async def _serve_until_signalled(
-    host: str, port: int, faults: FaultConfig, request_log: Path | None
+    host: str, port: int, faults: FaultConfig, request_log: Path | None, service: ServiceConfig
 ) -> None:
     """Serve until SIGINT/SIGTERM, then shut the server down cleanly."""
     loop = asyncio.get_running_loop()
@@ -24,6 +25,7 @@ async def _serve_until_signalled(
             faults,
             request_log,
             on_ready=lambda url: click.echo(f"klstream emulator listening on {url}"),
+            service=service,
         )
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -72,6 +74,24 @@ async def _serve_until_signalled(
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault randomness.")
 @click.option(
+    "--cache-min-tokens",
+    default=1024,
+    show_default=True,
+    help="Shortest repeated input prefix the implicit cache reports as cached.",
+)
+@click.option(
+    "--cache-ttl",
+    default=300.0,
+    show_default=True,
+    help="Seconds a prefix stays cached after a request last sent it.",
+)
+@click.option(
+    "--scaled-logprobs",
+    is_flag=True,
+    help="Report the logprobs of the temperature-scaled distribution sampled from, instead of "
+    "the temperature-1 ones.",
+)
+@click.option(
     "--request-log",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -93,6 +113,9 @@ def emulate_command(
     quota_per_minute: int,
     fail_first_n: int,
     seed: int,
+    cache_min_tokens: int,
+    cache_ttl: float,
+    scaled_logprobs: bool,
     request_log: Path | None,
 ) -> None:
     """Run a local Gemini API emulator backed by deterministic toy models.
@@ -121,6 +144,7 @@ def emulate_command(
             fail_first_n=fail_first_n,
             seed=seed,
         )
+        service = ServiceConfig(cache_min_tokens, cache_ttl, scaled_logprobs)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    asyncio.run(_serve_until_signalled(host, port, faults, request_log))
+    asyncio.run(_serve_until_signalled(host, port, faults, request_log, service))
