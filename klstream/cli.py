@@ -12,7 +12,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 from click.core import ParameterSource
@@ -56,6 +56,8 @@ HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
         "try --thinking-budget none (send no thinking config) or another model"
     ),
     E.ThinkingNotDisabled: _thinking_hint,
+    E.GreedyInconsistent: lambda e: "use --lookahead-decoding sample (or auto, which falls back)",
+    E.PriceTableError: lambda e: "fix the file given to --prices",
 }
 """The command-line fix for each kind of error, appended to its message."""
 
@@ -301,6 +303,36 @@ def _score_flags(function: Any) -> Any:
                 help="Top-k logprobs to request per position.",
             ),
             click.option(
+                "--lookahead",
+                default="auto",
+                show_default=True,
+                help="Tokens each request asks for; the steps that follow Model 1's tokens are "
+                "stored too. `auto` picks per response the number with the least expected cost "
+                "per position.",
+            ),
+            click.option(
+                "--lookahead-decoding",
+                type=click.Choice(["auto", "greedy", "sample"]),
+                default="auto",
+                show_default=True,
+                help="How lookahead tokens are generated: sample at --temperature, greedy "
+                "(refused unless a consistency probe finds the logprobs independent of the "
+                "sampling settings), or auto (greedy when the probe passes).",
+            ),
+            click.option(
+                "--temperature",
+                type=click.FloatRange(0.0, 2.0),
+                default=1.0,
+                show_default=True,
+                help="Sampling temperature of every request but greedy lookahead's.",
+            ),
+            click.option(
+                "--prices",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                help="A price table (JSON, the layout of klstream/backends/prices.json) whose "
+                "models replace or add to the shipped ones.",
+            ),
+            click.option(
                 "--resume",
                 is_flag=True,
                 help="Continue a run: skip what is scored, retry what failed.",
@@ -331,6 +363,18 @@ def _thinking_budget(value: str) -> int | None:
         raise click.BadParameter("an integer or `none`", param_hint="--thinking-budget") from error
 
 
+def _lookahead(value: str) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise click.BadParameter("a number of tokens >= 1, or `auto`", param_hint="--lookahead")
+    return tokens
+
+
 def _endpoint(params: dict[str, Any]) -> Endpoint:
     from klstream.backends.gemini import endpoint_from_environment
 
@@ -357,6 +401,10 @@ def _score_options(params: dict[str, Any]) -> ScoreOptions:
         checkpoint_seconds=params["checkpoint_seconds"],
         resume=params["resume"],
         overwrite=params["overwrite"],
+        lookahead=_lookahead(params["lookahead"]),
+        decoding=params["lookahead_decoding"],
+        temperature=params["temperature"],
+        prices=params["prices"],
     )
 
 
@@ -394,6 +442,8 @@ def resume_command(ctx: click.Context) -> str:
 
 
 def _report_score(report: ScoreReport, model2: str) -> None:
+    from klstream.backends.prices import cost_line
+
     stats, calls = report.stats, report.stats.calls
     rate = calls.requests / calls.elapsed if calls.elapsed else 0.0
     click.echo(
@@ -403,6 +453,7 @@ def _report_score(report: ScoreReport, model2: str) -> None:
         f"lowered {calls.concurrency_cuts} times) in "
         f"{calls.elapsed:.1f}s, {rate:.1f} req/s"
     )
+    click.echo(cost_line(calls.requests, stats.scored, stats.usage, report.price, report.decoding))
     if report.kl is not None:
         click.echo(f"kl: {report.kl.scored} positions with KL -> {report.kl.path}")
     if report.stopped_because:

@@ -1,5 +1,5 @@
 -- Every position of the responses that still have something to score for $model2, in key order,
--- with the token (to rebuild prefills), whether it is pending (no successful result yet), and
+-- with the token and its id (to rebuild prefills and check lookahead steps), whether it is pending (no successful result yet), and
 -- the prompt on each response's first row only (so the sort carries no copies of it); for the
 -- responses from ($lo_stem, $lo_index) to ($hi_stem, $hi_index), as klstream asks range by range.
 WITH range_positions AS (
@@ -22,6 +22,7 @@ SELECT
     p.response_index,
     p.position,
     p.token,
+    p.token_id,
     p.char_offset,
     d.position IS NULL AS pending,
     r.prompt

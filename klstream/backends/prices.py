@@ -140,3 +140,22 @@ def price_for(model: str, table: dict[str, Price]) -> Price | None:
         return table[name]
     extended = [key for key in table if name.startswith(f"{key}-")]
     return table[max(extended, key=len)] if extended else None
+
+
+def cost_line(
+    requests: int, positions: int, usage: Usage, price: Price | None, decoding: str
+) -> str:
+    """One line: requests per position, tokens by kind, and their list price."""
+    per_position = f"{requests / positions:.3f}" if positions else "n/a"
+    output = usage.candidates_tokens + usage.thoughts_tokens
+    line = (
+        f"cost: {requests:,} requests ({per_position} per position, {decoding} decoding), "
+        f"input {usage.prompt_tokens:,} tokens ({100 * usage.cached_share:.1f}% cached), "
+        f"output {output:,} tokens ({usage.thoughts_tokens:,} thinking)"
+    )
+    if price is None:
+        return f"{line}; no price known for this model"
+    return (
+        f"{line}; ${price.usd(usage):.4f} at {price.model}'s list prices of {price.date} "
+        f"(${price.usd(usage, batch=True):.4f} in batch)"
+    )

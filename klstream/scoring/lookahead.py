@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+CHARS_PER_TOKEN = 4.0
+"""Characters per token where no tokenizer is at hand (Google's rule of thumb for English): what
+input tokens are estimated from before the service has counted them."""
 AUTO_MAX_LOOKAHEAD = 32
 """The longest lookahead ``auto`` considers: past it, a run of agreements long enough to pay for
 the extra output tokens is too rare to matter."""

@@ -1,7 +1,12 @@
-"""The Model 2 stage: one prefill request per position, through one global async pipeline.
+"""The Model 2 stage: prefill requests with speculative lookahead, in one global async pipeline.
 
 DuckDB lists the positions that still lack a successful result (``sql/pending_positions.sql``),
-so a resumed run asks only for what is missing. Worker tasks share an adaptive limiter
+so a resumed run asks only for what is missing. Each response's pending positions form chains
+(:mod:`klstream.scoring.lookahead`): a request at the chain's next position asks for up to N
+tokens, and every step whose generated predecessors are Model 1's tokens is stored as that
+position's result, so the next request starts at the first position not yet covered. Requests
+within a chain go in increasing position (each prefix extends the last, which the service's
+implicit cache rewards); many chains run at once. Worker tasks share an adaptive limiter
 (:mod:`klstream.scoring.throttle`); each request is retried by tenacity on transient failures,
 waiting as long as the server asks (RetryInfo / Retry-After) or longer. Outcomes are checkpointed as
 Parquet parts (:mod:`klstream.scoring.checkpoint`) every ``checkpoint_rows`` results or
@@ -17,33 +22,69 @@ import contextlib
 import json
 import shutil
 import signal
+import statistics
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
+from google.genai import types
 
 from klstream import __version__, schemas
 from klstream.atomic import write_text_atomic
-from klstream.backends.gemini import Endpoint, generation_config, prefill_contents
+from klstream.backends.gemini import (
+    Answer,
+    Endpoint,
+    Generated,
+    generation_config,
+    prefill_contents,
+)
+from klstream.backends.prices import Price, Usage, load_prices, price_for
 from klstream.database import RANGE_POSITIONS, connect, ranged
-from klstream.errors import ResultsExist, RunConfigMismatch
+from klstream.errors import GreedyInconsistent, ResultsExist, RunConfigMismatch
 from klstream.loop import run_blocking
 from klstream.metrics.kl import KlReport, compute_kl
 from klstream.rundir import RunDir
+from klstream.scoring import lookahead
 from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, open_caller
 from klstream.scoring.checkpoint import write_scores_part
+from klstream.scoring.lookahead import AcceptanceCounts, Token
 from klstream.sqlfiles import load_sql
 
 RESULTS_FORMAT = 1
 """Version of what a stored result means. It changes only when results written by one release
 cannot be mixed with another's; a resumed run compares it, never the package version."""
-RESULT_PARAMETERS = ("results_format", "model2", "top_logprobs", "backend", "thinking_budget")
-"""The recorded parameters that change results: a resumed run must share every one."""
+RESULT_PARAMETERS = (
+    "results_format",
+    "model2",
+    "top_logprobs",
+    "backend",
+    "thinking_budget",
+    "temperature",
+)
+"""The recorded parameters that change results: a resumed run must share every one. The
+lookahead and its decoding do not: a step is stored only when it is the distribution a one-token
+request gives (greedy only where the consistency probe found the logprobs independent of the
+sampling settings)."""
+DEFAULT_TEMPERATURE = 1.0
+"""Gemini's default sampling temperature: what runs recorded before ``temperature`` was sent."""
+AUTO_PRICES_FALLBACK = "gemini-2.5-flash"
+"""Whose prices ``--lookahead auto`` weighs input against output tokens with when Model 2 has no
+entry in the price table (the toy models of the emulator, say)."""
+PROBE_RESPONSES = 3
+"""Responses the greedy consistency probe visits, one greedy request each."""
+PROBE_STEPS = 8
+"""Tokens each greedy probe request asks for."""
+PROBE_COMPARED_STEPS = 4
+"""Accepted greedy steps, at most, compared with one-token answers at the same prefixes."""
+
+Lookahead = int | Literal["auto"]
+Decoding = Literal["auto", "greedy", "sample"]
 
 
 @dataclass(frozen=True)
@@ -60,16 +101,32 @@ class ScoreOptions:
     max_consecutive_failures: int = 50
     range_positions: int = RANGE_POSITIONS
     """Positions of whole responses read from DuckDB at once (bounds its memory)."""
+    lookahead: Lookahead = "auto"
+    """Tokens each request asks for, or ``auto``: per response, the number that minimises the
+    estimated billed cost per position from the runs of accepted steps seen so far."""
+    decoding: Decoding = "auto"
+    """How lookahead tokens are generated: ``sample`` at ``temperature``, ``greedy``
+    (temperature 0, refused unless the consistency probe passes), or ``auto`` (greedy when the
+    probe passes, else sampling)."""
+    temperature: float = DEFAULT_TEMPERATURE
+    prices: Path | None = None
+    """A price table over the shipped one (the layout of ``klstream/backends/prices.json``)."""
 
-    def recorded(self, endpoint: Endpoint) -> dict[str, Any]:
-        """``run.json``: the parameters that change results, and the version that wrote them."""
+    def recorded(self, endpoint: Endpoint, price: Price | None) -> dict[str, Any]:
+        """``run.json``: the parameters that change results, the version that wrote them, the
+        lookahead settings and the price entry the run's costs are reckoned with."""
         return {
             "results_format": RESULTS_FORMAT,
             "model2": self.model2,
             "top_logprobs": self.top_logprobs,
             "backend": endpoint.backend,
             "thinking_budget": self.thinking_budget,
+            "temperature": self.temperature,
             "written_by": __version__,
+            "lookahead": self.lookahead,
+            "decoding": self.decoding,
+            "prices": price.recorded() if price else None,
+            "greedy_probe": None,
         }
 
 
@@ -81,6 +138,10 @@ class ScoreStats:
     already_done: int = 0
     scored: int = 0
     failed: int = 0
+    answers: int = 0
+    """Successful requests, each covering one or more positions."""
+    usage: Usage = field(default_factory=Usage)
+    """Token usage of every answer, the greedy probe's included."""
     calls: CallStats = field(default_factory=CallStats)
 
     @property
@@ -94,23 +155,104 @@ class ScoreReport:
     remaining: int
     kl: KlReport | None
     stopped_because: str | None
+    price: Price | None = None
+    """The price entry the run's costs are reckoned with (None: Model 2 has none)."""
+    decoding: str = "sample"
+    """How lookahead tokens were generated: ``sample`` or ``greedy``."""
 
 
 @dataclass(frozen=True)
 class WorkItem:
+    """One request: at ``position``, after ``prefill``, asking for ``max_tokens`` tokens."""
+
     stem: str
     response_index: int
     position: int
     prompt: str
     prefill: str
+    max_tokens: int = 1
+    decoding: str = "sample"
 
 
-def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) -> None:
-    """Refuse to mix results of different configurations under one model2."""
+@dataclass
+class _Response:
+    """One response's Model 1 tokens, shared by the chains that cover its pending positions."""
+
+    stem: str
+    response_index: int
+    prompt: str
+    tokens: list[Token]
+    offsets: list[int]
+    text: str
+    """Model 1's tokens concatenated: prefills are cut from it."""
+    counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)
+    measured: tuple[int, int] | None = None
+    """(position, input tokens) of the latest answer: later requests extend that input."""
+
+    def request(self, position: int, max_tokens: int, decoding: str) -> WorkItem:
+        prefill = self.text[: self.offsets[position]]
+        return WorkItem(
+            self.stem, self.response_index, position, self.prompt, prefill, max_tokens, decoding
+        )
+
+    def input_tokens(self, position: int) -> float:
+        """Input tokens of a request at ``position``: measured, else the prompt's characters
+        over :data:`~klstream.scoring.lookahead.CHARS_PER_TOKEN` and Model 1's tokens."""
+        if self.measured is not None:
+            at, tokens = self.measured
+            return float(tokens + position - at)
+        return len(self.prompt) / lookahead.CHARS_PER_TOKEN + position
+
+
+@dataclass
+class _Chain:
+    """Pending positions ``next`` to ``end`` of one response, covered request after request."""
+
+    response: _Response
+    next: int
+    end: int
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.end
+
+
+def _response_of(rows: list[dict[str, Any]]) -> _Response:
+    """A response from its rows in position order (the prompt on the first)."""
+    tokens = [Token(row["token"], row["token_id"]) for row in rows]
+    return _Response(
+        rows[0]["stem"],
+        rows[0]["response_index"],
+        rows[0]["prompt"],
+        tokens,
+        [row["char_offset"] for row in rows],
+        "".join(token.text for token in tokens),
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    recorded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    # Runs written before these were recorded stored results of format 1, at the default
+    # temperature.
+    recorded.setdefault("results_format", 1)
+    recorded.setdefault("temperature", DEFAULT_TEMPERATURE)
+    return recorded
+
+
+def _check_run_config(
+    run: RunDir, options: ScoreOptions, endpoint: Endpoint, price: Price | None
+) -> dict[str, Any]:
+    """Refuse to mix results of different configurations under one model2; return what
+    ``run.json`` now says, with the greedy probe's outcome of an earlier run of the same
+    configuration kept (the probe runs once per Model 2 and run directory)."""
     scores_dir = run.scores_dir(options.model2)
     has_parts = run.has_scores(options.model2)
     config_path = run.run_config(options.model2)
-    wanted = options.recorded(endpoint)
+    wanted = options.recorded(endpoint, price)
+    if config_path.is_file() and not options.overwrite:
+        earlier = _read_config(config_path)
+        if all(earlier.get(key) == wanted[key] for key in RESULT_PARAMETERS):
+            wanted["greedy_probe"] = earlier.get("greedy_probe")
     if has_parts and options.overwrite:
         shutil.rmtree(scores_dir)
         run.kl_path(options.model2).unlink(missing_ok=True)
@@ -119,9 +261,7 @@ def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) ->
             f"{scores_dir} already holds results for {options.model2!r}", options.model2
         )
     elif has_parts and config_path.is_file():
-        recorded = json.loads(config_path.read_text(encoding="utf-8"))
-        # Runs written before results_format existed stored results of format 1.
-        recorded.setdefault("results_format", 1)
+        recorded = _read_config(config_path)
         differences = [
             f"{key}: recorded {recorded.get(key)!r}, now {wanted[key]!r}"
             for key in RESULT_PARAMETERS
@@ -131,40 +271,76 @@ def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) ->
             raise RunConfigMismatch(config_path, differences)
     scores_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
+    return wanted
 
 
-def result_row(item: WorkItem, model2: str, outcome: Outcome) -> dict[str, Any]:
-    """One row of the SCORES schema for a position's outcome."""
+def _lists(step: Generated) -> dict[str, Any]:
+    return {
+        "top_tokens": [c.token for c in step.top],
+        "top_token_ids": [c.token_id for c in step.top],
+        "top_logprobs": [c.logprob for c in step.top],
+        "chosen_token": step.chosen.token,
+        "chosen_token_id": step.chosen.token_id,
+        "chosen_logprob": step.chosen.logprob,
+    }
+
+
+def _usage_columns(answer: Answer | None) -> dict[str, int | None]:
+    usage = answer.usage if answer else None
+    return {
+        "prompt_token_count": usage.prompt_tokens if usage else None,
+        "cached_content_token_count": usage.cached_tokens if usage else None,
+        "candidates_token_count": usage.candidates_tokens if usage else None,
+        "thoughts_token_count": usage.thoughts_tokens if usage else None,
+    }
+
+
+_NO_LISTS = dict.fromkeys(
+    (
+        "top_tokens",
+        "top_token_ids",
+        "top_logprobs",
+        "chosen_token",
+        "chosen_token_id",
+        "chosen_logprob",
+    )
+)
+_NO_USAGE = _usage_columns(None)
+
+
+def result_rows(
+    item: WorkItem, model2: str, outcome: Outcome, steps: int = 1
+) -> list[dict[str, Any]]:
+    """The SCORES rows of one request: its answer's first ``steps`` steps as the results of
+    ``item.position`` onward, or its failure at ``item.position``. They are committed together.
+    """
     answer = outcome.answer
-    row: dict[str, Any] = {
+    shared: dict[str, Any] = {
         "stem": item.stem,
         "response_index": item.response_index,
-        "position": item.position,
         "model2": model2,
         "status": schemas.SCORE_OK if answer else schemas.SCORE_ERROR,
-        "top_tokens": None,
-        "top_token_ids": None,
-        "top_logprobs": None,
-        "chosen_token": None,
-        "chosen_token_id": None,
-        "chosen_logprob": None,
         "finish_reason": answer.finish_reason if answer else None,
         "attempts": outcome.attempts,
         "latency_ms": outcome.latency_ms,
         "error": outcome.error,
         "scored_at": datetime.now(UTC),
+        "request_id": uuid.uuid4().hex,
+        "lookahead": item.max_tokens,
+        "decoding": item.decoding,
     }
-    if answer:
-        step = answer.steps[0]
-        row.update(
-            top_tokens=[c.token for c in step.top],
-            top_token_ids=[c.token_id for c in step.top],
-            top_logprobs=[c.logprob for c in step.top],
-            chosen_token=step.chosen.token,
-            chosen_token_id=step.chosen.token_id,
-            chosen_logprob=step.chosen.logprob,
-        )
-    return row
+    if answer is None:
+        return [{**shared, **_NO_LISTS, **_NO_USAGE, "position": item.position, "step": 0}]
+    return [
+        {
+            **shared,
+            **_lists(answer.steps[step]),
+            **(_usage_columns(answer) if step == 0 else _NO_USAGE),
+            "position": item.position + step,
+            "step": step,
+        }
+        for step in range(steps)
+    ]
 
 
 class _Checkpointer:
@@ -177,8 +353,9 @@ class _Checkpointer:
         self.lock = asyncio.Lock()
         self.writes: set[asyncio.Future[Path]] = set()
 
-    async def add(self, row: dict[str, Any]) -> None:
-        self.buffer.append(row)
+    async def add(self, rows: list[dict[str, Any]]) -> None:
+        """Buffer one answer's rows at once, so no part holds only some of them."""
+        self.buffer.extend(rows)
         if len(self.buffer) >= self.rows or time.monotonic() - self.last_flush >= self.seconds:
             await self.flush()
 
@@ -215,8 +392,10 @@ class _Scorer:
         endpoint: Endpoint,
         stats: ScoreStats,
         on_progress: Callable[[ScoreStats], None] | None,
+        config: dict[str, Any],
+        prices: dict[str, Price],
     ) -> None:
-        self.options, self.endpoint, self.stats = options, endpoint, stats
+        self.run_dir, self.options, self.endpoint, self.stats = run_dir, options, endpoint, stats
         self.on_progress = on_progress
         self.checkpoint = _Checkpointer(
             RunDir(run_dir),
@@ -224,25 +403,82 @@ class _Scorer:
             options.checkpoint_rows,
             options.checkpoint_seconds,
         )
-        self.config = generation_config(options.top_logprobs, options.thinking_budget)
+        self.config = config
+        """What ``run.json`` says; the greedy probe's outcome is added to it."""
+        self.price = price_for(options.model2, prices)
+        self.auto_price = self.price or prices.get(AUTO_PRICES_FALLBACK)
+        self.decoding = "sample"
+        self.counts = AcceptanceCounts()
+        self.configs: dict[tuple[int, str], types.GenerateContentConfig] = {}
         self.consecutive_failures = 0
         self.last_error: str | None = None
 
-    async def score_one(self, caller: Caller, item: WorkItem) -> None:
-        outcome = await caller.call(prefill_contents(item.prompt, item.prefill), self.config)
-        # Counted before the checkpoint's await: the row is buffered at once, so it is saved even
-        # if the run is cancelled during a flush, and the counts must include it.
-        if outcome.answer:
-            self.stats.scored += 1
+    def _generation_config(self, max_tokens: int, decoding: str) -> types.GenerateContentConfig:
+        key = (max_tokens, decoding)
+        if key not in self.configs:
+            self.configs[key] = generation_config(
+                self.options.top_logprobs,
+                self.options.thinking_budget,
+                max_output_tokens=max_tokens,
+                temperature=0.0 if decoding == "greedy" else self.options.temperature,
+            )
+        return self.configs[key]
+
+    def _lookahead_for(self, chain: _Chain) -> int:
+        """Tokens to ask for at the chain's next position: the fixed lookahead, or the cheapest
+        expected cost per position given the acceptance so far (``auto``); never past its end."""
+        left = chain.end - chain.next
+        if self.options.lookahead != "auto":
+            return min(self.options.lookahead, left)
+        price = self.auto_price
+        if price is None:
+            return min(2, left)
+        usage, answers = self.stats.usage, max(self.stats.answers, 1)
+        cached = usage.cached_share
+        input_price = price.input * (1.0 - cached) + price.cached_input * cached
+        thinking = usage.thoughts_tokens / answers * price.output
+        rate = chain.response.counts.rate(self.counts.rate(0.5, 2.0), lookahead.PRIOR_WEIGHT)
+        request_cost = chain.response.input_tokens(chain.next) * input_price + thinking
+        most = min(lookahead.AUTO_MAX_LOOKAHEAD, left)
+        return lookahead.cheapest_lookahead(rate, request_cost, price.output, most)
+
+    async def step(self, caller: Caller, chain: _Chain) -> None:
+        """One request at the chain's next position; its accepted steps are stored together and
+        the chain moves past them (past the position alone when the request failed)."""
+        response = chain.response
+        item = response.request(chain.next, self._lookahead_for(chain), self.decoding)
+        outcome = await caller.call(
+            prefill_contents(item.prompt, item.prefill),
+            self._generation_config(item.max_tokens, item.decoding),
+        )
+        # Counted before the checkpoint's await: the rows are buffered at once, so they are saved
+        # even if the run is cancelled during a flush, and the counts must include them.
+        answer = outcome.answer
+        covered = 1
+        if answer:
+            chosen = [
+                Token(s.chosen.token, s.chosen.token_id) if s.chosen_reported else None
+                for s in answer.steps
+            ]
+            acceptance = lookahead.accept(
+                len(answer.steps), chosen, response.tokens, item.position, item.max_tokens
+            )
+            response.counts.add(acceptance)
+            self.counts.add(acceptance)
+            if answer.usage.prompt_tokens:
+                response.measured = (item.position, answer.usage.prompt_tokens)
+            covered = acceptance.steps
+            self.stats.usage.add(answer.usage)
+            self.stats.answers += 1
+            self.stats.scored += covered
             self.consecutive_failures = 0
         else:
             self.stats.failed += 1
             self.consecutive_failures += 1
             self.last_error = outcome.error
-        await self.checkpoint.add(result_row(item, self.options.model2, outcome))
-        if not outcome.answer and (
-            self.consecutive_failures >= self.options.max_consecutive_failures
-        ):
+        chain.next += covered
+        await self.checkpoint.add(result_rows(item, self.options.model2, outcome, covered))
+        if not answer and self.consecutive_failures >= self.options.max_consecutive_failures:
             raise _Stop(
                 f"{self.consecutive_failures} positions in a row failed; the last "
                 f"said: {outcome.error}"
@@ -250,8 +486,8 @@ class _Scorer:
         if self.on_progress:
             self.on_progress(self.stats)
 
-    async def run(self, items: AsyncIterator[WorkItem]) -> None:
-        """Probe with the first items one at a time, then score the rest concurrently."""
+    async def run(self, chains: AsyncIterator[_Chain]) -> None:
+        """Probe with the first requests one at a time, then score the rest concurrently."""
         options = self.options
         async with open_caller(
             self.endpoint,
@@ -261,28 +497,29 @@ class _Scorer:
             options.thinking_budget,
             self.stats.calls,
         ) as caller:
-            await self._probe_then_pipeline(caller, items)
+            await self._probe_then_pipeline(caller, chains)
 
-    async def _probe_then_pipeline(self, caller: Caller, items: AsyncIterator[WorkItem]) -> None:
+    async def _probe_then_pipeline(self, caller: Caller, chains: AsyncIterator[_Chain]) -> None:
         probed_prefill = False
         probes = 0
-        async for item in items:
-            await self.score_one(caller, item)
-            probes += 1
-            probed_prefill = probed_prefill or bool(item.prefill)
+        async for first in chains:
+            while not first.done and not (probed_prefill or probes >= 3):
+                probed_prefill = probed_prefill or bool(first.response.offsets[first.next])
+                await self.step(caller, first)
+                probes += 1
             if probed_prefill or probes >= 3:
                 break
         else:
             return
         if self.stats.scored == 0:
             raise _Stop(f"the first {probes} requests all failed; the last said: {self.last_error}")
-        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(
-            maxsize=4 * self.options.max_concurrent
-        )
+        await self._choose_decoding(caller)
+        queue: asyncio.Queue[_Chain | None] = asyncio.Queue(maxsize=4 * self.options.max_concurrent)
 
         async def worker() -> None:
-            while (item := await queue.get()) is not None:
-                await self.score_one(caller, item)
+            while (chain := await queue.get()) is not None:
+                while not chain.done:
+                    await self.step(caller, chain)
 
         async def flush_every_interval() -> None:
             """Results that trickle in (long back-offs) still reach disk every T seconds."""
@@ -291,7 +528,7 @@ class _Scorer:
                 await self.checkpoint.flush()
 
         workers = [asyncio.create_task(worker()) for _ in range(self.options.max_concurrent)]
-        feeding = asyncio.create_task(self._feed(items, queue, len(workers)))
+        feeding = asyncio.create_task(self._feed(first, chains, queue, len(workers)))
         flushing = asyncio.create_task(flush_every_interval())
         try:
             done, _ = await asyncio.wait([feeding, *workers], return_when=asyncio.FIRST_EXCEPTION)
@@ -304,35 +541,130 @@ class _Scorer:
 
     @staticmethod
     async def _feed(
-        items: AsyncIterator[WorkItem], queue: asyncio.Queue[WorkItem | None], workers: int
+        first: _Chain,
+        chains: AsyncIterator[_Chain],
+        queue: asyncio.Queue[_Chain | None],
+        workers: int,
     ) -> None:
-        async for item in items:
-            await queue.put(item)
+        if not first.done:
+            await queue.put(first)
+        async for chain in chains:
+            await queue.put(chain)
         for _ in range(workers):
             await queue.put(None)
 
+    async def _choose_decoding(self, caller: Caller) -> None:
+        """Sample, or greedy where the consistency probe (run once per Model 2 and run
+        directory, its outcome kept in ``run.json``) finds greedy steps' logprobs equal to
+        one-token answers' at the run's temperature."""
+        options = self.options
+        if options.lookahead == 1 or options.decoding == "sample":
+            return
+        probe = self.config.get("greedy_probe")
+        if probe is None:
+            probe = await self._probe_greedy(caller)
+            if probe["decoding"] is not None:
+                self.config["greedy_probe"] = probe
+                config_path = RunDir(self.run_dir).run_config(options.model2)
+                write_text_atomic(config_path, json.dumps(self.config, indent=2) + "\n")
+        if probe["decoding"] == "greedy":
+            self.decoding = "greedy"
+        elif options.decoding == "greedy":
+            raise GreedyInconsistent(
+                f"greedy lookahead needs logprobs that do not depend on the sampling "
+                f"temperature, and {options.model2}'s do not pass that check: {probe['finding']}"
+            )
 
-def _response_items(rows: list[dict[str, Any]]) -> list[WorkItem]:
-    """The pending positions of one response, each with its prefill cut from the token text."""
-    token_text = "".join(row["token"] for row in rows)
-    prompt = rows[0]["prompt"]
-    return [
-        WorkItem(
-            row["stem"],
-            row["response_index"],
-            row["position"],
-            prompt,
-            token_text[: row["char_offset"]],
+    async def _probe_greedy(self, caller: Caller) -> dict[str, Any]:
+        """Greedy requests at a few prefixes, and one-token requests at the run's temperature at
+        the prefixes of their accepted steps; greedy passes when the median deviation of their
+        logprobs (:func:`~klstream.scoring.lookahead.deviation`) is within the tolerance."""
+        rows = await asyncio.to_thread(_probe_rows, self.run_dir)
+        sites = [
+            _response_of(list(group))
+            for _, group in groupby(rows, key=lambda r: (r["stem"], r["response_index"]))
+        ]
+        usage = Usage()
+        requests = 0
+
+        async def answer(item: WorkItem) -> Answer | None:
+            nonlocal requests
+            requests += 1
+            outcome = await caller.call(
+                prefill_contents(item.prompt, item.prefill),
+                self._generation_config(item.max_tokens, item.decoding),
+            )
+            if outcome.answer:
+                usage.add(outcome.answer.usage)
+            return outcome.answer
+
+        async def compare(site: _Response) -> list[float] | None:
+            start = min(1, len(site.tokens) - 1)
+            greedy = await answer(site.request(start, PROBE_STEPS, "greedy"))
+            if greedy is None:
+                return None
+            chosen = [Token(s.chosen.token, s.chosen.token_id) for s in greedy.steps]
+            accepted = lookahead.accept(len(greedy.steps), chosen, site.tokens, start, PROBE_STEPS)
+            found = []
+            for step in range(min(accepted.steps, PROBE_COMPARED_STEPS)):
+                single = await answer(site.request(start + step, 1, "sample"))
+                if single is None:
+                    return None
+                found.append(lookahead.deviation(_top(greedy.steps[step]), _top(single.steps[0])))
+            return found
+
+        compared = await asyncio.gather(*(compare(site) for site in sites))
+        self.stats.usage.add(usage)
+        deviations = [d for found in compared if found is not None for d in found]
+        record: dict[str, Any] = {
+            "decoding": None,
+            "compared": len(deviations),
+            "median_deviation": None,
+            "tolerance": lookahead.GREEDY_TOLERANCE,
+            "requests": requests,
+            "prompt_token_count": usage.prompt_tokens,
+            "cached_content_token_count": usage.cached_tokens,
+            "candidates_token_count": usage.candidates_tokens,
+            "thoughts_token_count": usage.thoughts_tokens,
+        }
+        if not deviations or any(found is None for found in compared):
+            record["finding"] = "the probe's requests failed, so nothing could be compared"
+            return record
+        median = statistics.median(deviations)
+        passed = median <= lookahead.GREEDY_TOLERANCE
+        record.update(
+            decoding="greedy" if passed else "sample",
+            median_deviation=median if median != float("inf") else None,
+            finding=(
+                f"median largest deviation {median:.3g} nats over {len(deviations)} positions "
+                f"(tolerance {lookahead.GREEDY_TOLERANCE:g})"
+                if median != float("inf")
+                else f"top tokens of one-token answers missing from greedy answers' logprobs "
+                f"at {sum(d == float('inf') for d in deviations)} of {len(deviations)} positions"
+            ),
         )
-        for row in rows
-        if row["pending"]
-    ]
+        return record
 
 
-async def _pending_items(
-    run_dir: Path, model2: str, range_positions: int
-) -> AsyncIterator[WorkItem]:
-    """Stream the positions without a successful result, in key order, with their requests.
+def _top(step: Generated) -> list[tuple[Token, float]]:
+    return [(Token(c.token, c.token_id), c.logprob) for c in step.top]
+
+
+def _probe_rows(run_dir: Path) -> list[dict[str, Any]]:
+    with connect(run_dir) as con:
+        relation = con.sql(
+            load_sql("probe_positions"),
+            params={"responses": PROBE_RESPONSES, "max_positions": 1 + PROBE_STEPS},
+        )
+        rows: list[dict[str, Any]] = relation.to_arrow_table().to_pylist()
+    return rows
+
+
+async def _pending_chains(
+    run_dir: Path, model2: str, range_positions: int, cap: int
+) -> AsyncIterator[_Chain]:
+    """Stream the chains over the positions without a successful result, in key order: each
+    response's runs of pending positions, cut into pieces of at most ``cap``.
 
     One range of whole responses at a time (:func:`klstream.database.ranged`), read in a worker
     thread, so neither memory nor the event loop depends on the size of the run.
@@ -345,9 +677,12 @@ async def _pending_items(
             return None if relation is None else relation.to_arrow_table().to_pylist()
 
         while (rows := await asyncio.to_thread(next_range_rows)) is not None:
-            for _, response in groupby(rows, key=lambda r: (r["stem"], r["response_index"])):
-                for item in _response_items(list(response)):
-                    yield item
+            for _, group in groupby(rows, key=lambda r: (r["stem"], r["response_index"])):
+                positions = list(group)
+                response = _response_of(positions)
+                pending = [row["pending"] for row in positions]
+                for start, end in lookahead.segments(pending, cap):
+                    yield _Chain(response, start, end)
 
 
 def _count_pending(run_dir: Path, model2: str) -> tuple[int, int]:
@@ -366,10 +701,12 @@ async def score_async(
     """Score every pending position of ``run_dir`` against ``options.model2``, then run KL."""
     run = RunDir(run_dir)
     run.require_exploded()
-    _check_run_config(run, options, endpoint)
+    prices = load_prices(options.prices)
+    config = _check_run_config(run, options, endpoint, price_for(options.model2, prices))
     positions, done = _count_pending(run_dir, options.model2)
     stats = ScoreStats(total=positions, already_done=done)
-    scorer = _Scorer(run_dir, options, endpoint, stats, on_progress)
+    scorer = _Scorer(run_dir, options, endpoint, stats, on_progress, config, prices)
+    cap = lookahead.segment_cap(positions - done, options.max_concurrent, options.lookahead == 1)
     stopped: str | None = None
     loop = asyncio.get_running_loop()
     current = asyncio.current_task()
@@ -382,7 +719,7 @@ async def score_async(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop_on, signum)
     try:
-        await scorer.run(_pending_items(run_dir, options.model2, options.range_positions))
+        await scorer.run(_pending_chains(run_dir, options.model2, options.range_positions, cap))
     except _Stop as stop:
         stopped = str(stop)
     except asyncio.CancelledError as cancelled:
@@ -398,7 +735,7 @@ async def score_async(
         if (stats.already_done + stats.scored + stats.failed)
         else None
     )
-    return ScoreReport(stats=stats, remaining=remaining, kl=kl, stopped_because=stopped)
+    return ScoreReport(stats, remaining, kl, stopped, scorer.price, scorer.decoding)
 
 
 def score(
