@@ -1,4 +1,5 @@
-"""The wheel ships the SQL, and klstream loads it from inside the installed package."""
+"""The wheel ships the SQL and the price table, and klstream loads them from inside the installed
+package."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ def test_wheel_carries_sql_and_loads_it_from_the_package(tmp_path: Path) -> None
     prefix = "klstream/sql/"
     shipped = sorted(n.removeprefix(prefix) for n in names if n.startswith(prefix))
     assert shipped == sorted(p.name for p in (ROOT / "sql").glob("*.sql"))
+    assert "klstream/backends/prices.json" in names
 
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)
     probe = (
         "from klstream.sqlfiles import sql_directory, load_sql; "
-        "print(sql_directory()); assert 'CREATE OR REPLACE VIEW kl' in load_sql('views')"
+        "print(sql_directory()); assert 'CREATE OR REPLACE VIEW kl' in load_sql('views'); "
+        "from klstream.backends.prices import load_prices; "
+        "assert 'gemini-2.5-flash' in load_prices()"
     )
     env = {**os.environ, "PYTHONPATH": str(installed)}
     result = subprocess.run(
