@@ -90,15 +90,15 @@ CREATE OR REPLACE VIEW costs AS
 WITH answers AS (
     SELECT
         model2,
-        sum(attempts) FILTER (WHERE coalesce(step, 0) = 0) AS requests,
+        (sum(attempts) FILTER (WHERE coalesce(step, 0) = 0))::BIGINT AS requests,
         count(*) FILTER (WHERE coalesce(step, 0) = 0 AND status = getvariable('score_ok'))
             AS answers,
         count(DISTINCT (stem, response_index, position))
             FILTER (WHERE status = getvariable('score_ok')) AS positions,
-        coalesce(sum(prompt_token_count), 0) AS prompt_tokens,
-        coalesce(sum(cached_content_token_count), 0) AS cached_tokens,
-        coalesce(sum(candidates_token_count), 0) AS candidates_tokens,
-        coalesce(sum(thoughts_token_count), 0) AS thoughts_tokens
+        coalesce(sum(prompt_token_count), 0)::BIGINT AS prompt_tokens,
+        coalesce(sum(cached_content_token_count), 0)::BIGINT AS cached_tokens,
+        coalesce(sum(candidates_token_count), 0)::BIGINT AS candidates_tokens,
+        coalesce(sum(thoughts_token_count), 0)::BIGINT AS thoughts_tokens
     FROM scores
     GROUP BY model2
 ),

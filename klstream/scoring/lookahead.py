@@ -28,6 +28,10 @@ the extra output tokens is too rare to matter."""
 MIN_SEGMENT = 16
 """Shortest piece a response is cut into to keep every request slot busy: shorter pieces cut the
 runs of accepted steps too often."""
+WARM_UP_TOKENS = 16
+"""Generated tokens compared run-wide before ``auto`` asks for more than 2 tokens: the first wave
+of requests starts before any acceptance is known, and must not waste much on a pair that
+never agrees."""
 PRIOR_WEIGHT = 8.0
 """How many observed tokens the run-wide acceptance rate counts for in one response's estimate."""
 GREEDY_TOLERANCE = 0.1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import shutil
 import signal
 import statistics
@@ -76,12 +77,12 @@ DEFAULT_TEMPERATURE = 1.0
 AUTO_PRICES_FALLBACK = "gemini-2.5-flash"
 """Whose prices ``--lookahead auto`` weighs input against output tokens with when Model 2 has no
 entry in the price table (the toy models of the emulator, say)."""
-PROBE_RESPONSES = 3
-"""Responses the greedy consistency probe visits, one greedy request each."""
-PROBE_STEPS = 8
-"""Tokens each greedy probe request asks for."""
-PROBE_COMPARED_STEPS = 4
-"""Accepted greedy steps, at most, compared with one-token answers at the same prefixes."""
+PROBE_SITES = 3
+"""Chains the greedy consistency probe starts with: one greedy request each, the only requests
+spent on the probe alone."""
+PROBE_STEPS = 4
+"""Tokens each greedy probe request asks for: its accepted steps are compared with one-token
+answers at the same prefixes."""
 
 Lookahead = int | Literal["auto"]
 Decoding = Literal["auto", "greedy", "sample"]
@@ -416,10 +417,13 @@ class _Scorer:
     def _generation_config(self, max_tokens: int, decoding: str) -> types.GenerateContentConfig:
         key = (max_tokens, decoding)
         if key not in self.configs:
+            budget = self.options.thinking_budget
+            # The output budget covers thinking too: the answer still gets its tokens.
+            thinking = budget if budget is not None and budget > 0 else 0
             self.configs[key] = generation_config(
                 self.options.top_logprobs,
-                self.options.thinking_budget,
-                max_output_tokens=max_tokens,
+                budget,
+                max_output_tokens=max_tokens + thinking,
                 temperature=0.0 if decoding == "greedy" else self.options.temperature,
             )
         return self.configs[key]
@@ -439,14 +443,19 @@ class _Scorer:
         thinking = usage.thoughts_tokens / answers * price.output
         rate = chain.response.counts.rate(self.counts.rate(0.5, 2.0), lookahead.PRIOR_WEIGHT)
         request_cost = chain.response.input_tokens(chain.next) * input_price + thinking
-        most = min(lookahead.AUTO_MAX_LOOKAHEAD, left)
+        warm = self.counts.matched + self.counts.broke >= lookahead.WARM_UP_TOKENS
+        most = min(lookahead.AUTO_MAX_LOOKAHEAD if warm else 2, left)
         return lookahead.cheapest_lookahead(rate, request_cost, price.output, most)
 
-    async def step(self, caller: Caller, chain: _Chain) -> None:
-        """One request at the chain's next position; its accepted steps are stored together and
-        the chain moves past them (past the position alone when the request failed)."""
+    async def step(
+        self, caller: Caller, chain: _Chain, max_tokens: int | None = None
+    ) -> Answer | None:
+        """One request at the chain's next position (asking for ``max_tokens``, else what the
+        lookahead says); its accepted steps are stored together and the chain moves past them
+        (past the position alone when the request failed)."""
         response = chain.response
-        item = response.request(chain.next, self._lookahead_for(chain), self.decoding)
+        tokens = self._lookahead_for(chain) if max_tokens is None else max_tokens
+        item = response.request(chain.next, tokens, self.decoding if tokens > 1 else "sample")
         outcome = await caller.call(
             prefill_contents(item.prompt, item.prefill),
             self._generation_config(item.max_tokens, item.decoding),
@@ -485,6 +494,7 @@ class _Scorer:
             )
         if self.on_progress:
             self.on_progress(self.stats)
+        return answer
 
     async def run(self, chains: AsyncIterator[_Chain]) -> None:
         """Probe with the first requests one at a time, then score the rest concurrently."""
@@ -513,7 +523,15 @@ class _Scorer:
             return
         if self.stats.scored == 0:
             raise _Stop(f"the first {probes} requests all failed; the last said: {self.last_error}")
-        await self._choose_decoding(caller)
+        started = [first]
+        if self._probe_needed():
+            sites = [] if first.done else [first]
+            async for chain in chains:
+                started.append(chain)
+                sites.append(chain)
+                if len(sites) >= PROBE_SITES:
+                    break
+            await self._choose_decoding(caller, sites)
         queue: asyncio.Queue[_Chain | None] = asyncio.Queue(maxsize=4 * self.options.max_concurrent)
 
         async def worker() -> None:
@@ -528,7 +546,7 @@ class _Scorer:
                 await self.checkpoint.flush()
 
         workers = [asyncio.create_task(worker()) for _ in range(self.options.max_concurrent)]
-        feeding = asyncio.create_task(self._feed(first, chains, queue, len(workers)))
+        feeding = asyncio.create_task(self._feed(started, chains, queue, len(workers)))
         flushing = asyncio.create_task(flush_every_interval())
         try:
             done, _ = await asyncio.wait([feeding, *workers], return_when=asyncio.FIRST_EXCEPTION)
@@ -541,81 +559,83 @@ class _Scorer:
 
     @staticmethod
     async def _feed(
-        first: _Chain,
+        started: list[_Chain],
         chains: AsyncIterator[_Chain],
         queue: asyncio.Queue[_Chain | None],
         workers: int,
     ) -> None:
-        if not first.done:
-            await queue.put(first)
+        for chain in started:
+            if not chain.done:
+                await queue.put(chain)
         async for chain in chains:
             await queue.put(chain)
         for _ in range(workers):
             await queue.put(None)
 
-    async def _choose_decoding(self, caller: Caller) -> None:
+    def _probe_needed(self) -> bool:
+        options = self.options
+        return options.lookahead != 1 and options.decoding != "sample"
+
+    async def _choose_decoding(self, caller: Caller, sites: list[_Chain]) -> None:
         """Sample, or greedy where the consistency probe (run once per Model 2 and run
         directory, its outcome kept in ``run.json``) finds greedy steps' logprobs equal to
         one-token answers' at the run's temperature."""
-        options = self.options
-        if options.lookahead == 1 or options.decoding == "sample":
-            return
         probe = self.config.get("greedy_probe")
         if probe is None:
-            probe = await self._probe_greedy(caller)
+            probe = await self._probe_greedy(caller, sites)
             if probe["decoding"] is not None:
                 self.config["greedy_probe"] = probe
-                config_path = RunDir(self.run_dir).run_config(options.model2)
+                config_path = RunDir(self.run_dir).run_config(self.options.model2)
                 write_text_atomic(config_path, json.dumps(self.config, indent=2) + "\n")
         if probe["decoding"] == "greedy":
             self.decoding = "greedy"
-        elif options.decoding == "greedy":
+        elif self.options.decoding == "greedy":
             raise GreedyInconsistent(
                 f"greedy lookahead needs logprobs that do not depend on the sampling "
-                f"temperature, and {options.model2}'s do not pass that check: {probe['finding']}"
+                f"temperature, and {self.options.model2}'s do not pass that check: "
+                f"{probe['finding']}"
             )
 
-    async def _probe_greedy(self, caller: Caller) -> dict[str, Any]:
-        """Greedy requests at a few prefixes, and one-token requests at the run's temperature at
-        the prefixes of their accepted steps; greedy passes when the median deviation of their
-        logprobs (:func:`~klstream.scoring.lookahead.deviation`) is within the tolerance."""
-        rows = await asyncio.to_thread(_probe_rows, self.run_dir)
-        sites = [
-            _response_of(list(group))
-            for _, group in groupby(rows, key=lambda r: (r["stem"], r["response_index"]))
-        ]
+    async def _probe_greedy(self, caller: Caller, sites: list[_Chain]) -> dict[str, Any]:
+        """At the next position of each chain in ``sites``, a greedy request, then one-token
+        requests at the run's temperature at its accepted steps' positions (stored as those
+        positions' results, as any one-token answer). Greedy passes when the median deviation
+        of their logprobs (:func:`~klstream.scoring.lookahead.deviation`) is within the
+        tolerance. Only the greedy requests are spent on the probe alone."""
         usage = Usage()
+        deviations: list[float] = []
+        failed = False
         requests = 0
 
-        async def answer(item: WorkItem) -> Answer | None:
-            nonlocal requests
-            requests += 1
+        async def compare(chain: _Chain) -> None:
+            nonlocal failed, requests
+            item = chain.response.request(chain.next, PROBE_STEPS, "greedy")
             outcome = await caller.call(
                 prefill_contents(item.prompt, item.prefill),
                 self._generation_config(item.max_tokens, item.decoding),
             )
-            if outcome.answer:
-                usage.add(outcome.answer.usage)
-            return outcome.answer
-
-        async def compare(site: _Response) -> list[float] | None:
-            start = min(1, len(site.tokens) - 1)
-            greedy = await answer(site.request(start, PROBE_STEPS, "greedy"))
+            requests += outcome.attempts
+            greedy = outcome.answer
             if greedy is None:
-                return None
+                failed = True
+                return
+            usage.add(greedy.usage)
             chosen = [Token(s.chosen.token, s.chosen.token_id) for s in greedy.steps]
-            accepted = lookahead.accept(len(greedy.steps), chosen, site.tokens, start, PROBE_STEPS)
-            found = []
-            for step in range(min(accepted.steps, PROBE_COMPARED_STEPS)):
-                single = await answer(site.request(start + step, 1, "sample"))
+            accepted = lookahead.accept(
+                len(greedy.steps), chosen, chain.response.tokens, item.position, PROBE_STEPS
+            )
+            steps = min(accepted.steps, chain.end - chain.next)
+            for step in range(steps):
+                single = await self.step(caller, chain, max_tokens=1)
                 if single is None:
-                    return None
-                found.append(lookahead.deviation(_top(greedy.steps[step]), _top(single.steps[0])))
-            return found
+                    failed = True
+                    return
+                deviations.append(
+                    lookahead.deviation(_top(greedy.steps[step]), _top(single.steps[0]))
+                )
 
-        compared = await asyncio.gather(*(compare(site) for site in sites))
+        await asyncio.gather(*(compare(chain) for chain in sites))
         self.stats.usage.add(usage)
-        deviations = [d for found in compared if found is not None for d in found]
         record: dict[str, Any] = {
             "decoding": None,
             "compared": len(deviations),
@@ -627,20 +647,20 @@ class _Scorer:
             "candidates_token_count": usage.candidates_tokens,
             "thoughts_token_count": usage.thoughts_tokens,
         }
-        if not deviations or any(found is None for found in compared):
+        if failed or not deviations:
             record["finding"] = "the probe's requests failed, so nothing could be compared"
             return record
         median = statistics.median(deviations)
-        passed = median <= lookahead.GREEDY_TOLERANCE
+        missing = sum(d == math.inf for d in deviations)
         record.update(
-            decoding="greedy" if passed else "sample",
-            median_deviation=median if median != float("inf") else None,
+            decoding="greedy" if median <= lookahead.GREEDY_TOLERANCE else "sample",
+            median_deviation=None if median == math.inf else median,
             finding=(
-                f"median largest deviation {median:.3g} nats over {len(deviations)} positions "
-                f"(tolerance {lookahead.GREEDY_TOLERANCE:g})"
-                if median != float("inf")
-                else f"top tokens of one-token answers missing from greedy answers' logprobs "
-                f"at {sum(d == float('inf') for d in deviations)} of {len(deviations)} positions"
+                f"the one-token answers' top tokens are missing from the greedy answers' "
+                f"logprobs at {missing} of {len(deviations)} positions"
+                if median == math.inf
+                else f"the median largest deviation is {median:.3g} nats over "
+                f"{len(deviations)} positions (tolerance {lookahead.GREEDY_TOLERANCE:g})"
             ),
         )
         return record
@@ -648,16 +668,6 @@ class _Scorer:
 
 def _top(step: Generated) -> list[tuple[Token, float]]:
     return [(Token(c.token, c.token_id), c.logprob) for c in step.top]
-
-
-def _probe_rows(run_dir: Path) -> list[dict[str, Any]]:
-    with connect(run_dir) as con:
-        relation = con.sql(
-            load_sql("probe_positions"),
-            params={"responses": PROBE_RESPONSES, "max_positions": 1 + PROBE_STEPS},
-        )
-        rows: list[dict[str, Any]] = relation.to_arrow_table().to_pylist()
-    return rows
 
 
 async def _pending_chains(
