@@ -22,6 +22,7 @@ from klstream import errors as E
 
 if TYPE_CHECKING:
     from klstream.backends.gemini import Endpoint
+    from klstream.scoring.dryrun import DryRunOptions
     from klstream.scoring.score import ScoreOptions, ScoreReport
 
 
@@ -333,6 +334,28 @@ def _score_flags(function: Any) -> Any:
                 "models replace or add to the shipped ones.",
             ),
             click.option(
+                "--dry-run",
+                is_flag=True,
+                help="Send nothing: print the requests, tokens, USD (online and batch) and time "
+                "the scoring would take, from one token per request to the lookahead's estimate.",
+            ),
+            click.option(
+                "--calibrate",
+                type=click.IntRange(min=1),
+                help="With --dry-run: send K real requests to count prompt tokens and measure "
+                "how often Model 2's tokens are Model 1's.",
+            ),
+            click.option(
+                "--rpm",
+                type=click.FloatRange(min=0, min_open=True),
+                help="With --dry-run: requests per minute the quota allows.",
+            ),
+            click.option(
+                "--tpm",
+                type=click.FloatRange(min=0, min_open=True),
+                help="With --dry-run: tokens per minute the quota allows.",
+            ),
+            click.option(
                 "--resume",
                 is_flag=True,
                 help="Continue a run: skip what is scored, retry what failed.",
@@ -373,6 +396,18 @@ def _lookahead(value: str) -> int | Literal["auto"]:
     if tokens < 1:
         raise click.BadParameter("a number of tokens >= 1, or `auto`", param_hint="--lookahead")
     return tokens
+
+
+def _dry_run_options(params: dict[str, Any]) -> DryRunOptions | None:
+    """The dry run's options, or None for a real run (refusing its options without it)."""
+    from klstream.scoring.dryrun import DryRunOptions
+
+    if not params["dry_run"]:
+        for name in ("calibrate", "rpm", "tpm"):
+            if params[name] is not None:
+                raise click.UsageError(f"--{name} goes with --dry-run")
+        return None
+    return DryRunOptions(params["calibrate"] or 0, params["rpm"], params["tpm"])
 
 
 def _endpoint(params: dict[str, Any]) -> Endpoint:
@@ -477,9 +512,15 @@ def score(run_dir: Path, **params: Any) -> None:
     Ends with the KL pass, so `export` can follow at once.
     """
     from klstream.progress import ProgressLine
+    from klstream.scoring.dryrun import dry_run, format_dry_run
     from klstream.scoring.score import score as score_run
 
     options = _score_options(params)
+    dry = _dry_run_options(params)
+    if dry is not None:
+        endpoint = _endpoint(params) if dry.calibrate else None
+        click.echo(format_dry_run(dry_run(run_dir, options, dry, endpoint)))
+        return
     progress = ProgressLine(enabled=sys.stderr.isatty())
     try:
         report = score_run(run_dir, options, _endpoint(params), on_progress=progress.update)
@@ -561,8 +602,9 @@ def run_all(
     """explode → score → export in one resumable command, with the spec's flags."""
     from klstream.input.explode import ExplodeReport
     from klstream.output.export import format_summary
-    from klstream.pipeline import RunOptions, run
+    from klstream.pipeline import RunOptions, dry_run_inputs, run
     from klstream.progress import ProgressLine
+    from klstream.scoring.dryrun import format_dry_run
 
     def exploded(report: ExplodeReport) -> None:
         click.echo(
@@ -571,6 +613,11 @@ def run_all(
         )
 
     options = RunOptions(_score_options(params), pattern=pattern, max_files=max_files)
+    dry = _dry_run_options(params)
+    if dry is not None:
+        endpoint = _endpoint(params) if dry.calibrate else None
+        click.echo(format_dry_run(dry_run_inputs(input_dir, output_dir, options, dry, endpoint)))
+        return
     progress = ProgressLine(enabled=sys.stderr.isatty())
     try:
         report = run(input_dir, output_dir, options, _endpoint(params), progress.update, exploded)

@@ -218,6 +218,21 @@ class _Chain:
         return self.next >= self.end
 
 
+def request_config(
+    options: ScoreOptions, max_tokens: int, decoding: str
+) -> types.GenerateContentConfig:
+    """The config of a request asking for ``max_tokens`` answer tokens: greedy at temperature
+    0, else at the run's temperature; the output budget covers thinking besides."""
+    budget = options.thinking_budget
+    thinking = budget if budget is not None and budget > 0 else 0
+    return generation_config(
+        options.top_logprobs,
+        budget,
+        max_output_tokens=max_tokens + thinking,
+        temperature=0.0 if decoding == "greedy" else options.temperature,
+    )
+
+
 def _response_of(rows: list[dict[str, Any]]) -> _Response:
     """A response from its rows in position order (the prompt on the first)."""
     tokens = [Token(row["token"], row["token_id"]) for row in rows]
@@ -417,15 +432,7 @@ class _Scorer:
     def _generation_config(self, max_tokens: int, decoding: str) -> types.GenerateContentConfig:
         key = (max_tokens, decoding)
         if key not in self.configs:
-            budget = self.options.thinking_budget
-            # The output budget covers thinking too: the answer still gets its tokens.
-            thinking = budget if budget is not None and budget > 0 else 0
-            self.configs[key] = generation_config(
-                self.options.top_logprobs,
-                budget,
-                max_output_tokens=max_tokens + thinking,
-                temperature=0.0 if decoding == "greedy" else self.options.temperature,
-            )
+            self.configs[key] = request_config(self.options, max_tokens, decoding)
         return self.configs[key]
 
     def _lookahead_for(self, chain: _Chain) -> int:
