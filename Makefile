@@ -17,6 +17,7 @@ bench: install
 	$(UV) run python bench/kl_bench.py
 	$(UV) run python bench/explode_bench.py
 	$(UV) run python bench/score_bench.py
+	$(UV) run python bench/cost_bench.py
 
 lint: install
 	$(UV) run ruff check klstream tests bench examples
