@@ -42,6 +42,13 @@ _EXPORTS: dict[str, str] = {
     "ScoreOptions": "klstream.scoring.score",
     "ScoreReport": "klstream.scoring.score",
     "ScoreStats": "klstream.scoring.score",
+    "dry_run": "klstream.scoring.dryrun",
+    "dry_run_async": "klstream.scoring.dryrun",
+    "DryRunOptions": "klstream.scoring.dryrun",
+    "DryRunReport": "klstream.scoring.dryrun",
+    "format_dry_run": "klstream.scoring.dryrun",
+    "Price": "klstream.backends.prices",
+    "load_prices": "klstream.backends.prices",
     "compute_kl": "klstream.metrics.kl",
     "KlReport": "klstream.metrics.kl",
     "export": "klstream.output.export",
@@ -56,6 +63,7 @@ _EXPORTS: dict[str, str] = {
     "run_async": "klstream.pipeline",
     "RunOptions": "klstream.pipeline",
     "RunReport": "klstream.pipeline",
+    "dry_run_inputs": "klstream.pipeline",
     "KlstreamError": "klstream.errors",
     "InputError": "klstream.errors",
     "InputSelectionError": "klstream.errors",
@@ -75,6 +83,8 @@ _EXPORTS: dict[str, str] = {
     "PrefillRejected": "klstream.errors",
     "ThinkingRejected": "klstream.errors",
     "ThinkingNotDisabled": "klstream.errors",
+    "GreedyInconsistent": "klstream.errors",
+    "PriceTableError": "klstream.errors",
     "RunIncomplete": "klstream.errors",
     "QueryError": "klstream.errors",
 }
@@ -95,6 +105,13 @@ __all__ = [
     "ScoreOptions",
     "ScoreReport",
     "ScoreStats",
+    "dry_run",
+    "dry_run_async",
+    "DryRunOptions",
+    "DryRunReport",
+    "format_dry_run",
+    "Price",
+    "load_prices",
     "compute_kl",
     "KlReport",
     "export",
@@ -109,6 +126,7 @@ __all__ = [
     "run_async",
     "RunOptions",
     "RunReport",
+    "dry_run_inputs",
     "KlstreamError",
     "InputError",
     "InputSelectionError",
@@ -128,6 +146,8 @@ __all__ = [
     "PrefillRejected",
     "ThinkingRejected",
     "ThinkingNotDisabled",
+    "GreedyInconsistent",
+    "PriceTableError",
     "RunIncomplete",
     "QueryError",
 ]
@@ -148,11 +168,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from klstream.backends.gemini import Endpoint, endpoint_from_environment
+    from klstream.backends.prices import Price, load_prices
     from klstream.database import connect, views_script
     from klstream.errors import (
         AmbiguousModel2,
         AuthenticationError,
         EndpointError,
+        GreedyInconsistent,
         InputError,
         InputSelectionError,
         KlstreamError,
@@ -163,6 +185,7 @@ if TYPE_CHECKING:
         NotExploded,
         PositionsExist,
         PrefillRejected,
+        PriceTableError,
         QueryError,
         ResultsExist,
         RunConfigMismatch,
@@ -177,7 +200,14 @@ if TYPE_CHECKING:
     from klstream.metrics.kl import KlReport, compute_kl
     from klstream.output.export import ExportReport, export, format_summary, summary
     from klstream.output.query import run_query
-    from klstream.pipeline import RunOptions, RunReport, run, run_async
+    from klstream.pipeline import RunOptions, RunReport, dry_run_inputs, run, run_async
     from klstream.rundir import RunDir
     from klstream.scoring.caller import RetryPolicy
+    from klstream.scoring.dryrun import (
+        DryRunOptions,
+        DryRunReport,
+        dry_run,
+        dry_run_async,
+        format_dry_run,
+    )
     from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score, score_async

@@ -5,6 +5,7 @@ must equal what a one-token request at its position gives, whatever the sampling
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from collections import Counter, defaultdict
@@ -28,6 +29,7 @@ from test_score import (
     wait_until,
 )
 
+import klstream
 from klstream import schemas
 from klstream.backends.prices import Usage, load_prices
 from klstream.emulator import EmulatorServer, FaultConfig, encode
@@ -308,3 +310,27 @@ def test_costs_add_up_from_every_answers_usage(
     assert summary["cost"]["usd"] == pytest.approx(usd)
     assert summary["cost"]["lookahead_hazards"] == 0
     assert "Cost (list):" in exported.output
+
+
+def test_steps_in_responses_whose_tokens_miss_their_text_are_flagged(
+    tmp_path: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    inputs = tmp_path / "inputs"
+    shutil.copytree(toy_inputs.directory, inputs)
+    document = json.loads((inputs / "story-0.json").read_text(encoding="utf-8"))
+    document["responses"][0]["text"] = "a text the tokens do not spell"
+    (inputs / "story-0.json").write_text(json.dumps(document), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    explode(inputs, run_dir)
+    score(run_dir, emulator, NEAR, lookahead=8, decoding="sample")
+
+    steps = {
+        key_of(r)
+        for r in score_rows(run_dir, NEAR)
+        if r["step"] > 0 and (r["stem"], r["response_index"]) == ("story-0", 0)
+    }
+    assert steps
+    with klstream.connect(run_dir) as con:
+        flagged = con.sql("SELECT stem, response_index, position FROM lookahead_hazards").fetchall()
+        assert set(flagged) == steps
+        assert klstream.summary(run_dir, NEAR)["cost"]["lookahead_hazards"] == len(steps)
