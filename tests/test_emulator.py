@@ -667,7 +667,7 @@ def test_the_scaled_logprobs_switch_reports_the_distribution_sampled_from(api: A
         (only,) = top_of(api.generate(prefill="The", config=greedy))[0]
         assert (only.token_id, only.log_probability) == (expected[0].token_id, 0.0)
         sharp = SCORING.model_copy(update={"temperature": 0.5})
-        scaled = top_of(api.generate(prefill="The", config=sharp))[0]
-        assert scaled[0].log_probability > expected[0].logprob
+        sharpest = top_of(api.generate(prefill="The", config=sharp))[0][0].log_probability
+        assert sharpest is not None and sharpest > expected[0].logprob
     finally:
         api.server.set_service(ServiceConfig())
