@@ -307,6 +307,7 @@ def _score_flags(function: Any) -> Any:
                 "--lookahead",
                 default="auto",
                 show_default=True,
+                metavar="N|auto",
                 help="Tokens each request asks for; the steps that follow Model 1's tokens are "
                 "stored too. `auto` picks per response the number with the least expected cost "
                 "per position.",

@@ -41,6 +41,12 @@ if TYPE_CHECKING:
     from conftest import ToyInputs
 
 NEAR, FAR = "toy-d0.25", "toy-d8"
+USAGE_COLUMNS = (
+    "prompt_token_count",
+    "cached_content_token_count",
+    "candidates_token_count",
+    "thoughts_token_count",
+)
 LISTS = ("top_tokens", "top_token_ids", "top_logprobs")
 
 
@@ -334,3 +340,15 @@ def test_steps_in_responses_whose_tokens_miss_their_text_are_flagged(
         flagged = con.sql("SELECT stem, response_index, position FROM lookahead_hazards").fetchall()
         assert set(flagged) == steps
         assert klstream.summary(run_dir, NEAR)["cost"]["lookahead_hazards"] == len(steps)
+
+
+def test_parts_written_before_usage_was_recorded_still_export(
+    tmp_path: Path, run_dir: Path, emulator: EmulatorServer
+) -> None:
+    score(run_dir, emulator, NEAR)
+    added = {"request_id", "step", "lookahead", "decoding", *USAGE_COLUMNS}
+    older = [field.name for field in schemas.SCORES if field.name not in added]
+    for part in parquet_files(run_dir, NEAR):
+        pq.write_table(pq.read_table(part, columns=older), part)
+    summary = klstream.export(run_dir, tmp_path / "out").summary
+    assert summary["cost"] is None and summary["scored"] == summary["positions"]
