@@ -134,9 +134,10 @@ def cheapest_lookahead(
 
 def segment_cap(pending: int, slots: int, fixed_one: bool) -> int:
     """Longest piece of one response a chain of requests covers. Chains run their requests one
-    after another, so when the pending positions would form fewer chains than there are request
-    slots, long responses are cut into pieces that start independently. With a lookahead of 1
-    every position is its own chain, as every request is independent."""
+    after another, so no chain may hold much more than a request slot's share of the pending
+    positions: with fewer responses than slots, long responses are cut into pieces that start
+    independently and fill the slots; with many, a long response does not finish last alone.
+    With a lookahead of 1 every position is its own chain, as every request is independent."""
     if fixed_one:
         return 1
     return max(MIN_SEGMENT, math.ceil(pending / max(slots, 1)))
