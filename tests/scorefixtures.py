@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,7 +34,12 @@ def model2_list(
     return tokens, ids, shifted
 
 
-def score_row(key: Key, model2: str, *, lists=None, error: str | None = None) -> dict:
+Lists = tuple[list[str], list[int | None], list[float]]
+
+
+def score_row(
+    key: Key, model2: str, *, lists: Lists | None = None, error: str | None = None
+) -> dict[str, Any]:
     """A SCORES row built by the score stage's own row builder."""
     answer = None
     if lists is not None:
