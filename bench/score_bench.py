@@ -362,7 +362,9 @@ def klstream_run(
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(master, work)
     endpoint = Endpoint("gemini", api_key=API_KEY, base_url=base_url)
-    options = ScoreOptions(model2=MODEL2, top_logprobs=TOP_K, max_concurrent=concurrency)
+    options = ScoreOptions(
+        model2=MODEL2, top_logprobs=TOP_K, max_concurrent=concurrency, lookahead=1
+    )
 
     def on_progress(stats: ScoreStats) -> None:
         window.completed(stats.done)

@@ -45,6 +45,13 @@ _EXPORTS: dict[str, str] = {
     "BatchOptions": "klstream.scoring.batch",
     "batch_status": "klstream.scoring.batch",
     "batch_cancel": "klstream.scoring.batch",
+    "dry_run": "klstream.scoring.dryrun",
+    "dry_run_async": "klstream.scoring.dryrun",
+    "DryRunOptions": "klstream.scoring.dryrun",
+    "DryRunReport": "klstream.scoring.dryrun",
+    "format_dry_run": "klstream.scoring.dryrun",
+    "Price": "klstream.backends.prices",
+    "load_prices": "klstream.backends.prices",
     "compute_kl": "klstream.metrics.kl",
     "KlReport": "klstream.metrics.kl",
     "export": "klstream.output.export",
@@ -59,6 +66,7 @@ _EXPORTS: dict[str, str] = {
     "run_async": "klstream.pipeline",
     "RunOptions": "klstream.pipeline",
     "RunReport": "klstream.pipeline",
+    "dry_run_inputs": "klstream.pipeline",
     "KlstreamError": "klstream.errors",
     "InputError": "klstream.errors",
     "InputSelectionError": "klstream.errors",
@@ -80,6 +88,8 @@ _EXPORTS: dict[str, str] = {
     "PrefillRejected": "klstream.errors",
     "ThinkingRejected": "klstream.errors",
     "ThinkingNotDisabled": "klstream.errors",
+    "GreedyInconsistent": "klstream.errors",
+    "PriceTableError": "klstream.errors",
     "RunIncomplete": "klstream.errors",
     "QueryError": "klstream.errors",
     "BatchRejected": "klstream.errors",
@@ -107,6 +117,13 @@ __all__ = [
     "BatchOptions",
     "batch_status",
     "batch_cancel",
+    "dry_run",
+    "dry_run_async",
+    "DryRunOptions",
+    "DryRunReport",
+    "format_dry_run",
+    "Price",
+    "load_prices",
     "compute_kl",
     "KlReport",
     "export",
@@ -121,6 +138,7 @@ __all__ = [
     "run_async",
     "RunOptions",
     "RunReport",
+    "dry_run_inputs",
     "KlstreamError",
     "InputError",
     "InputSelectionError",
@@ -142,6 +160,8 @@ __all__ = [
     "PrefillRejected",
     "ThinkingRejected",
     "ThinkingNotDisabled",
+    "GreedyInconsistent",
+    "PriceTableError",
     "RunIncomplete",
     "QueryError",
     "BatchRejected",
@@ -167,6 +187,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from klstream.backends import endpoint_from_environment
     from klstream.backends.base import Endpoint
+    from klstream.backends.prices import Price, load_prices
     from klstream.database import connect, views_script
     from klstream.errors import (
         AmbiguousModel2,
@@ -176,6 +197,7 @@ if TYPE_CHECKING:
         BatchServiceError,
         BatchUnavailable,
         EndpointError,
+        GreedyInconsistent,
         InputError,
         InputSelectionError,
         KlstreamError,
@@ -188,6 +210,7 @@ if TYPE_CHECKING:
         NotExploded,
         PositionsExist,
         PrefillRejected,
+        PriceTableError,
         QueryError,
         ResultsExist,
         RunConfigMismatch,
@@ -202,8 +225,15 @@ if TYPE_CHECKING:
     from klstream.metrics.kl import KlReport, compute_kl
     from klstream.output.export import ExportReport, export, format_summary, summary
     from klstream.output.query import run_query
-    from klstream.pipeline import RunOptions, RunReport, run, run_async
+    from klstream.pipeline import RunOptions, RunReport, dry_run_inputs, run, run_async
     from klstream.rundir import RunDir
     from klstream.scoring.batch import BatchOptions, batch_cancel, batch_status
     from klstream.scoring.caller import RetryPolicy
+    from klstream.scoring.dryrun import (
+        DryRunOptions,
+        DryRunReport,
+        dry_run,
+        dry_run_async,
+        format_dry_run,
+    )
     from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score, score_async

@@ -12,7 +12,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 from click.core import ParameterSource
@@ -23,6 +23,7 @@ from klstream import errors as E
 if TYPE_CHECKING:
     from klstream.backends.base import Endpoint
     from klstream.scoring.batch import BatchOptions
+    from klstream.scoring.dryrun import DryRunOptions
     from klstream.scoring.score import ScoreOptions, ScoreReport
 
 
@@ -66,6 +67,8 @@ HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
         "or score online without --batch"
     ),
     E.BatchJobsActive: lambda e: "run `klstream batch cancel RUN_DIR` first, or --resume",
+    E.GreedyInconsistent: lambda e: "use --lookahead-decoding sample (or auto, which falls back)",
+    E.PriceTableError: lambda e: "fix the file given to --prices",
 }
 """The command-line fix for each kind of error, appended to its message."""
 
@@ -489,6 +492,59 @@ def _score_flags(function: Any) -> Any:
                 help="Top-k logprobs to request per position.",
             ),
             click.option(
+                "--lookahead",
+                default="auto",
+                show_default=True,
+                metavar="N|auto",
+                help="Tokens each request asks for; the steps that follow Model 1's tokens are "
+                "stored too. `auto` picks per response the number with the least expected cost "
+                "per position.",
+            ),
+            click.option(
+                "--lookahead-decoding",
+                type=click.Choice(["auto", "greedy", "sample"]),
+                default="auto",
+                show_default=True,
+                help="How lookahead tokens are generated: sample at --temperature, greedy "
+                "(refused unless a consistency probe finds the logprobs independent of the "
+                "sampling settings), or auto (greedy when the probe passes).",
+            ),
+            click.option(
+                "--temperature",
+                type=click.FloatRange(0.0, 2.0),
+                default=1.0,
+                show_default=True,
+                help="Sampling temperature of every request but greedy lookahead's.",
+            ),
+            click.option(
+                "--prices",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                help="A price table (JSON, the layout of klstream/backends/prices.json) whose "
+                "models replace or add to the shipped ones.",
+            ),
+            click.option(
+                "--dry-run",
+                is_flag=True,
+                help="Send nothing: print the requests, tokens, USD (online and batch) and time "
+                "the scoring would take, from one token per request to the lookahead's estimate.",
+            ),
+            click.option(
+                "--calibrate",
+                type=click.IntRange(min=1),
+                help="With --dry-run: send K real requests to count prompt tokens and measure "
+                "how often Model 2's tokens are Model 1's.",
+            ),
+            click.option(
+                "--rpm",
+                type=click.FloatRange(min=0, min_open=True),
+                help="With --dry-run: requests per minute the quota allows.",
+            ),
+            click.option(
+                "--tpm",
+                type=click.FloatRange(min=0, min_open=True),
+                help="With --dry-run: tokens per minute the quota allows.",
+            ),
+            click.option(
                 "--resume",
                 is_flag=True,
                 help="Continue a run: skip what is scored, retry what failed.",
@@ -526,6 +582,30 @@ def _thinking_budget(value: str) -> int | None:
         return None if value.lower() == "none" else int(value)
     except ValueError as error:
         raise click.BadParameter("an integer or `none`", param_hint="--thinking-budget") from error
+
+
+def _lookahead(value: str) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise click.BadParameter("a number of tokens >= 1, or `auto`", param_hint="--lookahead")
+    return tokens
+
+
+def _dry_run_options(params: dict[str, Any]) -> DryRunOptions | None:
+    """The dry run's options, or None for a real run (refusing its options without it)."""
+    from klstream.scoring.dryrun import DryRunOptions
+
+    if not params["dry_run"]:
+        for name in ("calibrate", "rpm", "tpm"):
+            if params[name] is not None:
+                raise click.UsageError(f"--{name} goes with --dry-run")
+        return None
+    return DryRunOptions(params["calibrate"] or 0, params["rpm"], params["tpm"])
 
 
 def _endpoint(params: dict[str, Any]) -> Endpoint:
@@ -574,6 +654,10 @@ def _score_options(params: dict[str, Any]) -> ScoreOptions:
         overwrite=params["overwrite"],
         method=params["method"],
         batch=_batch_options(params),
+        lookahead=_lookahead(params["lookahead"]),
+        decoding=params["lookahead_decoding"],
+        temperature=params["temperature"],
+        prices=params["prices"],
     )
 
 
@@ -611,6 +695,8 @@ def resume_command(ctx: click.Context) -> str:
 
 
 def _report_score(report: ScoreReport, model2: str) -> None:
+    from klstream.backends.prices import cost_line
+
     stats, calls = report.stats, report.stats.calls
     if report.batch is not None:
         _report_batch(report, model2)
@@ -623,6 +709,7 @@ def _report_score(report: ScoreReport, model2: str) -> None:
         f"lowered {calls.concurrency_cuts} times) in "
         f"{calls.elapsed:.1f}s, {rate:.1f} req/s"
     )
+    click.echo(cost_line(calls.requests, stats.scored, stats.usage, report.price, report.decoding))
     if report.kl is not None:
         click.echo(f"kl: {report.kl.scored} positions with KL -> {report.kl.path}")
     if report.stopped_because:
@@ -672,9 +759,15 @@ def score(run_dir: Path, **params: Any) -> None:
     Ends with the KL pass, so `export` can follow at once.
     """
     from klstream.progress import ProgressLine
+    from klstream.scoring.dryrun import dry_run, format_dry_run
     from klstream.scoring.score import score as score_run
 
     options = _score_options(params)
+    dry = _dry_run_options(params)
+    if dry is not None:
+        endpoint = _endpoint(params) if dry.calibrate else None
+        click.echo(format_dry_run(dry_run(run_dir, options, dry, endpoint)))
+        return
     progress = ProgressLine(enabled=sys.stderr.isatty())
     try:
         report = score_run(run_dir, options, _endpoint(params), on_progress=progress.update)
@@ -764,8 +857,9 @@ def run_all(
     """explode → score → export in one resumable command, with the spec's flags."""
     from klstream.input.explode import ExplodeReport
     from klstream.output.export import format_summary
-    from klstream.pipeline import RunOptions, run
+    from klstream.pipeline import RunOptions, dry_run_inputs, run
     from klstream.progress import ProgressLine
+    from klstream.scoring.dryrun import format_dry_run
 
     def exploded(report: ExplodeReport) -> None:
         click.echo(
@@ -776,6 +870,11 @@ def run_all(
     options = RunOptions(
         _score_options(params), pattern=pattern, max_files=max_files, report=not no_report
     )
+    dry = _dry_run_options(params)
+    if dry is not None:
+        endpoint = _endpoint(params) if dry.calibrate else None
+        click.echo(format_dry_run(dry_run_inputs(input_dir, output_dir, options, dry, endpoint)))
+        return
     progress = ProgressLine(enabled=sys.stderr.isatty())
     try:
         report = run(input_dir, output_dir, options, _endpoint(params), progress.update, exploded)

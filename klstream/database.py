@@ -48,8 +48,11 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
         if not run.has_scores():
             con.register("scores", schemas.SCORES.empty_table())
         for statement in duckdb.extract_statements(views_script(run_dir)):
-            # Files that do not exist yet, or a view that depends on a view left out for that.
-            with contextlib.suppress(duckdb.IOException, duckdb.CatalogException):
+            # Files that do not exist yet, a view that depends on a view left out for that, or
+            # columns that only parts written by a later release have.
+            with contextlib.suppress(
+                duckdb.IOException, duckdb.CatalogException, duckdb.BinderException
+            ):
                 con.execute(statement)
     except BaseException:
         con.close()

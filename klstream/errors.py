@@ -35,6 +35,12 @@ class InputSelectionError(KlstreamError):
     exit_code = 3
 
 
+class PriceTableError(KlstreamError):
+    """A price table (the shipped one or a user's) cannot be read or has a malformed entry."""
+
+    exit_code = 3
+
+
 class RunDirError(KlstreamError):
     """The run directory is missing, not a run, or cannot be written."""
 
@@ -157,6 +163,11 @@ class BatchCreateUnknown(KlstreamError):
 
 class BatchJobsActive(RunDirError):
     """Batch jobs of this run are still queued or running, so its results cannot be discarded."""
+
+
+class GreedyInconsistent(ModelCannotScore):
+    """Greedy lookahead was asked for, but the service's logprobs change with the sampling
+    temperature, so greedy steps would not be the distributions a one-token request gives."""
 
 
 class RunIncomplete(KlstreamError):

@@ -9,6 +9,7 @@ Parquet tables they came from.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from klstream.loop import run_blocking
 from klstream.output.export import ExportReport, export
 from klstream.output.report import ReportResult, write_report
 from klstream.rundir import ExportDir
+from klstream.scoring.dryrun import DryRunOptions, DryRunReport, dry_run_async
 from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score_async
 
 
@@ -89,3 +91,34 @@ def run(
     return run_blocking(
         run_async(input_dir, output_dir, options, endpoint, on_progress, on_exploded)
     )
+
+
+async def dry_run_inputs_async(
+    input_dir: Path,
+    output_dir: Path,
+    options: RunOptions,
+    dry: DryRunOptions,
+    endpoint: Endpoint | None = None,
+) -> DryRunReport:
+    """What :func:`run_async` would take: over its run directory when it exists, else over the
+    inputs exploded into a temporary one (explode sends nothing), which is then removed."""
+    run = ExportDir(output_dir).workspace
+    if run.is_exploded():
+        return await dry_run_async(run.root, options.score, dry, endpoint)
+    with tempfile.TemporaryDirectory(prefix="klstream-dry-run-") as scratch:
+        run_dir = Path(scratch) / "run"
+        await asyncio.to_thread(
+            explode, input_dir, run_dir, pattern=options.pattern, max_files=options.max_files
+        )
+        return await dry_run_async(run_dir, options.score, dry, endpoint)
+
+
+def dry_run_inputs(
+    input_dir: Path,
+    output_dir: Path,
+    options: RunOptions,
+    dry: DryRunOptions,
+    endpoint: Endpoint | None = None,
+) -> DryRunReport:
+    """:func:`dry_run_inputs_async`, blocking."""
+    return run_blocking(dry_run_inputs_async(input_dir, output_dir, options, dry, endpoint))

@@ -156,6 +156,7 @@ class RunDir:
             "responses_file": RESPONSES_FILE,
             "skipped_file": SKIPPED_FILE,
             "scores_files": f"{SCORES_DIR}/*/{PART_GLOB}",
+            "run_config_files": f"{SCORES_DIR}/*/{RUN_CONFIG_FILE}",
             "kl_files": f"{KL_DIR}/*.parquet",
         }
 

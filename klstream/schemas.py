@@ -37,6 +37,23 @@ A run directory (``RUN_DIR``) holds:
     then the job's run time); the requests are the same, so the two are interchangeable. Parts
     written before the column existed read it as null (they are online).
 
+    Where each result came from (null in parts written before these columns existed):
+
+    ========================== ======== ====================================================
+    request_id                 string   one id per answer (request): all rows of an answer
+                                        share it and are written in the same part
+    step                       int32    the answer's step this row is: 0 is the position the
+                                        request was made at, s > 0 is lookahead (the request
+                                        was at ``position - step``)
+    lookahead                  int32    tokens the request asked for (``maxOutputTokens``)
+    decoding                   string   ``sample`` (the run's temperature) or ``greedy``
+                                        (temperature 0, after the consistency probe allowed it)
+    prompt_token_count         int64    the answer's ``usageMetadata``: every input token,
+    cached_content_token_count int64    the cached ones among them, the generated answer
+    candidates_token_count     int64    tokens and the thinking tokens. Filled on step 0 rows
+    thoughts_token_count       int64    only, so sums over the table count each answer once
+    ========================== ======== ====================================================
+
 ``kl/<model2>.parquet`` (:data:`KL`) — written by the KL pass
     One row per position of ``positions.parquet`` with the estimators of
     :mod:`klstream.metrics.estimators`; all estimator columns are null where Model 2 has no result
@@ -122,6 +139,14 @@ SCORES = pa.schema(
         pa.field("error", pa.string()),
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("source", pa.string()),
+        pa.field("request_id", pa.string()),
+        pa.field("step", pa.int32()),
+        pa.field("lookahead", pa.int32()),
+        pa.field("decoding", pa.string()),
+        pa.field("prompt_token_count", pa.int64()),
+        pa.field("cached_content_token_count", pa.int64()),
+        pa.field("candidates_token_count", pa.int64()),
+        pa.field("thoughts_token_count", pa.int64()),
     ]
 )
 

@@ -64,3 +64,89 @@ SELECT
     avg(entropy2) AS mean_entropy2
 FROM kl
 GROUP BY model2, stem, response_index;
+
+-- What each Model 2's run recorded in scores/<model2>/run.json (null where an older release
+-- recorded nothing): the price entry its costs are reckoned with and the greedy probe's outcome.
+CREATE OR REPLACE VIEW run_configs AS
+SELECT * FROM read_json(getvariable('run_config_files'), columns = {
+    'model2': 'VARCHAR',
+    'temperature': 'DOUBLE',
+    'lookahead': 'VARCHAR',
+    'decoding': 'VARCHAR',
+    'prices': 'STRUCT(model VARCHAR, input DOUBLE, cached_input DOUBLE, output DOUBLE,
+        batch_input DOUBLE, batch_cached_input DOUBLE, batch_output DOUBLE, source VARCHAR,
+        date VARCHAR)',
+    'greedy_probe': 'STRUCT(decoding VARCHAR, compared BIGINT, median_deviation DOUBLE,
+        tolerance DOUBLE, requests BIGINT, prompt_token_count BIGINT,
+        cached_content_token_count BIGINT, candidates_token_count BIGINT,
+        thoughts_token_count BIGINT, finding VARCHAR)'
+});
+
+-- What each Model 2's results cost, from the usage every answer reported (the greedy probe's
+-- requests included): HTTP requests (retries included) and requests per scored position, input
+-- tokens uncached and cached, output tokens (thinking included, as billed), and the list price
+-- in USD online and in Batch Mode at the prices run.json recorded (null without a price).
+CREATE OR REPLACE VIEW costs AS
+WITH answers AS (
+    SELECT
+        model2,
+        (sum(attempts) FILTER (WHERE coalesce(step, 0) = 0))::BIGINT AS requests,
+        count(*) FILTER (WHERE coalesce(step, 0) = 0 AND status = getvariable('score_ok'))
+            AS answers,
+        count(DISTINCT (stem, response_index, position))
+            FILTER (WHERE status = getvariable('score_ok')) AS positions,
+        coalesce(sum(prompt_token_count), 0)::BIGINT AS prompt_tokens,
+        coalesce(sum(cached_content_token_count), 0)::BIGINT AS cached_tokens,
+        coalesce(sum(candidates_token_count), 0)::BIGINT AS candidates_tokens,
+        coalesce(sum(thoughts_token_count), 0)::BIGINT AS thoughts_tokens
+    FROM scores
+    GROUP BY model2
+),
+totals AS (
+    SELECT
+        a.model2,
+        a.requests + coalesce(c.greedy_probe.requests, 0) AS requests,
+        a.answers,
+        a.positions,
+        a.prompt_tokens + coalesce(c.greedy_probe.prompt_token_count, 0) AS prompt_tokens,
+        a.cached_tokens + coalesce(c.greedy_probe.cached_content_token_count, 0)
+            AS cached_tokens,
+        a.candidates_tokens + a.thoughts_tokens
+            + coalesce(c.greedy_probe.candidates_token_count, 0)
+            + coalesce(c.greedy_probe.thoughts_token_count, 0) AS output_tokens,
+        a.thoughts_tokens + coalesce(c.greedy_probe.thoughts_token_count, 0) AS thoughts_tokens,
+        c.prices AS price
+    FROM answers AS a
+    LEFT JOIN run_configs AS c USING (model2)
+)
+SELECT
+    model2,
+    requests,
+    positions,
+    requests / nullif(positions, 0) AS requests_per_position,
+    answers,
+    prompt_tokens - cached_tokens AS uncached_input_tokens,
+    cached_tokens AS cached_input_tokens,
+    cached_tokens / nullif(prompt_tokens, 0) AS cached_share,
+    output_tokens,
+    thoughts_tokens,
+    ((prompt_tokens - cached_tokens) * price.input + cached_tokens * price.cached_input
+        + output_tokens * price.output) / 1e6 AS usd,
+    ((prompt_tokens - cached_tokens) * price.batch_input
+        + cached_tokens * price.batch_cached_input + output_tokens * price.batch_output) / 1e6
+        AS batch_usd,
+    1000 * usd / nullif(positions, 0) AS usd_per_1000_positions,
+    price.model AS priced_as,
+    price.date AS price_date,
+    price.source AS price_source
+FROM totals;
+
+-- Results taken from a lookahead step (step > 0) in responses whose tokens do not reproduce their
+-- text. A step is conditioned on the token ids Model 2 generated (Model 1's), a one-token request
+-- on the service's tokenization of the prefill text; where Model 1's tokens do not reproduce the
+-- text, the two conditionings can differ, and with them the results.
+CREATE OR REPLACE VIEW lookahead_hazards AS
+SELECT s.model2, s.stem, s.response_index, s.position, s.step
+FROM scores_resolved AS s
+JOIN responses AS r USING (stem, response_index)
+WHERE s.status = getvariable('score_ok') AND s.step > 0 AND NOT r.tokens_match_text;

@@ -18,7 +18,7 @@ from klstream.backends.base import Answer, Candidate, Generated
 from klstream.rundir import RunDir
 from klstream.scoring.caller import Outcome
 from klstream.scoring.checkpoint import write_scores_part
-from klstream.scoring.score import WorkItem, result_row
+from klstream.scoring.score import WorkItem, result_rows
 
 Key = tuple[str, int, int]
 Lists = tuple[list[str], list[int | None], list[float]]
@@ -46,7 +46,8 @@ def score_row(
         best = max(top, key=lambda c: c.logprob)
         answer = Answer([Generated(best, top)], text="", finish_reason="MAX_TOKENS")
     outcome = Outcome(answer, error, attempts=1, latency_ms=12.5)
-    return result_row(WorkItem(*key, prompt="", prefill=""), model2, outcome)
+    (row,) = result_rows(WorkItem(*key, prompt="", prefill=""), model2, outcome)
+    return row
 
 
 def write_fixture_scores(

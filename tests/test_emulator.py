@@ -29,6 +29,7 @@ from klstream.emulator import (
     encode,
 )
 from klstream.emulator.protocol import NOPREFILL_MESSAGE
+from klstream.emulator.service import ServiceConfig
 from klstream.emulator.toymodel import top_k
 
 T = TypeVar("T")
@@ -454,8 +455,17 @@ def test_thinking_model_spends_the_budget_on_thoughts(api: Api) -> None:
 
     partial = config.model_copy(update={"thinking_config": types.ThinkingConfig(thinking_budget=3)})
     response = api.generate(model="toy-thinking", config=partial)
-    assert usage_of(response).thoughts_token_count == 3
-    assert len(chosen_of(response)) <= 5
+    usage = usage_of(response)
+    assert usage.thoughts_token_count == 3
+    answer_tokens = usage.candidates_token_count or 0
+    assert 1 <= answer_tokens <= 5
+    # The thought tokens are listed first among the logprobs, and their text is a thought part.
+    chosen = chosen_of(response)
+    assert len(chosen) == 3 + answer_tokens
+    parts = candidate_of(response).content.parts or []  # type: ignore[union-attr]
+    assert [bool(part.thought) for part in parts] == [True, False]
+    assert parts[0].text == "".join(c.token or "" for c in chosen[:3])
+    assert response.text == "".join(c.token or "" for c in chosen[3:])
 
 
 def test_thinking_model_with_budget_zero_answers(api: Api) -> None:
@@ -600,3 +610,64 @@ def test_emulate_command_help_and_validation() -> None:
     result = invoke("emulate", "--rate-429", "1.5")
     assert result.exit_code == 2
     assert "rate_429" in result.output
+
+
+# --- the service's behaviour: implicit cache, logprobs whatever the temperature -------------
+
+
+def test_the_implicit_cache_reports_a_repeated_long_prefix_as_cached(api: Api) -> None:
+    api.server.set_service(ServiceConfig(cache_min_tokens=8, cache_ttl_s=60.0))
+    try:
+        prompt_tokens = len(encode(PROMPT))
+        first = usage_of(api.generate(prefill="The capital of"))
+        assert first.cached_content_token_count is None
+        # The same prompt and a longer prefill: the earlier request's whole input is cached.
+        longer = usage_of(api.generate(prefill="The capital of France is Paris"))
+        assert longer.cached_content_token_count == prompt_tokens + len(encode("The capital of"))
+        assert longer.prompt_token_count == prompt_tokens + len(
+            encode("The capital of France is Paris")
+        )
+        # Another model has its own cache; a prefix shorter than the minimum is not reported.
+        other = usage_of(api.generate(model="toy-d0.5", prefill="The capital of"))
+        assert other.cached_content_token_count is None
+        short = usage_of(api.generate(prompt="Hi", prefill="x"))
+        assert short.cached_content_token_count is None
+        assert usage_of(api.generate(prompt="Hi", prefill="x")).cached_content_token_count is None
+    finally:
+        api.server.set_service(ServiceConfig())
+
+
+def test_a_prefix_leaves_the_cache_after_its_ttl(api: Api) -> None:
+    api.server.set_service(ServiceConfig(cache_min_tokens=4, cache_ttl_s=0.2))
+    try:
+        api.generate(prefill="The capital of")
+        assert usage_of(api.generate(prefill="The capital of")).cached_content_token_count
+        time.sleep(0.3)
+        assert usage_of(api.generate(prefill="The capital")).cached_content_token_count is None
+    finally:
+        api.server.set_service(ServiceConfig())
+
+
+def test_logprobs_are_the_temperature_1_ones_at_any_temperature(api: Api) -> None:
+    reference = top_of(api.generate(prefill="The"))[0]
+    for temperature in (0.0, 0.3, 1.7):
+        config = SCORING.model_copy(update={"temperature": temperature, "max_output_tokens": 1})
+        assert top_of(api.generate(prefill="The", config=config))[0] == reference
+
+
+def test_the_scaled_logprobs_switch_reports_the_distribution_sampled_from(api: Api) -> None:
+    api.server.set_service(ServiceConfig(scaled_logprobs=True))
+    try:
+        plain = top_of(api.generate(prefill="The"))[0]
+        expected = top_k(ToyModel.for_name("toy").next_token_logprobs(PROMPT, encode("The")), 20)
+        assert [(c.token_id, c.log_probability) for c in plain] == [
+            (c.token_id, c.logprob) for c in expected
+        ]
+        greedy = SCORING.model_copy(update={"temperature": 0.0})
+        (only,) = top_of(api.generate(prefill="The", config=greedy))[0]
+        assert (only.token_id, only.log_probability) == (expected[0].token_id, 0.0)
+        sharp = SCORING.model_copy(update={"temperature": 0.5})
+        sharpest = top_of(api.generate(prefill="The", config=sharp))[0][0].log_probability
+        assert sharpest is not None and sharpest > expected[0].logprob
+    finally:
+        api.server.set_service(ServiceConfig())

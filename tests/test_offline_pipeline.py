@@ -278,7 +278,8 @@ def test_query_formats(scored_run: ScoredRun, tmp_path: Path) -> None:
 
 
 def test_views_script_works_in_a_plain_duckdb(scored_run: ScoredRun) -> None:
-    """The script `klstream views` prints gives a bare duckdb the same views klstream uses."""
+    """The script `klstream views` prints gives a bare duckdb the same views klstream uses.
+    Fixture scores come without a run.json, so the views over it fail as the skipped one does."""
     run_dir = scored_run[0]
     sql = "SELECT stem, response_index, mean_kl, total_kl FROM response_stats ORDER BY ALL"
     with duckdb.connect() as con, connect(run_dir) as ours:
@@ -286,7 +287,9 @@ def test_views_script_works_in_a_plain_duckdb(scored_run: ScoredRun) -> None:
             try:
                 con.execute(statement)
             except duckdb.IOException:
-                assert "skipped" in statement.query
+                assert "skipped" in statement.query or "VIEW run_configs" in statement.query
+            except duckdb.CatalogException:
+                assert "JOIN run_configs" in statement.query
         assert con.execute(sql).fetchall() == ours.execute(sql).fetchall()
 
 

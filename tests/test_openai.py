@@ -65,6 +65,7 @@ def score(
     **options: Any,
 ) -> ScoreReport:
     options.setdefault("policy", FAST)
+    options.setdefault("lookahead", 1)
     return score_run(run_dir, ScoreOptions(model2, method=method, **options), endpoint(server))
 
 
@@ -92,6 +93,24 @@ def test_prompt_logprobs_gives_every_position_with_one_request_per_response(
     assert paths(emulator) == {"/v1/completions": RESPONSES, "/tokenize": 3 + RESPONSES}
     assert report.stats.calls.requests == 3 + 2 * RESPONSES
     assert {row["status"] for row in kl_rows(run_dir).values()} == {schemas.KL_STATUS_SCORED}
+
+
+def test_prefill_with_lookahead_gives_one_token_values_with_fewer_requests(
+    tmp_path: Path, run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    """Chat logprobs carry a top-k per generated token, so lookahead steps apply here too."""
+    one_token = tmp_path / "one-token"
+    explode(toy_inputs.directory, one_token)
+    assert score(one_token, emulator, "prefill").remaining == 0
+    emulator.reset_log()
+    assert score(run_dir, emulator, "prefill", lookahead=4).remaining == 0
+
+    assert paths(emulator)["/v1/chat/completions"] < len(toy_inputs.positions)
+    single, ahead = resolved(one_token), resolved(run_dir)
+    assert single.keys() == ahead.keys() == toy_inputs.positions.keys()
+    for key in single:
+        for column in ("top_tokens", "top_logprobs"):
+            assert ahead[key][column] == single[key][column], key
 
 
 def test_prefill_and_prompt_logprobs_agree_on_every_top_k_and_kl(
@@ -215,7 +234,7 @@ def test_sigkill_then_resume_completes_with_each_method_asking_only_what_is_miss
     command = [
         *("score", run_dir, "--model2", MODEL2, "--backend", "openai"),
         *("--base-url", emulator.base_url, "--method", method, "--checkpoint-rows", "5"),
-        *("--max-concurrent", "2" if method == "prefill" else "1"),
+        *("--max-concurrent", "2" if method == "prefill" else "1", "--lookahead", "1"),
     ]
     process = start_process(*command)
     wait_until(process, lambda: len(parquet_files(run_dir)) >= 2)

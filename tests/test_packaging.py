@@ -1,4 +1,5 @@
-"""The wheel ships the SQL, and klstream loads it from inside the installed package."""
+"""The wheel ships the SQL and the price table, and klstream loads them from inside the installed
+package."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def test_wheel_carries_sql_and_loads_it_from_the_package(tmp_path: Path) -> None
     assert shipped == sorted(p.name for p in (ROOT / "sql").glob("*.sql"))
     templates = ROOT / "klstream" / "output" / "templates"
     assert {f"klstream/output/templates/{p.name}" for p in templates.iterdir()} <= set(names)
+    assert "klstream/backends/prices.json" in names
 
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)
@@ -30,7 +32,9 @@ def test_wheel_carries_sql_and_loads_it_from_the_package(tmp_path: Path) -> None
         "from klstream.output.report import Payload, render; "
         "page = render(Payload({'meta': {'klstream_version': '0', 'run_dir': 'r', "
         "'generated_at': 'now', 'page_of': []}, 'models': []}), 't'); "
-        "assert 'DecompressionStream' in page and 'KLR1' in page"
+        "assert 'DecompressionStream' in page and 'KLR1' in page; "
+        "from klstream.backends.prices import load_prices; "
+        "assert 'gemini-2.5-flash' in load_prices()"
     )
     env = {**os.environ, "PYTHONPATH": str(installed)}
     result = subprocess.run(

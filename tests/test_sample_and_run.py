@@ -197,7 +197,9 @@ def test_score_prefill_is_model1_tokens_before_the_position(
     run_dir = tmp_path / "run"
     explode(responses, run_dir)
     server.reset_log()
-    result = invoke("score", str(run_dir), "--model2", "toy-d1", "--base-url", server.base_url)
+    result = invoke(
+        "score", run_dir, "--model2", "toy-d1", "--base-url", server.base_url, "--lookahead", "1"
+    )
     assert result.exit_code == 0, result.output
     positions = pq.read_table(run_dir / "positions.parquet").to_pylist()
     asked = {(r.prompt, r.prefill or "") for r in server.requests}

@@ -64,8 +64,10 @@ def score(
     on_progress: Callable[[ScoreStats], None] | None = None,
     **options: Any,
 ) -> ScoreReport:
-    """The library entry point, with back-offs short enough for tests."""
+    """The library entry point, with back-offs short enough for tests, one position per request
+    (the tests of lookahead are in test_lookahead.py)."""
     options.setdefault("policy", FAST)
+    options.setdefault("lookahead", 1)
     return score_run(
         run_dir, ScoreOptions(model2, **options), endpoint(server, timeout_s), on_progress
     )
@@ -177,7 +179,7 @@ def assert_parts_intact(run_dir: Path, model2: str = MODEL2) -> None:
 def test_scores_are_the_servers_distributions_and_kl_follows_from_them(
     run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
 ) -> None:
-    result = score_cli(run_dir, emulator)
+    result = score_cli(run_dir, emulator, MODEL2, "--lookahead", "1")
     assert result.exit_code == 0, result.output
     assert f"{len(toy_inputs.positions)} scored, 0 failed" in result.output
 
@@ -254,6 +256,8 @@ def test_sigkill_at_any_point_then_resume_loses_and_repeats_nothing(
         "5",
         "--max-concurrent",
         "4",
+        "--lookahead",
+        "1",
     ]
     not_flushed = identities(toy_inputs)
     # Kill once the run has written its config (before any part), then after 1, 2, ... more parts.
@@ -614,7 +618,7 @@ def snapshot(run_dir: Path) -> dict[Path, bytes]:
 def test_scoring_again_needs_resume_or_overwrite_and_resume_keeps_the_config(
     run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
 ) -> None:
-    assert score_cli(run_dir, emulator).exit_code == 0
+    assert score_cli(run_dir, emulator, MODEL2, "--lookahead", "1").exit_code == 0
     before = snapshot(run_dir)
     emulator.reset_log()
 
@@ -636,7 +640,9 @@ def test_scoring_again_needs_resume_or_overwrite_and_resume_keeps_the_config(
     assert emulator.stats()["total"] == 0
 
     old_parts = set(parquet_files(run_dir))
-    overwrite = score_cli(run_dir, emulator, MODEL2, "--overwrite", "--top-logprobs", "5")
+    overwrite = score_cli(
+        run_dir, emulator, MODEL2, "--overwrite", "--top-logprobs", "5", "--lookahead", "1"
+    )
     assert overwrite.exit_code == 0, overwrite.output
     assert not old_parts & set(parquet_files(run_dir))
     assert len(score_rows(run_dir)) == len(toy_inputs.positions)
@@ -665,6 +671,8 @@ def test_the_vertex_backend_scores_through_its_regional_path(
         "us-central1",
         "--base-url",
         emulator.base_url,
+        "--lookahead",
+        "1",
     )
     assert result.exit_code == 0, result.output
 

@@ -9,8 +9,10 @@ which of its errors are worth another attempt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
+
+from klstream.backends.prices import Usage
 
 BackendName = Literal["gemini", "vertex", "openai"]
 
@@ -51,17 +53,25 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Generated:
-    """One generated step: the token chosen and the top-k alternatives with logprobs."""
+    """One generated step: the token chosen and the top-k alternatives with logprobs.
+
+    ``chosen_reported`` is false when the answer listed no chosen candidate for the step, so
+    ``chosen`` is only the most likely alternative: a guess lookahead must not build on.
+    """
 
     chosen: Candidate
     top: list[Candidate]
+    chosen_reported: bool = True
 
 
 @dataclass(frozen=True)
 class Answer:
+    """The answer's steps (thinking excluded), its text and its token usage."""
+
     steps: list[Generated]
     text: str
     finish_reason: str | None
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True)

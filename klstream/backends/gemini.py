@@ -30,6 +30,7 @@ from klstream.backends.base import (
     PrefillRequest,
     RetryableAnswer,
 )
+from klstream.backends.prices import Usage, usage_of
 from klstream.errors import (
     AuthenticationError,
     MissingCredentials,
@@ -134,10 +135,11 @@ def generation_config(
 
 
 def request_template(
-    endpoint: Endpoint, top_logprobs: int, thinking_budget: int | None
+    endpoint: Endpoint, top_logprobs: int, thinking_budget: int | None, temperature: float
 ) -> dict[str, Any]:
-    """Everything of an online scoring request's JSON body but its ``contents``, exactly as the
-    SDK serialises :func:`generation_config` for ``endpoint``'s backend, so that a batch line
+    """Everything of an online one-token scoring request's JSON body but its ``contents``,
+    exactly as the SDK serialises :func:`request_config` for ``endpoint``'s backend, so that a
+    batch line
     (``{"contents": prefill_contents(...), **template}``) asks what the online request asks.
 
     The SDK's own converter runs once per run here (it is private API: a test compares the
@@ -149,7 +151,9 @@ def request_template(
     parameters = types._GenerateContentParameters(
         model="scoring",
         contents=[types.Content(role="user", parts=[types.Part(text="")])],
-        config=generation_config(top_logprobs, thinking_budget),
+        config=request_config(
+            PrefillRequest("", "", top_logprobs, temperature=temperature), thinking_budget
+        ),
     )
     convert = (
         models._GenerateContentParameters_to_vertex
@@ -174,9 +178,17 @@ def _candidate(raw: Any) -> Candidate:
     return Candidate(token, token_id, float(logprob))
 
 
+def _thought_steps(step_count: int, usage: Usage) -> int:
+    """How many leading logprob steps are thinking: those beyond the answer's own tokens
+    (``candidatesTokenCount``) when the thought tokens account for them. A service that lists
+    thoughts among the logprobs lists them before the answer they lead to."""
+    extra = step_count - usage.candidates_tokens
+    return extra if usage.candidates_tokens and 0 < extra <= usage.thoughts_tokens else 0
+
+
 def parse_answer(response: types.GenerateContentResponse, thinking_budget: int | None) -> Answer:
     """Read the logprobs out of an answer's JSON body (the REST wire format), or say why there
-    are none."""
+    are none. Thinking (``thought`` parts, thought tokens among the logprobs) is left out."""
     http = response.sdk_http_response
     body = json.loads(http.body) if http is not None and http.body else None
     return parse_answer_body(body, thinking_budget)
@@ -194,32 +206,38 @@ def parse_answer_body(body: Any, thinking_budget: int | None) -> Answer:
         )
     candidate = candidates[0]
     finish = candidate.get("finishReason")
+    usage = usage_of(body.get("usageMetadata"))
     result = candidate.get("logprobsResult") or {}
     top_steps = result.get("topCandidates") or []
-    if not top_steps:
-        thoughts = (body.get("usageMetadata") or {}).get("thoughtsTokenCount")
-        if thoughts and not result:
+    chosen = result.get("chosenCandidates") or []
+    thoughts = _thought_steps(len(top_steps), usage)
+    only_thinking = bool(usage.thoughts_tokens) and not usage.candidates_tokens
+    if len(top_steps) <= thoughts or only_thinking:
+        if only_thinking:
             raise ThinkingNotDisabled(
-                f"the model spent its output tokens on thinking ({thoughts} thought tokens, "
-                f"finish reason {finish}) and returned no logprobs with a thinking budget of "
-                f"{thinking_budget}",
+                f"the model spent its output tokens on thinking ({usage.thoughts_tokens} thought "
+                f"tokens, finish reason {finish}) and returned no logprobs with a thinking budget "
+                f"of {thinking_budget}",
                 thinking_budget,
             )
         raise RetryableAnswer(
             f"answer without logprobs (finish reason {finish}); the model may not support "
             "response_logprobs"
         )
-    chosen = result.get("chosenCandidates") or []
     steps = []
-    for index, top in enumerate(top_steps):
-        alternatives = [_candidate(c) for c in (top or {}).get("candidates") or []]
+    for index in range(thoughts, len(top_steps)):
+        alternatives = [_candidate(c) for c in (top_steps[index] or {}).get("candidates") or []]
         if not alternatives:
             raise RetryableAnswer("answer with an empty top-candidates list")
-        picked = _candidate(chosen[index]) if index < len(chosen) else alternatives[0]
-        steps.append(Generated(picked, alternatives))
+        if index < len(chosen):
+            steps.append(Generated(_candidate(chosen[index]), alternatives))
+        else:
+            steps.append(Generated(alternatives[0], alternatives, chosen_reported=False))
     parts = (candidate.get("content") or {}).get("parts") or []
-    text = "".join(part.get("text", "") for part in parts if isinstance(part, dict))
-    return Answer(steps, text, finish)
+    text = "".join(
+        part.get("text", "") for part in parts if isinstance(part, dict) and not part.get("thought")
+    )
+    return Answer(steps, text, finish, usage)
 
 
 _PREFILL_REJECTED = re.compile(r"model turn|prefill|last turn|ending with", re.IGNORECASE)
@@ -300,7 +318,22 @@ def describe(error: BaseException) -> str:
 
 
 _cached_config = functools.lru_cache(maxsize=64)(generation_config)
-"""Scoring sends one config for every request: built once, it spares a pydantic object per call."""
+"""Scoring sends few distinct configs: built once each, they spare a pydantic object per call."""
+
+
+def request_config(
+    request: PrefillRequest, thinking_budget: int | None
+) -> types.GenerateContentConfig:
+    """The config of ``request``: its answer tokens, plus a positive thinking budget, since
+    thought tokens count against ``maxOutputTokens``."""
+    thinking = thinking_budget if thinking_budget is not None and thinking_budget > 0 else 0
+    return _cached_config(
+        request.top_logprobs,
+        thinking_budget,
+        request.max_tokens + thinking,
+        request.temperature,
+        request.seed,
+    )
 
 
 class GeminiClient:
@@ -315,13 +348,7 @@ class GeminiClient:
         self.thinking_budget = thinking_budget
 
     async def generate(self, request: PrefillRequest) -> Answer:
-        config = _cached_config(
-            request.top_logprobs,
-            self.thinking_budget,
-            request.max_tokens,
-            request.temperature,
-            request.seed,
-        )
+        config = request_config(request, self.thinking_budget)
         response = await self.client.aio.models.generate_content(
             model=self.model,
             contents=prefill_contents(request.prompt, request.prefill),

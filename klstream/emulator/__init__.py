@@ -49,6 +49,21 @@ Endpoints (any version segment: v1, v1beta, v1alpha, v1beta1, ...)
     Vertex), ``usageMetadata``, ``modelVersion`` and ``responseId``. When the
     model ends its answer, the last step is the end-of-sequence token with
     empty text and ``finishReason`` is ``STOP``; otherwise ``MAX_TOKENS``.
+    Logprobs are those of the temperature-1 distribution at every step, whatever
+    the sampling temperature (as Gemini's).
+
+Usage and the implicit cache (``ServiceConfig``, CLI flags in brackets)
+    ``usageMetadata`` counts with the toy tokenizer: ``promptTokenCount`` (the
+    prompt and the prefill), ``candidatesTokenCount`` (answer tokens),
+    ``thoughtsTokenCount`` and ``cachedContentTokenCount``: the longest token
+    prefix (prompt, then prefill) that a request to the same model sent within
+    ``cache_ttl_s`` [--cache-ttl, 300], when it holds at least
+    ``cache_min_tokens`` tokens [--cache-min-tokens, 1024, Gemini 2.5 Flash's
+    minimum]. ``scaled_logprobs`` [--scaled-logprobs] reports the logprobs of the
+    distribution actually sampled from instead (temperature-scaled; at
+    temperature 0 only the chosen token), as a service whose logprobs depend on
+    the sampling settings would. ``EmulatorServer(service=...)`` and
+    ``set_service()`` set it in process.
     Errors use Google's ``{"error": {"code", "message", "status"}}`` format:
     400 INVALID_ARGUMENT, 404 NOT_FOUND (unknown model family), 429
     RESOURCE_EXHAUSTED (with a ``RetryInfo`` detail and ``Retry-After``), 500
@@ -66,7 +81,10 @@ Model names
     the name: ``thinking`` spends the output budget on thoughts (finishReason
     MAX_TOKENS, no text, no logprobs, ``thoughtsTokenCount`` set) unless
     ``thinkingBudget`` is 0 (a positive budget leaves the rest of
-    ``maxOutputTokens`` for the answer); ``noprefill`` rejects a trailing
+    ``maxOutputTokens`` for the answer, and the thoughts then come back as a
+    ``thought`` part and ahead of the answer's steps in ``logprobsResult``:
+    where a real service lists thought tokens is undocumented, so a client
+    must not take them for answer steps); ``noprefill`` rejects a trailing
     model turn with 400 "Requests ending with a model turn are not
     supported."; ``nologprobs`` answers without ``logprobsResult``.
 
@@ -110,6 +128,7 @@ Batch (``klstream.emulator.batch_routes``)
 from klstream.emulator.app import DISCONNECT, Emulator, EmulatorServer, RequestRecord, serve
 from klstream.emulator.batch_routes import BatchConfig, BatchEvent, BatchService
 from klstream.emulator.faults import FaultConfig
+from klstream.emulator.service import ServiceConfig
 from klstream.emulator.toymodel import ToyModel, decode, encode
 
 __all__ = [
@@ -121,6 +140,7 @@ __all__ = [
     "EmulatorServer",
     "FaultConfig",
     "RequestRecord",
+    "ServiceConfig",
     "ToyModel",
     "decode",
     "encode",

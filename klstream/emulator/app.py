@@ -34,7 +34,10 @@ from klstream.emulator.protocol import (
     answer_body,
     build_call,
     parse_contents,
+    prompt_ids,
 )
+from klstream.emulator.service import PrefixCache, ServiceConfig
+from klstream.emulator.toymodel import encode
 
 DISCONNECT: Final = "disconnect"
 """Status logged when the client went away (gave up, timed out, was killed) mid-request."""
@@ -71,8 +74,10 @@ class Emulator:
         request_log: str | Path | None = None,
         log_limit: int = 50_000,
         batch: BatchConfig | None = None,
+        service: ServiceConfig | None = None,
     ) -> None:
         self._state = FaultState(faults or FaultConfig())
+        self.set_service(service or ServiceConfig())
         self._request_log_path = Path(request_log) if request_log else None
         self._log_file: TextIO | None = None
         self._lock = threading.Lock()
@@ -86,6 +91,11 @@ class Emulator:
     def set_faults(self, faults: FaultConfig) -> None:
         """Switch fault config; resets the fault RNG, quota window and fail_first_n counts."""
         self._state = FaultState(faults)
+
+    def set_service(self, service: ServiceConfig) -> None:
+        """Switch the service's behaviour; empties the implicit cache."""
+        self._service = service
+        self._cache = PrefixCache(service)
 
     @property
     def requests(self) -> list[RequestRecord]:
@@ -234,12 +244,17 @@ class Emulator:
         if fault == "hang":
             await self._sleep(config.hang_seconds)
 
+        prefill_ids = encode(call.prefill) if call.prefill else []
+        cached = self._cache.send(
+            model.name, [*prompt_ids(call.prompt), *prefill_ids], time.monotonic()
+        )
         with_logprobs = not model.nologprobs
         if state.draw_no_logprobs():
             with_logprobs, fault = False, fault or "no_logprobs"
         vertex = "publisher" in request.match_info
         payload = json.dumps(
-            answer_body(call, with_logprobs, vertex), separators=(",", ":")
+            answer_body(call, with_logprobs, vertex, self._service.scaled_logprobs, cached),
+            separators=(",", ":"),
         ).encode()
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
@@ -269,12 +284,13 @@ async def serve(
     request_log: str | Path | None = None,
     on_ready: Callable[[str], None] | None = None,
     batch: BatchConfig | None = None,
+    service: ServiceConfig | None = None,
 ) -> None:
     """Run the emulator in the current event loop until cancelled.
 
     ``on_ready`` gets the base URL once the socket listens (port 0 → a free port).
     """
-    runner = _runner(Emulator(faults, request_log, batch=batch))
+    runner = _runner(Emulator(faults, request_log, batch=batch, service=service))
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -299,8 +315,9 @@ class EmulatorServer:
         port: int = 0,
         request_log: str | Path | None = None,
         batch: BatchConfig | None = None,
+        service: ServiceConfig | None = None,
     ) -> None:
-        self.emulator = Emulator(faults, request_log, batch=batch)
+        self.emulator = Emulator(faults, request_log, batch=batch, service=service)
         self.host = host
         self.port = port
         self._thread: threading.Thread | None = None
@@ -329,6 +346,9 @@ class EmulatorServer:
     @property
     def batch(self) -> BatchService:
         return self.emulator.batch
+
+    def set_service(self, service: ServiceConfig) -> None:
+        self.emulator.set_service(service)
 
     def start(self) -> EmulatorServer:
         self._thread = threading.Thread(target=self._run, name="klstream-emulator", daemon=True)

@@ -12,10 +12,16 @@ import click
 from klstream.emulator.app import serve
 from klstream.emulator.batch_routes import BatchConfig
 from klstream.emulator.faults import FaultConfig
+from klstream.emulator.service import ServiceConfig
 
 
 async def _serve_until_signalled(
-    host: str, port: int, faults: FaultConfig, request_log: Path | None, batch: BatchConfig
+    host: str,
+    port: int,
+    faults: FaultConfig,
+    request_log: Path | None,
+    batch: BatchConfig,
+    service: ServiceConfig,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then shut the server down cleanly."""
     loop = asyncio.get_running_loop()
@@ -27,6 +33,7 @@ async def _serve_until_signalled(
             request_log,
             on_ready=lambda url: click.echo(f"klstream emulator listening on {url}"),
             batch=batch,
+            service=service,
         )
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -96,6 +103,24 @@ async def _serve_until_signalled(
     help="Fraction of batch lines answered with an error (once per key).",
 )
 @click.option(
+    "--cache-min-tokens",
+    default=1024,
+    show_default=True,
+    help="Shortest repeated input prefix the implicit cache reports as cached.",
+)
+@click.option(
+    "--cache-ttl",
+    default=300.0,
+    show_default=True,
+    help="Seconds a prefix stays cached after a request last sent it.",
+)
+@click.option(
+    "--scaled-logprobs",
+    is_flag=True,
+    help="Report the logprobs of the temperature-scaled distribution sampled from, instead of "
+    "the temperature-1 ones.",
+)
+@click.option(
     "--request-log",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -121,6 +146,9 @@ def emulate_command(
     seed: int,
     batch_seconds: float,
     batch_line_error_rate: float,
+    cache_min_tokens: int,
+    cache_ttl: float,
+    scaled_logprobs: bool,
     request_log: Path | None,
 ) -> None:
     """Run a local Gemini API emulator backed by deterministic toy models.
@@ -154,6 +182,7 @@ def emulate_command(
             seed=seed,
         )
         batch = BatchConfig(running_s=batch_seconds, line_error_rate=batch_line_error_rate)
+        service = ServiceConfig(cache_min_tokens, cache_ttl, scaled_logprobs)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    asyncio.run(_serve_until_signalled(host, port, faults, request_log, batch))
+    asyncio.run(_serve_until_signalled(host, port, faults, request_log, batch, service))

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from klstream.emulator.toymodel import Generation, ToyModel, UnknownModelError, encode
+from klstream.emulator.toymodel import Generation, Step, ToyModel, UnknownModelError, encode
 
 MAX_LOGPROBS = 20
 DEFAULT_MAX_OUTPUT_TOKENS = 8192
@@ -201,8 +201,9 @@ def build_call(
 
 
 @lru_cache(maxsize=4096)
-def _prompt_token_count(prompt: str) -> int:
-    return len(encode(prompt))
+def prompt_ids(prompt: str) -> tuple[int, ...]:
+    """The prompt's token ids (prompts repeat across requests, hence the cache)."""
+    return tuple(encode(prompt))
 
 
 def _candidate_json(token: str, token_id: int, logprob: float) -> dict[str, Any]:
@@ -214,32 +215,47 @@ def response_body(
     gen: Generation | None,
     prefill_len: int,
     thoughts: int,
+    thinking: list[Step],
     with_logprobs: bool,
     vertex: bool,
+    cached: int = 0,
 ) -> dict[str, Any]:
-    """The generateContent JSON for a generation (``None``: all tokens were thoughts)."""
+    """The generateContent JSON for a generation (``None``: all tokens were thoughts).
+
+    ``thoughts`` thought tokens were spent; when there is an answer, ``thinking`` holds them:
+    their text is a ``thought`` part and ``logprobsResult`` lists them ahead of the answer's
+    steps (where a real service lists thought tokens is undocumented, so clients must not take
+    them for answer steps).
+    ``cached`` is the number of input tokens the implicit cache served.
+    """
     steps = gen.steps if gen else []
     text = "".join(s.chosen.token for s in steps)
+    thought_text = "".join(s.chosen.token for s in thinking)
     candidate: dict[str, Any] = {"content": {"role": "model"}}
+    parts = [{"text": thought_text, "thought": True}] if thought_text else []
     if text:
-        candidate["content"]["parts"] = [{"text": text}]
+        parts.append({"text": text})
+    if parts:
+        candidate["content"]["parts"] = parts
     candidate["finishReason"] = gen.finish_reason if gen else "MAX_TOKENS"
     if steps and with_logprobs:
         total = sum(s.chosen.logprob for s in steps)
         candidate["avgLogprobs"] = total / len(steps)
         if call.response_logprobs:
+            listed = [*thinking, *steps]
             result: dict[str, Any] = {}
             if call.logprobs:
                 result["topCandidates"] = [
-                    {"candidates": [_candidate_json(*c) for c in s.top]} for s in steps
+                    {"candidates": [_candidate_json(*c) for c in s.top]} for s in listed
                 ]
-            result["chosenCandidates"] = [_candidate_json(*s.chosen) for s in steps]
+            result["chosenCandidates"] = [_candidate_json(*s.chosen) for s in listed]
             if not vertex:  # "This field is not supported in Vertex AI."
                 result["logProbabilitySum"] = total
             candidate["logprobsResult"] = result
-    prompt_tokens = _prompt_token_count(call.prompt) + prefill_len
+    prompt_tokens = len(prompt_ids(call.prompt)) + prefill_len
     usage = {
         "promptTokenCount": prompt_tokens,
+        "cachedContentTokenCount": cached,
         "candidatesTokenCount": len(steps),
         "thoughtsTokenCount": thoughts,
         "totalTokenCount": prompt_tokens + len(steps) + thoughts,
@@ -256,9 +272,12 @@ def response_body(
     return body
 
 
-def answer_body(call: Call, with_logprobs: bool, vertex: bool) -> dict[str, Any]:
+def answer_body(
+    call: Call, with_logprobs: bool, vertex: bool, scaled_logprobs: bool = False, cached: int = 0
+) -> dict[str, Any]:
     """The toy model's answer to a validated call: thoughts first when the model thinks, then
-    the sampled continuation of the prefill. Online requests and batch lines share it."""
+    the sampled continuation of the prefill. Online requests and batch lines share it;
+    ``cached`` is the input the implicit cache reports as cached."""
     model = call.model
     prefill_ids = encode(call.prefill) if call.prefill else []
     thoughts = 0
@@ -266,14 +285,19 @@ def answer_body(call: Call, with_logprobs: bool, vertex: bool) -> dict[str, Any]
         budget = call.thinking_budget
         thoughts = call.max_tokens if budget is None or budget < 0 else budget
         thoughts = min(thoughts, call.max_tokens)
-    gen = None
+    gen, thinking = None, []
+    top_k = call.logprobs if call.response_logprobs else 0
     if call.max_tokens > thoughts:
         gen = model.sample(
             call.prompt,
             call.max_tokens - thoughts,
             call.temperature,
             call.seed,
-            call.logprobs if call.response_logprobs else 0,
+            top_k,
             prefill_ids,
+            scaled_logprobs,
         )
-    return response_body(call, gen, len(prefill_ids), thoughts, with_logprobs, vertex)
+        thinking = model.think(call.prompt, thoughts, top_k)
+    return response_body(
+        call, gen, len(prefill_ids), thoughts, thinking, with_logprobs, vertex, cached
+    )

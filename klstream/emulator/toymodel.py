@@ -40,6 +40,9 @@ import numpy as np
 EOS_ID = 0
 """The end-of-sequence token: its text is empty, sampling it ends the response."""
 
+THINKING_PREFIX = "(thinking) "
+"""What thought tokens are conditioned on ahead of the prompt, so they differ from answers."""
+
 MASKED_LOGPROB = -1000.0
 """Log-probability of tokens the model can never emit in a context.
 
@@ -394,6 +397,22 @@ class ToyModel:
         lp[forbidden] = MASKED_LOGPROB
         return lp
 
+    def think(self, prompt: str, count: int, top_k_logprobs: int = 0) -> list[Step]:
+        """``count`` thought tokens for ``prompt``: the most likely token but EOS at each step,
+        after a context of their own, so thinking never ends early and never looks like the
+        answer's steps."""
+        context: list[int] = []
+        steps: list[Step] = []
+        for _ in range(count):
+            lp = self.next_token_logprobs(THINKING_PREFIX + prompt, context)
+            ranked = lp.copy()
+            ranked[EOS_ID] = -np.inf
+            token_id = int(np.argmax(ranked))
+            chosen = Candidate(VOCAB[token_id], token_id, float(lp[token_id]))
+            steps.append(Step(chosen, top_k(lp, top_k_logprobs)))
+            context.append(token_id)
+        return steps
+
     def sample(
         self,
         prompt: str,
@@ -402,12 +421,15 @@ class ToyModel:
         seed: int | None = None,
         top_k_logprobs: int = 0,
         prefill_ids: Sequence[int] = (),
+        scaled_logprobs: bool = False,
     ) -> Generation:
         """Generate up to ``max_tokens`` tokens after ``prefill_ids``.
 
         ``temperature`` 0 is greedy. The same ``seed`` with the same prompt and
         prefill gives the same output; ``None`` draws fresh randomness.
-        Reported log-probabilities are the temperature-1 ones, like Gemini's.
+        Reported log-probabilities are the temperature-1 ones, like Gemini's,
+        whatever the temperature; ``scaled_logprobs`` reports those of the
+        distribution sampled from instead (at temperature 0, the chosen token alone).
         """
         rng = (
             self._rng
@@ -419,12 +441,30 @@ class ToyModel:
         for _ in range(max_tokens):
             lp = self.next_token_logprobs(prompt, context)
             token_id = _draw(lp, temperature, rng)
-            chosen = Candidate(VOCAB[token_id], token_id, float(lp[token_id]))
-            steps.append(Step(chosen, top_k(lp, top_k_logprobs)))
+            reported = _sampled_logprobs(lp, temperature) if scaled_logprobs else lp
+            chosen = Candidate(VOCAB[token_id], token_id, float(reported[token_id]))
+            top = top_k(reported, top_k_logprobs)
+            if scaled_logprobs:
+                top = [c for c in top if c.logprob > MASKED_LOGPROB]
+            steps.append(Step(chosen, top))
             if token_id == EOS_ID:
                 return Generation(steps, "STOP")
             context.append(token_id)
         return Generation(steps, "MAX_TOKENS")
+
+
+def _sampled_logprobs(lp: np.ndarray, temperature: float) -> np.ndarray:
+    """Log-probabilities of the distribution ``_draw`` samples from at ``temperature``."""
+    if temperature == 1.0:
+        return lp
+    if temperature <= 0:
+        greedy = np.full_like(lp, MASKED_LOGPROB)
+        greedy[int(np.argmax(lp))] = 0.0
+        return greedy
+    logits = np.where(lp <= MASKED_LOGPROB, -np.inf, lp / temperature)
+    top = logits.max()
+    scaled = logits - (top + np.log(np.exp(logits - top).sum()))
+    return np.where(np.isfinite(scaled), scaled, MASKED_LOGPROB)
 
 
 def _draw(lp: np.ndarray, temperature: float, rng: random.Random) -> int:

@@ -86,12 +86,43 @@ def file_document(model2: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any]:
-    """Run-level figures for ``model2`` (``sql/summary.sql``), read whole so that the
-    connection is free for the next query."""
     rows: list[dict[str, Any]] = (
         con.sql(load_sql("summary"), params={"model2": model2}).to_arrow_table().to_pylist()
     )
-    return rows[0]
+    return {**rows[0], "cost": cost_summary(con, model2)}
+
+
+def cost_summary(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any] | None:
+    """Requests, tokens by kind and USD of ``model2``'s results (the ``costs`` view); None for
+    runs whose results carry no usage (scored before it was recorded, or without run.json)."""
+    if not {"costs", "lookahead_hazards"} <= view_names(con):
+        return None
+    rows: list[dict[str, Any]] = (
+        con.sql(load_sql("cost_summary"), params={"model2": model2}).to_arrow_table().to_pylist()
+    )
+    return rows[0] if rows else None
+
+
+def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
+    if cost is None:
+        return []
+    lines = [
+        f"Requests:      {cost['requests']:>10}   {_fmt(cost['requests_per_position'], 0, 3)} "
+        f"per position; input tokens {cost['uncached_input_tokens']:,} uncached + "
+        f"{cost['cached_input_tokens']:,} cached, output tokens {cost['output_tokens']:,}",
+    ]
+    if cost["usd"] is not None:
+        lines.append(
+            f"Cost (list):   ${cost['usd']:.4f} (batch ${cost['batch_usd']:.4f}), "
+            f"${cost['usd_per_1000_positions']:.4f} per 1,000 positions, at "
+            f"{cost['priced_as']}'s prices of {cost['price_date']}"
+        )
+    if cost["lookahead_hazards"]:
+        lines.append(
+            f"Note: {cost['lookahead_hazards']} results came from lookahead steps in responses "
+            "whose tokens do not reproduce their text (see the lookahead_hazards view)"
+        )
+    return lines
 
 
 def _fmt(value: float | None, width: int = 10, digits: int = 6) -> str:
@@ -137,6 +168,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{_fmt(_percent(s['m1_token_outside_m2_topk_rate']), 7, 3)} %",
             mean_line("Mean KL lower bound:", "mean_kl_lower"),
             mean_line("Mean log-ratio (MC KL):", "mean_logratio"),
+            *_cost_lines(s.get("cost")),
         ]
     )
 

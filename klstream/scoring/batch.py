@@ -43,13 +43,14 @@ import pyarrow.parquet as pq
 
 from klstream import schemas
 from klstream.atomic import atomic_path, commit, temporary_sibling, write_text_atomic
-from klstream.backends.base import Answer, Endpoint, PrefillRequest, RetryableAnswer
+from klstream.backends.base import Answer, Endpoint, RetryableAnswer
 from klstream.backends.gemini import (
     parse_answer_body,
     prefill_contents,
     request_template,
 )
 from klstream.backends.gemini_batch import BatchBackend, GeminiBatch, RemoteJob, parse_line
+from klstream.backends.prices import load_prices, price_for
 from klstream.backends.vertex_batch import LINE_INDEX_LABEL
 from klstream.errors import (
     BatchCreateUnknown,
@@ -73,7 +74,8 @@ from klstream.scoring.score import (
     _check_run_config,
     _count_pending,
     _pending_items,
-    result_row,
+    prefill_request,
+    result_rows,
     score_async,
 )
 
@@ -387,10 +389,9 @@ class _BatchRun:
         async with open_caller(
             self.endpoint, self.model2, options.policy, 1, options.thinking_budget, self.stats.calls
         ) as caller:
-            request = PrefillRequest(first.prompt, first.prefill, options.top_logprobs)
-            outcome = await caller.call(request)
-        row = result_row(first, self.model2, outcome)
-        table = pa.Table.from_pylist([row], schema=schemas.SCORES)
+            outcome = await caller.call(prefill_request(options, first))
+        rows = result_rows(first, self.model2, outcome)
+        table = pa.Table.from_pylist(rows, schema=schemas.SCORES)
         await asyncio.to_thread(write_scores_part, self.run, self.model2, table)
         if outcome.answer:
             self.stats.scored += 1
@@ -402,7 +403,9 @@ class _BatchRun:
         options = self.options
         items = _pending_items(self.run.root, self.model2, options.range_positions)
         unanswered = await self.probe(items)
-        template = request_template(self.endpoint, options.top_logprobs, options.thinking_budget)
+        template = request_template(
+            self.endpoint, options.top_logprobs, options.thinking_budget, options.temperature
+        )
         writer = _JobWriter(self.run, options, self.backend, self.endpoint)
 
         def request(item: WorkItem) -> dict[str, Any]:
@@ -563,13 +566,14 @@ class _BatchRun:
             )
             missing += f": {manifest.error}" if manifest.error else ""
         rows = [
-            result_row(
+            row
+            for key, outcome in zip(keys, outcomes, strict=True)
+            for row in result_rows(
                 WorkItem(key["stem"], key["response_index"], key["position"], "", ""),
                 self.model2,
                 outcome or Outcome(None, missing, 1, latency),
-                schemas.SOURCE_BATCH,
+                source=schemas.SOURCE_BATCH,
             )
-            for key, outcome in zip(keys, outcomes, strict=True)
         ]
         return pa.Table.from_pylist(rows, schema=schemas.SCORES)
 
@@ -652,7 +656,7 @@ async def score_batch_async(
     _check_batch_dir(run, options, manifests)
     if options.overwrite:
         manifests = []
-    _check_run_config(run, options, endpoint)
+    _check_run_config(run, options, endpoint, price_for(model2, load_prices(options.prices)))
     backend = make_backend(endpoint, model2, batch)
     _check_endpoint(run, manifests, backend, endpoint)
     positions, done = _count_pending(run_dir, model2)

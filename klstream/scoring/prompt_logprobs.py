@@ -21,7 +21,7 @@ distribution after the whole response: the logprobs of the one token the request
 
 A response that does not fit the server's context (its ``max_model_len``, with the one token
 generated) is a recorded failure for its positions. Results are rows of the same scores table as
-the prefill method's (:func:`klstream.scoring.score.result_row`); ``attempts`` and
+the prefill method's (:func:`klstream.scoring.score.result_rows`); ``attempts`` and
 ``latency_ms`` are those of the response's request, ``chosen_*`` is Model 2's most likely token
 there (nothing is generated at that position) and ``finish_reason`` is null.
 """
@@ -47,7 +47,7 @@ from klstream.scoring.score import (
     WorkItem,
     _Checkpointer,
     _Stop,
-    result_row,
+    result_rows,
 )
 from klstream.scoring.throttle import AdaptiveLimiter
 
@@ -340,7 +340,7 @@ class PromptLogprobsScorer:
                 reason = alignment.reason(position) if match < 0 else NO_AFTER
                 outcome = Outcome(None, reason, answer.attempts, answer.latency_ms)
                 self.stats.failed += 1
-            await self.checkpoint.add(result_row(item, self.options.model2, outcome))
+            await self.checkpoint.add(result_rows(item, self.options.model2, outcome))
         if self.on_progress:
             self.on_progress(self.stats)
 
@@ -354,7 +354,7 @@ class PromptLogprobsScorer:
                 outcome = Outcome(None, error, failed.attempts, failed.latency_ms)
                 self.stats.failed += 1
                 positions += 1
-                await self.checkpoint.add(result_row(item, self.options.model2, outcome))
+                await self.checkpoint.add(result_rows(item, self.options.model2, outcome))
         if self.on_progress:
             self.on_progress(self.stats)
         return positions

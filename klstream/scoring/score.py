@@ -1,7 +1,12 @@
-"""The Model 2 stage: one prefill request per position, through one global async pipeline.
+"""The Model 2 stage: prefill requests with speculative lookahead, in one global async pipeline.
 
 DuckDB lists the positions that still lack a successful result (``sql/pending_positions.sql``),
-so a resumed run asks only for what is missing. Worker tasks share an adaptive limiter
+so a resumed run asks only for what is missing. Each response's pending positions form chains
+(:mod:`klstream.scoring.lookahead`): a request at the chain's next position asks for up to N
+tokens, and every step whose generated predecessors are Model 1's tokens is stored as that
+position's result, so the next request starts at the first position not yet covered. Requests
+within a chain go in increasing position (each prefix extends the last, which the service's
+implicit cache rewards); many chains run at once. Worker tasks share an adaptive limiter
 (:mod:`klstream.scoring.throttle`); each request is retried by tenacity on transient failures,
 waiting as long as the server asks (RetryInfo / Retry-After) or longer. Outcomes are checkpointed as
 Parquet parts (:mod:`klstream.scoring.checkpoint`) every ``checkpoint_rows`` results or
@@ -15,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import shutil
 import signal
+import statistics
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,14 +37,17 @@ import pyarrow as pa
 
 from klstream import __version__, schemas
 from klstream.atomic import write_text_atomic
-from klstream.backends.base import Endpoint, PrefillRequest
+from klstream.backends.base import Answer, Endpoint, Generated, PrefillRequest
+from klstream.backends.prices import Price, Usage, load_prices, price_for
 from klstream.database import RANGE_POSITIONS, connect, ranged
-from klstream.errors import MethodUnsupported, ResultsExist, RunConfigMismatch
+from klstream.errors import GreedyInconsistent, MethodUnsupported, ResultsExist, RunConfigMismatch
 from klstream.loop import run_blocking
 from klstream.metrics.kl import KlReport, compute_kl
 from klstream.rundir import RunDir
+from klstream.scoring import lookahead
 from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, open_caller
 from klstream.scoring.checkpoint import write_scores_part
+from klstream.scoring.lookahead import AcceptanceCounts, Token
 from klstream.sqlfiles import load_sql
 
 if TYPE_CHECKING:
@@ -46,8 +57,32 @@ if TYPE_CHECKING:
 RESULTS_FORMAT = 1
 """Version of what a stored result means. It changes only when results written by one release
 cannot be mixed with another's; a resumed run compares it, never the package version."""
-RESULT_PARAMETERS = ("results_format", "model2", "top_logprobs", "backend", "thinking_budget")
-"""The recorded parameters that change results: a resumed run must share every one."""
+RESULT_PARAMETERS = (
+    "results_format",
+    "model2",
+    "top_logprobs",
+    "backend",
+    "thinking_budget",
+    "temperature",
+)
+"""The recorded parameters that change results: a resumed run must share every one. The
+lookahead and its decoding do not: a step is stored only when it is the distribution a one-token
+request gives (greedy only where the consistency probe found the logprobs independent of the
+sampling settings)."""
+DEFAULT_TEMPERATURE = 1.0
+"""Gemini's default sampling temperature: what runs recorded before ``temperature`` was sent."""
+AUTO_PRICES_FALLBACK = "gemini-2.5-flash"
+"""Whose prices ``--lookahead auto`` weighs input against output tokens with when Model 2 has no
+entry in the price table (the toy models of the emulator, say)."""
+PROBE_SITES = 3
+"""Chains the greedy consistency probe starts with: one greedy request each, the only requests
+spent on the probe alone."""
+PROBE_STEPS = 4
+"""Tokens each greedy probe request asks for: its accepted steps are compared with one-token
+answers at the same prefixes."""
+
+Lookahead = int | Literal["auto"]
+Decoding = Literal["auto", "greedy", "sample"]
 ScoringMethod = Literal["prefill", "prompt-logprobs"]
 """``prefill``: one request per position, the prefix as the model's own turn. ``prompt-logprobs``
 (vLLM): one request per response, whose prompt logprobs give every position at once
@@ -72,16 +107,32 @@ class ScoreOptions:
     method: ScoringMethod = "prefill"
     batch: BatchOptions | None = None
     """Score through batch jobs (:mod:`klstream.scoring.batch`) instead of online calls."""
+    lookahead: Lookahead = "auto"
+    """Tokens each request asks for, or ``auto``: per response, the number that minimises the
+    estimated billed cost per position from the runs of accepted steps seen so far."""
+    decoding: Decoding = "auto"
+    """How lookahead tokens are generated: ``sample`` at ``temperature``, ``greedy``
+    (temperature 0, refused unless the consistency probe passes), or ``auto`` (greedy when the
+    probe passes, else sampling)."""
+    temperature: float = DEFAULT_TEMPERATURE
+    prices: Path | None = None
+    """A price table over the shipped one (the layout of ``klstream/backends/prices.json``)."""
 
-    def recorded(self, endpoint: Endpoint) -> dict[str, Any]:
-        """``run.json``: the parameters that change results, and the version that wrote them."""
+    def recorded(self, endpoint: Endpoint, price: Price | None) -> dict[str, Any]:
+        """``run.json``: the parameters that change results, the version that wrote them, the
+        lookahead settings and the price entry the run's costs are reckoned with."""
         return {
             "results_format": RESULTS_FORMAT,
             "model2": self.model2,
             "top_logprobs": self.top_logprobs,
             "backend": endpoint.backend,
             "thinking_budget": self.thinking_budget,
+            "temperature": self.temperature,
             "written_by": __version__,
+            "lookahead": self.lookahead,
+            "decoding": self.decoding,
+            "prices": price.recorded() if price else None,
+            "greedy_probe": None,
         }
 
 
@@ -93,6 +144,10 @@ class ScoreStats:
     already_done: int = 0
     scored: int = 0
     failed: int = 0
+    answers: int = 0
+    """Successful requests, each covering one or more positions."""
+    usage: Usage = field(default_factory=Usage)
+    """Token usage of every answer, the greedy probe's included."""
     calls: CallStats = field(default_factory=CallStats)
 
     @property
@@ -108,23 +163,112 @@ class ScoreReport:
     stopped_because: str | None
     batch: BatchSummary | None = None
     """Where a batch run left its jobs; None for an online run."""
+    price: Price | None = None
+    """The price entry the run's costs are reckoned with (None: Model 2 has none)."""
+    decoding: str = "sample"
+    """How lookahead tokens were generated: ``sample`` or ``greedy``."""
 
 
 @dataclass(frozen=True)
 class WorkItem:
+    """One request: at ``position``, after ``prefill``, asking for ``max_tokens`` tokens."""
+
     stem: str
     response_index: int
     position: int
     prompt: str
     prefill: str
+    max_tokens: int = 1
+    decoding: str = "sample"
 
 
-def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) -> None:
-    """Refuse to mix results of different configurations under one model2."""
+@dataclass
+class _Response:
+    """One response's Model 1 tokens, shared by the chains that cover its pending positions."""
+
+    stem: str
+    response_index: int
+    prompt: str
+    tokens: list[Token]
+    offsets: list[int]
+    text: str
+    """Model 1's tokens concatenated: prefills are cut from it."""
+    counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)
+    measured: tuple[int, int] | None = None
+    """(position, input tokens) of the latest answer: later requests extend that input."""
+
+    def request(self, position: int, max_tokens: int, decoding: str) -> WorkItem:
+        prefill = self.text[: self.offsets[position]]
+        return WorkItem(
+            self.stem, self.response_index, position, self.prompt, prefill, max_tokens, decoding
+        )
+
+    def input_tokens(self, position: int) -> float:
+        """Input tokens of a request at ``position``: measured, else the prompt's characters
+        over :data:`~klstream.scoring.lookahead.CHARS_PER_TOKEN` and Model 1's tokens."""
+        if self.measured is not None:
+            at, tokens = self.measured
+            return float(tokens + position - at)
+        return len(self.prompt) / lookahead.CHARS_PER_TOKEN + position
+
+
+@dataclass
+class _Chain:
+    """Pending positions ``next`` to ``end`` of one response, covered request after request."""
+
+    response: _Response
+    next: int
+    end: int
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.end
+
+
+def prefill_request(options: ScoreOptions, item: WorkItem) -> PrefillRequest:
+    """The request for ``item``: greedy at temperature 0, else at the run's temperature."""
+    temperature = 0.0 if item.decoding == "greedy" else options.temperature
+    return PrefillRequest(
+        item.prompt, item.prefill, options.top_logprobs, item.max_tokens, temperature
+    )
+
+
+def _response_of(rows: list[dict[str, Any]]) -> _Response:
+    """A response from its rows in position order (the prompt on the first)."""
+    tokens = [Token(row["token"], row["token_id"]) for row in rows]
+    return _Response(
+        rows[0]["stem"],
+        rows[0]["response_index"],
+        rows[0]["prompt"],
+        tokens,
+        [row["char_offset"] for row in rows],
+        "".join(token.text for token in tokens),
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    recorded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    # Runs written before these were recorded stored results of format 1, at the default
+    # temperature.
+    recorded.setdefault("results_format", 1)
+    recorded.setdefault("temperature", DEFAULT_TEMPERATURE)
+    return recorded
+
+
+def _check_run_config(
+    run: RunDir, options: ScoreOptions, endpoint: Endpoint, price: Price | None
+) -> dict[str, Any]:
+    """Refuse to mix results of different configurations under one model2; return what
+    ``run.json`` now says, with the greedy probe's outcome of an earlier run of the same
+    configuration kept (the probe runs once per Model 2 and run directory)."""
     scores_dir = run.scores_dir(options.model2)
     has_parts = run.has_scores(options.model2)
     config_path = run.run_config(options.model2)
-    wanted = options.recorded(endpoint)
+    wanted = options.recorded(endpoint, price)
+    if config_path.is_file() and not options.overwrite:
+        earlier = _read_config(config_path)
+        if all(earlier.get(key) == wanted[key] for key in RESULT_PARAMETERS):
+            wanted["greedy_probe"] = earlier.get("greedy_probe")
     if has_parts and options.overwrite:
         shutil.rmtree(scores_dir)
         run.kl_path(options.model2).unlink(missing_ok=True)
@@ -133,9 +277,7 @@ def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) ->
             f"{scores_dir} already holds results for {options.model2!r}", options.model2
         )
     elif has_parts and config_path.is_file():
-        recorded = json.loads(config_path.read_text(encoding="utf-8"))
-        # Runs written before results_format existed stored results of format 1.
-        recorded.setdefault("results_format", 1)
+        recorded = _read_config(config_path)
         differences = [
             f"{key}: recorded {recorded.get(key)!r}, now {wanted[key]!r}"
             for key in RESULT_PARAMETERS
@@ -145,43 +287,81 @@ def _check_run_config(run: RunDir, options: ScoreOptions, endpoint: Endpoint) ->
             raise RunConfigMismatch(config_path, differences)
     scores_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
+    return wanted
 
 
-def result_row(
-    item: WorkItem, model2: str, outcome: Outcome, source: str = schemas.SOURCE_ONLINE
-) -> dict[str, Any]:
-    """One row of the SCORES schema for a position's outcome."""
+def _lists(step: Generated) -> dict[str, Any]:
+    return {
+        "top_tokens": [c.token for c in step.top],
+        "top_token_ids": [c.token_id for c in step.top],
+        "top_logprobs": [c.logprob for c in step.top],
+        "chosen_token": step.chosen.token,
+        "chosen_token_id": step.chosen.token_id,
+        "chosen_logprob": step.chosen.logprob,
+    }
+
+
+def _usage_columns(answer: Answer | None) -> dict[str, int | None]:
+    usage = answer.usage if answer else None
+    return {
+        "prompt_token_count": usage.prompt_tokens if usage else None,
+        "cached_content_token_count": usage.cached_tokens if usage else None,
+        "candidates_token_count": usage.candidates_tokens if usage else None,
+        "thoughts_token_count": usage.thoughts_tokens if usage else None,
+    }
+
+
+_NO_LISTS = dict.fromkeys(
+    (
+        "top_tokens",
+        "top_token_ids",
+        "top_logprobs",
+        "chosen_token",
+        "chosen_token_id",
+        "chosen_logprob",
+    )
+)
+_NO_USAGE = _usage_columns(None)
+
+
+def result_rows(
+    item: WorkItem,
+    model2: str,
+    outcome: Outcome,
+    steps: int = 1,
+    source: str = schemas.SOURCE_ONLINE,
+) -> list[dict[str, Any]]:
+    """The SCORES rows of one request: its answer's first ``steps`` steps as the results of
+    ``item.position`` onward, or its failure at ``item.position``. They are committed together.
+    """
     answer = outcome.answer
-    row: dict[str, Any] = {
+    shared: dict[str, Any] = {
         "stem": item.stem,
         "response_index": item.response_index,
-        "position": item.position,
         "model2": model2,
         "status": schemas.SCORE_OK if answer else schemas.SCORE_ERROR,
-        "top_tokens": None,
-        "top_token_ids": None,
-        "top_logprobs": None,
-        "chosen_token": None,
-        "chosen_token_id": None,
-        "chosen_logprob": None,
         "finish_reason": answer.finish_reason if answer else None,
         "attempts": outcome.attempts,
         "latency_ms": outcome.latency_ms,
         "error": outcome.error,
         "scored_at": datetime.now(UTC),
         "source": source,
+        "request_id": uuid.uuid4().hex,
+        "lookahead": item.max_tokens,
+        "decoding": item.decoding,
     }
-    if answer:
-        step = answer.steps[0]
-        row.update(
-            top_tokens=[c.token for c in step.top],
-            top_token_ids=[c.token_id for c in step.top],
-            top_logprobs=[c.logprob for c in step.top],
-            chosen_token=step.chosen.token,
-            chosen_token_id=step.chosen.token_id,
-            chosen_logprob=step.chosen.logprob,
-        )
-    return row
+    if answer is None:
+        return [{**shared, **_NO_LISTS, **_NO_USAGE, "position": item.position, "step": 0}]
+    return [
+        {
+            **shared,
+            **_lists(answer.steps[step]),
+            **(_usage_columns(answer) if step == 0 else _NO_USAGE),
+            "position": item.position + step,
+            "step": step,
+        }
+        for step in range(steps)
+    ]
 
 
 class _Checkpointer:
@@ -194,8 +374,9 @@ class _Checkpointer:
         self.lock = asyncio.Lock()
         self.writes: set[asyncio.Future[Path]] = set()
 
-    async def add(self, row: dict[str, Any]) -> None:
-        self.buffer.append(row)
+    async def add(self, rows: list[dict[str, Any]]) -> None:
+        """Buffer one answer's rows at once, so no part holds only some of them."""
+        self.buffer.extend(rows)
         if len(self.buffer) >= self.rows or time.monotonic() - self.last_flush >= self.seconds:
             await self.flush()
 
@@ -232,8 +413,10 @@ class _Scorer:
         endpoint: Endpoint,
         stats: ScoreStats,
         on_progress: Callable[[ScoreStats], None] | None,
+        config: dict[str, Any],
+        prices: dict[str, Price],
     ) -> None:
-        self.options, self.endpoint, self.stats = options, endpoint, stats
+        self.run_dir, self.options, self.endpoint, self.stats = run_dir, options, endpoint, stats
         self.on_progress = on_progress
         self.checkpoint = _Checkpointer(
             RunDir(run_dir),
@@ -241,35 +424,82 @@ class _Scorer:
             options.checkpoint_rows,
             options.checkpoint_seconds,
         )
+        self.config = config
+        """What ``run.json`` says; the greedy probe's outcome is added to it."""
+        self.price = price_for(options.model2, prices)
+        self.auto_price = self.price or prices.get(AUTO_PRICES_FALLBACK)
+        self.decoding = "sample"
+        self.counts = AcceptanceCounts()
         self.consecutive_failures = 0
         self.last_error: str | None = None
 
-    async def score_one(self, caller: Caller, item: WorkItem) -> None:
-        outcome = await caller.call(
-            PrefillRequest(item.prompt, item.prefill, self.options.top_logprobs)
-        )
-        # Counted before the checkpoint's await: the row is buffered at once, so it is saved even
-        # if the run is cancelled during a flush, and the counts must include it.
-        if outcome.answer:
-            self.stats.scored += 1
+    def _lookahead_for(self, chain: _Chain) -> int:
+        """Tokens to ask for at the chain's next position: the fixed lookahead, or the cheapest
+        expected cost per position given the acceptance so far (``auto``); never past its end."""
+        left = chain.end - chain.next
+        if self.options.lookahead != "auto":
+            return min(self.options.lookahead, left)
+        price = self.auto_price
+        if price is None:
+            return min(2, left)
+        usage, answers = self.stats.usage, max(self.stats.answers, 1)
+        cached = usage.cached_share
+        input_price = price.input * (1.0 - cached) + price.cached_input * cached
+        thinking = usage.thoughts_tokens / answers * price.output
+        rate = chain.response.counts.rate(self.counts.rate(0.5, 2.0), lookahead.PRIOR_WEIGHT)
+        request_cost = chain.response.input_tokens(chain.next) * input_price + thinking
+        warm = self.counts.matched + self.counts.broke >= lookahead.WARM_UP_TOKENS
+        most = min(lookahead.AUTO_MAX_LOOKAHEAD if warm else 2, left)
+        return lookahead.cheapest_lookahead(rate, request_cost, price.output, most)
+
+    async def step(
+        self, caller: Caller, chain: _Chain, max_tokens: int | None = None
+    ) -> Answer | None:
+        """One request at the chain's next position (asking for ``max_tokens``, else what the
+        lookahead says); its accepted steps are stored together and the chain moves past them
+        (past the position alone when the request failed)."""
+        response = chain.response
+        tokens = self._lookahead_for(chain) if max_tokens is None else max_tokens
+        item = response.request(chain.next, tokens, self.decoding if tokens > 1 else "sample")
+        outcome = await caller.call(prefill_request(self.options, item))
+        # Counted before the checkpoint's await: the rows are buffered at once, so they are saved
+        # even if the run is cancelled during a flush, and the counts must include them.
+        answer = outcome.answer
+        covered = 1
+        if answer:
+            chosen = [
+                Token(s.chosen.token, s.chosen.token_id) if s.chosen_reported else None
+                for s in answer.steps
+            ]
+            acceptance = lookahead.accept(
+                len(answer.steps), chosen, response.tokens, item.position, item.max_tokens
+            )
+            response.counts.add(acceptance)
+            self.counts.add(acceptance)
+            if answer.usage.prompt_tokens:
+                response.measured = (item.position, answer.usage.prompt_tokens)
+            covered = acceptance.steps
+            self.stats.usage.add(answer.usage)
+            self.stats.answers += 1
+            self.stats.scored += covered
             self.consecutive_failures = 0
         else:
             self.stats.failed += 1
             self.consecutive_failures += 1
             self.last_error = outcome.error
-        await self.checkpoint.add(result_row(item, self.options.model2, outcome))
-        if not outcome.answer and (
-            self.consecutive_failures >= self.options.max_consecutive_failures
-        ):
+        chain.next += covered
+        await self.checkpoint.add(result_rows(item, self.options.model2, outcome, covered))
+        if not answer and self.consecutive_failures >= self.options.max_consecutive_failures:
             raise _Stop(
                 f"{self.consecutive_failures} positions in a row failed; the last "
                 f"said: {outcome.error}"
             )
         if self.on_progress:
             self.on_progress(self.stats)
+        return answer
 
-    async def run(self, items: AsyncIterator[WorkItem]) -> None:
-        """Probe with the first items one at a time, then score the rest concurrently."""
+    async def run(self, chains: AsyncIterator[_Chain]) -> None:
+        """Probe with the first requests one at a time, then score the rest concurrently."""
         options = self.options
         async with open_caller(
             self.endpoint,
@@ -279,28 +509,37 @@ class _Scorer:
             options.thinking_budget,
             self.stats.calls,
         ) as caller:
-            await self._probe_then_pipeline(caller, items)
+            await self._probe_then_pipeline(caller, chains)
 
-    async def _probe_then_pipeline(self, caller: Caller, items: AsyncIterator[WorkItem]) -> None:
+    async def _probe_then_pipeline(self, caller: Caller, chains: AsyncIterator[_Chain]) -> None:
         probed_prefill = False
         probes = 0
-        async for item in items:
-            await self.score_one(caller, item)
-            probes += 1
-            probed_prefill = probed_prefill or bool(item.prefill)
+        async for first in chains:
+            while not first.done and not (probed_prefill or probes >= 3):
+                probed_prefill = probed_prefill or bool(first.response.offsets[first.next])
+                await self.step(caller, first)
+                probes += 1
             if probed_prefill or probes >= 3:
                 break
         else:
             return
         if self.stats.scored == 0:
             raise _Stop(f"the first {probes} requests all failed; the last said: {self.last_error}")
-        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(
-            maxsize=4 * self.options.max_concurrent
-        )
+        started = [first]
+        if self._probe_needed():
+            sites = [] if first.done else [first]
+            async for chain in chains:
+                started.append(chain)
+                sites.append(chain)
+                if len(sites) >= PROBE_SITES:
+                    break
+            await self._choose_decoding(caller, sites)
+        queue: asyncio.Queue[_Chain | None] = asyncio.Queue(maxsize=4 * self.options.max_concurrent)
 
         async def worker() -> None:
-            while (item := await queue.get()) is not None:
-                await self.score_one(caller, item)
+            while (chain := await queue.get()) is not None:
+                while not chain.done:
+                    await self.step(caller, chain)
 
         async def flush_every_interval() -> None:
             """Results that trickle in (long back-offs) still reach disk every T seconds."""
@@ -309,7 +548,7 @@ class _Scorer:
                 await self.checkpoint.flush()
 
         workers = [asyncio.create_task(worker()) for _ in range(self.options.max_concurrent)]
-        feeding = asyncio.create_task(self._feed(items, queue, len(workers)))
+        feeding = asyncio.create_task(self._feed(started, chains, queue, len(workers)))
         flushing = asyncio.create_task(flush_every_interval())
         try:
             done, _ = await asyncio.wait([feeding, *workers], return_when=asyncio.FIRST_EXCEPTION)
@@ -322,29 +561,108 @@ class _Scorer:
 
     @staticmethod
     async def _feed(
-        items: AsyncIterator[WorkItem], queue: asyncio.Queue[WorkItem | None], workers: int
+        started: list[_Chain],
+        chains: AsyncIterator[_Chain],
+        queue: asyncio.Queue[_Chain | None],
+        workers: int,
     ) -> None:
-        async for item in items:
-            await queue.put(item)
+        for chain in started:
+            if not chain.done:
+                await queue.put(chain)
+        async for chain in chains:
+            await queue.put(chain)
         for _ in range(workers):
             await queue.put(None)
 
+    def _probe_needed(self) -> bool:
+        options = self.options
+        return options.lookahead != 1 and options.decoding != "sample"
 
-def _response_items(rows: list[dict[str, Any]]) -> list[WorkItem]:
-    """The pending positions of one response, each with its prefill cut from the token text."""
-    token_text = "".join(row["token"] for row in rows)
-    prompt = rows[0]["prompt"]
-    return [
-        WorkItem(
-            row["stem"],
-            row["response_index"],
-            row["position"],
-            prompt,
-            token_text[: row["char_offset"]],
+    async def _choose_decoding(self, caller: Caller, sites: list[_Chain]) -> None:
+        """Sample, or greedy where the consistency probe (run once per Model 2 and run
+        directory, its outcome kept in ``run.json``) finds greedy steps' logprobs equal to
+        one-token answers' at the run's temperature."""
+        probe = self.config.get("greedy_probe")
+        if probe is None:
+            probe = await self._probe_greedy(caller, sites)
+            if probe["decoding"] is not None:
+                self.config["greedy_probe"] = probe
+                config_path = RunDir(self.run_dir).run_config(self.options.model2)
+                write_text_atomic(config_path, json.dumps(self.config, indent=2) + "\n")
+        if probe["decoding"] == "greedy":
+            self.decoding = "greedy"
+        elif self.options.decoding == "greedy":
+            raise GreedyInconsistent(
+                f"greedy lookahead needs logprobs that do not depend on the sampling "
+                f"temperature, and {self.options.model2}'s do not pass that check: "
+                f"{probe['finding']}"
+            )
+
+    async def _probe_greedy(self, caller: Caller, sites: list[_Chain]) -> dict[str, Any]:
+        """At the next position of each chain in ``sites``, a greedy request, then one-token
+        requests at the run's temperature at its accepted steps' positions (stored as those
+        positions' results, as any one-token answer). Greedy passes when the median deviation
+        of their logprobs (:func:`~klstream.scoring.lookahead.deviation`) is within the
+        tolerance. Only the greedy requests are spent on the probe alone."""
+        usage = Usage()
+        deviations: list[float] = []
+        failed = False
+        requests = 0
+
+        async def compare(chain: _Chain) -> None:
+            nonlocal failed, requests
+            item = chain.response.request(chain.next, PROBE_STEPS, "greedy")
+            outcome = await caller.call(prefill_request(self.options, item))
+            requests += outcome.attempts
+            greedy = outcome.answer
+            if greedy is None:
+                failed = True
+                return
+            usage.add(greedy.usage)
+            chosen = [Token(s.chosen.token, s.chosen.token_id) for s in greedy.steps]
+            accepted = lookahead.accept(
+                len(greedy.steps), chosen, chain.response.tokens, item.position, PROBE_STEPS
+            )
+            steps = min(accepted.steps, chain.end - chain.next)
+            for step in range(steps):
+                single = await self.step(caller, chain, max_tokens=1)
+                if single is None:
+                    failed = True
+                    return
+                deviations.append(
+                    lookahead.deviation(_top(greedy.steps[step]), _top(single.steps[0]))
+                )
+
+        await asyncio.gather(*(compare(chain) for chain in sites))
+        self.stats.usage.add(usage)
+        record: dict[str, Any] = {
+            "decoding": None,
+            "compared": len(deviations),
+            "median_deviation": None,
+            "tolerance": lookahead.GREEDY_TOLERANCE,
+            "requests": requests,
+            "prompt_token_count": usage.prompt_tokens,
+            "cached_content_token_count": usage.cached_tokens,
+            "candidates_token_count": usage.candidates_tokens,
+            "thoughts_token_count": usage.thoughts_tokens,
+        }
+        if failed or not deviations:
+            record["finding"] = "the probe's requests failed, so nothing could be compared"
+            return record
+        median = statistics.median(deviations)
+        missing = sum(d == math.inf for d in deviations)
+        record.update(
+            decoding="greedy" if median <= lookahead.GREEDY_TOLERANCE else "sample",
+            median_deviation=None if median == math.inf else median,
+            finding=(
+                f"the one-token answers' top tokens are missing from the greedy answers' "
+                f"logprobs at {missing} of {len(deviations)} positions"
+                if median == math.inf
+                else f"the median largest deviation is {median:.3g} nats over "
+                f"{len(deviations)} positions (tolerance {lookahead.GREEDY_TOLERANCE:g})"
+            ),
         )
-        for row in rows
-        if row["pending"]
-    ]
+        return record
 
 
 async def pending_responses(
@@ -368,13 +686,31 @@ async def pending_responses(
                 yield list(response)
 
 
+def _top(step: Generated) -> list[tuple[Token, float]]:
+    return [(Token(c.token, c.token_id), c.logprob) for c in step.top]
+
+
+async def _pending_chains(
+    run_dir: Path, model2: str, range_positions: int, cap: int
+) -> AsyncIterator[_Chain]:
+    """Stream the chains over the positions without a successful result, in key order: each
+    response's runs of pending positions, cut into pieces of at most ``cap``."""
+    async for rows in pending_responses(run_dir, model2, range_positions):
+        response = _response_of(rows)
+        pending = [row["pending"] for row in rows]
+        for start, end in lookahead.segments(pending, cap):
+            yield _Chain(response, start, end)
+
+
 async def _pending_items(
     run_dir: Path, model2: str, range_positions: int
 ) -> AsyncIterator[WorkItem]:
-    """Stream the positions without a successful result, in key order, with their requests."""
-    async for response in pending_responses(run_dir, model2, range_positions):
-        for item in _response_items(response):
-            yield item
+    """Stream the positions without a successful result, in key order, as one-token requests."""
+    async for rows in pending_responses(run_dir, model2, range_positions):
+        response = _response_of(rows)
+        for row in rows:
+            if row["pending"]:
+                yield response.request(row["position"], 1, "sample")
 
 
 def _count_pending(run_dir: Path, model2: str) -> tuple[int, int]:
@@ -402,7 +738,9 @@ async def score_async(
             f"prompt logprobs come from OpenAI-compatible servers such as vLLM, not from the "
             f"{endpoint.backend} backend"
         )
-    _check_run_config(run, options, endpoint)
+    prices = load_prices(options.prices)
+    price = price_for(options.model2, prices)
+    config = _check_run_config(run, options, endpoint, price)
     positions, done = _count_pending(run_dir, options.model2)
     stats = ScoreStats(total=positions, already_done=done)
     scorer: _Scorer | PromptLogprobsScorer
@@ -411,7 +749,8 @@ async def score_async(
 
         scorer = PromptLogprobsScorer(run_dir, options, endpoint, stats, on_progress)
     else:
-        scorer = _Scorer(run_dir, options, endpoint, stats, on_progress)
+        scorer = _Scorer(run_dir, options, endpoint, stats, on_progress, config, prices)
+    cap = lookahead.segment_cap(positions - done, options.max_concurrent, options.lookahead == 1)
     stopped: str | None = None
     loop = asyncio.get_running_loop()
     current = asyncio.current_task()
@@ -425,7 +764,7 @@ async def score_async(
             loop.add_signal_handler(signum, stop_on, signum)
     try:
         if isinstance(scorer, _Scorer):
-            await scorer.run(_pending_items(run_dir, options.model2, options.range_positions))
+            await scorer.run(_pending_chains(run_dir, options.model2, options.range_positions, cap))
         else:
             await scorer.run(pending_responses(run_dir, options.model2, options.range_positions))
     except _Stop as stop:
@@ -443,7 +782,8 @@ async def score_async(
         if (stats.already_done + stats.scored + stats.failed)
         else None
     )
-    return ScoreReport(stats=stats, remaining=remaining, kl=kl, stopped_because=stopped)
+    decoding = scorer.decoding if isinstance(scorer, _Scorer) else "sample"
+    return ScoreReport(stats, remaining, kl, stopped, price=price, decoding=decoding)
 
 
 def score(

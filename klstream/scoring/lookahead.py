@@ -1,0 +1,170 @@
+"""Speculative lookahead: which positions one request covers, and how many tokens to ask for.
+
+A request at position i with ``maxOutputTokens`` N returns one top-k list per generated token.
+Step 0 is Model 2's distribution at i given Model 1's prefix, like a one-token request. Step s is
+Model 2's distribution at i + s given the prefix and the s tokens it generated, so it is Model 2's
+distribution given Model 1's prefix at i + s exactly when each of those s tokens is Model 1's
+token at its position: compared by token id when both sides carry one, else by exact text. A
+generated token that spans or splits one of Model 1's tokens differs from it and ends the run.
+
+Everything here is pure: the scheduler (:mod:`klstream.scoring.score`) and the dry run
+(:mod:`klstream.scoring.dryrun`) call it, and the tests check it without any server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+CHARS_PER_TOKEN = 4.0
+"""Characters per token where no tokenizer is at hand (Google's rule of thumb for English): what
+input tokens are estimated from before the service has counted them."""
+AUTO_MAX_LOOKAHEAD = 32
+"""The longest lookahead ``auto`` considers: past it, a run of agreements long enough to pay for
+the extra output tokens is too rare to matter."""
+MIN_SEGMENT = 16
+"""Shortest piece a response is cut into to keep every request slot busy: shorter pieces cut the
+runs of accepted steps too often."""
+WARM_UP_TOKENS = 16
+"""Generated tokens compared run-wide before ``auto`` asks for more than 2 tokens: the first wave
+of requests starts before any acceptance is known, and must not waste much on a pair that
+never agrees."""
+PRIOR_WEIGHT = 8.0
+"""How many observed tokens the run-wide acceptance rate counts for in one response's estimate."""
+GREEDY_TOLERANCE = 0.1
+"""Largest median deviation (nats) between greedy steps' logprobs and one-token answers' at the
+same prefixes that still counts as the service's call-to-call jitter."""
+COMPARED_TOP = 5
+"""How many of a one-token answer's most likely tokens the greedy probe compares."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """A token as both sides report it; ``token_id`` is None when the side carries no ids."""
+
+    text: str
+    token_id: int | None
+
+
+def same_token(generated: Token, model1: Token) -> bool:
+    """Equal by id when both sides have one, else by exact text."""
+    if generated.token_id is not None and model1.token_id is not None:
+        return generated.token_id == model1.token_id
+    return generated.text == model1.text
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """What one answer contributes: ``steps`` results, after ``matched`` generated tokens equal
+    to Model 1's, and whether a generated token was seen to differ (``broke``)."""
+
+    steps: int
+    matched: int
+    broke: bool
+
+
+def accept(
+    step_count: int,
+    chosen: Sequence[Token | None],
+    model1: Sequence[Token],
+    start: int,
+    limit: int,
+) -> Acceptance:
+    """The steps of an answer at ``start`` that are results: step 0, then step s while every
+    generated token before it is Model 1's at its position.
+
+    ``chosen[s]`` is the token generated at step s, None where the answer did not report it (a
+    step whose predecessor is unknown cannot be accepted). At most ``limit`` steps are taken
+    (the positions left before the end of the response or of its segment).
+    """
+    usable = min(step_count, limit, len(model1) - start)
+    if usable <= 0:
+        return Acceptance(0, 0, False)
+    steps = 1
+    while steps < usable:
+        generated = chosen[steps - 1] if steps - 1 < len(chosen) else None
+        if generated is None:
+            return Acceptance(steps, steps - 1, False)
+        if not same_token(generated, model1[start + steps - 1]):
+            return Acceptance(steps, steps - 1, True)
+        steps += 1
+    return Acceptance(steps, steps - 1, False)
+
+
+@dataclass
+class AcceptanceCounts:
+    """Generated tokens compared with Model 1's: how many matched, how many differed."""
+
+    matched: int = 0
+    broke: int = 0
+
+    def add(self, acceptance: Acceptance) -> None:
+        self.matched += acceptance.matched
+        self.broke += int(acceptance.broke)
+
+    def rate(self, prior: float, weight: float) -> float:
+        """The chance a generated token is Model 1's, shrunk towards ``prior`` by ``weight``
+        pseudo-observations (a geometric run length, censored where the run was cut short)."""
+        return (self.matched + prior * weight) / (self.matched + self.broke + weight)
+
+
+def expected_steps(rate: float, lookahead: np.ndarray) -> np.ndarray:
+    """Mean results per request asking for ``lookahead`` tokens when each generated token is
+    Model 1's with probability ``rate``: 1 + rate + ... + rate^(N-1)."""
+    if rate >= 1.0:
+        return lookahead.astype(np.float64)
+    return (1.0 - rate**lookahead) / (1.0 - rate)
+
+
+def cheapest_lookahead(
+    rate: float, request_cost: float, output_token_cost: float, most: int
+) -> int:
+    """The N in 1..``most`` with the least expected cost per result: a request costs
+    ``request_cost`` (its input, thoughts) plus ``output_token_cost`` per token asked for, all of
+    them billed whether or not they are accepted."""
+    if most <= 1:
+        return 1
+    lookahead = np.arange(1, most + 1)
+    per_result = (request_cost + output_token_cost * lookahead) / expected_steps(rate, lookahead)
+    return int(lookahead[int(np.argmin(per_result))])
+
+
+def segment_cap(pending: int, slots: int, fixed_one: bool) -> int:
+    """Longest piece of one response a chain of requests covers. Chains run their requests one
+    after another, so no chain may hold much more than a request slot's share of the pending
+    positions: with fewer responses than slots, long responses are cut into pieces that start
+    independently and fill the slots; with many, a long response does not finish last alone.
+    With a lookahead of 1 every position is its own chain, as every request is independent."""
+    if fixed_one:
+        return 1
+    return max(MIN_SEGMENT, math.ceil(pending / max(slots, 1)))
+
+
+def segments(pending: Sequence[bool], cap: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` pieces of the runs of pending positions, each at most ``cap`` long."""
+    flags = np.asarray(pending, dtype=bool)
+    if not flags.any():
+        return []
+    edges = np.diff(np.concatenate(([0], flags.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    pieces: list[tuple[int, int]] = []
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        pieces.extend((lo, min(lo + cap, end)) for lo in range(start, end, cap))
+    return pieces
+
+
+def deviation(
+    probe: Sequence[tuple[Token, float]], reference: Sequence[tuple[Token, float]]
+) -> float:
+    """Largest |logprob difference| over the reference's :data:`COMPARED_TOP` most likely
+    tokens; infinite when one of them is missing from ``probe`` (filtered logprobs)."""
+    worst = 0.0
+    for token, logprob in sorted(reference, key=lambda entry: -entry[1])[:COMPARED_TOP]:
+        found = [lp for other, lp in probe if same_token(other, token)]
+        if not found:
+            return math.inf
+        worst = max(worst, abs(found[0] - logprob))
+    return worst

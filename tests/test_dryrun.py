@@ -1,0 +1,131 @@
+"""--dry-run on the demo's data (examples/prompts.txt sampled from `toy` as `make demo` does):
+its request and token counts are what a --lookahead 1 run then reports, exactly once the service
+has counted the prompts (--calibrate), within the documented approximation before."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from cli import invoke
+
+import klstream
+from klstream.backends.base import Endpoint
+from klstream.emulator import EmulatorServer, encode
+from klstream.input.sample import SampleOptions, sample
+from klstream.rundir import RunDir
+from klstream.scoring.dryrun import DryRunOptions, DryRunReport, dry_run
+from klstream.scoring.score import ScoreOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL2 = "toy-d0.5"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[EmulatorServer]:
+    with EmulatorServer() as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="module")
+def demo_inputs(server: EmulatorServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's Model 1 responses: every bundled prompt, 3 samples of up to 60 tokens."""
+    directory = tmp_path_factory.mktemp("demo") / "responses"
+    options = SampleOptions("toy", num_samples=3, max_tokens=60, seed=1)
+    sample(ROOT / "examples" / "prompts.txt", directory, options, endpoint(server))
+    return directory
+
+
+def endpoint(server: EmulatorServer) -> Endpoint:
+    return Endpoint("gemini", "test-key", base_url=server.base_url)
+
+
+@pytest.fixture
+def demo_run(demo_inputs: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    klstream.explode(demo_inputs, run_dir)
+    return run_dir
+
+
+def snapshot(directory: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def prompt_part(run_dir: Path) -> int:
+    """The prompt tokens all one-token requests send, as the emulator's tokenizer counts them."""
+    prompts = {
+        (r["stem"], r["response_index"]): r["prompt"]
+        for r in pq.read_table(RunDir(run_dir).responses).to_pylist()
+    }
+    positions = pq.read_table(RunDir(run_dir).positions, columns=["stem", "response_index"])
+    keys = zip(*(positions.column(c).to_pylist() for c in ("stem", "response_index")), strict=True)
+    return sum(len(encode(prompts[key])) for key in keys)
+
+
+def test_dry_run_counts_are_what_a_one_token_run_then_reports(
+    demo_run: Path, server: EmulatorServer
+) -> None:
+    options = ScoreOptions(MODEL2, lookahead=1)
+    before, requests_before = snapshot(demo_run), server.stats()["total"]
+    guessed = dry_run(demo_run, options, DryRunOptions())
+    assert snapshot(demo_run) == before and server.stats()["total"] == requests_before
+    calibrated = dry_run(demo_run, options, DryRunOptions(calibrate=5), endpoint(server))
+    assert calibrated.calibration_requests == 5 and calibrated.counted_prompts == 5
+    assert snapshot(demo_run) == before
+
+    report = klstream.score(demo_run, options, endpoint(server))
+    stats = report.stats
+    for estimate in (guessed.one_token, calibrated.one_token):
+        assert estimate.requests == stats.calls.requests == stats.total
+        assert estimate.output_tokens == stats.usage.candidates_tokens
+    assert calibrated.one_token.input_tokens == stats.usage.prompt_tokens
+    # Before calibration, the prompts' tokens are estimated from their characters (4 a token):
+    # off by at most half of them, Model 1's tokens counted exactly.
+    error = abs(guessed.one_token.input_tokens - stats.usage.prompt_tokens)
+    assert error <= 0.5 * prompt_part(demo_run)
+    assert guessed.one_token.usd is None  # the toy models have no price
+
+
+def test_the_lookahead_estimate_lies_between_its_bounds(
+    demo_run: Path, server: EmulatorServer, tmp_path: Path
+) -> None:
+    options = ScoreOptions(MODEL2, decoding="sample")
+    report: DryRunReport = dry_run(
+        demo_run, options, DryRunOptions(calibrate=15, rpm=600.0), endpoint(server)
+    )
+    assert 0.3 < report.acceptance < 0.95 and report.measured_acceptance
+    one, ahead = report.one_token, report.lookahead
+    assert ahead.requests < 0.8 * one.requests
+    assert ahead.input_tokens < one.input_tokens
+    assert one.output_tokens < ahead.output_tokens <= ahead.requests * 32
+    assert one.minutes == pytest.approx(one.requests / 600.0)
+
+    scored = klstream.score(demo_run, options, endpoint(server))
+    assert scored.stats.answers < one.requests
+    assert scored.stats.answers == pytest.approx(ahead.requests, rel=0.25)
+
+
+def test_the_cli_prints_the_range_and_sends_nothing(
+    demo_inputs: Path, demo_run: Path, tmp_path: Path
+) -> None:
+    result = invoke("score", demo_run, "--model2", "gemini-2.5-flash", "--dry-run", "--tpm", 1e6)
+    assert result.exit_code == 0, result.output
+    assert "nothing sent" in result.output
+    assert re.search(r"one token per request\s+\d", result.output)
+    assert re.search(r"lookahead auto \(N = [\d.]+ on average\)", result.output)
+    assert "gemini-2.5-flash's list prices" in result.output and "minutes" in result.output
+    assert not RunDir(demo_run).scores_dir("gemini-2.5-flash").exists()
+
+    out = tmp_path / "out"
+    whole = invoke(
+        "run", "--input-dir", demo_inputs, "--output-dir", out, "--model2", MODEL2, "--dry-run"
+    )
+    assert whole.exit_code == 0, whole.output
+    assert "positions to score in 15 responses (5 prompts)" in whole.output
+    assert not out.exists()
+
+    alone = invoke("score", demo_run, "--model2", MODEL2, "--calibrate", "3")
+    assert alone.exit_code == 2 and "--calibrate goes with --dry-run" in alone.output
