@@ -184,14 +184,14 @@ def test_an_interrupted_run_leaves_no_temporaries(
     for stem in ("a", "b"):
         write_input(tmp_path / "in", stem, good_input())
     (tmp_path / "run").mkdir()
-    read_json = explode_module._read_json
+    read_json = explode_module.read_json
 
     def interrupted_at_b(path: Path) -> object:
         if path.stem == "b":
             raise KeyboardInterrupt
         return read_json(path)
 
-    monkeypatch.setattr(explode_module, "_read_json", interrupted_at_b)
+    monkeypatch.setattr(explode_module, "read_json", interrupted_at_b)
     with pytest.raises(KeyboardInterrupt):
         explode(tmp_path / "in", tmp_path / "run", skip_invalid=True)
     assert list((tmp_path / "run").iterdir()) == []
