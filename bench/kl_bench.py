@@ -1,9 +1,10 @@
 """KL pass benchmark: the vectorized core against a plain per-position Python implementation.
 
 Prints, from one run on the same synthetic data:
-  * positions/s of ``klstream.metrics.reference.kl_floor`` over Python dicts (what a user would script),
-    of the vectorized kl_floor (Arrow columns in, kl_floor out) and of ``klstream.metrics.kl.score_batch``
-    (everything the KL pass does per batch: all estimators, Arrow batch out), and the ratios;
+  * positions/s of ``klstream.metrics.reference.kl_floor`` over Python dicts (what a user would
+    script), of the vectorized kl_floor (Arrow columns in, kl_floor out) and of
+    ``klstream.metrics.kl.score_batch`` (everything the KL pass does per batch: all estimators,
+    Arrow batch out), and the ratios;
     once with token ids as keys and once with token strings (inputs without ids);
   * a streaming run over N positions (default 10 million) in record batches: throughput and peak
     resident memory, to show that memory is bounded by the batch, not by N.
@@ -22,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from klstream.metrics import reference
-from klstream.metrics.estimators import keyed_sides, kl_floor
+from klstream.metrics.columns import keyed_sides
+from klstream.metrics.estimators import kl_floor
 from klstream.metrics.kl import (
     DEFAULT_BATCH_ROWS,
     model1_columns,
@@ -45,7 +47,8 @@ def _descending_logprobs(rng: np.random.Generator, n: int) -> np.ndarray:
     decay = -np.cumsum(rng.exponential(rng.uniform(0.1, 2.0, size=(n, 1)), size=(n, TOP_K)), axis=1)
     mass = np.exp(decay)
     coverage = rng.uniform(0.5, 0.999, size=(n, 1))
-    return np.log(mass / mass.sum(axis=1, keepdims=True) * coverage)
+    logprobs: np.ndarray = np.log(mass / mass.sum(axis=1, keepdims=True) * coverage)
+    return logprobs
 
 
 def synthetic_batch(rng: np.random.Generator, n: int, with_ids: bool) -> pa.RecordBatch:
@@ -117,7 +120,8 @@ def kl_floor_only(batch: pa.RecordBatch) -> np.ndarray:
 
 def full_pass(batch: pa.RecordBatch) -> np.ndarray:
     """Everything the KL pass does per batch: all estimators, Arrow batch out."""
-    return score_batch(batch, "bench").column("kl_floor").to_numpy()
+    kl: np.ndarray = score_batch(batch, "bench").column("kl_floor").to_numpy()
+    return kl
 
 
 def compare(rng: np.random.Generator, n: int, batch_rows: int, with_ids: bool) -> float:

@@ -11,14 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from klstream.metrics import reference
-from klstream.metrics.estimators import (
-    Matches,
-    SideColumns,
-    estimate,
-    keyed_sides,
-    kl_floor,
-    model1_only,
-)
+from klstream.metrics.columns import SideColumns, keyed_sides
+from klstream.metrics.estimators import Matches, estimate, kl_floor, model1_only
 
 Entry = tuple[str, int | None, float]
 

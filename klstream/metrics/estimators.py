@@ -1,14 +1,14 @@
 """Per-position divergence estimators from two truncated (top-k) next-token distributions.
 
-Pure, vectorized numpy: every function takes a whole batch of positions at once as padded
+Pure, vectorized numpy (no Arrow): every function takes a whole batch of positions at once as padded
 ``[n, k]`` matrices and never loops over positions in Python. The work per position is O(k):
 tokens of the two lists are matched by sorting packed (key, column) integers row by row, never by
 comparing every pair, and the KL over the union is assembled from per-row sums (see
 :func:`estimate`), so no ``[n, k, k]`` or ``[n, 2k]`` union matrix is built.
 
-Tokens are compared by *key*. A position uses token ids as keys when Model 1's list, Model 2's
-list and Model 1's chosen token all carry ids; otherwise it uses the token strings. Inside one list
-a repeated key counts once, at its first (reported) occurrence.
+Tokens are compared by integer *key* (token ids or codes of the token strings; the Arrow columns
+become keyed matrices in :mod:`klstream.metrics.columns`). Inside one list a repeated key counts
+once, at its first (reported) occurrence.
 
 Estimators, for P = Model 1 and Q = Model 2 at one position:
 
@@ -42,10 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-NO_ID = -1
 RESIDUAL_TOLERANCE = 1e-9
 _INT32_LIMIT = 2**31 - 1
 
@@ -62,7 +59,7 @@ class TopK:
 
     @property
     def width(self) -> int:
-        return self.keys.shape[1]
+        return int(self.keys.shape[1])
 
 
 def make_topk(keys: np.ndarray, logprobs: np.ndarray, present: np.ndarray) -> TopK:
@@ -233,12 +230,14 @@ def side_sums(side: TopK, valid: np.ndarray) -> SideSums:
 def entropy(side: TopK, sums: SideSums) -> np.ndarray:
     """Entropy (nats) of each row's top-k list renormalized to sum to 1."""
     log_z = side.peak + np.log(sums.scaled_mass)
-    return np.maximum(log_z - sums.scaled_mass_logprob / sums.scaled_mass, 0.0)
+    entropies: np.ndarray = np.maximum(log_z - sums.scaled_mass_logprob / sums.scaled_mass, 0.0)
+    return entropies
 
 
 def coverage(side: TopK, sums: SideSums) -> np.ndarray:
     """Probability mass each row's top-k list reports."""
-    return np.exp(side.peak) * sums.scaled_mass
+    mass: np.ndarray = np.exp(side.peak) * sums.scaled_mass
+    return mass
 
 
 def _argmax_key(side: TopK, valid: np.ndarray) -> np.ndarray:
@@ -271,7 +270,8 @@ def _kl_floor(
         + floor_p_scaled * (q_only * p.floor - (qs.logprob_sum - shared_lq))
     )
     kl = numerator / z_p - (p.peak + np.log(z_p)) + (q.peak + np.log(z_q))
-    return np.maximum(kl, 0.0)
+    clamped: np.ndarray = np.maximum(kl, 0.0)
+    return clamped
 
 
 def _residual(mass: np.ndarray) -> np.ndarray:
@@ -297,7 +297,8 @@ def _kl_lower(m: Matches, lp_m: np.ndarray, lq_m: np.ndarray) -> np.ndarray:
         rest_p = np.where(merge, 0.0, rest_p)
     with np.errstate(divide="ignore", invalid="ignore"):
         rest = np.where(rest_p > 0.0, rest_p * (np.log(rest_p) - np.log(rest_q)), 0.0)
-    return np.maximum(m.per_row(terms) + rest, 0.0)
+    bound: np.ndarray = np.maximum(m.per_row(terms) + rest, 0.0)
+    return bound
 
 
 @dataclass(frozen=True)
@@ -363,102 +364,3 @@ def estimate(p: TopK, q: TopK, chosen_key: np.ndarray, chosen_logprob: np.ndarra
         coverage1=coverage(p, ps),
         coverage2=coverage(q, qs),
     )
-
-
-def pad_list_array(lists: pa.Array, fill: float | int) -> tuple[np.ndarray, np.ndarray]:
-    """A list array as a dense ``[n, width]`` matrix plus a presence mask.
-
-    The matrix is float64 for a float ``fill`` and int64 otherwise; null elements become
-    ``fill`` and are not present. Lists of one common length (the usual top-k) are reshaped
-    without a scatter. Works on sliced arrays.
-    """
-    offsets = lists.offsets.to_numpy()
-    start, stop = int(offsets[0]), int(offsets[-1])
-    offsets = offsets - start
-    lengths = np.diff(offsets)
-    n = len(lists)
-    width = int(lengths.max()) if n else 0
-    values = lists.values.slice(start, stop - start)
-    dtype = np.float64 if isinstance(fill, float) else np.int64
-    flat = pc.fill_null(values, fill).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    flat_present = (
-        np.ones(len(values), dtype=bool)
-        if values.null_count == 0
-        else values.is_valid().to_numpy(zero_copy_only=False)
-    )
-    if n and int(lengths.min()) == width:
-        return flat.reshape(n, width), flat_present.reshape(n, width)
-    rows = np.repeat(np.arange(n), lengths)
-    cols = np.arange(stop - start) - np.repeat(offsets[:-1], lengths)
-    dense = np.full((n, width), fill, dtype=dtype)
-    present = np.zeros((n, width), dtype=bool)
-    dense[rows, cols] = flat
-    present[rows, cols] = flat_present
-    return dense, present
-
-
-@dataclass(frozen=True)
-class SideColumns:
-    """Arrow columns describing one model's top-k lists at a batch of positions."""
-
-    tokens: pa.Array  # list<string>
-    token_ids: pa.Array  # list<int64>, null elements where unknown
-    logprobs: pa.Array  # list<float64>
-
-
-def keyed_sides(
-    m1: SideColumns, m2: SideColumns | None, chosen_token: pa.Array, chosen_id: pa.Array
-) -> tuple[TopK, TopK | None, np.ndarray]:
-    """Turn Arrow columns into keyed :class:`TopK` matrices (ids where complete, else strings).
-
-    A row uses ids when Model 1's list, Model 2's list (if given) and the chosen token all
-    carry them; otherwise its keys are codes of the token strings, shared across the batch.
-    """
-    lp1, present1 = pad_list_array(m1.logprobs, np.nan)
-    ids1, has_id1 = pad_list_array(m1.token_ids, NO_ID)
-    chosen_ids = pc.fill_null(chosen_id, NO_ID).to_numpy(zero_copy_only=False).astype(np.int64)
-    use_ids = _complete_ids(has_id1, present1) & chosen_id.is_valid().to_numpy(zero_copy_only=False)
-    sides = [(m1, lp1, present1, ids1)]
-    if m2 is not None:
-        lp2, present2 = pad_list_array(m2.logprobs, np.nan)
-        ids2, has_id2 = pad_list_array(m2.token_ids, NO_ID)
-        use_ids &= _complete_ids(has_id2, present2)
-        sides.append((m2, lp2, present2, ids2))
-
-    chosen_keys = chosen_ids
-    string_keys: list[np.ndarray] = []
-    if not use_ids.all():
-        string_keys, chosen_codes = _string_codes([side[0].tokens for side in sides], chosen_token)
-        chosen_keys = np.where(use_ids, chosen_ids, chosen_codes)
-
-    built = []
-    for index, (_, lp, present, ids) in enumerate(sides):
-        keys = np.where(use_ids[:, None], ids, string_keys[index]) if string_keys else ids
-        built.append(make_topk(keys, lp, present))
-    return built[0], (built[1] if m2 is not None else None), chosen_keys
-
-
-def _complete_ids(has_id: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Rows whose every reported entry carries an id."""
-    if has_id.all():
-        return np.ones(len(has_id), dtype=bool)
-    return (has_id | ~present).all(axis=1)
-
-
-def _string_codes(
-    token_lists: list[pa.Array], chosen_token: pa.Array
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Integer codes for token strings, shared across the given lists and the chosen tokens."""
-    flats = [lists.flatten().cast(pa.string()) for lists in token_lists]
-    encoded = pc.dictionary_encode(pa.concat_arrays([*flats, chosen_token.cast(pa.string())]))
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    padded = []
-    start = 0
-    for lists, flat in zip(token_lists, flats, strict=True):
-        offsets = lists.offsets.to_numpy()
-        code_lists = pa.ListArray.from_arrays(
-            pa.array(offsets - offsets[0], pa.int32()), pa.array(codes[start : start + len(flat)])
-        )
-        padded.append(pad_list_array(code_lists, NO_ID)[0])
-        start += len(flat)
-    return padded, codes[start:]

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from klstream import schemas
 from klstream.atomic import atomic_path
 from klstream.errors import KlstreamError
-from klstream.metrics.estimators import SideColumns, estimate, keyed_sides, model1_only
+from klstream.metrics.columns import SideColumns, keyed_sides
+from klstream.metrics.estimators import estimate, model1_only
 from klstream.rundir import RANGE_POSITIONS, RunDir, connect, response_ranges
 from klstream.sqlfiles import load_sql
 

@@ -1,8 +1,8 @@
 """The spec's KL algorithm written plainly, one position at a time, with Python dicts.
 
-It is the executable statement of what :func:`klstream.metrics.estimators.estimate` must compute: the
-property tests check the vectorized code against it, and ``bench/kl_bench.py`` times it as the
-baseline a user would script themselves. Nothing on a hot path calls it.
+It is the executable statement of what :func:`klstream.metrics.estimators.estimate` must compute:
+the property tests check the vectorized code against it, and ``bench/kl_bench.py`` times it as
+the baseline a user would script themselves. Nothing on a hot path calls it.
 """
 
 from __future__ import annotations
