@@ -7,7 +7,10 @@ Prints, from one run on the same synthetic data:
     Arrow batch out), and the ratios;
     once with token ids as keys and once with token strings (inputs without ids);
   * a streaming run over N positions (default 10 million) in record batches: throughput and peak
-    resident memory, to show that memory is bounded by the batch, not by N.
+    resident memory, to show that memory is bounded by the batch, not by N; first the estimators
+    alone (with the σ̂² sample), then the whole table as the KL pass writes it
+    (``klstream.metrics.kl.write_kl_table``: estimators, spill, σ̂² fit, ``kl_estimate``,
+    Parquet), everything but the DuckDB join.
 
 Usage: python bench/kl_bench.py [--positions 10000000] [--batch-rows 16384] [--reference 20000]
 """
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +36,9 @@ from klstream.metrics.kl import (
     model2_columns,
     score_batch,
     score_batches,
+    write_kl_table,
 )
+from klstream.metrics.tailfit import TailSample
 
 TOP_K = 20
 
@@ -120,7 +127,7 @@ def kl_floor_only(batch: pa.RecordBatch) -> np.ndarray:
 
 def full_pass(batch: pa.RecordBatch) -> np.ndarray:
     """Everything the KL pass does per batch: all estimators, Arrow batch out."""
-    kl: np.ndarray = score_batch(batch, "bench").column("kl_floor").to_numpy()
+    kl: np.ndarray = score_batch(batch, "bench").rows.column("kl_floor").to_numpy()
     return kl
 
 
@@ -163,16 +170,27 @@ def stream(
             )
 
     done, kl_sum = 0, 0.0
+    sample = TailSample()
     started = time.perf_counter()
-    for result in score_batches(batches(), "bench", workers):
-        kl_sum += float(np.sum(result.column("kl_floor").to_numpy()))
-        done += result.num_rows
+    for rows in score_batches(batches(), "bench", sample, workers):
+        kl_sum += float(np.sum(rows.column("kl_floor").to_numpy()))
+        done += rows.num_rows
     seconds = time.perf_counter() - started
     rate = done / seconds
     print(
-        f"full KL pass, {workers} thread(s): {done:,} positions in {seconds:.1f} s = "
+        f"estimators, {workers} thread(s): {done:,} positions in {seconds:.1f} s = "
         f"{rate:,.0f} pos/s = {rate / reference_rate:.1f}x the reference (mean kl_floor "
         f"{kl_sum / done:.4f}); peak RSS {peak_rss_mib():.0f} MiB, {rss_before:.0f} MiB before"
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        started = time.perf_counter()
+        _, fit = write_kl_table(batches(), "bench", Path(directory) / "kl.parquet", workers)
+        seconds = time.perf_counter() - started
+    assert fit is not None
+    print(
+        f"whole KL table, {workers} thread(s): {total:,} positions in {seconds:.1f} s = "
+        f"{total / seconds:,.0f} pos/s (σ̂² {fit.sigma2:.3f} from {fit.positions:,} positions); "
+        f"peak RSS {peak_rss_mib():.0f} MiB"
     )
 
 
