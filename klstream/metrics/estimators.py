@@ -352,7 +352,7 @@ def _kl_bucket(m: Matches, lp_m: np.ndarray, lq_m: np.ndarray) -> Bucket:
 _LOG_RATIO_TOLERANCE = 1e-12
 _MAX_ROOT_STEPS = 200
 """Far more than needed: the segment steps of :func:`_root` end after a few evaluations, and
-every other step halves a bracket at most ~1500 wide in log space."""
+every other step halves the bracket, whose ends are differences of log-probabilities."""
 
 
 @dataclass(frozen=True)
@@ -634,12 +634,11 @@ def _kl_capped(
     all_capped = (rest_p == 0.0) & ~q_can_empty
     outside_shared[all_capped] = np.bincount(a.rows, a.capped_kl, n)[all_capped]
 
-    p_root = corner
-    p_tail = unshared.p_side().take(p_root)
-    lo = _log(rest_p[p_root]) - _log(b.total[p_root])
-    hi = b.extreme_break(largest=True)[p_root]
+    p_tail = unshared.p_side().take(corner)
+    lo = _log(rest_p[corner]) - _log(b.total[corner])
+    hi = b.extreme_break(largest=True)[corner]
     log_rho, segment = _root(p_tail, lo, hi)
-    outside_shared[p_root] += segment.kl(log_rho)
+    outside_shared[corner] += segment.kl(log_rho)
 
     capped = np.maximum(m.per_row(np.exp(lp_m) * (lp_m - lq_m)) + outside_shared, 0.0)
     # Q's unlisted mass is below what rounding resolves while P needs some: unknown, up to +inf.
