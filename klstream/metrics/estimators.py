@@ -121,6 +121,13 @@ def make_topk(keys: np.ndarray, logprobs: np.ndarray, present: np.ndarray) -> To
     )
 
 
+def _entries(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and flat indices where a 2-D mask holds, in row order: several times faster than
+    ``np.nonzero`` on a 2-D array, and flat indices gather faster than (row, column) pairs."""
+    flat = np.flatnonzero(mask)
+    return flat // mask.shape[1], flat
+
+
 def _rowsum(values: np.ndarray) -> np.ndarray:
     """Row sums through BLAS: several times faster than ``sum(axis=1)`` on short rows."""
     return values @ np.ones(values.shape[1])
@@ -328,25 +335,45 @@ class Bucket:
     unshared_p: np.ndarray
 
 
-def _kl_bucket(m: Matches, lp_m: np.ndarray, lq_m: np.ndarray) -> Bucket:
+@dataclass(frozen=True)
+class _Shared:
+    """The tokens both lists report: their probabilities, and per row their KL terms and masses."""
+
+    p: np.ndarray  # per pair
+    q: np.ndarray
+    kl: np.ndarray  # per row: Σ p·log(p/q)
+    mass_p: np.ndarray  # per row: Σ p
+    mass_q: np.ndarray
+
+    @classmethod
+    def of(cls, m: Matches, lp_m: np.ndarray, lq_m: np.ndarray) -> _Shared:
+        p, q = np.exp(lp_m), np.exp(lq_m)
+        return cls(p, q, m.per_row(p * (lp_m - lq_m)), m.per_row(p), m.per_row(q))
+
+
+def _kl_bucket(m: Matches, lp_m: np.ndarray, lq_m: np.ndarray, shared: _Shared) -> Bucket:
     """The bucket bound documented in the module docstring."""
-    p_m, q_m = np.exp(lp_m), np.exp(lq_m)
-    terms = p_m * (lp_m - lq_m)
-    rest_p = _residual(1.0 - m.per_row(p_m))
-    rest_q = _residual(1.0 - m.per_row(q_m))
+    rest_p = _residual(1.0 - shared.mass_p)
+    rest_q = _residual(1.0 - shared.mass_q)
     merge = (rest_q == 0.0) & (rest_p > 0.0)
+    kl = shared.kl
     pairs = np.flatnonzero(merge[m.rows])
     if pairs.size:
         # Largest q, ties to the larger p (so list order cannot matter); first pair per row.
+        p_m, q_m = shared.p, shared.q
         ordered = pairs[np.lexsort((-p_m[pairs], -q_m[pairs], m.rows[pairs]))]
         _, first = np.unique(m.rows[ordered], return_index=True)
         target = ordered[first]
-        merged_p = p_m[target] + rest_p[m.rows[target]]
-        terms[target] = merged_p * (np.log(merged_p) - lq_m[target])
+        target_rows = m.rows[target]
+        merged_p = p_m[target] + rest_p[target_rows]
+        kl = kl.copy()
+        kl[target_rows] += merged_p * (np.log(merged_p) - lq_m[target]) - p_m[target] * (
+            lp_m[target] - lq_m[target]
+        )
         rest_p = np.where(merge, 0.0, rest_p)
     with np.errstate(divide="ignore", invalid="ignore"):
         rest = np.where(rest_p > 0.0, rest_p * (np.log(rest_p) - np.log(rest_q)), 0.0)
-    return Bucket(np.maximum(m.per_row(terms) + rest, 0.0), rest_p)
+    return Bucket(np.maximum(kl + rest, 0.0), rest_p)
 
 
 _LOG_RATIO_TOLERANCE = 1e-12
@@ -380,8 +407,8 @@ class _OneSided:
         """The entries where ``mask`` holds, from one side's ``[n, k]`` logprobs: P-only tokens
         (break log p_a − log q_(k), capped KL term p_a·break) or Q-only ones (break
         log p_(k) − log q_b, capped KL term p_(k)·break), ``other_floor`` the other side's floor."""
-        rows, cols = np.nonzero(mask)
-        entry_logprobs = logprobs[rows, cols]
+        rows, flat = _entries(mask)
+        entry_logprobs = logprobs.reshape(-1)[flat]
         row_floor = other_floor[rows]
         mass = np.exp(entry_logprobs)
         if q_side:
@@ -442,7 +469,7 @@ class _Segment:
     num: np.ndarray  # also the P mass the optimum puts at ratio ρ
     den: np.ndarray
     capped_kl: np.ndarray  # Σ KL terms of the capped tokens
-    q_tail: np.ndarray  # q_T at the evaluated ρ
+    free_p_only: np.ndarray  # Σ p_a of the P-only tokens not capped
 
     def take(self, rows: np.ndarray) -> _Segment:
         return _Segment(
@@ -451,15 +478,8 @@ class _Segment:
             self.num[rows],
             self.den[rows],
             self.capped_kl[rows],
-            self.q_tail[rows],
+            self.free_p_only[rows],
         )
-
-    def same_caps(self, other: _Segment) -> np.ndarray:
-        """Caps are nested in ρ, so equal counts mean equal caps."""
-        same: np.ndarray = (self.capped_p_only == other.capped_p_only) & (
-            self.capped_q_only == other.capped_q_only
-        )
-        return same
 
     def kl(self, log_rho: np.ndarray) -> np.ndarray:
         """The one-sided tokens' and the tail's KL terms at the optimum on this segment."""
@@ -525,55 +545,85 @@ class _Unshared:
             num=self.rest_p - n_b * self.cap_p + free_a,
             den=self.rest_q - n_a * self.cap_q + b.total - capped_mass_b,
             capped_kl=capped_kl_a + capped_kl_b,
-            q_tail=self.rest_q - n_a * self.cap_q - free_a * np.exp(-log_rho),
+            free_p_only=free_a,
         )
+
+    def uncapped(self) -> _Segment:
+        """The piece of h where no cap binds (its root is the bucket bound's ratio m_P/m_Q)."""
+        zeros = np.zeros(len(self.rest_p))
+        return _Segment(
+            zeros,
+            zeros,
+            self.rest_p + self.p_only.total,
+            self.rest_q + self.q_only.total,
+            zeros,
+            self.p_only.total,
+        )
+
+    def keeps_caps(self, segment: _Segment, log_rho: np.ndarray) -> np.ndarray:
+        """Whether ``segment``'s caps still hold at ``log_rho``: cheaper than a new segment."""
+        n = len(log_rho)
+        a, b = self.p_only, self.q_only
+        n_a = np.bincount(a.rows, (a.breaks > log_rho[a.rows]).astype(np.float64), n)
+        n_b = np.bincount(b.rows, (b.breaks < log_rho[b.rows]).astype(np.float64), n)
+        same: np.ndarray = (n_a == segment.capped_p_only) & (n_b == segment.capped_q_only)
+        return same
+
+    def q_tail(self, segment: _Segment, log_rho: np.ndarray) -> np.ndarray:
+        """q_T at ``log_rho`` on ``segment``."""
+        q_tail: np.ndarray = (
+            self.rest_q
+            - segment.capped_p_only * self.cap_q
+            - segment.free_p_only * np.exp(-log_rho)
+        )
+        return q_tail
 
 
 def _root(tail: _Unshared, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, _Segment]:
     """log ρ* with h(ρ*) = 0 and its segment, for rows with h < 0 at ``lo``, h > 0 at ``hi``.
 
     h is continuous and piecewise linear in ρ. A segment step jumps to the root of the linear
-    piece holding the current caps; when that point holds the same caps, it is the exact root.
-    Otherwise the bracket shrinks and the next point is that step if it lies inside the bracket,
-    else the bracket's midpoint. The first step is the root of the piece without caps. Rows step
-    together; finished rows drop out.
+    piece holding the current caps; when the caps still hold there, it is the exact root.
+    Otherwise the bracket shrinks and the next point is that step if it lies inside the
+    bracket, else the bracket's midpoint. The first piece is the one without caps. Rows step
+    together; once at most half of them are left, the finished ones drop out (a finished row
+    that stays only repeats its answer).
     """
     n = len(lo)
     log_rho = np.empty(n)
     result = _Segment(*(np.empty(n) for _ in range(6)))
-    previous = _Segment(
-        np.zeros(n),
-        np.zeros(n),
-        tail.rest_p + tail.p_only.total,
-        tail.rest_q + tail.q_only.total,
-        np.zeros(n),
-        np.zeros(n),
-    )
+    if not n:
+        return log_rho, result
     rows = np.arange(n)
+    current = tail.uncapped()
+    point: np.ndarray | None = None  # where ``current`` was evaluated; the first piece is given
     for step_index in range(_MAX_ROOT_STEPS):
+        if point is not None:
+            above = np.exp(point) * current.den > current.num
+            hi = np.where(above, point, hi)
+            lo = np.where(above, lo, point)
         with np.errstate(divide="ignore", invalid="ignore"):
-            step = np.log(previous.num) - np.log(previous.den)
-        clipped = np.clip(step, lo, hi)
+            step = np.log(current.num / current.den)
+        clipped = np.minimum(np.maximum(step, lo), hi)
         # A root at the bracket's edge may come out a rounding error beyond it.
-        from_step = np.abs(step - clipped) <= _LOG_RATIO_TOLERANCE * (1.0 + np.abs(step))
-        point = np.where(from_step, clipped, 0.5 * (lo + hi))
-        current = tail.segment(point)
-        done = (from_step & previous.same_caps(current)) | (hi - lo < _LOG_RATIO_TOLERANCE)
+        from_step = np.isfinite(step) & (
+            np.abs(step - clipped) <= _LOG_RATIO_TOLERANCE * (1.0 + np.abs(step))
+        )
+        done = (from_step & tail.keeps_caps(current, clipped)) | (hi - lo < _LOG_RATIO_TOLERANCE)
         if step_index == _MAX_ROOT_STEPS - 1:
             done[:] = True
         finished = rows[done]
-        log_rho[finished] = point[done]
-        for name in ("capped_p_only", "capped_q_only", "num", "den", "capped_kl", "q_tail"):
+        log_rho[finished] = clipped[done]
+        for name in ("capped_p_only", "capped_q_only", "num", "den", "capped_kl", "free_p_only"):
             getattr(result, name)[finished] = getattr(current, name)[done]
-        keep = ~done
-        if not keep.any():
+        if done.all():
             break
-        rows, point, lo, hi = rows[keep], point[keep], lo[keep], hi[keep]
-        tail, current = tail.take(keep), current.take(keep)
-        above = np.exp(point) * current.den > current.num
-        hi = np.where(above, point, hi)
-        lo = np.where(above, lo, point)
-        previous = current
+        point = np.where(from_step, clipped, 0.5 * (lo + hi))
+        keep = ~done
+        if 2 * np.count_nonzero(keep) <= len(keep):
+            rows, point, lo, hi = rows[keep], point[keep], lo[keep], hi[keep]
+            tail = tail.take(keep)
+        current = tail.segment(point)
     return log_rho, result
 
 
@@ -589,11 +639,9 @@ def _kl_capped(
     q: TopK,
     ps: SideSums,
     qs: SideSums,
-    m: Matches,
     p_only: np.ndarray,
     q_only: np.ndarray,
-    lp_m: np.ndarray,
-    lq_m: np.ndarray,
+    shared: _Shared,
     bucket: np.ndarray,
 ) -> np.ndarray:
     """The capped bound documented in the module docstring."""
@@ -620,27 +668,29 @@ def _kl_capped(
     # Unless q_T < 0 there: then the tail is empty at the optimum (p_T = q_T = 0) and the
     # one-sided tokens get separate ratios, where q_T and where p_T reach 0.
     corner = np.zeros(n, dtype=bool)
-    corner[both] = segment.q_tail < 0.0
+    corner[both] = unshared.take(both).q_tail(segment, log_rho) < 0.0
     corner &= q_can_empty & p_can_empty
     outside_shared[corner] = 0.0
 
     q_root = q_can_empty & (rest_q > 0.0) & (corner | (rest_p == 0.0))
-    q_tail = unshared.q_side().take(q_root)
-    lo = a.extreme_break(largest=False)[q_root]
-    hi = _log(a.total[q_root]) - _log(rest_q[q_root])
-    log_rho, segment = _root(q_tail, lo, hi)
-    outside_shared[q_root] += segment.kl(log_rho)
+    if q_root.any():
+        q_tail = unshared.q_side().take(q_root)
+        lo = a.extreme_break(largest=False)[q_root]
+        hi = _log(a.total[q_root]) - _log(rest_q[q_root])
+        log_rho, segment = _root(q_tail, lo, hi)
+        outside_shared[q_root] += segment.kl(log_rho)
     # With no P tail, caps that leave room for all of rest_q cap every P-only token.
     all_capped = (rest_p == 0.0) & ~q_can_empty
-    outside_shared[all_capped] = np.bincount(a.rows, a.capped_kl, n)[all_capped]
+    if all_capped.any():
+        outside_shared[all_capped] = np.bincount(a.rows, a.capped_kl, n)[all_capped]
+    if corner.any():
+        p_tail = unshared.p_side().take(corner)
+        lo = _log(rest_p[corner]) - _log(b.total[corner])
+        hi = b.extreme_break(largest=True)[corner]
+        log_rho, segment = _root(p_tail, lo, hi)
+        outside_shared[corner] += segment.kl(log_rho)
 
-    p_tail = unshared.p_side().take(corner)
-    lo = _log(rest_p[corner]) - _log(b.total[corner])
-    hi = b.extreme_break(largest=True)[corner]
-    log_rho, segment = _root(p_tail, lo, hi)
-    outside_shared[corner] += segment.kl(log_rho)
-
-    capped = np.maximum(m.per_row(np.exp(lp_m) * (lp_m - lq_m)) + outside_shared, 0.0)
+    capped = np.maximum(shared.kl + outside_shared, 0.0)
     # Q's unlisted mass is below what rounding resolves while P needs some: unknown, up to +inf.
     unresolved = (rest_q == 0.0) & ((a.count > 0) | (rest_p > 0.0))
     return np.where(unresolved, bucket, capped)
@@ -687,7 +737,7 @@ def kl_bucket(p: TopK, q: TopK) -> np.ndarray:
     """Just the bucket bound (what ``kl_lower`` was before the caps), for a batch."""
     m, _, _ = match(p, q)
     lp_m, lq_m = _matched_logprobs(p, q, m)
-    return _kl_bucket(m, lp_m, lq_m).bound
+    return _kl_bucket(m, lp_m, lq_m, _Shared.of(m, lp_m, lq_m)).bound
 
 
 def kl_estimate(bucket: np.ndarray, unshared_mass1: np.ndarray, sigma2: float) -> np.ndarray:
@@ -724,13 +774,13 @@ def _tail_observations(
 
     censored = p_only[rows]
     censored[np.arange(n), p_top[rows]] = False
-    censored_rows, censored_cols = np.nonzero(censored)
+    censored_rows, censored_flat = _entries(censored)
     chosen_censored = np.flatnonzero(outside_p & ~chosen_in_q[rows])
     all_rows = np.concatenate([censored_rows, chosen_censored])
     q_floor = q.floor[rows]
     limits = np.concatenate(
         [
-            p.logprobs[rows[censored_rows], censored_cols] - q_floor[censored_rows],
+            p.logprobs[rows].reshape(-1)[censored_flat] - q_floor[censored_rows],
             chosen_logprob[rows[chosen_censored]] - q_floor[chosen_censored],
         ]
     )
@@ -770,11 +820,9 @@ def estimate(
     m, p_valid, q_valid = match(p, q)
     lp_m, lq_m = _matched_logprobs(p, q, m)
     ps, qs = side_sums(p, p_valid), side_sums(q, q_valid)
-    in_q = np.zeros(p_valid.shape, dtype=bool)
-    in_q[m.rows, m.p_cols] = True
-    in_p = np.zeros(q_valid.shape, dtype=bool)
-    in_p[m.rows, m.q_cols] = True
-    p_only, q_only = p_valid & ~in_q, q_valid & ~in_p
+    p_only, q_only = p_valid.copy(), q_valid.copy()
+    p_only.reshape(-1)[m.rows * p.width + m.p_cols] = False
+    q_only.reshape(-1)[m.rows * q.width + m.q_cols] = False
 
     chosen_matches = (q.keys == chosen_key[:, None]) & q_valid
     chosen_in_q = chosen_matches.any(axis=1)
@@ -785,10 +833,11 @@ def estimate(
     p_top, q_top = _argmax_column(p, p_valid), _argmax_column(q, q_valid)
     rows = np.arange(len(p_top))
 
-    bucket = _kl_bucket(m, lp_m, lq_m)
+    shared = _Shared.of(m, lp_m, lq_m)
+    bucket = _kl_bucket(m, lp_m, lq_m, shared)
     return Estimates(
         kl_floor=_kl_floor(p, q, ps, qs, m, lp_m, lq_m),
-        kl_lower=_kl_capped(p, q, ps, qs, m, p_only, q_only, lp_m, lq_m, bucket.bound),
+        kl_lower=_kl_capped(p, q, ps, qs, p_only, q_only, shared, bucket.bound),
         kl_bucket=bucket.bound,
         unshared_mass1=bucket.unshared_p,
         logratio=chosen_logprob - model2_logprob,

@@ -257,7 +257,7 @@ def write_kl_table(
         with (
             atomic_path(final) as tmp,
             pq.ParquetWriter(tmp, schemas.KL, compression="zstd") as out,
-            pa.memory_map(str(spill)) as source,
+            pa.OSFile(str(spill), "rb") as source,  # read, not mapped: resident memory stays flat
         ):
             reader = pa.ipc.open_file(source)
             for index in range(reader.num_record_batches):
