@@ -15,6 +15,7 @@ demo: install
 
 bench: install
 	$(UV) run python bench/kl_bench.py
+	$(UV) run python bench/estimator_bench.py
 	$(UV) run python bench/explode_bench.py
 	$(UV) run python bench/score_bench.py
 	$(UV) run python bench/report_bench.py

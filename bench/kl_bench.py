@@ -2,13 +2,15 @@
 
 Prints, from one run on the same synthetic data:
   * positions/s of ``klstream.metrics.reference.kl_floor`` over Python dicts (what a user would
-    script),
-    of the vectorized kl_floor (Arrow columns in, kl_floor out) and of
-    ``klstream.metrics.kl.score_batch``
-    (everything the KL pass does per batch: all estimators, Arrow batch out), and the ratios;
+    script), of the vectorized kl_floor (Arrow columns in, kl_floor out) and of
+    ``klstream.metrics.kl.score_batch`` (everything the KL pass does per batch: all estimators,
+    Arrow batch out), and the ratios;
     once with token ids as keys and once with token strings (inputs without ids);
   * a streaming run over N positions (default 10 million) in record batches: throughput and peak
-    resident memory, to show that memory is bounded by the batch, not by N.
+    resident memory, to show that memory is bounded by the batch, not by N; first the estimators
+    alone (with the σ̂² sample), then the whole table as the KL pass writes it
+    (``klstream.metrics.kl.write_kl_table``: estimators, spill, σ̂² fit, ``kl_estimate``,
+    Parquet), everything but the DuckDB join.
 
 Usage: python bench/kl_bench.py [--positions 10000000] [--batch-rows 16384] [--reference 20000]
 """
@@ -17,21 +19,26 @@ from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from klstream.metrics import reference
-from klstream.metrics.estimators import keyed_sides, kl_floor
+from klstream.metrics.columns import keyed_sides
+from klstream.metrics.estimators import kl_floor
 from klstream.metrics.kl import (
     DEFAULT_BATCH_ROWS,
     model1_columns,
     model2_columns,
     score_batch,
     score_batches,
+    write_kl_table,
 )
+from klstream.metrics.tailfit import TailSample
 
 TOP_K = 20
 
@@ -47,7 +54,8 @@ def _descending_logprobs(rng: np.random.Generator, n: int) -> np.ndarray:
     decay = -np.cumsum(rng.exponential(rng.uniform(0.1, 2.0, size=(n, 1)), size=(n, TOP_K)), axis=1)
     mass = np.exp(decay)
     coverage = rng.uniform(0.5, 0.999, size=(n, 1))
-    return np.log(mass / mass.sum(axis=1, keepdims=True) * coverage)
+    logprobs: np.ndarray = np.log(mass / mass.sum(axis=1, keepdims=True) * coverage)
+    return logprobs
 
 
 def synthetic_batch(rng: np.random.Generator, n: int, with_ids: bool) -> pa.RecordBatch:
@@ -119,7 +127,8 @@ def kl_floor_only(batch: pa.RecordBatch) -> np.ndarray:
 
 def full_pass(batch: pa.RecordBatch) -> np.ndarray:
     """Everything the KL pass does per batch: all estimators, Arrow batch out."""
-    return score_batch(batch, "bench").column("kl_floor").to_numpy()
+    kl: np.ndarray = score_batch(batch, "bench").rows.column("kl_floor").to_numpy()
+    return kl
 
 
 def compare(rng: np.random.Generator, n: int, batch_rows: int, with_ids: bool) -> float:
@@ -161,16 +170,27 @@ def stream(
             )
 
     done, kl_sum = 0, 0.0
+    sample = TailSample()
     started = time.perf_counter()
-    for result in score_batches(batches(), "bench", workers):
-        kl_sum += float(np.sum(result.column("kl_floor").to_numpy()))
-        done += result.num_rows
+    for rows in score_batches(batches(), "bench", sample, workers):
+        kl_sum += float(np.sum(rows.column("kl_floor").to_numpy()))
+        done += rows.num_rows
     seconds = time.perf_counter() - started
     rate = done / seconds
     print(
-        f"full KL pass, {workers} thread(s): {done:,} positions in {seconds:.1f} s = "
+        f"estimators, {workers} thread(s): {done:,} positions in {seconds:.1f} s = "
         f"{rate:,.0f} pos/s = {rate / reference_rate:.1f}x the reference (mean kl_floor "
         f"{kl_sum / done:.4f}); peak RSS {peak_rss_mib():.0f} MiB, {rss_before:.0f} MiB before"
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        started = time.perf_counter()
+        _, fit = write_kl_table(batches(), "bench", Path(directory) / "kl.parquet", workers)
+        seconds = time.perf_counter() - started
+    assert fit is not None
+    print(
+        f"whole KL table, {workers} thread(s): {total:,} positions in {seconds:.1f} s = "
+        f"{total / seconds:,.0f} pos/s (σ̂² {fit.sigma2:.3f} from {fit.positions:,} positions); "
+        f"peak RSS {peak_rss_mib():.0f} MiB"
     )
 
 

@@ -58,6 +58,22 @@ A run directory (``RUN_DIR``) holds:
     One row per position of ``positions.parquet`` with the estimators of
     :mod:`klstream.metrics.estimators`; all estimator columns are null where Model 2 has no result
     (``status`` is ``unscored`` or ``error``).
+
+    =================== ======= ===========================================================
+    kl_floor            float64 the spec's KL (``kl_divergence`` in ``_kl.json``)
+    kl_lower            float64 the capped certified lower bound on the true KL
+    kl_estimate         float64 the model-based point estimate: bucket bound + m_P·σ̂²/2
+    tail_sigma2         float64 σ̂², fitted once per run and Model 2 (the same in every row;
+                                null when nothing could be fitted), see
+                                :mod:`klstream.metrics.tailfit`
+    logratio            float64 log P − log Q of Model 1's token (Q's floor if unlisted)
+    model1_logprob      float64 Model 1's logprob of its token
+    model2_logprob      float64 Model 2's logprob of it, or Q's floor
+    m1_token_in_m2_topk bool    whether Q lists Model 1's token
+    top1_agree          bool    same most probable token
+    entropy1/entropy2   float64 entropy of each renormalized top-k list
+    coverage1/coverage2 float64 probability mass each top-k list reports
+    =================== ======= ===========================================================
 """
 
 from __future__ import annotations
@@ -159,6 +175,8 @@ KL = pa.schema(
         pa.field("error", pa.string()),
         pa.field("kl_floor", pa.float64()),
         pa.field("kl_lower", pa.float64()),
+        pa.field("kl_estimate", pa.float64()),
+        pa.field("tail_sigma2", pa.float64()),
         pa.field("logratio", pa.float64()),
         pa.field("model1_logprob", pa.float64(), nullable=False),
         pa.field("model2_logprob", pa.float64()),

@@ -33,10 +33,14 @@ FROM (
 WHERE resolution_rank = 1;
 
 -- Per-position estimators for every scored model2 (null where Model 2 has no result).
+-- A table written before kl_estimate existed reads it as null until `klstream kl` redoes it.
 CREATE OR REPLACE VIEW kl AS
-SELECT * FROM read_parquet(getvariable('kl_files'), union_by_name = true);
+SELECT * FROM read_parquet(getvariable('kl_files'), union_by_name = true)
+UNION ALL BY NAME
+SELECT NULL::DOUBLE AS kl_estimate, NULL::DOUBLE AS tail_sigma2 WHERE false;
 
--- Per-response statistics of kl_floor (the spec's KL) and of the other estimators.
+-- Per-response statistics of kl_floor (the spec's KL) and of the other estimators
+-- (kl_lower: the capped certified lower bound; kl_estimate: the model-based point estimate).
 -- std_kl is the population standard deviation, as numpy's default.
 CREATE OR REPLACE VIEW response_stats AS
 SELECT
@@ -56,6 +60,8 @@ SELECT
     quantile_cont(kl_floor, 0.99) AS p99_kl,
     avg(kl_lower) AS mean_kl_lower,
     sum(kl_lower) AS total_kl_lower,
+    avg(kl_estimate) AS mean_kl_estimate,
+    sum(kl_estimate) AS total_kl_estimate,
     avg(logratio) AS mean_logratio,
     sum(logratio) AS total_logratio,
     avg(top1_agree::DOUBLE) AS top1_agreement,

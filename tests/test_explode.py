@@ -13,12 +13,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from cli import invoke
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from inputs import Token, make_input, make_response, write_input
 
-from klstream.errors import InputError, KlstreamError
+from klstream.errors import InputError, KlstreamError, PositionsExist
 from klstream.input import explode as explode_module
+from klstream.input import validate as validate_module
 from klstream.input.explode import explode
 from klstream.schemas import POSITIONS, RESPONSES, SKIPPED
 
@@ -34,7 +36,8 @@ def good_input() -> dict[str, Any]:
 
 
 def rows(run_dir: Path, name: str) -> list[dict[str, Any]]:
-    return pq.read_table(run_dir / name).to_pylist()
+    table: list[dict[str, Any]] = pq.read_table(run_dir / name).to_pylist()
+    return table
 
 
 def output_bytes(run_dir: Path) -> dict[str, bytes]:
@@ -160,10 +163,12 @@ def test_refuses_to_overwrite_without_the_flag(tmp_path: Path) -> None:
     write_input(tmp_path / "in", "x", good_input())
     explode(tmp_path / "in", tmp_path / "run")
     before = output_bytes(tmp_path / "run")
-    with pytest.raises(KlstreamError, match="--overwrite") as raised:
+    with pytest.raises(PositionsExist, match="positions.parquet already exists"):
         explode(tmp_path / "in", tmp_path / "run")
-    assert "another run dir" in str(raised.value)
     assert output_bytes(tmp_path / "run") == before
+    refused = invoke("explode", tmp_path / "in", "-o", tmp_path / "run")
+    assert refused.exit_code == 4
+    assert "pass --overwrite to replace them, or pick another run dir" in refused.output
 
     write_input(tmp_path / "in", "y", good_input())
     assert explode(tmp_path / "in", tmp_path / "run", overwrite=True).files == 2
@@ -184,14 +189,14 @@ def test_an_interrupted_run_leaves_no_temporaries(
     for stem in ("a", "b"):
         write_input(tmp_path / "in", stem, good_input())
     (tmp_path / "run").mkdir()
-    read_json = explode_module._read_json
+    read_json = validate_module.read_json
 
     def interrupted_at_b(path: Path) -> object:
         if path.stem == "b":
             raise KeyboardInterrupt
         return read_json(path)
 
-    monkeypatch.setattr(explode_module, "_read_json", interrupted_at_b)
+    monkeypatch.setattr(explode_module, "read_json", interrupted_at_b)
     with pytest.raises(KeyboardInterrupt):
         explode(tmp_path / "in", tmp_path / "run", skip_invalid=True)
     assert list((tmp_path / "run").iterdir()) == []
@@ -211,7 +216,7 @@ def test_skip_invalid_with_everything_skipped_writes_empty_outputs(tmp_path: Pat
     ("layout", "pattern", "message"),
     [
         ({}, "*.json", "(the directory is empty)"),
-        ({"notes.txt": "hi"}, "*.json", "--pattern '*.json' matches no file in"),
+        ({"notes.txt": "hi"}, "*.json", "the pattern '*.json' matches no file in"),
         ({"a/x.json": "{}", "b/x.json": "{}"}, "**/*.json", "have the same stem 'x'"),
     ],
     ids=["empty-dir", "no-match", "duplicate-stem"],
@@ -248,7 +253,7 @@ def test_missing_input_dir_input_file_and_bad_max_files(tmp_path: Path) -> None:
     write_input(tmp_path, "file", good_input())
     with pytest.raises(KlstreamError, match="is not a directory"):
         explode(tmp_path / "file.json", tmp_path / "run")
-    with pytest.raises(KlstreamError, match="--max-files must be at least 1, got 0"):
+    with pytest.raises(KlstreamError, match="max_files must be at least 1, got 0"):
         explode(tmp_path, tmp_path / "run", max_files=0)
 
 
@@ -260,15 +265,18 @@ def edited(edit: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
 
 
 def second_response(data: dict[str, Any]) -> dict[str, Any]:
-    return data["responses"][1]
+    response: dict[str, Any] = data["responses"][1]
+    return response
 
 
 def second_position(data: dict[str, Any]) -> dict[str, Any]:
-    return second_response(data)["logprobs"]["content"][1]
+    position: dict[str, Any] = second_response(data)["logprobs"]["content"][1]
+    return position
 
 
 def third_alternative(data: dict[str, Any]) -> dict[str, Any]:
-    return second_position(data)["top_logprobs"][2]
+    alternative: dict[str, Any] = second_position(data)["top_logprobs"][2]
+    return alternative
 
 
 def without_file_model(data: dict[str, Any]) -> None:

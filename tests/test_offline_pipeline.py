@@ -23,6 +23,7 @@ from klstream.errors import KlstreamError
 from klstream.input.explode import explode
 from klstream.metrics import reference
 from klstream.metrics.kl import KlReport, compute_kl
+from klstream.metrics.tailfit import TailObservations, fit_tail_variance
 from klstream.output.export import export
 from klstream.output.query import run_query
 
@@ -39,6 +40,16 @@ def random_tokens(rnd: random.Random, length: int, with_ids: bool = True) -> lis
         chosen = rnd.randrange(len(top))
         tokens.append((top[chosen][0], top[chosen][1], top[chosen][2], top))
     return tokens
+
+
+def tail_observations(exact: list[list[float]], censored: list[list[float]]) -> TailObservations:
+    return TailObservations(
+        count=np.array([len(values) for values in exact]),
+        total=np.array([math.fsum(values) for values in exact]),
+        total_sq=np.array([math.fsum(v * v for v in values) for values in exact]),
+        censored_rows=np.array([i for i, limits in enumerate(censored) for _ in limits], np.intp),
+        censored_at=np.array([limit for limits in censored for limit in limits]),
+    )
 
 
 @pytest.fixture
@@ -93,6 +104,10 @@ def scored_run(tmp_path: Path, inputs: Path) -> ScoredRun:
 
 def test_kl_table_matches_reference_per_position(scored_run: ScoredRun) -> None:
     run_dir, lists, errors, missing, report = scored_run
+    assert report.tail_fit is not None
+    sigma2 = report.tail_fit.sigma2
+    exact_values: list[list[float]] = []
+    censored_values: list[list[float]] = []
     kl = pq.read_table(run_dir / "kl" / f"{MODEL2}.parquet")
     assert kl.schema == schemas.KL
     positions = {
@@ -109,6 +124,7 @@ def test_kl_table_matches_reference_per_position(scored_run: ScoredRun) -> None:
         if key in errors or key in missing:
             assert row["status"] == ("error" if key in errors else "unscored")
             assert row["kl_floor"] is None and row["kl_lower"] is None and row["logratio"] is None
+            assert row["kl_estimate"] is None
             assert row["entropy1"] is not None
             continue
         pos = positions[key]
@@ -120,12 +136,24 @@ def test_kl_table_matches_reference_per_position(scored_run: ScoredRun) -> None:
         q_entries = list(zip(q_keys, q_lps, strict=True))
         assert row["status"] == "scored"
         assert row["kl_floor"] == pytest.approx(reference.kl_floor(p_entries, q_entries), abs=1e-12)
-        assert row["kl_lower"] == pytest.approx(reference.kl_lower(p_entries, q_entries), abs=1e-12)
+        assert row["kl_lower"] == pytest.approx(reference.kl_lower(p_entries, q_entries), abs=1e-9)
+        assert row["kl_estimate"] == pytest.approx(
+            reference.kl_estimate(p_entries, q_entries, sigma2), abs=1e-12
+        )
+        assert row["tail_sigma2"] == sigma2
         chosen = pos["token_id"] if by_id else pos["token"]
+        exact, censored = reference.tail_observations(p_entries, q_entries, chosen, pos["logprob"])
+        exact_values.append(exact)
+        censored_values.append(censored)
         m2_lp, inside = reference.chosen_logprob_in(q_entries, chosen)
         assert row["model2_logprob"] == pytest.approx(m2_lp)
         assert row["m1_token_in_m2_topk"] is inside
         assert row["logratio"] == pytest.approx(pos["logprob"] - m2_lp)
+    # σ̂² is the fit over every scored position's values, as plain Python finds them.
+    want = fit_tail_variance(tail_observations(exact_values, censored_values))
+    assert want is not None
+    assert sigma2 == pytest.approx(want.sigma2, rel=1e-9)
+    assert (report.tail_fit.positions, report.tail_fit.censored) == (want.positions, want.censored)
 
 
 SPEC_TOP = ["prompt", "model1", "model2", "num_responses", "responses"]
@@ -172,6 +200,8 @@ def test_export_writes_the_spec_format(scored_run: ScoredRun, tmp_path: Path) ->
                 assert detail["kl_divergence"] == row["kl_floor"]
                 assert detail["model1_chosen_logprob"] == row["model1_logprob"]
                 assert detail["model2_chosen_logprob"] == row["model2_logprob"]
+                assert detail["kl_lower"] == row["kl_lower"]
+                assert detail["kl_estimate"] == row["kl_estimate"]
             stats = response["statistics"]
             assert starts_with_spec_keys(stats, SPEC_STATS)
             values = [r["kl_floor"] for r in expected if r["kl_floor"] is not None]
@@ -187,6 +217,10 @@ def test_export_writes_the_spec_format(scored_run: ScoredRun, tmp_path: Path) ->
             assert stats["min_kl"] == pytest.approx(min(values))
             assert stats["max_kl"] == pytest.approx(max(values))
             assert stats["total_kl"] == pytest.approx(math.fsum(values))
+            for name in ("kl_lower", "kl_estimate"):
+                estimates = [r[name] for r in expected if r[name] is not None]
+                assert stats[f"mean_{name}"] == pytest.approx(statistics.fmean(estimates))
+                assert stats[f"total_{name}"] == pytest.approx(math.fsum(estimates))
     alpha = json.loads((out / "alpha_kl.json").read_text(encoding="utf-8"))
     assert alpha["responses"][0]["unscored_positions"] == [
         {"position": 3, "status": "error", "error": "503 UNAVAILABLE: overloaded"}
@@ -208,6 +242,13 @@ def test_export_writes_the_spec_format(scored_run: ScoredRun, tmp_path: Path) ->
     assert summary["max_kl"] == pytest.approx(max(scored_values))
     assert summary["p50_kl"] == pytest.approx(float(np.median(scored_values)))
     assert summary["p99_kl"] == pytest.approx(float(np.percentile(scored_values, 99)))
+    for name in ("kl_lower", "kl_estimate"):
+        estimates = [r[name] for r in kl_rows if r[name] is not None]
+        assert summary[f"mean_{name}"] == pytest.approx(statistics.fmean(estimates))
+        assert summary[f"mean_{name}_stderr"] == pytest.approx(
+            statistics.stdev(estimates) / math.sqrt(len(estimates))
+        )
+    assert summary["tail_sigma2"] == kl_rows[0]["tail_sigma2"]
     top1 = [r["top1_agree"] for r in kl_rows if r["top1_agree"] is not None]
     assert summary["top1_agreement"] == pytest.approx(sum(top1) / len(top1))
 
@@ -224,6 +265,9 @@ def test_export_cli_prints_summary_table(scored_run: ScoredRun, tmp_path: Path) 
         "Minimum KLD:",
         "Same top token:",
         "M1 token outside M2 top-k:",
+        "Mean KL estimate:",
+        "Mean KL lower bound:",
+        "Tail variance σ̂²:",
         "failed 1, unscored 2",
     ):
         assert label in result.output
@@ -335,8 +379,10 @@ def test_kl_pass_with_no_successful_result_in_a_batch(tmp_path: Path, inputs: Pa
     write_fixture_scores(run_dir, MODEL2, errors=every_key)
     report = compute_kl(run_dir, MODEL2, batch_rows=7)
     assert (report.scored, report.failed) == (0, len(positions))
+    assert report.tail_fit is None
     rows = pq.read_table(run_dir / "kl" / f"{MODEL2}.parquet").to_pylist()
     assert all(r["kl_floor"] is None and r["status"] == "error" for r in rows)
+    assert all(r["kl_estimate"] is None and r["tail_sigma2"] is None for r in rows)
     assert all(r["entropy1"] is not None for r in rows)
 
 
@@ -363,3 +409,17 @@ def test_small_response_ranges_give_the_same_kl_table_and_files(
         export(run_dir, ranged, MODEL2, range_positions=positions_per_range)
         for name in ("alpha_kl.json", "beta_kl.json", "summary.json"):
             assert (ranged / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_a_kl_table_from_before_kl_estimate_still_opens_and_is_recomputed(
+    scored_run: ScoredRun, tmp_path: Path
+) -> None:
+    """Views over a KL table without the new columns must not fail: `klstream kl` is how a run
+    is brought up to date after an upgrade, and it opens those views itself."""
+    run_dir = scored_run[0]
+    path = run_dir / "kl" / f"{MODEL2}.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["kl_estimate", "tail_sigma2"]), path)
+    summary = export(run_dir, tmp_path / "old", MODEL2).summary
+    assert summary["mean_kl_estimate"] is None and summary["mean_kl"] is not None
+    compute_kl(run_dir, MODEL2)
+    assert export(run_dir, tmp_path / "new", MODEL2).summary["mean_kl_estimate"] is not None

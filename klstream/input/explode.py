@@ -1,16 +1,14 @@
 """Stage 1 of the dataflow: explode Model 1's JSON files into one Parquet row per token position.
 
 Every later stage reads ``positions.parquet`` and ``responses.parquet`` instead of the JSON, so the
-input is validated once, here, and each problem is reported with its file and the JSON path of the
-offending field. Files are parsed one at a time, so memory is bounded by the largest input file.
+input is validated once, here (the checks themselves live in :mod:`klstream.input.validate`), and
+each problem is reported with its file and the JSON path of the offending field. Files are parsed
+one at a time, so memory is bounded by the largest input file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
 from pathlib import Path
@@ -21,12 +19,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klstream import atomic
-from klstream.errors import InputError, KlstreamError
+from klstream.errors import InputError, InputSelectionError, PositionsExist, RunDirError
+from klstream.input.validate import (
+    Invalid,
+    ValidResponse,
+    encodable,
+    file_fields,
+    read_json,
+    validate_response,
+)
+from klstream.rundir import RunDir
 from klstream.schemas import POSITIONS, RESPONSES, SKIPPED
-
-POSITIONS_FILE = "positions.parquet"
-RESPONSES_FILE = "responses.parquet"
-SKIPPED_FILE = "skipped.parquet"
 
 ROW_GROUP_BYTES = 32 * 2**20
 """Arrow bytes gathered before a row group is written. One row group per input file would leave
@@ -43,9 +46,6 @@ POSITIONS_DICTIONARY_COLUMNS = [
 ]
 """The repetitive ``positions`` columns worth dictionary-encoding. Trying it on the nearly unique
 logprobs, as Parquet does by default, about doubles the write time for no gain in size."""
-
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_MAX_SHOWN_CHARS = 60
 
 
 @dataclass(frozen=True)
@@ -82,17 +82,13 @@ def explode(
     ``skipped.parquet`` left by an earlier run is removed, as it no longer describes the outputs.
     """
     files = _input_files(input_dir, pattern, max_files)
-    positions_path = run_dir / POSITIONS_FILE
-    responses_path = run_dir / RESPONSES_FILE
-    skipped_path = run_dir / SKIPPED_FILE
+    run = RunDir(run_dir)
+    positions_path, responses_path, skipped_path = run.positions, run.responses, run.skipped
     if positions_path.exists() and not overwrite:
-        raise KlstreamError(
-            f"{positions_path} already exists: pass --overwrite to replace it, "
-            "or pick another run dir"
-        )
-    later_stages = [run_dir / name for name in ("scores", "kl") if (run_dir / name).is_dir()]
+        raise PositionsExist(f"{positions_path} already exists")
+    later_stages = [stage for stage in run.stage_dirs if stage.is_dir()]
     if any(any(stage.iterdir()) for stage in later_stages):
-        raise KlstreamError(
+        raise RunDirError(
             f"{run_dir} holds Model 2 results (scores/, kl/) keyed to its current positions; "
             "replacing the positions would silently mismatch them. Use a new run dir, or move "
             "those results away first"
@@ -132,30 +128,32 @@ def explode(
 def _input_files(input_dir: Path, pattern: str, max_files: int | None) -> list[Path]:
     """The files to read, in stem order, which is the row order of every output."""
     if max_files is not None and max_files < 1:
-        raise KlstreamError(f"--max-files must be at least 1, got {max_files}")
+        raise InputSelectionError(f"max_files must be at least 1, got {max_files}")
     if not input_dir.exists():
-        raise KlstreamError(f"input directory {input_dir} does not exist")
+        raise InputSelectionError(f"input directory {input_dir} does not exist")
     if not input_dir.is_dir():
-        raise KlstreamError(f"input path {input_dir} is not a directory")
+        raise InputSelectionError(f"input path {input_dir} is not a directory")
     try:
         matched = sorted(path for path in input_dir.glob(pattern) if path.is_file())
     except (ValueError, NotImplementedError) as error:
-        raise KlstreamError(f"invalid --pattern {pattern!r}: {error}") from error
+        raise InputSelectionError(f"invalid file pattern {pattern!r}: {error}") from error
     if not matched:
         empty = " (the directory is empty)" if not any(input_dir.iterdir()) else ""
-        raise KlstreamError(
-            f"no input files: --pattern {pattern!r} matches no file in {input_dir}{empty}"
+        raise InputSelectionError(
+            f"no input files: the pattern {pattern!r} matches no file in {input_dir}{empty}"
         )
     files = matched[:max_files]
     by_stem: dict[str, Path] = {}
     for path in files:
-        if not _encodable(str(path)):
-            raise KlstreamError(f"input file name {str(path)!r} is not valid UTF-8: rename it")
+        if not encodable(str(path)):
+            raise InputSelectionError(
+                f"input file name {str(path)!r} is not valid UTF-8: rename it"
+            )
         first = by_stem.setdefault(path.stem, path)
         if first is not path:
-            raise KlstreamError(
+            raise InputSelectionError(
                 f"input files {first} and {path} have the same stem {path.stem!r}; the stem "
-                "identifies a file in every output, so narrow --pattern or rename one of them"
+                "identifies a file in every output, so narrow the pattern or rename one of them"
             )
     return sorted(files, key=lambda path: path.stem)
 
@@ -165,11 +163,11 @@ def _prepare_run_dir(run_dir: Path) -> bool:
     if run_dir.is_dir():
         return False
     if run_dir.exists():
-        raise KlstreamError(f"run dir {run_dir} exists and is not a directory")
+        raise RunDirError(f"run dir {run_dir} exists and is not a directory")
     try:
         run_dir.mkdir(parents=True)
     except OSError as error:
-        raise KlstreamError(f"cannot create run dir {run_dir}: {error}") from error
+        raise RunDirError(f"cannot create run dir {run_dir}: {error}") from error
     return True
 
 
@@ -253,18 +251,6 @@ class _RowGroupWriter:
             self._writer.close()
 
 
-class _Invalid(Exception):
-    """A malformed field, located relative to the value being read; callers prepend their part."""
-
-    def __init__(self, json_path: str, reason: str) -> None:
-        super().__init__(json_path, reason)
-        self.json_path = json_path
-        self.reason = reason
-
-    def under(self, prefix: str) -> _Invalid:
-        return _Invalid(prefix + self.json_path, self.reason)
-
-
 @dataclass
 class _ExplodedFile:
     positions: pa.Table
@@ -277,7 +263,7 @@ def _explode_file(path: Path, *, skip_invalid: bool) -> _ExplodedFile:
     """Read one file; a problem with the whole file skips it, one inside a response skips that."""
     source, stem = str(path), path.stem
 
-    def skip(response_index: int | None, problem: _Invalid) -> dict[str, object]:
+    def skip(response_index: int | None, problem: Invalid) -> dict[str, object]:
         """The ``skipped.parquet`` row for ``problem``, or raise it when not skipping."""
         if not skip_invalid:
             raise InputError(source, problem.json_path, problem.reason) from None
@@ -290,247 +276,21 @@ def _explode_file(path: Path, *, skip_invalid: bool) -> _ExplodedFile:
         }
 
     try:
-        prompt, file_model, responses = _file_fields(_read_json(path))
-    except _Invalid as problem:
+        prompt, file_model, responses = file_fields(read_json(path))
+    except Invalid as problem:
         skipped_file = [skip(None, problem)]
         return _ExplodedFile(POSITIONS.empty_table(), RESPONSES.empty_table(), skipped_file, 0)
     rows = _FileRows()
     skipped = []
     for index, response in enumerate(responses):
         try:
-            rows.add(index, _explode_response(response, file_model))
-        except _Invalid as problem:
+            rows.add(index, validate_response(response, file_model))
+        except Invalid as problem:
             skipped.append(skip(index, problem.under(f"$.responses[{index}]")))
     mismatches = rows.tokens_match_text.count(False)
     return _ExplodedFile(
         rows.positions_table(stem), rows.responses_table(stem, prompt, source), skipped, mismatches
     )
-
-
-def _read_json(path: Path) -> object:
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise _Invalid("$", f"cannot read the file: {error.strerror or error}") from error
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        byte = f"0x{raw[error.start]:02x}"
-        reason = f"not valid UTF-8: byte {byte} at offset {error.start} ({error.reason})"
-        raise _Invalid("$", reason) from error
-    del raw  # free the bytes before json builds the much larger parsed objects
-    if not text.strip():
-        raise _Invalid("$", "invalid JSON: the file is empty")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise _Invalid(
-            "$", f"invalid JSON: {error.msg} at line {error.lineno} column {error.colno}"
-        ) from error
-    except ValueError as error:
-        raise _Invalid("$", f"invalid JSON: {error}") from error
-    except RecursionError as error:
-        raise _Invalid("$", "invalid JSON: nested too deeply to parse") from error
-
-
-def _file_fields(document: object) -> tuple[str, str | None, list[object]]:
-    """The prompt, the file-level model (the fallback for responses naming none), the responses."""
-    if type(document) is not dict:
-        raise _Invalid("$", f"expected a JSON object at the top level, got {_describe(document)}")
-    try:
-        prompt = _string(document, "prompt")
-        file_model = _string(document, "model") if document.get("model") is not None else None
-        responses = document.get("responses")
-        if type(responses) is not list:
-            raise _field_problem(document, "responses", "a list")
-    except _Invalid as problem:
-        raise problem.under("$") from None
-    return prompt, file_model, responses
-
-
-@dataclass
-class _Response:
-    """One validated response, as flat column values."""
-
-    model1: str
-    text: str
-    tokens_match_text: bool
-    tokens: list[str]
-    token_ids: list[int | None]
-    logprobs: list[float]
-    top_counts: list[int]
-    top_tokens: list[str]
-    top_token_ids: list[int | None]
-    top_logprobs: list[float]
-
-
-def _explode_response(response: object, file_model: str | None) -> _Response:
-    """Validate one response; paths in the errors it raises are relative to the response."""
-    if type(response) is not dict:
-        raise _Invalid("", f"expected an object, got {_describe(response)}")
-    text = _string(response, "text")
-    if response.get("model") is not None:
-        model1 = _string(response, "model")
-    elif file_model is not None:
-        model1 = file_model
-    else:
-        raise _Invalid(
-            ".model",
-            "missing required key 'model': neither the response nor the file names its model",
-        )
-    logprobs = response.get("logprobs")
-    if type(logprobs) is not dict:
-        raise _field_problem(response, "logprobs", "an object")
-    content = logprobs.get("content")
-    if type(content) is not list:
-        raise _field_problem(logprobs, "content", "a list").under(".logprobs")
-
-    tokens: list[str] = []
-    token_ids: list[int | None] = []
-    chosen_logprobs: list[float] = []
-    top_counts: list[int] = []
-    top_tokens: list[str] = []
-    top_token_ids: list[int | None] = []
-    top_logprobs: list[float] = []
-    for position, entry in enumerate(content):
-        try:
-            token, token_id, logprob = _scored_token(entry)
-            alternatives = entry.get("top_logprobs")
-            if type(alternatives) is not list or not alternatives:
-                raise _field_problem(entry, "top_logprobs", "a non-empty list")
-            for rank, alternative in enumerate(alternatives):
-                try:
-                    top_token, top_token_id, top_logprob = _scored_token(alternative)
-                except _Invalid as problem:
-                    raise problem.under(f".top_logprobs[{rank}]") from None
-                top_tokens.append(top_token)
-                top_token_ids.append(top_token_id)
-                top_logprobs.append(top_logprob)
-        except _Invalid as problem:
-            raise problem.under(f".logprobs.content[{position}]") from None
-        tokens.append(token)
-        token_ids.append(token_id)
-        chosen_logprobs.append(logprob)
-        top_counts.append(len(alternatives))
-
-    bad = _first_unencodable(tokens)
-    if bad is not None:
-        raise _Invalid(f".logprobs.content[{bad}].token", _unencodable_reason(tokens[bad]))
-    bad = _first_unencodable(top_tokens)
-    if bad is not None:
-        ends = list(accumulate(top_counts))
-        position = bisect_right(ends, bad)
-        rank = bad - (ends[position - 1] if position else 0)
-        raise _Invalid(
-            f".logprobs.content[{position}].top_logprobs[{rank}].token",
-            _unencodable_reason(top_tokens[bad]),
-        )
-    return _Response(
-        model1=model1,
-        text=text,
-        tokens_match_text="".join(tokens) == text,
-        tokens=tokens,
-        token_ids=token_ids,
-        logprobs=chosen_logprobs,
-        top_counts=top_counts,
-        top_tokens=top_tokens,
-        top_token_ids=top_token_ids,
-        top_logprobs=top_logprobs,
-    )
-
-
-def _scored_token(entry: object) -> tuple[str, int | None, float]:
-    """Validate one ``{token, logprob, token_id?}`` object: a chosen token or an alternative.
-
-    This runs for every top-k entry, so the common case is a few exact type checks.
-    """
-    if type(entry) is not dict:
-        raise _Invalid("", f"expected an object, got {_describe(entry)}")
-    token = entry.get("token")
-    if type(token) is not str:
-        raise _field_problem(entry, "token", "a string")
-    logprob = entry.get("logprob")
-    if type(logprob) is not float:
-        logprob = _integral_logprob(entry)
-    if not -math.inf < logprob <= 0.0:
-        raise _Invalid(".logprob", f"expected a finite number <= 0, got {_describe(logprob)}")
-    token_id = entry.get("token_id")
-    if token_id is not None and (
-        type(token_id) is not int or not _INT64_MIN <= token_id <= _INT64_MAX
-    ):
-        raise _token_id_problem(token_id)
-    return token, token_id, logprob
-
-
-def _token_id_problem(token_id: object) -> _Invalid:
-    if type(token_id) is int:
-        reason = f"expected an integer that fits in 64 bits, got {_describe(token_id)}"
-        return _Invalid(".token_id", reason)
-    return _Invalid(".token_id", f"expected an integer or null, got {_describe(token_id)}")
-
-
-def _integral_logprob(entry: dict[str, object]) -> float:
-    """A logprob written as a JSON integer such as ``0``; any other non-float is an error."""
-    logprob = entry.get("logprob")
-    if type(logprob) is not int:
-        raise _field_problem(entry, "logprob", "a number")
-    try:
-        return float(logprob)
-    except OverflowError:
-        reason = f"expected a finite number <= 0, got {_describe(logprob)}"
-        raise _Invalid(".logprob", reason) from None
-
-
-def _string(obj: dict[str, object], key: str) -> str:
-    """A required string field, which must also be storable as UTF-8."""
-    value = obj.get(key)
-    if type(value) is not str:
-        raise _field_problem(obj, key, "a string")
-    if not _encodable(value):
-        raise _Invalid(f".{key}", _unencodable_reason(value))
-    return value
-
-
-def _field_problem(obj: dict[str, object], key: str, expected: str) -> _Invalid:
-    """Explain why ``obj[key]`` failed its type check: absent, or of the wrong kind."""
-    if key not in obj:
-        return _Invalid(f".{key}", f"missing required key {key!r}")
-    return _Invalid(f".{key}", f"expected {expected}, got {_describe(obj[key])}")
-
-
-def _first_unencodable(strings: list[str]) -> int | None:
-    """Index of the first string Arrow cannot store as UTF-8: one holding a lone surrogate, which
-    a JSON escape such as ``"\\ud83d"`` produces. One encode of the concatenation keeps the common
-    case fast; joining never creates a surrogate, so a failure means some single string has one."""
-    try:
-        "".join(strings).encode()
-    except UnicodeEncodeError:
-        return next(index for index, value in enumerate(strings) if not _encodable(value))
-    return None
-
-
-def _encodable(value: str) -> bool:
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _unencodable_reason(value: str) -> str:
-    return (
-        f"expected valid Unicode text, got {_describe(value)}, which holds a lone UTF-16 surrogate"
-    )
-
-
-def _describe(value: object) -> str:
-    """Show a value as the JSON file writes it, so a reason reads 'got true', not 'got True'."""
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list" if value else "an empty list"
-    shown = json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace").decode()
-    return shown if len(shown) <= _MAX_SHOWN_CHARS else shown[:_MAX_SHOWN_CHARS] + "..."
 
 
 @dataclass
@@ -552,7 +312,7 @@ class _FileRows:
     top_token_ids: list[int | None] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
 
-    def add(self, index: int, response: _Response) -> None:
+    def add(self, index: int, response: ValidResponse) -> None:
         num_tokens = len(response.tokens)
         self.response_index.append(index)
         self.model1.append(response.model1)

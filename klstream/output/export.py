@@ -166,8 +166,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{_fmt(_percent(s['top1_agreement_stderr']), 6, 3)} %",
             "M1 token outside M2 top-k: "
             f"{_fmt(_percent(s['m1_token_outside_m2_topk_rate']), 7, 3)} %",
+            mean_line("Mean KL estimate:", "mean_kl_estimate"),
             mean_line("Mean KL lower bound:", "mean_kl_lower"),
             mean_line("Mean log-ratio (MC KL):", "mean_logratio"),
+            f"{'Tail variance σ̂²:':<27}{_fmt(s['tail_sigma2'])}",
             *_cost_lines(s.get("cost")),
         ]
     )
