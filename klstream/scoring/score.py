@@ -28,13 +28,14 @@ from typing import Any
 import pyarrow as pa
 
 from klstream import __version__, schemas
-from klstream.atomic import write_text_atomic
+from klstream.atomic import sweep_stale_temporaries, write_text_atomic
 from klstream.backends.gemini import Endpoint, generation_config, prefill_contents
 from klstream.database import RANGE_POSITIONS, connect, ranged
 from klstream.errors import ResultsExist, RunConfigMismatch
 from klstream.loop import run_blocking
 from klstream.metrics.kl import KlReport, compute_kl
 from klstream.rundir import RunDir
+from klstream.runlock import model2_writer
 from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, open_caller
 from klstream.scoring.checkpoint import write_scores_part
 from klstream.sqlfiles import load_sql
@@ -363,9 +364,26 @@ async def score_async(
     endpoint: Endpoint,
     on_progress: Callable[[ScoreStats], None] | None = None,
 ) -> ScoreReport:
-    """Score every pending position of ``run_dir`` against ``options.model2``, then run KL."""
+    """Score every pending position of ``run_dir`` against ``options.model2``, then run KL.
+
+    One process at a time scores a Model 2 of a run directory (:mod:`klstream.runlock`); it
+    starts by removing what killed runs left half-written.
+    """
     run = RunDir(run_dir)
     run.require_exploded()
+    with model2_writer(run, options.model2):
+        sweep_stale_temporaries(run.scores_dir(options.model2))
+        sweep_stale_temporaries(run.kl_path(options.model2).parent)
+        return await _score_locked(run, options, endpoint, on_progress)
+
+
+async def _score_locked(
+    run: RunDir,
+    options: ScoreOptions,
+    endpoint: Endpoint,
+    on_progress: Callable[[ScoreStats], None] | None,
+) -> ScoreReport:
+    run_dir = run.root
     _check_run_config(run, options, endpoint)
     positions, done = _count_pending(run_dir, options.model2)
     stats = ScoreStats(total=positions, already_done=done)
