@@ -292,7 +292,7 @@ def _api_options(function: Any) -> Any:
             click.option(
                 "--max-retries",
                 type=click.IntRange(min=0),
-                default=8,
+                default=12,
                 show_default=True,
                 help="Retries on 429, 5xx, time-outs and answers without logprobs.",
             ),

@@ -7,12 +7,15 @@ off (one attempt), so that :mod:`klstream.scoring.score` decides about every ret
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
+import string
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import quote, quote_plus, urlparse
 
 import aiohttp
 from google import genai
@@ -33,6 +36,9 @@ API_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 BASE_URL_VARIABLE = "GOOGLE_GEMINI_BASE_URL"
 PROJECT_VARIABLE = "GOOGLE_CLOUD_PROJECT"
 PLACEHOLDER_KEY = "no-key-needed-for-this-base-url"
+SECRET_RUN = 8
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+"""Characters of the key in a row that :meth:`Endpoint.redact` masks wherever they appear."""
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -56,9 +62,51 @@ class Endpoint:
             f"location={self.location!r}, base_url={self.base_url!r})"
         )
 
+    @property
+    def url(self) -> str:
+        """Where requests go, for messages: the base URL, or the service's default host."""
+        if self.base_url:
+            return self.base_url
+        if self.backend == "vertex":
+            region = "" if self.location == "global" else f"{self.location}-"
+            return f"https://{region}aiplatform.googleapis.com"
+        return "https://generativelanguage.googleapis.com"
+
+    @functools.cached_property
+    def _key_pieces(self) -> frozenset[str]:
+        """Every ``SECRET_RUN`` characters in a row of the key, as sent or URL-encoded (a
+        server may echo it encoded, or cut short), in ASCII lower case; empty when nothing is
+        secret."""
+        key = self.api_key
+        if not key or key == PLACEHOLDER_KEY:
+            return frozenset()
+        every_symbol_encoded = "".join(
+            char
+            if char.isascii() and char.isalnum()
+            else "".join(f"%{b:02X}" for b in char.encode())
+            for char in key
+        )
+        forms = {key, quote(key), quote(key, safe=""), quote_plus(key), every_symbol_encoded}
+        return frozenset(
+            form[start : start + SECRET_RUN].translate(_ASCII_LOWER)
+            for form in forms
+            for start in range(max(len(form) - SECRET_RUN, 0) + 1)
+        )
+
     def redact(self, text: str) -> str:
-        """``text`` with the API key, should an error message ever echo it, masked."""
-        return text.replace(self.api_key, "***") if self.api_key else text
+        """``text`` with every run of ``SECRET_RUN`` or more characters of the API key (whole,
+        cut short or URL-encoded) replaced by ``***``, should an error message ever echo it."""
+        pieces = self._key_pieces
+        if not pieces:
+            return text
+        lowered = text.translate(_ASCII_LOWER)  # same length, unlike str.lower()
+        masked = [False] * len(text)
+        for width in {len(piece) for piece in pieces}:
+            for start in range(len(text) - width + 1):
+                if lowered[start : start + width] in pieces:
+                    masked[start : start + width] = [True] * width
+        runs = groupby(zip(masked, text, strict=True), key=lambda pair: pair[0])
+        return "".join("***" if hidden else "".join(c for _, c in run) for hidden, run in runs)
 
 
 def endpoint_from_environment(

@@ -45,6 +45,8 @@ RESULTS_FORMAT = 1
 cannot be mixed with another's; a resumed run compares it, never the package version."""
 RESULT_PARAMETERS = ("results_format", "model2", "top_logprobs", "backend", "thinking_budget")
 """The recorded parameters that change results: a resumed run must share every one."""
+WORKERS_PER_SLOT = 8
+"""Positions in progress per slot of ``max_concurrent``."""
 
 
 @dataclass(frozen=True)
@@ -229,8 +231,12 @@ class _Scorer:
         self.consecutive_failures = 0
         self.last_error: str | None = None
 
-    async def score_one(self, caller: Caller, item: WorkItem) -> None:
-        outcome = await caller.call(prefill_contents(item.prompt, item.prefill), self.config)
+    async def score_one(
+        self, caller: Caller, item: WorkItem, probe_deadline: float | None = None
+    ) -> None:
+        outcome = await caller.call(
+            prefill_contents(item.prompt, item.prefill), self.config, probe_deadline
+        )
         # Counted before the checkpoint's await: the row is buffered at once, so it is saved even
         # if the run is cancelled during a flush, and the counts must include it.
         if outcome.answer:
@@ -265,18 +271,27 @@ class _Scorer:
             await self._probe_then_pipeline(caller, items)
 
     async def _probe_then_pipeline(self, caller: Caller, items: AsyncIterator[WorkItem]) -> None:
+        """The first items go one at a time, as probes with a short shared budget until one
+        succeeds (:meth:`Caller.call`): an endpoint that answers nothing usable stops the run
+        in well under a minute. Once one has succeeded, every call has the full retry budget."""
+        started = time.monotonic()
+        deadline = started + self.options.policy.probe_budget_s
         probed_prefill = False
         probes = 0
         async for item in items:
-            await self.score_one(caller, item)
+            await self.score_one(caller, item, deadline if self.stats.scored == 0 else None)
             probes += 1
             probed_prefill = probed_prefill or bool(item.prefill)
-            if probed_prefill or probes >= 3:
+            if probed_prefill or probes >= 3 or time.monotonic() >= deadline:
                 break
         else:
             return
         if self.stats.scored == 0:
-            raise _Stop(f"the first {probes} requests all failed; the last said: {self.last_error}")
+            first = "the first request" if probes == 1 else f"the first {probes} requests"
+            raise _Stop(
+                f"{first} to {self.endpoint.url} failed ({self.stats.calls.requests} attempts in "
+                f"{time.monotonic() - started:.0f} s); the last said: {self.last_error}"
+            )
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(
             maxsize=4 * self.options.max_concurrent
         )
@@ -291,7 +306,12 @@ class _Scorer:
                 await asyncio.sleep(self.options.checkpoint_seconds)
                 await self.checkpoint.flush()
 
-        workers = [asyncio.create_task(worker()) for _ in range(self.options.max_concurrent)]
+        # More positions in progress than slots: while some wait out a back-off, others use the
+        # slots; the limiter alone bounds the requests in flight.
+        workers = [
+            asyncio.create_task(worker())
+            for _ in range(WORKERS_PER_SLOT * self.options.max_concurrent)
+        ]
         feeding = asyncio.create_task(self._feed(items, queue, len(workers)))
         flushing = asyncio.create_task(flush_every_interval())
         try:
