@@ -65,9 +65,12 @@ _EXPORTS: dict[str, str] = {
     "RunExists": "klstream.errors",
     "ResultsExist": "klstream.errors",
     "RunConfigMismatch": "klstream.errors",
+    "RunLocked": "klstream.errors",
+    "InputsChanged": "klstream.errors",
     "NoResults": "klstream.errors",
     "AmbiguousModel2": "klstream.errors",
     "EndpointError": "klstream.errors",
+    "EndpointUnreachable": "klstream.errors",
     "MissingCredentials": "klstream.errors",
     "AuthenticationError": "klstream.errors",
     "ModelNotFound": "klstream.errors",
@@ -77,6 +80,8 @@ _EXPORTS: dict[str, str] = {
     "ThinkingNotDisabled": "klstream.errors",
     "RunIncomplete": "klstream.errors",
     "QueryError": "klstream.errors",
+    "OutputError": "klstream.errors",
+    "ExportFailed": "klstream.errors",
 }
 
 __all__ = [
@@ -118,9 +123,12 @@ __all__ = [
     "RunExists",
     "ResultsExist",
     "RunConfigMismatch",
+    "RunLocked",
+    "InputsChanged",
     "NoResults",
     "AmbiguousModel2",
     "EndpointError",
+    "EndpointUnreachable",
     "MissingCredentials",
     "AuthenticationError",
     "ModelNotFound",
@@ -130,6 +138,8 @@ __all__ = [
     "ThinkingNotDisabled",
     "RunIncomplete",
     "QueryError",
+    "OutputError",
+    "ExportFailed",
 ]
 
 
@@ -153,7 +163,10 @@ if TYPE_CHECKING:
         AmbiguousModel2,
         AuthenticationError,
         EndpointError,
+        EndpointUnreachable,
+        ExportFailed,
         InputError,
+        InputsChanged,
         InputSelectionError,
         KlstreamError,
         MissingCredentials,
@@ -161,6 +174,7 @@ if TYPE_CHECKING:
         ModelNotFound,
         NoResults,
         NotExploded,
+        OutputError,
         PositionsExist,
         PrefillRejected,
         QueryError,
@@ -169,6 +183,7 @@ if TYPE_CHECKING:
         RunDirError,
         RunExists,
         RunIncomplete,
+        RunLocked,
         ThinkingNotDisabled,
         ThinkingRejected,
     )

@@ -41,7 +41,10 @@ _HELD: contextvars.ContextVar[Mapping[Path, bool]] = contextvars.ContextVar(
 
 
 def _holder_record() -> str:
-    return json.dumps({"pid": os.getpid(), "command": sys.argv}) + "\n"
+    """This process, for the message another writer gets: its PID and its command line."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    command = ["klstream" if program == "__main__.py" else program, *sys.argv[1:]]
+    return json.dumps({"pid": os.getpid(), "command": command}) + "\n"
 
 
 def _read_holder(path: Path) -> str | None:
@@ -58,15 +61,15 @@ def _read_holder(path: Path) -> str | None:
 
 
 def _exclusive_holders(paths: list[Path]) -> list[str]:
-    """Who holds each of ``paths`` exclusively, found by trying a shared lock on each."""
-    holders = []
+    """Who holds any of ``paths`` exclusively, found by trying a shared lock on each."""
+    holders: dict[str, None] = {}
     for path in paths:
         with contextlib.suppress(OSError), open(path, "rb") as probe:
             try:
                 fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                holders.append(_read_holder(path) or "another process")
-    return holders
+                holders[_read_holder(path) or "another process"] = None
+    return list(holders)
 
 
 @contextlib.contextmanager

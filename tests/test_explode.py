@@ -34,7 +34,8 @@ def good_input() -> dict[str, Any]:
 
 
 def rows(run_dir: Path, name: str) -> list[dict[str, Any]]:
-    return pq.read_table(run_dir / name).to_pylist()
+    table: list[dict[str, Any]] = pq.read_table(run_dir / name).to_pylist()
+    return table
 
 
 def output_bytes(run_dir: Path) -> dict[str, bytes]:
@@ -264,15 +265,18 @@ def edited(edit: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
 
 
 def second_response(data: dict[str, Any]) -> dict[str, Any]:
-    return data["responses"][1]
+    response: dict[str, Any] = data["responses"][1]
+    return response
 
 
 def second_position(data: dict[str, Any]) -> dict[str, Any]:
-    return second_response(data)["logprobs"]["content"][1]
+    position: dict[str, Any] = second_response(data)["logprobs"]["content"][1]
+    return position
 
 
 def third_alternative(data: dict[str, Any]) -> dict[str, Any]:
-    return second_position(data)["top_logprobs"][2]
+    alternative: dict[str, Any] = second_position(data)["top_logprobs"][2]
+    return alternative
 
 
 def without_file_model(data: dict[str, Any]) -> None:
