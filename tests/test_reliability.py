@@ -214,6 +214,16 @@ def test_a_refused_connection_ends_the_run_naming_the_url_and_the_cause(run_dir:
     assert result.stderr.count("\n") == 1
 
 
+def test_a_failed_tls_handshake_ends_the_run_naming_the_url_and_the_cause(
+    run_dir: Path, emulator: EmulatorServer
+) -> None:
+    url = emulator.base_url.replace("http://", "https://")  # TLS to a plain HTTP port
+    result = invoke("score", run_dir, "--model2", MODEL2, "--base-url", url)
+    assert result.exit_code == 5
+    assert f"Error: cannot reach {url}: TLS handshake failed ([SSL: " in result.stderr
+    assert emulator.stats()["by_status"] == {}
+
+
 def test_a_listener_that_never_answers_stops_the_run_after_the_probe_budget(
     run_dir: Path, toy_inputs: ToyInputs
 ) -> None:

@@ -234,11 +234,11 @@ class Caller:
 
 def unreachable(error: aiohttp.ClientConnectorError) -> str:
     """Why no connection could be made, in words: refused, unknown host, TLS, ..."""
+    os_error = error.os_error
     if isinstance(error, aiohttp.ClientConnectorCertificateError):
         return f"TLS certificate not accepted ({error.certificate_error})"
     if isinstance(error, aiohttp.ClientSSLError):
-        return f"TLS handshake failed ({error})"
-    os_error = error.os_error
+        return f"TLS handshake failed ({os_error})"
     if isinstance(error, aiohttp.ClientConnectorDNSError):
         return f"cannot resolve {error.host} ({os_error.strerror or os_error})"
     # asyncio words a refusal "Connect call failed (...)"; the errno says what happened.
