@@ -76,9 +76,12 @@ _EXPORTS: dict[str, str] = {
     "RunExists": "klstream.errors",
     "ResultsExist": "klstream.errors",
     "RunConfigMismatch": "klstream.errors",
+    "RunLocked": "klstream.errors",
+    "InputsChanged": "klstream.errors",
     "NoResults": "klstream.errors",
     "AmbiguousModel2": "klstream.errors",
     "EndpointError": "klstream.errors",
+    "EndpointUnreachable": "klstream.errors",
     "MissingCredentials": "klstream.errors",
     "MissingServerUrl": "klstream.errors",
     "MethodUnsupported": "klstream.errors",
@@ -96,6 +99,8 @@ _EXPORTS: dict[str, str] = {
     "BatchUnavailable": "klstream.errors",
     "BatchServiceError": "klstream.errors",
     "BatchJobsActive": "klstream.errors",
+    "OutputError": "klstream.errors",
+    "ExportFailed": "klstream.errors",
 }
 
 __all__ = [
@@ -148,9 +153,12 @@ __all__ = [
     "RunExists",
     "ResultsExist",
     "RunConfigMismatch",
+    "RunLocked",
+    "InputsChanged",
     "NoResults",
     "AmbiguousModel2",
     "EndpointError",
+    "EndpointUnreachable",
     "MissingCredentials",
     "MissingServerUrl",
     "MethodUnsupported",
@@ -168,6 +176,8 @@ __all__ = [
     "BatchUnavailable",
     "BatchServiceError",
     "BatchJobsActive",
+    "OutputError",
+    "ExportFailed",
 ]
 
 
@@ -197,8 +207,11 @@ if TYPE_CHECKING:
         BatchServiceError,
         BatchUnavailable,
         EndpointError,
+        EndpointUnreachable,
+        ExportFailed,
         GreedyInconsistent,
         InputError,
+        InputsChanged,
         InputSelectionError,
         KlstreamError,
         MethodUnsupported,
@@ -208,6 +221,7 @@ if TYPE_CHECKING:
         ModelNotFound,
         NoResults,
         NotExploded,
+        OutputError,
         PositionsExist,
         PrefillRejected,
         PriceTableError,
@@ -217,6 +231,7 @@ if TYPE_CHECKING:
         RunDirError,
         RunExists,
         RunIncomplete,
+        RunLocked,
         ThinkingNotDisabled,
         ThinkingRejected,
     )

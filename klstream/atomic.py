@@ -4,13 +4,44 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+_TEMPORARY_NAME = re.compile(r"\..+\.tmp-(\d+)")
+
 
 def temporary_sibling(path: Path) -> Path:
-    """A hidden name beside ``path`` that globs such as ``*.parquet`` do not match."""
+    """A hidden name beside ``path`` that globs such as ``*.parquet`` do not match; it ends with
+    the writer's PID so that :func:`sweep_stale_temporaries` can tell an orphan from work in
+    progress."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def sweep_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove the temporaries in ``directory`` whose writer is gone (killed mid-write, say).
+
+    A temporary of a live process is left alone: it may be a concurrent reader's or writer's
+    work in progress. Returns what was removed.
+    """
+    removed: list[Path] = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for path in directory.iterdir():
+            match = _TEMPORARY_NAME.fullmatch(path.name)
+            if match and not _process_alive(int(match[1])) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def fsync_directory(directory: Path) -> None:

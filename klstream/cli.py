@@ -69,8 +69,23 @@ HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
     E.BatchJobsActive: lambda e: "run `klstream batch cancel RUN_DIR` first, or --resume",
     E.GreedyInconsistent: lambda e: "use --lookahead-decoding sample (or auto, which falls back)",
     E.PriceTableError: lambda e: "fix the file given to --prices",
+    E.RunLocked: lambda e: "wait for that process to end, or stop it, then try again",
+    E.InputsChanged: lambda e: (
+        "give the --input-dir and --pattern of the original run to resume it, or --overwrite "
+        "to start again from these inputs"
+    ),
+    E.EndpointUnreachable: lambda e: "check --base-url (or the network, proxy and DNS)",
+    E.ExportFailed: lambda e: (
+        "make the output directory writable, then export them with: "
+        + _export_command(getattr(e, "run_dir", ""), getattr(e, "output_dir", ""), e)
+    ),
 }
 """The command-line fix for each kind of error, appended to its message."""
+
+
+def _export_command(run_dir: object, output_dir: object, error: E.KlstreamError) -> str:
+    words = [*program_words(), "export", str(run_dir), "-o", str(output_dir)]
+    return shlex.join([*words, "--model2", str(getattr(error, "model2", ""))])
 
 
 def _message(error: E.KlstreamError) -> str:
@@ -87,8 +102,9 @@ if TYPE_CHECKING:
 
 
 class _Group(click.Group):
-    """Turns a :class:`KlstreamError` into one clear line on stderr and its exit status, and
-    imports the emulator (numpy, aiohttp, its toy vocabulary) only when it is asked for."""
+    """Turns a :class:`KlstreamError` (or a file-system error no stage anticipated) into one
+    clear line on stderr and its exit status, and imports the emulator (numpy, aiohttp, its toy
+    vocabulary) only when it is asked for."""
 
     lazy_commands = {"emulate": ("klstream.emulator.command", "emulate_command")}
 
@@ -108,6 +124,9 @@ class _Group(click.Group):
         except E.KlstreamError as error:
             click.echo(f"Error: {_message(error)}", err=True)
             ctx.exit(error.exit_code)
+        except OSError as error:
+            click.echo(f"Error: {E.describe_os_error(error)}", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=_Group)
@@ -412,7 +431,7 @@ def _api_options(function: Any) -> Any:
             click.option(
                 "--max-retries",
                 type=click.IntRange(min=0),
-                default=8,
+                default=12,
                 show_default=True,
                 help="Retries on 429, 5xx, time-outs and answers without logprobs.",
             ),

@@ -5,7 +5,8 @@ the CLI adds the flag that fixes it (:data:`klstream.cli.HINTS`). A notebook use
 :class:`KlstreamError` for all of them, or a subclass for one kind of failure.
 
 Exit statuses (documented in README.md): 1 any other failure, 2 usage (click's own), 3 bad
-input, 4 run directory conflict, 5 Model 2 endpoint or model unusable, 6 run incomplete.
+input, 4 run directory conflict, 5 Model 2 endpoint or model unusable, 6 run incomplete, 7 an
+output cannot be written.
 """
 
 from __future__ import annotations
@@ -83,6 +84,32 @@ class RunConfigMismatch(RunDirError):
         )
 
 
+class RunLocked(RunDirError):
+    """Another process is writing the same run directory (and Model 2): one writer at a time."""
+
+    def __init__(self, message: str, holder: str | None) -> None:
+        self.holder = holder
+        super().__init__(message)
+
+
+class InputsChanged(RunDirError):
+    """The input files differ from those the run's positions were built from."""
+
+    def __init__(
+        self, run_dir: object, added: list[str], removed: list[str], changed: list[str]
+    ) -> None:
+        self.run_dir, self.added, self.removed, self.changed = run_dir, added, removed, changed
+        parts = [
+            f"{label} {', '.join(names)}"
+            for label, names in (("added", added), ("removed", removed), ("changed", changed))
+            if names
+        ]
+        super().__init__(
+            f"the input files differ from those {run_dir}'s positions were built from "
+            f"({'; '.join(parts)})"
+        )
+
+
 class NoResults(RunDirError):
     """A stage that needs Model 2 results found none."""
 
@@ -95,6 +122,11 @@ class EndpointError(KlstreamError):
     """Model 2's endpoint cannot be used: unreachable, no credentials, or refusing every call."""
 
     exit_code = 5
+
+
+class EndpointUnreachable(EndpointError):
+    """No connection to the endpoint at all (refused, unknown host, TLS failure): retrying the
+    same address will not help."""
 
 
 class MissingCredentials(EndpointError):
@@ -182,3 +214,24 @@ class RunIncomplete(KlstreamError):
 
 class QueryError(KlstreamError):
     """An ad-hoc query failed or cannot be written as asked."""
+
+
+class OutputError(KlstreamError):
+    """A file or directory cannot be written (permissions, a file in the way, a full disk)."""
+
+    exit_code = 7
+
+
+class ExportFailed(OutputError):
+    """Scoring finished but its export could not be written; the scores are kept."""
+
+    def __init__(self, message: str, run_dir: object, output_dir: object, model2: str) -> None:
+        self.run_dir, self.output_dir, self.model2 = run_dir, output_dir, model2
+        super().__init__(message)
+
+
+def describe_os_error(error: OSError) -> str:
+    """``path: cause`` for a file-system error, in one line (both paths of a failed rename)."""
+    cause = error.strerror or str(error)
+    paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {cause}" if paths else cause

@@ -9,18 +9,21 @@ Parquet tables they came from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from klstream.backends.base import Endpoint
-from klstream.errors import RunExists
-from klstream.input.explode import ExplodeReport, explode
+from klstream.errors import ExportFailed, OutputError, RunExists, describe_os_error
+from klstream.input.explode import ExplodeReport, explode, inputs_changed
 from klstream.loop import run_blocking
 from klstream.output.export import ExportReport, export
 from klstream.output.report import ReportResult, write_report
-from klstream.rundir import ExportDir
+from klstream.rundir import ExportDir, RunDir
+from klstream.runlock import model2_writer, positions_writer
 from klstream.scoring.dryrun import DryRunOptions, DryRunReport, dry_run_async
 from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score_async
 
@@ -42,7 +45,7 @@ class RunReport:
 
     run_dir: Path
     exploded: ExplodeReport | None
-    """None when an earlier run's positions were reused (resume)."""
+    """None when an earlier run's positions, from the same input files, were reused."""
     scored: ScoreReport
     exported: ExportReport | None
     report: ReportResult | None
@@ -57,26 +60,94 @@ async def run_async(
     on_progress: Callable[[ScoreStats], None] | None = None,
     on_exploded: Callable[[ExplodeReport], None] | None = None,
 ) -> RunReport:
-    """Explode ``input_dir`` (unless resuming), score every position, export when complete."""
+    """Explode ``input_dir`` (unless its positions are already there), score every position,
+    export when complete, and write the report.
+
+    The whole run holds its run directory's lock (:mod:`klstream.runlock`): a second ``run`` of
+    the same output directory is refused at once. Positions built from other input files than
+    the ones given now are replaced under ``overwrite`` and refused under ``resume``.
+    """
     exports = ExportDir(output_dir)
     run = exports.workspace
-    exploded: ExplodeReport | None = None
-    if run.is_exploded():
-        if not (options.score.resume or options.score.overwrite):
-            raise RunExists(f"{run.root} already holds a run")
-    else:
-        exploded = await asyncio.to_thread(
-            explode, input_dir, run.root, pattern=options.pattern, max_files=options.max_files
-        )
-        if on_exploded is not None:
-            on_exploded(exploded)
-    scored = await score_async(run.root, options.score, endpoint, on_progress)
-    exported = report = None
-    if not scored.remaining:
-        exported = await asyncio.to_thread(export, run.root, output_dir, options.score.model2)
-        if options.report:
-            report = await asyncio.to_thread(write_report, run.root, exports.report)
+    created = not run.root.exists()
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the run directory: {describe_os_error(error)}") from error
+    try:
+        with positions_writer(run), model2_writer(run, options.score.model2):
+            exploded = await _explode_unless_current(input_dir, run, options, on_exploded)
+            scored = await score_async(run.root, options.score, endpoint, on_progress)
+            exported = report = None
+            if not scored.remaining:
+                exported = await _export(run, output_dir, options.score.model2)
+                if options.report:
+                    report = await asyncio.to_thread(write_report, run.root, exports.report)
+    except BaseException:
+        if created and not run.is_exploded():
+            _remove_empty_workspace(run)
+        raise
     return RunReport(run.root, exploded, scored, exported, report)
+
+
+async def _explode_unless_current(
+    input_dir: Path,
+    run: RunDir,
+    options: RunOptions,
+    on_exploded: Callable[[ExplodeReport], None] | None,
+) -> ExplodeReport | None:
+    """Explode, or keep the positions already there when they come from the same input files.
+
+    New positions invalidate every Model 2's results, so those go first.
+    """
+    score = options.score
+    if run.is_exploded():
+        if not (score.resume or score.overwrite):
+            raise RunExists(f"{run.root} already holds a run")
+        changes = await asyncio.to_thread(
+            inputs_changed, input_dir, run.root, options.pattern, options.max_files
+        )
+        known = run.inputs_manifest.is_file()
+        if not score.overwrite:
+            if changes is not None:
+                raise changes
+            return None
+        if changes is None and known:
+            return None
+        for stage in run.stage_dirs:
+            shutil.rmtree(stage, ignore_errors=True)
+    exploded = await asyncio.to_thread(
+        explode,
+        input_dir,
+        run.root,
+        pattern=options.pattern,
+        max_files=options.max_files,
+        overwrite=True,
+    )
+    if on_exploded is not None:
+        on_exploded(exploded)
+    return exploded
+
+
+async def _export(run: RunDir, output_dir: Path, model2: str) -> ExportReport:
+    """The export of a complete run; when it cannot be written, say that the scores are kept."""
+    try:
+        return await asyncio.to_thread(export, run.root, output_dir, model2)
+    except OutputError as error:
+        raise ExportFailed(
+            f"every position is scored and kept in {run.root}, but the export failed: {error}",
+            run.root,
+            output_dir,
+            model2,
+        ) from error
+
+
+def _remove_empty_workspace(run: RunDir) -> None:
+    """Undo the creation of a workspace that never got positions (bad input, say)."""
+    for lock in (run.positions_lock, *run.model2_locks()):
+        lock.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run.root.rmdir()
 
 
 def run(

@@ -5,6 +5,7 @@ A run directory (``RUN_DIR``) holds::
     positions.parquet                  one row per token position (explode)
     responses.parquet                  one row per response (explode)
     skipped.parquet                    responses explode --skip-invalid left out
+    inputs.json                        the input files the positions were built from
     scores/<model2>/part-*.parquet     Model 2 outcomes, append-only checkpoints (score)
     scores/<model2>/run.json           the parameters a resumed run must share
     kl/<model2>.parquet                per-position estimators (the KL pass)
@@ -13,6 +14,7 @@ A run directory (``RUN_DIR``) holds::
     batch/<model2>/job-<id>.keys.parquet   the positions it asks for
     batch/<model2>/job-<id>.jsonl      its requests, until the job exists on the service
     batch/<model2>/plan-<round>.done   marks a planning round complete
+    .lock, .lock-<model2>              writers' locks (:mod:`klstream.runlock`)
 
 An export directory holds ``<stem>_kl.json`` per input file, ``summary.json`` and
 ``report.html``; ``klstream
@@ -34,6 +36,8 @@ from klstream.errors import KlstreamError, NotExploded
 POSITIONS_FILE = "positions.parquet"
 RESPONSES_FILE = "responses.parquet"
 SKIPPED_FILE = "skipped.parquet"
+INPUTS_FILE = "inputs.json"
+LOCK_FILE = ".lock"
 SCORES_DIR = "scores"
 KL_DIR = "kl"
 BATCH_DIR = "batch"
@@ -75,6 +79,23 @@ class RunDir:
     @property
     def skipped(self) -> Path:
         return self.root / SKIPPED_FILE
+
+    @property
+    def inputs_manifest(self) -> Path:
+        return self.root / INPUTS_FILE
+
+    @property
+    def positions_lock(self) -> Path:
+        """Locked shared by every writer, exclusively by whoever replaces the positions."""
+        return self.root / LOCK_FILE
+
+    def model2_lock(self, model2: str) -> Path:
+        """Locked exclusively by the one process writing ``model2``'s results. It sits outside
+        ``scores/<model2>/``, which an overwrite deletes."""
+        return self.root / f"{LOCK_FILE}-{model2_dirname(model2)}"
+
+    def model2_locks(self) -> list[Path]:
+        return sorted(self.root.glob(f"{LOCK_FILE}-*"))
 
     @property
     def stage_dirs(self) -> list[Path]:

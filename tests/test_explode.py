@@ -94,6 +94,8 @@ def test_every_column_row_order_and_schemas(tmp_path: Path) -> None:
     assert (report.files, report.responses, report.positions) == (2, 4, 5)
     assert (report.skipped, report.responses_text_mismatch, report.skipped_path) == (0, 1, None)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        ".lock",
+        "inputs.json",
         "positions.parquet",
         "responses.parquet",
     ]
@@ -199,7 +201,9 @@ def test_an_interrupted_run_leaves_no_temporaries(
     monkeypatch.setattr(explode_module, "read_json", interrupted_at_b)
     with pytest.raises(KeyboardInterrupt):
         explode(tmp_path / "in", tmp_path / "run", skip_invalid=True)
-    assert list((tmp_path / "run").iterdir()) == []
+    # Only the (released, empty) lock file of the directory that existed before.
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
+    assert (tmp_path / "run" / ".lock").read_bytes() == b""
 
 
 def test_skip_invalid_with_everything_skipped_writes_empty_outputs(tmp_path: Path) -> None:

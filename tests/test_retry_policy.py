@@ -1,4 +1,4 @@
-"""The retry wait honours the server's RetryInfo and Retry-After, and backs off otherwise."""
+"""The retry wait is what the server asks for (RetryInfo, Retry-After), and backs off otherwise."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tenacity
 from google.genai import errors as genai_errors
 
 from klstream.backends.gemini import server_retry_delay
-from klstream.scoring.caller import RetryPolicy
+from klstream.scoring.caller import SERVER_DELAY_JITTER, RetryPolicy
 
 
 def state_after(error: BaseException, attempt: int) -> tenacity.RetryCallState:
@@ -35,15 +35,27 @@ def rate_limited(
     return genai_errors.ClientError(429, body, SimpleNamespace(headers=headers or {}))
 
 
+RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+
+
 def test_wait_is_never_shorter_than_the_retry_info_delay() -> None:
     wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait(server_retry_delay)
-    info = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7.5s"}]
+    info = [{"@type": RETRY_INFO, "retryDelay": "7.5s"}]
     assert wait(state_after(rate_limited(info), attempt=1)) >= 7.5
 
 
 def test_wait_honours_retry_after_when_there_is_no_retry_info() -> None:
     wait = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05).wait(server_retry_delay)
     assert wait(state_after(rate_limited([], {"Retry-After": "3"}), attempt=1)) >= 3.0
+
+
+def test_a_server_given_delay_is_not_outgrown_by_the_back_off() -> None:
+    """Late retries of a 429 wait what the server said, not a back-off grown past it."""
+    wait = RetryPolicy(backoff_initial_s=1.0, backoff_max_s=60.0).wait(server_retry_delay)
+    info = [{"@type": RETRY_INFO, "retryDelay": "1.5s"}]
+    for attempt in (1, 4, 8, 12):
+        waited = wait(state_after(rate_limited(info), attempt))
+        assert 1.5 <= waited <= 1.5 * (1 + SERVER_DELAY_JITTER)
 
 
 def test_wait_backs_off_exponentially_with_jitter_up_to_the_cap() -> None:

@@ -9,12 +9,21 @@ which of its errors are worth another attempt.
 
 from __future__ import annotations
 
+import functools
+import string
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Literal, Protocol
+from urllib.parse import quote, quote_plus
 
 from klstream.backends.prices import Usage
 
 BackendName = Literal["gemini", "vertex", "openai"]
+SECRET_RUN = 8
+"""Characters of the key in a row that :meth:`Endpoint.redact` masks wherever they appear."""
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+PLACEHOLDER_KEY = "no-key-needed-for-this-server"
+"""What the backends send as the key to local servers that need none: nothing to hide."""
 
 
 @dataclass(frozen=True)
@@ -35,9 +44,53 @@ class Endpoint:
             f"location={self.location!r}, base_url={self.base_url!r})"
         )
 
+    @property
+    def url(self) -> str:
+        """Where requests go, for messages: the base URL, or the service's default host."""
+        if self.base_url:
+            return self.base_url
+        if self.backend == "vertex":
+            region = "" if self.location == "global" else f"{self.location}-"
+            return f"https://{region}aiplatform.googleapis.com"
+        if self.backend == "openai":
+            return "https://api.openai.com/v1"
+        return "https://generativelanguage.googleapis.com"
+
+    @functools.cached_property
+    def _key_pieces(self) -> frozenset[str]:
+        """Every ``SECRET_RUN`` characters in a row of the key, as sent or URL-encoded (a
+        server may echo it encoded, or cut short), in ASCII lower case; empty when nothing is
+        secret."""
+        key = self.api_key
+        if not key or key == PLACEHOLDER_KEY:
+            return frozenset()
+        every_symbol_encoded = "".join(
+            char
+            if char.isascii() and char.isalnum()
+            else "".join(f"%{b:02X}" for b in char.encode())
+            for char in key
+        )
+        forms = {key, quote(key), quote(key, safe=""), quote_plus(key), every_symbol_encoded}
+        return frozenset(
+            form[start : start + SECRET_RUN].translate(_ASCII_LOWER)
+            for form in forms
+            for start in range(max(len(form) - SECRET_RUN, 0) + 1)
+        )
+
     def redact(self, text: str) -> str:
-        """``text`` with the API key, should an error message ever echo it, masked."""
-        return text.replace(self.api_key, "***") if self.api_key else text
+        """``text`` with every run of ``SECRET_RUN`` or more characters of the API key (whole,
+        cut short or URL-encoded) replaced by ``***``, should an error message ever echo it."""
+        pieces = self._key_pieces
+        if not pieces:
+            return text
+        lowered = text.translate(_ASCII_LOWER)  # same length, unlike str.lower()
+        masked = [False] * len(text)
+        for width in {len(piece) for piece in pieces}:
+            for start in range(len(text) - width + 1):
+                if lowered[start : start + width] in pieces:
+                    masked[start : start + width] = [True] * width
+        runs = groupby(zip(masked, text, strict=True), key=lambda pair: pair[0])
+        return "".join("***" if hidden else "".join(c for _, c in run) for hidden, run in runs)
 
 
 class RetryableAnswer(Exception):
@@ -107,6 +160,14 @@ class ModelClient(Protocol):
     def should_retry(self, error: BaseException) -> bool: ...
 
     def is_rate_limit(self, error: BaseException) -> bool: ...
+
+    def is_overloaded(self, error: BaseException) -> bool:
+        """Whether the server turned the request away for load (429 quota, 503 capacity)."""
+        ...
+
+    def unreachable(self, error: BaseException) -> str | None:
+        """Why no connection could be made at all (refused, unknown host, TLS), or None."""
+        ...
 
     def retry_delay(self, error: BaseException) -> float | None:
         """Seconds the server asked to wait before the next attempt, if it said."""

@@ -23,6 +23,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from klstream.backends.base import (
+    PLACEHOLDER_KEY,
     Answer,
     Candidate,
     Endpoint,
@@ -44,10 +45,12 @@ Backend = Literal["gemini", "vertex"]
 API_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 BASE_URL_VARIABLE = "GOOGLE_GEMINI_BASE_URL"
 PROJECT_VARIABLE = "GOOGLE_CLOUD_PROJECT"
-PLACEHOLDER_KEY = "no-key-needed-for-this-base-url"
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+OVERLOAD_STATUS = frozenset({429, 503})
+"""Answers saying the server is over its quota or its capacity: they feed the adaptive
+concurrency."""
 
 
 def gemini_endpoint(
@@ -304,6 +307,23 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def unreachable(error: BaseException) -> str | None:
+    """Why no connection could be made, in words (refused, unknown host, TLS, ...), or None
+    when ``error`` is not a failure to connect."""
+    if not isinstance(error, aiohttp.ClientConnectorError):
+        return None
+    os_error = error.os_error
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        return f"TLS certificate not accepted ({error.certificate_error})"
+    if isinstance(error, aiohttp.ClientSSLError):
+        return f"TLS handshake failed ({os_error})"
+    if isinstance(error, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve {error.host} ({os_error.strerror or os_error})"
+    # asyncio words a refusal "Connect call failed (...)"; the errno says what happened.
+    cause = os.strerror(os_error.errno) if os_error.errno else str(os_error)
+    return f"{cause.lower()} ({error.host}:{error.port})"
+
+
 def is_rate_limit(error: BaseException) -> bool:
     return isinstance(error, genai_errors.APIError) and error.code == 429
 
@@ -355,6 +375,12 @@ class GeminiClient:
             config=config,
         )
         return parse_answer(response, self.thinking_budget)
+
+    def is_overloaded(self, error: BaseException) -> bool:
+        return isinstance(error, genai_errors.APIError) and error.code in OVERLOAD_STATUS
+
+    def unreachable(self, error: BaseException) -> str | None:
+        return unreachable(error)
 
     def should_retry(self, error: BaseException) -> bool:
         if isinstance(error, genai_errors.APIError):

@@ -25,6 +25,8 @@ import contextlib
 import json
 import os
 import re
+import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 
 from klstream.backends.base import (
+    PLACEHOLDER_KEY,
     Answer,
     Candidate,
     Endpoint,
@@ -50,7 +53,6 @@ from klstream.errors import (
 
 API_KEY_VARIABLE = "OPENAI_API_KEY"
 BASE_URL_VARIABLE = "OPENAI_BASE_URL"
-PLACEHOLDER_KEY = "no-key-needed-for-this-server"
 API_PATH = "/v1"
 """Where vLLM and SGLang serve the OpenAI API; a base URL without a path gets it."""
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -281,7 +283,7 @@ class OpenAIClient:
     """One model on one OpenAI-compatible server (see :class:`ModelClient`), plus the vLLM
     requests of the prompt-logprobs method."""
 
-    failures: tuple[type[BaseException], ...] = (openai.APIError, RetryableAnswer)
+    failures: tuple[type[BaseException], ...] = (openai.APIError, RetryableAnswer, TimeoutError)
 
     def __init__(self, client: openai.AsyncOpenAI, model: str, endpoint: Endpoint) -> None:
         self.client, self.model, self.endpoint = client, model, endpoint
@@ -374,6 +376,28 @@ class OpenAIClient:
 
     def is_rate_limit(self, error: BaseException) -> bool:
         return isinstance(error, openai.APIStatusError) and error.status_code == 429
+
+    def is_overloaded(self, error: BaseException) -> bool:
+        return isinstance(error, openai.APIStatusError) and error.status_code in (429, 503)
+
+    def unreachable(self, error: BaseException) -> str | None:
+        """A connection error caused by a failed connect (refused, unknown host, TLS), not by a
+        time-out or a dropped connection. The SDK's HTTP library wraps the socket's error, so
+        the chain of causes is searched for it."""
+        if not isinstance(error, openai.APIConnectionError) or isinstance(
+            error, openai.APITimeoutError
+        ):
+            return None
+        cause: BaseException | None = error
+        while cause is not None:
+            if isinstance(cause, ssl.SSLError):
+                return f"TLS handshake failed ({cause})"
+            if isinstance(cause, socket.gaierror):
+                return f"cannot resolve the host ({cause.strerror or cause})"
+            if isinstance(cause, ConnectionRefusedError):
+                return "connection refused"
+            cause = cause.__cause__ or cause.__context__
+        return None
 
     def retry_delay(self, error: BaseException) -> float | None:
         return retry_delay(error)

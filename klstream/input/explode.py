@@ -19,7 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klstream import atomic
-from klstream.errors import InputError, InputSelectionError, PositionsExist, RunDirError
+from klstream.errors import (
+    InputError,
+    InputsChanged,
+    InputSelectionError,
+    PositionsExist,
+    RunDirError,
+)
+from klstream.input.manifest import input_changes, write_manifest
 from klstream.input.validate import (
     Invalid,
     ValidResponse,
@@ -29,6 +36,7 @@ from klstream.input.validate import (
     validate_response,
 )
 from klstream.rundir import RunDir
+from klstream.runlock import positions_writer
 from klstream.schemas import POSITIONS, RESPONSES, SKIPPED
 
 ROW_GROUP_BYTES = 32 * 2**20
@@ -81,35 +89,17 @@ def explode(
     ``skipped.parquet`` and left out instead of failing the run. Without it, a
     ``skipped.parquet`` left by an earlier run is removed, as it no longer describes the outputs.
     """
-    files = _input_files(input_dir, pattern, max_files)
+    files = input_files(input_dir, pattern, max_files)
     run = RunDir(run_dir)
-    positions_path, responses_path, skipped_path = run.positions, run.responses, run.skipped
-    if positions_path.exists() and not overwrite:
-        raise PositionsExist(f"{positions_path} already exists")
-    later_stages = [stage for stage in run.stage_dirs if stage.is_dir()]
-    if any(any(stage.iterdir()) for stage in later_stages):
-        raise RunDirError(
-            f"{run_dir} holds Model 2 results (scores/, kl/) keyed to its current positions; "
-            "replacing the positions would silently mismatch them. Use a new run dir, or move "
-            "those results away first"
-        )
     created_run_dir = _prepare_run_dir(run_dir)
-    positions_tmp = atomic.temporary_sibling(positions_path)
-    responses_tmp = atomic.temporary_sibling(responses_path)
-    skipped_tmp = atomic.temporary_sibling(skipped_path) if skip_invalid else None
     try:
-        totals = _write_outputs(files, positions_tmp, responses_tmp, skipped_tmp)
-        if skipped_tmp is not None:
-            atomic.commit(skipped_tmp, skipped_path)
-        else:
-            skipped_path.unlink(missing_ok=True)
-        atomic.commit(responses_tmp, responses_path)
-        atomic.commit(positions_tmp, positions_path)
+        with positions_writer(run):
+            totals = _explode_locked(
+                run, input_dir, files, pattern, max_files, skip_invalid, overwrite
+            )
     except BaseException:
-        for temporary in (positions_tmp, responses_tmp, skipped_tmp):
-            if temporary is not None:
-                temporary.unlink(missing_ok=True)
         if created_run_dir:
+            run.positions_lock.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
         raise
@@ -119,13 +109,65 @@ def explode(
         positions=totals.positions,
         skipped=totals.skipped,
         responses_text_mismatch=totals.responses_text_mismatch,
-        positions_path=positions_path,
-        responses_path=responses_path,
-        skipped_path=skipped_path if skip_invalid else None,
+        positions_path=run.positions,
+        responses_path=run.responses,
+        skipped_path=run.skipped if skip_invalid else None,
     )
 
 
-def _input_files(input_dir: Path, pattern: str, max_files: int | None) -> list[Path]:
+def _explode_locked(
+    run: RunDir,
+    input_dir: Path,
+    files: list[Path],
+    pattern: str,
+    max_files: int | None,
+    skip_invalid: bool,
+    overwrite: bool,
+) -> _Totals:
+    """Write the outputs while holding the run's lock. The old manifest goes before the new
+    positions replace the old ones and the new manifest comes after, so a manifest never
+    describes positions it did not produce."""
+    positions_path, responses_path, skipped_path = run.positions, run.responses, run.skipped
+    if positions_path.exists() and not overwrite:
+        raise PositionsExist(f"{positions_path} already exists")
+    later_stages = [stage for stage in run.stage_dirs if stage.is_dir()]
+    if any(any(stage.iterdir()) for stage in later_stages):
+        raise RunDirError(
+            f"{run.root} holds Model 2 results (scores/, kl/) keyed to its current positions; "
+            "replacing the positions would silently mismatch them. Use a new run dir, or move "
+            "those results away first"
+        )
+    atomic.sweep_stale_temporaries(run.root)
+    positions_tmp = atomic.temporary_sibling(positions_path)
+    responses_tmp = atomic.temporary_sibling(responses_path)
+    skipped_tmp = atomic.temporary_sibling(skipped_path) if skip_invalid else None
+    try:
+        totals = _write_outputs(files, positions_tmp, responses_tmp, skipped_tmp)
+        run.inputs_manifest.unlink(missing_ok=True)
+        if skipped_tmp is not None:
+            atomic.commit(skipped_tmp, skipped_path)
+        else:
+            skipped_path.unlink(missing_ok=True)
+        atomic.commit(responses_tmp, responses_path)
+        atomic.commit(positions_tmp, positions_path)
+    finally:
+        for temporary in (positions_tmp, responses_tmp, skipped_tmp):
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
+    write_manifest(run.inputs_manifest, input_dir, files, pattern, max_files)
+    return totals
+
+
+def inputs_changed(
+    input_dir: Path, run_dir: Path, pattern: str = "*.json", max_files: int | None = None
+) -> InputsChanged | None:
+    """How the files explode would read now differ from those ``run_dir``'s positions were built
+    from; None when they are the same, or when the run records no inputs (older releases)."""
+    files = input_files(input_dir, pattern, max_files)
+    return input_changes(RunDir(run_dir).inputs_manifest, run_dir, input_dir, files)
+
+
+def input_files(input_dir: Path, pattern: str, max_files: int | None) -> list[Path]:
     """The files to read, in stem order, which is the row order of every output."""
     if max_files is not None and max_files < 1:
         raise InputSelectionError(f"max_files must be at least 1, got {max_files}")

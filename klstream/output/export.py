@@ -2,7 +2,8 @@
 
 The statistics come from DuckDB (``sql/views.sql``'s ``response_stats``); this module only shapes
 rows into the spec's JSON layout and writes the files. Every file is written to a temporary name
-first and all of them are renamed into place only once every one has been written.
+first and all of them are renamed into place only once every one has been written; then
+``summary.json``, which lists them, marks the export complete.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 
 import duckdb
 
-from klstream.atomic import commit, temporary_sibling, write_text_atomic
+from klstream.atomic import commit, sweep_stale_temporaries, temporary_sibling, write_text_atomic
 from klstream.database import RANGE_POSITIONS, connect, ranged, view_names
-from klstream.errors import AmbiguousModel2, NoResults
+from klstream.errors import AmbiguousModel2, NoResults, OutputError, describe_os_error
 from klstream.rundir import ExportDir
 from klstream.sqlfiles import load_sql
 
@@ -187,31 +188,52 @@ def export(
     model2: str | None = None,
     range_positions: int = RANGE_POSITIONS,
 ) -> ExportReport:
-    """Write one ``<stem>_kl.json`` per input file and ``summary.json`` into ``output_dir``."""
+    """Write one ``<stem>_kl.json`` per input file and ``summary.json`` into ``output_dir``.
+
+    ``summary.json`` is removed first and written last, listing the files of this export: when
+    it is there, the export it names is complete. A file system that refuses a write raises
+    :class:`~klstream.errors.OutputError`.
+    """
     exports = ExportDir(output_dir)
-    written: list[tuple[Path, Path]] = []
     with connect(run_dir) as con:
         chosen = resolve_model2(con, run_dir, model2)
-        output_dir.mkdir(parents=True, exist_ok=True)
         try:
-            rows_in_order = _response_rows(con, chosen, range_positions)
-            for stem, rows in groupby(rows_in_order, key=lambda row: row["stem"]):
-                final = exports.kl_json(stem)
-                tmp = temporary_sibling(final)
-                written.append((tmp, final))
-                with open(tmp, "w", encoding="utf-8") as handle:
-                    json.dump(
-                        file_document(chosen, list(rows)),
-                        handle,
-                        ensure_ascii=False,
-                        allow_nan=False,
-                        indent=1,
-                    )
-            for tmp, final in written:
-                commit(tmp, final)
-        finally:
-            for tmp, _ in written:
-                tmp.unlink(missing_ok=True)
-        run_summary = summarize(con, chosen)
-    write_text_atomic(exports.summary, json.dumps(run_summary, indent=2, allow_nan=False) + "\n")
-    return ExportReport(chosen, [final for _, final in written], run_summary, exports.summary)
+            files = _write_kl_files(con, exports, chosen, range_positions)
+            run_summary = summarize(con, chosen)
+            document = {**run_summary, "files": [path.name for path in files]}
+            write_text_atomic(
+                exports.summary, json.dumps(document, indent=2, allow_nan=False) + "\n"
+            )
+        except OSError as error:
+            raise OutputError(f"cannot write {output_dir}: {describe_os_error(error)}") from error
+    return ExportReport(chosen, files, run_summary, exports.summary)
+
+
+def _write_kl_files(
+    con: duckdb.DuckDBPyConnection, exports: ExportDir, model2: str, range_positions: int
+) -> list[Path]:
+    """Every ``_kl.json`` to a temporary name, then all renamed into place."""
+    exports.root.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(exports.root)
+    exports.summary.unlink(missing_ok=True)
+    written: list[tuple[Path, Path]] = []
+    try:
+        rows_in_order = _response_rows(con, model2, range_positions)
+        for stem, rows in groupby(rows_in_order, key=lambda row: row["stem"]):
+            final = exports.kl_json(stem)
+            tmp = temporary_sibling(final)
+            written.append((tmp, final))
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(
+                    file_document(model2, list(rows)),
+                    handle,
+                    ensure_ascii=False,
+                    allow_nan=False,
+                    indent=1,
+                )
+        for tmp, final in written:
+            commit(tmp, final)
+    finally:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+    return [final for _, final in written]

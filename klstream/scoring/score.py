@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from klstream import __version__, schemas
-from klstream.atomic import write_text_atomic
+from klstream.atomic import sweep_stale_temporaries, write_text_atomic
 from klstream.backends.base import Answer, Endpoint, Generated, PrefillRequest
 from klstream.backends.prices import Price, Usage, load_prices, price_for
 from klstream.database import RANGE_POSITIONS, connect, ranged
@@ -44,6 +44,7 @@ from klstream.errors import GreedyInconsistent, MethodUnsupported, ResultsExist,
 from klstream.loop import run_blocking
 from klstream.metrics.kl import KlReport, compute_kl
 from klstream.rundir import RunDir
+from klstream.runlock import model2_writer
 from klstream.scoring import lookahead
 from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, open_caller
 from klstream.scoring.checkpoint import write_scores_part
@@ -80,6 +81,10 @@ spent on the probe alone."""
 PROBE_STEPS = 4
 """Tokens each greedy probe request asks for: its accepted steps are compared with one-token
 answers at the same prefixes."""
+
+WORKERS_PER_SLOT = 8
+"""Chains in progress per slot of ``max_concurrent``: while some wait out a back-off, others
+use the slots; the limiter alone bounds the requests in flight."""
 
 Lookahead = int | Literal["auto"]
 Decoding = Literal["auto", "greedy", "sample"]
@@ -453,15 +458,20 @@ class _Scorer:
         return lookahead.cheapest_lookahead(rate, request_cost, price.output, most)
 
     async def step(
-        self, caller: Caller, chain: _Chain, max_tokens: int | None = None
+        self,
+        caller: Caller,
+        chain: _Chain,
+        max_tokens: int | None = None,
+        probe_deadline: float | None = None,
     ) -> Answer | None:
         """One request at the chain's next position (asking for ``max_tokens``, else what the
         lookahead says); its accepted steps are stored together and the chain moves past them
-        (past the position alone when the request failed)."""
+        (past the position alone when the request failed). With a ``probe_deadline`` the request
+        is a probe (:meth:`Caller.retried`)."""
         response = chain.response
         tokens = self._lookahead_for(chain) if max_tokens is None else max_tokens
         item = response.request(chain.next, tokens, self.decoding if tokens > 1 else "sample")
-        outcome = await caller.call(prefill_request(self.options, item))
+        outcome = await caller.call(prefill_request(self.options, item), probe_deadline)
         # Counted before the checkpoint's await: the rows are buffered at once, so they are saved
         # even if the run is cancelled during a flush, and the counts must include them.
         answer = outcome.answer
@@ -512,19 +522,34 @@ class _Scorer:
             await self._probe_then_pipeline(caller, chains)
 
     async def _probe_then_pipeline(self, caller: Caller, chains: AsyncIterator[_Chain]) -> None:
+        """The first requests go one at a time, as probes with a short shared budget until one
+        succeeds (:meth:`Caller.retried`): an endpoint that answers nothing usable stops the run
+        in well under a minute. Once one has succeeded, every call has the full retry budget."""
+        started_at = time.monotonic()
+        deadline = started_at + self.options.policy.probe_budget_s
         probed_prefill = False
         probes = 0
+
+        def probing() -> bool:
+            return not (probed_prefill or probes >= 3 or time.monotonic() >= deadline)
+
         async for first in chains:
-            while not first.done and not (probed_prefill or probes >= 3):
+            while not first.done and probing():
                 probed_prefill = probed_prefill or bool(first.response.offsets[first.next])
-                await self.step(caller, first)
+                probe = deadline if self.stats.scored == 0 else None
+                await self.step(caller, first, probe_deadline=probe)
                 probes += 1
-            if probed_prefill or probes >= 3:
+            if not probing():
                 break
         else:
             return
         if self.stats.scored == 0:
-            raise _Stop(f"the first {probes} requests all failed; the last said: {self.last_error}")
+            first_requests = "the first request" if probes == 1 else f"the first {probes} requests"
+            raise _Stop(
+                f"{first_requests} to {caller.client.endpoint.url} failed "
+                f"({self.stats.calls.requests} attempts in {time.monotonic() - started_at:.0f} s); "
+                f"the last said: {self.last_error}"
+            )
         started = [first]
         if self._probe_needed():
             sites = [] if first.done else [first]
@@ -547,7 +572,10 @@ class _Scorer:
                 await asyncio.sleep(self.options.checkpoint_seconds)
                 await self.checkpoint.flush()
 
-        workers = [asyncio.create_task(worker()) for _ in range(self.options.max_concurrent)]
+        workers = [
+            asyncio.create_task(worker())
+            for _ in range(WORKERS_PER_SLOT * self.options.max_concurrent)
+        ]
         feeding = asyncio.create_task(self._feed(started, chains, queue, len(workers)))
         flushing = asyncio.create_task(flush_every_interval())
         try:
@@ -726,13 +754,30 @@ async def score_async(
     endpoint: Endpoint,
     on_progress: Callable[[ScoreStats], None] | None = None,
 ) -> ScoreReport:
-    """Score every pending position of ``run_dir`` against ``options.model2``, then run KL."""
+    """Score every pending position of ``run_dir`` against ``options.model2``, then run KL.
+
+    One process at a time scores a Model 2 of a run directory (:mod:`klstream.runlock`); it
+    starts by removing what killed runs left half-written.
+    """
     if options.batch is not None:
         from klstream.scoring.batch import score_batch_async
 
         return await score_batch_async(run_dir, options, endpoint, on_progress)
     run = RunDir(run_dir)
     run.require_exploded()
+    with model2_writer(run, options.model2):
+        sweep_stale_temporaries(run.scores_dir(options.model2))
+        sweep_stale_temporaries(run.kl_path(options.model2).parent)
+        return await _score_locked(run, options, endpoint, on_progress)
+
+
+async def _score_locked(
+    run: RunDir,
+    options: ScoreOptions,
+    endpoint: Endpoint,
+    on_progress: Callable[[ScoreStats], None] | None,
+) -> ScoreReport:
+    run_dir = run.root
     if options.method == "prompt-logprobs" and endpoint.backend != "openai":
         raise MethodUnsupported(
             f"prompt logprobs come from OpenAI-compatible servers such as vLLM, not from the "
