@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 from google import genai
 from google.genai import types
 
-from klstream.backends.gemini import Endpoint
+from klstream.backends.base import Endpoint
+from klstream.backends.openai import api_base_url
 from klstream.backends.prices import Price, Usage, load_prices, usage_of
 from klstream.emulator import EmulatorServer
 from klstream.emulator.service import ServiceConfig
@@ -151,6 +152,38 @@ def row(
     }
 
 
+def prompt_logprobs_row(
+    server: EmulatorServer,
+    template: Path,
+    work: Path,
+    model2: str,
+    positions: int,
+    baseline: dict[Any, Any] | None,
+) -> dict[str, Any]:
+    """The same positions through the emulator's vLLM-style routes, one completion with prompt
+    logprobs per response (its /tokenize calls counted apart): no Gemini price applies."""
+    run_dir = work / f"{model2}-prompt-logprobs"
+    shutil.copytree(template, run_dir)
+    server.reset_log()
+    endpoint = Endpoint("openai", None, base_url=api_base_url(server.base_url))
+    options = ScoreOptions(model2, method="prompt-logprobs", max_concurrent=SPEC_CONCURRENCY)
+    report = score(run_dir, options, endpoint)
+    assert report.remaining == 0, report
+    paths = Counter(r.path for r in server.requests if r.status == 200)
+    responses = pq.read_metadata(RunDir(run_dir).responses).num_rows
+    completions = paths["/v1/completions"]
+    label = (
+        f"`--backend openai --method prompt-logprobs`: {completions / responses:.2f} requests "
+        f"per response (+{paths['/tokenize'] / responses:.2f} /tokenize)"
+    )
+    shutil.rmtree(run_dir)
+    return {
+        "method": label,
+        "requests/pos": completions / positions,
+        "same": "n/a (the toy chat template conditions otherwise)",
+    }
+
+
 def print_table(model2: str, rows: list[dict[str, Any]], positions: int) -> None:
     print(f"\n### Model 2 = `{model2}` ({positions:,} positions)\n")
     print(
@@ -158,11 +191,16 @@ def print_table(model2: str, rows: list[dict[str, Any]], positions: int) -> None
         "| vs spec | same top-k |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|:---:|")
+
+    def figure(r: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:
+        return "–" if key not in r else f"{scale * r[key]:{spec}}"
+
     for r in rows:
         print(
-            f"| {r['method']} | {r['requests/pos']:.3f} | {r['input/pos']:.1f} | "
-            f"{r['cached/pos']:.1f} | {r['output/pos']:.2f} | {r['USD/1k pos']:.5f} | "
-            f"{100 * r['vs spec']:.0f}% | {r.get('same', '')} |"
+            f"| {r['method']} | {r['requests/pos']:.3f} | {figure(r, 'input/pos', '.1f')} | "
+            f"{figure(r, 'cached/pos', '.1f')} | {figure(r, 'output/pos', '.2f')} | "
+            f"{figure(r, 'USD/1k pos', '.5f')} | {figure(r, 'vs spec', '.0f', 100)}% | "
+            f"{r.get('same', '')} |"
         )
 
 
@@ -257,6 +295,9 @@ def main() -> None:
                                 f"{chosen_lookahead(run_dir, model2)}"
                             )
                         shutil.rmtree(run_dir)
+                rows.append(
+                    prompt_logprobs_row(server, template, work, model2, positions, baseline)
+                )
                 print_table(model2, rows, positions)
             print("\nWhat `--lookahead auto` chose:")
             for choice in choices:
