@@ -48,6 +48,7 @@ from klstream.scoring.score import (
     _Checkpointer,
     _Stop,
     result_rows,
+    work_through,
 )
 from klstream.scoring.throttle import AdaptiveLimiter
 
@@ -235,36 +236,17 @@ class PromptLogprobsScorer:
         error = await self.score_response(caller, client, ResponseWork.from_rows(first))
         if error is not None:
             raise _Stop(f"the first response could not be scored; the server said: {error}")
-        queue: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue(
-            maxsize=2 * self.options.max_concurrent
+
+        async def score_rows(rows: list[dict[str, Any]]) -> None:
+            await self.score_response(caller, client, ResponseWork.from_rows(rows))
+
+        await work_through(
+            responses,
+            score_rows,
+            self.options.max_concurrent,
+            self.checkpoint,
+            self.options.checkpoint_seconds,
         )
-
-        async def worker() -> None:
-            while (rows := await queue.get()) is not None:
-                await self.score_response(caller, client, ResponseWork.from_rows(rows))
-
-        async def feed() -> None:
-            async for rows in responses:
-                await queue.put(rows)
-            for _ in workers:
-                await queue.put(None)
-
-        async def flush_every_interval() -> None:
-            while True:
-                await asyncio.sleep(self.options.checkpoint_seconds)
-                await self.checkpoint.flush()
-
-        workers = [asyncio.create_task(worker()) for _ in range(self.options.max_concurrent)]
-        feeding = asyncio.create_task(feed())
-        flushing = asyncio.create_task(flush_every_interval())
-        try:
-            done, _ = await asyncio.wait([feeding, *workers], return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
-        finally:
-            for task in [feeding, flushing, *workers]:
-                task.cancel()
-            await asyncio.gather(feeding, flushing, *workers, return_exceptions=True)
 
     async def _template(
         self, caller: Caller, client: OpenAIClient, prompt: str

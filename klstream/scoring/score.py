@@ -26,12 +26,12 @@ import signal
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pyarrow as pa
 
@@ -406,6 +406,49 @@ class _Checkpointer:
         await asyncio.gather(*self.writes)
 
 
+W = TypeVar("W")
+
+
+async def work_through(
+    items: AsyncIterator[W],
+    handle: Callable[[W], Awaitable[None]],
+    workers: int,
+    checkpoint: _Checkpointer,
+    flush_seconds: float,
+) -> None:
+    """Hand ``items``, in order, to ``workers`` tasks running ``handle`` while ``checkpoint`` is
+    flushed every ``flush_seconds`` (results that trickle in during long back-offs still reach
+    disk); the first failure stops them all."""
+    queue: asyncio.Queue[W | None] = asyncio.Queue(maxsize=2 * workers)
+
+    async def worker() -> None:
+        while (item := await queue.get()) is not None:
+            await handle(item)
+
+    async def feed() -> None:
+        async for item in items:
+            await queue.put(item)
+        for _ in range(workers):
+            await queue.put(None)
+
+    async def flush_every_interval() -> None:
+        while True:
+            await asyncio.sleep(flush_seconds)
+            await checkpoint.flush()
+
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    feeding = asyncio.create_task(feed())
+    flushing = asyncio.create_task(flush_every_interval())
+    try:
+        done, _ = await asyncio.wait([feeding, *tasks], return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+    finally:
+        for task in [feeding, flushing, *tasks]:
+            task.cancel()
+        await asyncio.gather(feeding, flushing, *tasks, return_exceptions=True)
+
+
 class _Stop(Exception):
     """Raised inside the pipeline to end it early with a reason."""
 
@@ -559,48 +602,25 @@ class _Scorer:
                 if len(sites) >= PROBE_SITES:
                     break
             await self._choose_decoding(caller, sites)
-        queue: asyncio.Queue[_Chain | None] = asyncio.Queue(maxsize=4 * self.options.max_concurrent)
 
-        async def worker() -> None:
-            while (chain := await queue.get()) is not None:
-                while not chain.done:
-                    await self.step(caller, chain)
+        async def chains_to_go() -> AsyncIterator[_Chain]:
+            for chain in started:
+                if not chain.done:
+                    yield chain
+            async for chain in chains:
+                yield chain
 
-        async def flush_every_interval() -> None:
-            """Results that trickle in (long back-offs) still reach disk every T seconds."""
-            while True:
-                await asyncio.sleep(self.options.checkpoint_seconds)
-                await self.checkpoint.flush()
+        async def cover(chain: _Chain) -> None:
+            while not chain.done:
+                await self.step(caller, chain)
 
-        workers = [
-            asyncio.create_task(worker())
-            for _ in range(WORKERS_PER_SLOT * self.options.max_concurrent)
-        ]
-        feeding = asyncio.create_task(self._feed(started, chains, queue, len(workers)))
-        flushing = asyncio.create_task(flush_every_interval())
-        try:
-            done, _ = await asyncio.wait([feeding, *workers], return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
-        finally:
-            for task in [feeding, flushing, *workers]:
-                task.cancel()
-            await asyncio.gather(feeding, flushing, *workers, return_exceptions=True)
-
-    @staticmethod
-    async def _feed(
-        started: list[_Chain],
-        chains: AsyncIterator[_Chain],
-        queue: asyncio.Queue[_Chain | None],
-        workers: int,
-    ) -> None:
-        for chain in started:
-            if not chain.done:
-                await queue.put(chain)
-        async for chain in chains:
-            await queue.put(chain)
-        for _ in range(workers):
-            await queue.put(None)
+        await work_through(
+            chains_to_go(),
+            cover,
+            WORKERS_PER_SLOT * self.options.max_concurrent,
+            self.checkpoint,
+            self.options.checkpoint_seconds,
+        )
 
     def _probe_needed(self) -> bool:
         options = self.options
