@@ -493,6 +493,15 @@ _batch_flags = [
         help="With --batch: how long a create that got no reply may take to show in the "
         "service's job list, before klstream concludes it made nothing.",
     ),
+    click.option(
+        "--max-rounds",
+        type=click.IntRange(min=1),
+        default=8,
+        show_default=True,
+        help="With --batch and --lookahead above 1: rounds of jobs, each over the positions "
+        "the previous left uncovered; the rest waits for --resume. --lookahead auto is 4 in "
+        "batch, sampled at --temperature.",
+    ),
 ]
 """The options of batch mode, shared by `score` and `run`."""
 
@@ -651,6 +660,7 @@ def _batch_options(params: dict[str, Any]) -> BatchOptions | None:
         keep_files=params["keep_batch_files"],
         fallback_online=params["batch_fallback"] == "online",
         max_requests=params["batch_max_requests"],
+        max_rounds=params["max_rounds"],
         poll_initial_s=min(5.0, poll_max),
         poll_max_s=poll_max,
         create_settle_s=params["batch_settle_seconds"],
@@ -742,7 +752,8 @@ def _report_batch(report: ScoreReport, model2: str) -> None:
     click.echo(
         f"score {model2} (batch): {stats.scored} scored, {stats.failed} failed, "
         f"{stats.already_done} already done, of {stats.total} positions; jobs: {jobs or 'none'}, "
-        f"{batch.positions_in_jobs} positions in jobs not collected yet"
+        f"{batch.positions_in_jobs} positions in jobs not collected yet; "
+        f"{batch.rounds} round{'s' if batch.rounds != 1 else ''}"
     )
     if report.kl is not None:
         click.echo(f"kl: {report.kl.scored} positions with KL -> {report.kl.path}")

@@ -166,6 +166,20 @@ SCORES = pa.schema(
     ]
 )
 
+BATCH_KEYS = pa.schema(
+    [
+        *KEY_FIELDS,
+        pa.field("max_tokens", pa.int32(), nullable=False),
+        pa.field("model1_tokens", pa.list_(pa.string()), nullable=False),
+        pa.field("model1_token_ids", pa.list_(pa.int64()), nullable=False),
+    ]
+)
+"""``batch/<model2>/job-<id>.keys.parquet``: one row per line of a batch job, in line order —
+its position, the tokens it asks for, and Model 1's tokens at the ``max_tokens`` positions from
+it on, against which the answer's generated tokens are accepted
+(:func:`klstream.scoring.lookahead.accept`). Files from before lookahead in batch have only the
+key columns: one token per line."""
+
 KL = pa.schema(
     [
         pa.field("model2", pa.string(), nullable=False),

@@ -33,6 +33,7 @@ from klstream.backends.gemini import (
 from klstream.database import connect
 from klstream.emulator import EmulatorServer
 from klstream.emulator.batch_routes import BatchConfig, BatchEvent, EndState
+from klstream.input.explode import explode
 from klstream.rundir import RunDir
 from klstream.scoring.batch import JobManifest, load_manifests
 
@@ -48,7 +49,10 @@ def backend_flags(backend: str) -> list[str]:
     return []
 
 
-def batch_flags(server: EmulatorServer, backend: str) -> list[str]:
+def batch_flags(
+    server: EmulatorServer, backend: str, lookahead_flags: tuple[str, ...] = ("--lookahead", "1")
+) -> list[str]:
+    """The job mechanics are tested one position per line (``--lookahead 1``)."""
     return [
         "--model2",
         MODEL2,
@@ -62,6 +66,7 @@ def batch_flags(server: EmulatorServer, backend: str) -> list[str]:
         "--batch-settle-seconds",
         "0.5",
         *backend_flags(backend),
+        *lookahead_flags,
     ]
 
 
@@ -429,3 +434,67 @@ def test_sigkill_at_any_step_then_resume_never_submits_a_position_twice(
     assert result.exit_code == 0, result.output
     assert_scored_once_each(run_dir, server)
     assert all(m.stage == "collected" for m in manifests(run_dir))
+
+
+# --- lookahead in rounds -----------------------------------------------------------------------
+
+
+def top_lists(run_dir: Path) -> dict[str, tuple[list[str], list[float]]]:
+    with connect(run_dir) as con:
+        relation = con.sql(
+            "SELECT stem, response_index, position, top_tokens, top_logprobs "
+            "FROM scores_resolved WHERE status = 'ok'"
+        )
+        return {
+            f"{stem}#{index}#{position}": (tokens, logprobs)
+            for stem, index, position, tokens, logprobs in relation.fetchall()
+        }
+
+
+def score_lookahead(run_dir: Path, server: EmulatorServer, *extra: str) -> Any:
+    flags = batch_flags(server, "gemini", ("--lookahead", "4"))
+    return invoke("score", run_dir, *flags, *extra)
+
+
+def test_batch_lookahead_gives_the_online_one_token_results_in_fewer_requests_over_rounds(
+    server: EmulatorServer, run_dir: Path, toy_inputs: ToyInputs, tmp_path: Path
+) -> None:
+    online_dir = tmp_path / "online"
+    explode(toy_inputs.directory, online_dir)
+    online = invoke(
+        "score", online_dir, "--model2", MODEL2, "--base-url", server.base_url, "--lookahead", "1"
+    )
+    assert online.exit_code == 0, online.output
+    batch = score_lookahead(run_dir, server)
+    assert batch.exit_code == 0, batch.output
+    expected = top_lists(online_dir)
+    assert top_lists(run_dir) == expected and len(expected) == len(all_keys(run_dir))
+    lines = server.batch.submitted_keys()
+    assert max(lines.values()) == 1
+    assert sum(lines.values()) + 1 < len(expected)  # + 1: the probe, online
+    plans = {manifest.plan for manifest in manifests(run_dir)}
+    assert len(plans) >= 2
+    assert f"{len(plans)} rounds" in batch.output
+    lookaheads = [
+        row
+        for part in RunDir(run_dir).score_parts(MODEL2)
+        for row in pq.read_table(part, columns=["lookahead", "step"]).to_pylist()
+    ]
+    assert {row["lookahead"] for row in lookaheads} >= {4}
+    assert any(row["step"] > 0 for row in lookaheads)
+
+
+def test_max_rounds_leaves_uncovered_positions_for_resume(
+    server: EmulatorServer, run_dir: Path
+) -> None:
+    first = score_lookahead(run_dir, server, "--max-rounds", "1")
+    assert first.exit_code == 6, first.output
+    assert "still uncovered after 1 rounds of batch jobs" in first.output
+    assert len({manifest.plan for manifest in manifests(run_dir)}) == 1
+    scored = set(top_lists(run_dir))
+    assert scored < all_keys(run_dir)
+    assert {row["status"] for row in resolved(run_dir)} == {"ok"}
+    second = score_lookahead(run_dir, server, "--resume")
+    assert second.exit_code == 0, second.output
+    assert set(top_lists(run_dir)) == all_keys(run_dir)
+    assert max(server.batch.submitted_keys().values()) == 1

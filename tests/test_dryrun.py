@@ -129,3 +129,23 @@ def test_the_cli_prints_the_range_and_sends_nothing(
 
     alone = invoke("score", demo_run, "--model2", MODEL2, "--calibrate", "3")
     assert alone.exit_code == 2 and "--calibrate goes with --dry-run" in alone.output
+
+
+def test_the_batch_dry_run_prints_rounds_and_batch_usd(demo_run: Path) -> None:
+    result = invoke(
+        "score", demo_run, "--model2", "gemini-2.5-flash", "--dry-run", "--batch",
+        "--lookahead", "4", "--max-rounds", "3",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    found = re.search(
+        r"batch, lookahead 4 \(sampled\), at most 3 rounds: (\d) rounds, ([\d,]+) requests, "
+        r".* USD batch (\d+\.\d+)",
+        result.output,
+    )
+    assert found, result.output
+    one_token = re.search(r"one token per request\s+([\d,]+)", result.output)
+    assert one_token
+    assert 1 <= int(found[1]) <= 3
+    assert int(found[2].replace(",", "")) < int(one_token[1].replace(",", ""))
+    assert float(found[3]) > 0
+    assert not RunDir(demo_run).scores_dir("gemini-2.5-flash").exists()

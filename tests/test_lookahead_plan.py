@@ -226,3 +226,33 @@ def test_an_answer_with_fewer_logprob_steps_than_tokens_keeps_the_steps_it_has()
     assert len(answer.steps) == 2
     chosen = [Token(s.chosen.token, s.chosen.token_id) for s in answer.steps]
     assert accept(len(answer.steps), chosen, texts(" the", " cat", " sat"), 0, 8).steps == 2
+
+
+# --- batch rounds ------------------------------------------------------------------------------
+
+
+@given(st.floats(0.0, 1.0), st.integers(1, 12), st.integers(1, 5000))
+def test_batch_rounds_ask_each_position_once_at_most_and_cover_all(
+    rate: float, tokens: int, positions: int
+) -> None:
+    """Every round's requests cover positions or leave gaps; without a round limit every
+    position is covered, with no more requests than positions and no fewer than a request per
+    ``tokens`` positions; tokens asked for are the positions plus what the gaps ask again."""
+    rounds = lookahead.batch_rounds(rate, tokens, positions, max_rounds=10_000)
+    assert rounds.uncovered < 0.5
+    assert positions / tokens - 1e-6 <= rounds.requests <= positions + 1e-6
+    assert rounds.output_tokens >= positions - 0.5
+    assert 1 <= rounds.rounds <= tokens
+
+
+def test_batch_rounds_at_the_extremes() -> None:
+    """Always agreeing: one round of N-token requests. Never agreeing: one request per
+    position, in N rounds. A round limit leaves the rest uncovered."""
+    sure = lookahead.batch_rounds(1.0, 4, 400, 8)
+    assert (sure.rounds, sure.requests, sure.output_tokens) == (1, 100.0, 400.0)
+    never = lookahead.batch_rounds(0.0, 4, 400, 8)
+    assert (never.rounds, never.requests, never.uncovered) == (4, 400.0, 0.0)
+    cut = lookahead.batch_rounds(0.0, 4, 400, 1)
+    assert (cut.rounds, cut.requests, cut.uncovered) == (1, 100.0, 300.0)
+    assert lookahead.batch_lookahead("auto") == lookahead.BATCH_AUTO_LOOKAHEAD
+    assert lookahead.batch_lookahead(1) == 1

@@ -138,9 +138,14 @@ def generation_config(
 
 
 def request_template(
-    endpoint: Endpoint, top_logprobs: int, thinking_budget: int | None, temperature: float
+    endpoint: Endpoint,
+    top_logprobs: int,
+    thinking_budget: int | None,
+    temperature: float,
+    max_tokens: int = 1,
 ) -> dict[str, Any]:
-    """Everything of an online one-token scoring request's JSON body but its ``contents``,
+    """Everything of an online scoring request's JSON body (asking ``max_tokens`` tokens) but
+    its ``contents``,
     exactly as the SDK serialises :func:`request_config` for ``endpoint``'s backend, so that a
     batch line
     (``{"contents": prefill_contents(...), **template}``) asks what the online request asks.
@@ -155,7 +160,7 @@ def request_template(
         model="scoring",
         contents=[types.Content(role="user", parts=[types.Part(text="")])],
         config=request_config(
-            PrefillRequest("", "", top_logprobs, temperature=temperature), thinking_budget
+            PrefillRequest("", "", top_logprobs, max_tokens, temperature), thinking_budget
         ),
     )
     convert = (

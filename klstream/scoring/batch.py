@@ -17,6 +17,15 @@ A run goes through durable steps, each recorded in a job manifest under ``RUN_DI
    written as failures with the reason. The part is named after the job, so a crash between it
    and the manifest never writes a job's results twice. Then the remote files are deleted.
 
+With a lookahead of N > 1 a run works in rounds: round 1 asks for N tokens at every N-th pending
+position of each run of pending positions; a line's steps are kept while the tokens generated
+before them are Model 1's (:func:`~klstream.scoring.lookahead.accept`, as online), and each later
+round asks, at the first uncovered position of every gap, for the gap's length — until every
+position is covered, a round covers nothing, or ``max_rounds`` rounds have run. Lines are sampled
+at the run's temperature: greedy decoding needs the online probe (``auto`` is N =
+:data:`~klstream.scoring.lookahead.BATCH_AUTO_LOOKAHEAD` here). With N = 1 one round asks for
+every pending position, one token each.
+
 Killed at any moment, the next ``--resume`` continues from the manifests and never submits a
 position that a job already holds. Positions that end up without an answer are submitted again
 by a later ``--resume`` (a new round), or scored online at once with ``fallback_online``.
@@ -64,6 +73,7 @@ from klstream.errors import (
 from klstream.loop import run_blocking
 from klstream.metrics.kl import compute_kl
 from klstream.rundir import RunDir
+from klstream.scoring import lookahead
 from klstream.scoring.caller import Outcome, open_caller
 from klstream.scoring.checkpoint import write_scores_part
 from klstream.scoring.score import (
@@ -73,7 +83,8 @@ from klstream.scoring.score import (
     WorkItem,
     _check_run_config,
     _count_pending,
-    _pending_items,
+    _response_of,
+    pending_responses,
     prefill_request,
     result_rows,
     score_async,
@@ -104,6 +115,9 @@ class BatchOptions:
     create_settle_s: float = 60.0
     """How long after a create that got no reply the job may still appear in the listing."""
     create_attempts: int = 5
+    max_rounds: int = 8
+    """With lookahead: rounds of jobs one run submits at most; what they leave uncovered waits
+    for a resumed run."""
 
 
 @dataclass
@@ -174,8 +188,10 @@ class BatchSummary:
     jobs: dict[str, int]
     live_jobs: int
     positions_in_jobs: int
-    """Positions held by jobs not yet collected."""
+    """Lines (positions asked at) held by jobs not yet collected."""
     waited: bool
+    rounds: int = 1
+    """Rounds of jobs this run submitted or continued (more than 1 only with lookahead)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +204,45 @@ class JobStatus:
 
 class _Stop(Exception):
     """Ends the batch run early with a reason; the manifests say where to continue."""
+
+
+@dataclass(frozen=True)
+class _Line:
+    """One batch line: its request, and Model 1's tokens at the positions it may cover."""
+
+    item: WorkItem
+    model1: list[lookahead.Token]
+
+
+async def _round_lines(
+    run_dir: Path, model2: str, range_positions: int, tokens: int
+) -> AsyncIterator[_Line]:
+    """The lines of a round, in key order: every ``tokens``-th position of each run of pending
+    positions, asking for ``tokens`` tokens (fewer at the run's end)."""
+    async for rows in pending_responses(run_dir, model2, range_positions):
+        response = _response_of(rows)
+        pending = [row["pending"] for row in rows]
+        for start, end in lookahead.segments(pending, len(rows)):
+            for position in range(start, end, tokens):
+                asked = min(tokens, end - position)
+                yield _Line(
+                    response.request(position, asked, "sample"),
+                    response.tokens[position : position + asked],
+                )
+
+
+def accepted_steps(line: _Line, outcome: Outcome) -> int:
+    """How many of an answer's steps are results (1 for a failure: its error row, and for a
+    one-token line)."""
+    answer = outcome.answer
+    if answer is None or line.item.max_tokens == 1:
+        return 1
+    chosen = [
+        lookahead.Token(s.chosen.token, s.chosen.token_id) if s.chosen_reported else None
+        for s in answer.steps
+    ]
+    limit = line.item.max_tokens
+    return lookahead.accept(len(answer.steps), chosen, line.model1, 0, limit).steps
 
 
 def line_key(item: WorkItem) -> str:
@@ -283,7 +338,7 @@ class _JobWriter:
         """The planning round: its jobs' names sort by the time they were planned."""
         self.manifests: list[JobManifest] = []
         self.handle: IO[bytes] | None = None
-        self.keys: list[tuple[str, int, int]] = []
+        self.keys: list[dict[str, Any]] = []
         self.size = 0
 
     @property
@@ -294,7 +349,8 @@ class _JobWriter:
         line = self.backend.line(line_key(item), index, request)
         return (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
-    def add(self, item: WorkItem, request: dict[str, Any]) -> None:
+    def add(self, line: _Line, request: dict[str, Any]) -> None:
+        item = line.item
         data = self._encode(item, len(self.keys), request)
         full = len(self.keys) >= self.max_requests or self.size + len(data) > self.max_bytes
         if self.keys and full:
@@ -306,7 +362,16 @@ class _JobWriter:
             self.handle = temporary_sibling(path).open("wb")
         self.handle.write(data)
         self.size += len(data)
-        self.keys.append((item.stem, item.response_index, item.position))
+        self.keys.append(
+            {
+                "stem": item.stem,
+                "response_index": item.response_index,
+                "position": item.position,
+                "max_tokens": item.max_tokens,
+                "model1_tokens": [token.text for token in line.model1],
+                "model1_token_ids": [token.token_id for token in line.model1],
+            }
+        )
 
     def close_job(self) -> None:
         if self.handle is None:
@@ -315,11 +380,7 @@ class _JobWriter:
         final = self.run.batch_input(model2, job_id)
         self.handle.close()
         commit(temporary_sibling(final), final)
-        stems, indexes, positions = zip(*self.keys, strict=True)
-        keys = pa.table(
-            {"stem": stems, "response_index": indexes, "position": positions},
-            schema=pa.schema(schemas.KEY_FIELDS),
-        )
+        keys = pa.Table.from_pylist(self.keys, schema=schemas.BATCH_KEYS)
         with atomic_path(self.run.batch_keys(model2, job_id)) as tmp:
             pq.write_table(keys, tmp)
         display_name = f"klstream-{job_id}"
@@ -378,43 +439,53 @@ class _BatchRun:
         if self.on_progress is not None:
             self.on_progress(stats)
 
-    async def probe(self, items: AsyncIterator[WorkItem]) -> WorkItem | None:
-        """One position online before anything is uploaded: a model that cannot score (no
+    async def probe(self, lines: AsyncIterator[_Line]) -> _Line | None:
+        """One line online before anything is uploaded: a model that cannot score (no
         prefill, wrong key, unknown model) stops the run here, not after a day in a queue. Its
         result is kept like any online result."""
-        first = await anext(items, None)
+        first = await anext(lines, None)
         if first is None:
             return None
         options = self.options
         async with open_caller(
             self.endpoint, self.model2, options.policy, 1, options.thinking_budget, self.stats.calls
         ) as caller:
-            outcome = await caller.call(prefill_request(options, first))
-        rows = result_rows(first, self.model2, outcome)
+            outcome = await caller.call(prefill_request(options, first.item))
+        steps = accepted_steps(first, outcome)
+        rows = result_rows(first.item, self.model2, outcome, steps)
         table = pa.Table.from_pylist(rows, schema=schemas.SCORES)
         await asyncio.to_thread(write_scores_part, self.run, self.model2, table)
         if outcome.answer:
-            self.stats.scored += 1
+            self.stats.scored += steps
             return None
         return first
 
-    async def plan(self) -> list[JobManifest]:
-        """Write the job files and manifests of every pending position."""
+    async def plan(self, probe: bool = True) -> list[JobManifest]:
+        """Write the job files and manifests of a round's lines over the pending positions,
+        after probing with the first (``probe``)."""
         options = self.options
-        items = _pending_items(self.run.root, self.model2, options.range_positions)
-        unanswered = await self.probe(items)
-        template = request_template(
-            self.endpoint, options.top_logprobs, options.thinking_budget, options.temperature
-        )
+        tokens = lookahead.batch_lookahead(options.lookahead)
+        lines = _round_lines(self.run.root, self.model2, options.range_positions, tokens)
+        unanswered = await self.probe(lines) if probe else None
+        templates: dict[int, dict[str, Any]] = {}
         writer = _JobWriter(self.run, options, self.backend, self.endpoint)
 
         def request(item: WorkItem) -> dict[str, Any]:
-            return {"contents": prefill_contents(item.prompt, item.prefill), **template}
+            if item.max_tokens not in templates:
+                templates[item.max_tokens] = request_template(
+                    self.endpoint,
+                    options.top_logprobs,
+                    options.thinking_budget,
+                    options.temperature,
+                    item.max_tokens,
+                )
+            contents = prefill_contents(item.prompt, item.prefill)
+            return {"contents": contents, **templates[item.max_tokens]}
 
         if unanswered is not None:
-            writer.add(unanswered, request(unanswered))
-        async for item in items:
-            writer.add(item, request(item))
+            writer.add(unanswered, request(unanswered.item))
+        async for line in lines:
+            writer.add(line, request(line.item))
         return writer.finish()
 
     async def submit(self, manifests: list[JobManifest]) -> None:
@@ -541,11 +612,21 @@ class _BatchRun:
     def _results(self, manifest: JobManifest, output: Path | None) -> pa.Table:
         """One scores row per position of the job: its answer, its line's error, or why it has
         none."""
-        keys = pq.read_table(self.run.batch_keys(self.model2, manifest.job_id)).to_pylist()
-        by_key = {
-            line_key(WorkItem(k["stem"], k["response_index"], k["position"], "", "")): i
-            for i, k in enumerate(keys)
-        }
+        keys = [
+            _Line(
+                WorkItem(
+                    k["stem"], k["response_index"], k["position"], "", "", k.get("max_tokens", 1)
+                ),
+                [
+                    lookahead.Token(text, token_id)
+                    for text, token_id in zip(
+                        k.get("model1_tokens", []), k.get("model1_token_ids", []), strict=True
+                    )
+                ],
+            )
+            for k in pq.read_table(self.run.batch_keys(self.model2, manifest.job_id)).to_pylist()
+        ]
+        by_key = {line_key(line.item): i for i, line in enumerate(keys)}
         outcomes: list[Outcome | None] = [None] * len(keys)
         latency = manifest.run_ms
         for line in _lines(output):
@@ -565,16 +646,11 @@ class _BatchRun:
                 f"batch job {manifest.job_name or manifest.display_name} ended {manifest.state}"
             )
             missing += f": {manifest.error}" if manifest.error else ""
-        rows = [
-            row
-            for key, outcome in zip(keys, outcomes, strict=True)
-            for row in result_rows(
-                WorkItem(key["stem"], key["response_index"], key["position"], "", ""),
-                self.model2,
-                outcome or Outcome(None, missing, 1, latency),
-                source=schemas.SOURCE_BATCH,
-            )
-        ]
+        rows = []
+        for line, outcome in zip(keys, outcomes, strict=True):
+            final = outcome or Outcome(None, missing, 1, latency)
+            steps = accepted_steps(line, final)
+            rows += result_rows(line.item, self.model2, final, steps, schemas.SOURCE_BATCH)
         return pa.Table.from_pylist(rows, schema=schemas.SCORES)
 
 
@@ -663,14 +739,33 @@ async def score_batch_async(
     stats = BatchStats(total=positions, already_done=done)
     runner = _BatchRun(run, options, endpoint, backend, stats, on_progress)
     stopped: str | None = None
+    rounds = 0
+    tokens = lookahead.batch_lookahead(options.lookahead)
     try:
         with _stopped_by_signals():
             if not any(m.active for m in manifests):
                 manifests = manifests + await runner.plan()
             active = [m for m in manifests if m.active]
-            await runner.submit(active)
-            if batch.wait:
+            while True:
+                rounds += 1
+                scored_before = stats.scored
+                await runner.submit(active)
+                if not batch.wait:
+                    break
                 await runner.wait(active)
+                left = stats.total - stats.already_done - stats.scored
+                if tokens == 1 or not left or stats.scored == scored_before:
+                    break
+                if rounds >= batch.max_rounds:
+                    stopped = (
+                        f"{left} positions still uncovered after {rounds} rounds of batch jobs "
+                        "(the most allowed); resuming the run submits them"
+                    )
+                    break
+                active = await runner.plan(probe=False)
+                if not active:
+                    break
+                manifests += active
     except (_Stop, BatchServiceError) as stop:
         stopped = str(stop)
     except asyncio.CancelledError as cancelled:
@@ -681,6 +776,7 @@ async def score_batch_async(
         live_jobs=sum(m.live for m in manifests),
         positions_in_jobs=sum(m.positions for m in active),
         waited=batch.wait,
+        rounds=rounds,
     )
     remaining = stats.total - stats.already_done - stats.scored
     if remaining and batch.wait and batch.fallback_online and stopped is None and not active:

@@ -18,6 +18,11 @@ agreement with itself (the mean probability of its own tokens; for greedy decodi
 positions where its token is its own top one), which is what Model 2 would reach if it were
 Model 1: an optimistic guess. ``auto`` decoding is estimated as sampling until a run's greedy
 probe (recorded in ``run.json``) has allowed greedy.
+
+In batch mode (``options.batch``) decoding is sampling, and the run works in rounds
+(:func:`~klstream.scoring.lookahead.batch_rounds`): the estimate adds the rounds, requests,
+tokens and USD at batch prices of the batch lookahead
+(:func:`~klstream.scoring.lookahead.batch_lookahead`).
 """
 
 from __future__ import annotations
@@ -74,6 +79,22 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class BatchEstimate:
+    """What a batch run in rounds takes."""
+
+    lookahead: int
+    max_rounds: int
+    rounds: int
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    uncovered: int
+    """Positions expected to be left after ``max_rounds`` rounds."""
+    usd: float | None
+    """At batch prices."""
+
+
+@dataclass(frozen=True)
 class DryRunReport:
     model2: str
     positions: int
@@ -93,6 +114,8 @@ class DryRunReport:
     """One token per request: the worst case, and the spec's method."""
     lookahead: Estimate
     """The run's lookahead setting, estimated."""
+    batch: BatchEstimate | None = None
+    """Batch mode in rounds, when the run is a batch run."""
 
 
 def _prompt_rows(run_dir: Path, model2: str) -> pa.Table:
@@ -207,8 +230,9 @@ async def dry_run_async(
     }
     positions = columns["positions"].astype(np.float64)
     total_positions = int(positions.sum())
-    greedy = options.decoding == "greedy" or (
-        options.decoding == "auto" and _probe_allowed_greedy(run_dir, options.model2)
+    greedy = options.batch is None and (
+        options.decoding == "greedy"
+        or (options.decoding == "auto" and _probe_allowed_greedy(run_dir, options.model2))
     )
     decoding = "greedy" if greedy else "sample"
 
@@ -282,6 +306,29 @@ async def dry_run_async(
         price,
         dry,
     )
+    batch = None
+    if options.batch is not None:
+        tokens = lookahead.batch_lookahead(options.lookahead)
+        rounds = lookahead.batch_rounds(
+            acceptance, tokens, total_positions, options.batch.max_rounds
+        )
+        share = rounds.requests / total_positions if total_positions else 0.0
+        usage = Usage(
+            int(round(one_input.sum() * share)),
+            0,
+            int(round(rounds.output_tokens + rounds.requests * thinking)),
+            0,
+        )
+        batch = BatchEstimate(
+            tokens,
+            options.batch.max_rounds,
+            rounds.rounds,
+            int(round(rounds.requests)),
+            usage.prompt_tokens,
+            usage.candidates_tokens,
+            int(round(rounds.uncovered)),
+            price.usd(usage, batch=True) if price else None,
+        )
     return DryRunReport(
         options.model2,
         total_positions,
@@ -296,6 +343,7 @@ async def dry_run_async(
         decoding,
         one_token,
         estimate,
+        batch,
     )
 
 
@@ -348,6 +396,15 @@ def format_dry_run(report: DryRunReport) -> str:
         if estimate.minutes is not None:
             line += f"{estimate.minutes:>10.1f}"
         lines.append(line)
+    rounds = report.batch
+    if rounds is not None:
+        usd = "n/a" if rounds.usd is None else f"{rounds.usd:.4f}"
+        left = f", about {rounds.uncovered:,} positions left" if rounds.uncovered else ""
+        lines.append(
+            f"batch, lookahead {rounds.lookahead} (sampled), at most {rounds.max_rounds} rounds: "
+            f"{rounds.rounds} rounds, {rounds.requests:,} requests, {rounds.input_tokens:,} input "
+            f"tokens, {rounds.output_tokens:,} output tokens, USD batch {usd}{left}"
+        )
     if report.price is None:
         lines.append("no price known for this model: USD is n/a")
     else:

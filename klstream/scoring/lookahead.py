@@ -39,6 +39,14 @@ GREEDY_TOLERANCE = 0.1
 same prefixes that still counts as the service's call-to-call jitter."""
 COMPARED_TOP = 5
 """How many of a one-token answer's most likely tokens the greedy probe compares."""
+BATCH_AUTO_LOOKAHEAD = 4
+"""The lookahead a batch run uses for ``auto``: a round cannot learn from its own answers, so a
+fixed N that pays off from an acceptance of about one half on."""
+
+
+def batch_lookahead(setting: int | str) -> int:
+    """Tokens each batch line asks for under the lookahead ``setting`` (an int, or ``auto``)."""
+    return BATCH_AUTO_LOOKAHEAD if setting == "auto" else int(setting)
 
 
 @dataclass(frozen=True)
@@ -168,3 +176,40 @@ def deviation(
             return math.inf
         worst = max(worst, abs(found[0] - logprob))
     return worst
+
+
+@dataclass(frozen=True)
+class BatchRounds:
+    """What a batch run in rounds is expected to take (:func:`batch_rounds`)."""
+
+    rounds: int
+    requests: float
+    output_tokens: float
+    """Tokens asked for, all of them billed."""
+    uncovered: float
+    """Positions expected to be left after the last round allowed."""
+
+
+def batch_rounds(rate: float, lookahead: int, positions: float, max_rounds: int) -> BatchRounds:
+    """Rounds, requests and tokens asked for when round 1 asks for ``lookahead`` tokens at every
+    ``lookahead``-th of ``positions`` positions and each later round asks, at the start of every
+    gap the previous one left, for the gap's length; each generated token is Model 1's with
+    probability ``rate``. A request asking for m tokens covers k < m steps with probability
+    rate^(k-1) (1 - rate), all m with rate^(m-1), and leaves a gap of m - k."""
+    size = max(lookahead, 1)
+    kept = np.clip(rate, 0.0, 1.0) ** np.arange(size)
+    moves = np.zeros((size + 1, size + 1))
+    for asked in range(1, size + 1):
+        covered = kept[:asked] * np.append(np.full(asked - 1, 1.0 - rate), 1.0)
+        moves[asked, asked - np.arange(1, asked + 1)] = covered
+    gaps = np.zeros(size + 1)
+    gaps[size] = positions / size
+    rounds, requests, tokens = 0, 0.0, 0.0
+    asked_tokens = np.arange(size + 1, dtype=np.float64)
+    while rounds < max_rounds and float(gaps @ asked_tokens) >= 0.5:
+        rounds += 1
+        requests += float(gaps.sum())
+        tokens += float(gaps @ asked_tokens)
+        gaps = gaps @ moves
+        gaps[0] = 0.0
+    return BatchRounds(rounds, requests, tokens, float(gaps @ asked_tokens))

@@ -750,17 +750,6 @@ async def _pending_chains(
             yield _Chain(response, start, end)
 
 
-async def _pending_items(
-    run_dir: Path, model2: str, range_positions: int
-) -> AsyncIterator[WorkItem]:
-    """Stream the positions without a successful result, in key order, as one-token requests."""
-    async for rows in pending_responses(run_dir, model2, range_positions):
-        response = _response_of(rows)
-        for row in rows:
-            if row["pending"]:
-                yield response.request(row["position"], 1, "sample")
-
-
 def _count_pending(run_dir: Path, model2: str) -> tuple[int, int]:
     with connect(run_dir) as con:
         counts = con.execute(load_sql("pending_count"), {"model2": model2}).fetchone()
