@@ -202,7 +202,7 @@ class JobStatus:
     manifest: JobManifest
 
 
-class _Stop(Exception):
+class StopRun(Exception):
     """Ends the batch run early with a reason; the manifests say where to continue."""
 
 
@@ -530,7 +530,7 @@ class _BatchRun:
                 continue
             self.attach(manifest, job)
             return
-        raise _Stop(
+        raise StopRun(
             f"batch job {manifest.display_name} could not be created in "
             f"{self.batch.create_attempts} attempts; the last said: {last_error}"
         )
@@ -766,7 +766,7 @@ async def score_batch_async(
                 if not active:
                     break
                 manifests += active
-    except (_Stop, BatchServiceError) as stop:
+    except (StopRun, BatchServiceError) as stop:
         stopped = str(stop)
     except asyncio.CancelledError as cancelled:
         stopped = str(cancelled.args[0]) if cancelled.args else "cancelled"

@@ -42,11 +42,11 @@ from klstream.backends.openai import OpenAIClient, PromptScores, Tokenized, open
 from klstream.rundir import RunDir
 from klstream.scoring.caller import Caller, Outcome, Retried
 from klstream.scoring.score import (
+    Checkpointer,
     ScoreOptions,
     ScoreStats,
+    StopRun,
     WorkItem,
-    _Checkpointer,
-    _Stop,
     result_rows,
     work_through,
 )
@@ -206,7 +206,7 @@ class PromptLogprobsScorer:
     ) -> None:
         self.options, self.endpoint, self.stats = options, endpoint, stats
         self.on_progress = on_progress
-        self.checkpoint = _Checkpointer(
+        self.checkpoint = Checkpointer(
             RunDir(run_dir), options.model2, options.checkpoint_rows, options.checkpoint_seconds
         )
         self.templates: OrderedDict[str, asyncio.Task[Retried[Tokenized]]] = OrderedDict()
@@ -235,7 +235,7 @@ class PromptLogprobsScorer:
             return
         error = await self.score_response(caller, client, ResponseWork.from_rows(first))
         if error is not None:
-            raise _Stop(f"the first response could not be scored; the server said: {error}")
+            raise StopRun(f"the first response could not be scored; the server said: {error}")
 
         async def score_rows(rows: list[dict[str, Any]]) -> None:
             await self.score_response(caller, client, ResponseWork.from_rows(rows))
@@ -346,7 +346,7 @@ class PromptLogprobsScorer:
         self.consecutive_failures += await self._record_failure(work, failed)
         error = failed.error or "no answer"
         if self.consecutive_failures >= self.options.max_consecutive_failures:
-            raise _Stop(
+            raise StopRun(
                 f"{self.consecutive_failures} positions in a row failed; the last said: {error}"
             )
         return error

@@ -369,7 +369,7 @@ def result_rows(
     ]
 
 
-class _Checkpointer:
+class Checkpointer:
     """Buffers result rows and writes them as a part every N rows or T seconds."""
 
     def __init__(self, run: RunDir, model2: str, rows: int, seconds: float) -> None:
@@ -413,7 +413,7 @@ async def work_through(
     items: AsyncIterator[W],
     handle: Callable[[W], Awaitable[None]],
     workers: int,
-    checkpoint: _Checkpointer,
+    checkpoint: Checkpointer,
     flush_seconds: float,
 ) -> None:
     """Hand ``items``, in order, to ``workers`` tasks running ``handle`` while ``checkpoint`` is
@@ -449,7 +449,7 @@ async def work_through(
         await asyncio.gather(feeding, flushing, *tasks, return_exceptions=True)
 
 
-class _Stop(Exception):
+class StopRun(Exception):
     """Raised inside the pipeline to end it early with a reason."""
 
 
@@ -466,7 +466,7 @@ class _Scorer:
     ) -> None:
         self.run_dir, self.options, self.endpoint, self.stats = run_dir, options, endpoint, stats
         self.on_progress = on_progress
-        self.checkpoint = _Checkpointer(
+        self.checkpoint = Checkpointer(
             RunDir(run_dir),
             options.model2,
             options.checkpoint_rows,
@@ -543,7 +543,7 @@ class _Scorer:
         chain.next += covered
         await self.checkpoint.add(result_rows(item, self.options.model2, outcome, covered))
         if not answer and self.consecutive_failures >= self.options.max_consecutive_failures:
-            raise _Stop(
+            raise StopRun(
                 f"{self.consecutive_failures} positions in a row failed; the last "
                 f"said: {outcome.error}"
             )
@@ -588,7 +588,7 @@ class _Scorer:
             return
         if self.stats.scored == 0:
             first_requests = "the first request" if probes == 1 else f"the first {probes} requests"
-            raise _Stop(
+            raise StopRun(
                 f"{first_requests} to {caller.client.endpoint.url} failed "
                 f"({self.stats.calls.requests} attempts in {time.monotonic() - started_at:.0f} s); "
                 f"the last said: {self.last_error}"
@@ -821,7 +821,7 @@ async def _score_locked(
             await scorer.run(_pending_chains(run_dir, options.model2, options.range_positions, cap))
         else:
             await scorer.run(pending_responses(run_dir, options.model2, options.range_positions))
-    except _Stop as stop:
+    except StopRun as stop:
         stopped = str(stop)
     except asyncio.CancelledError as cancelled:
         stopped = str(cancelled.args[0]) if cancelled.args else "cancelled"
