@@ -390,6 +390,25 @@ def _apply(function: Any, decorators: list[Callable[[Any], Any]]) -> Any:
     return function
 
 
+_where_options = [
+    click.option("--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."),
+    click.option("--location", default="global", show_default=True, help="Vertex AI region."),
+    click.option(
+        "--base-url",
+        help="Another endpoint, such as `klstream emulate`'s (default: "
+        "$GOOGLE_GEMINI_BASE_URL, or $OPENAI_BASE_URL with --backend openai).",
+    ),
+]
+"""Where the service is, beyond the backend: shared by every command that reaches one."""
+_timeout_option = click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds before a request counts as failed.",
+)
+
+
 def _api_options(function: Any) -> Any:
     """Where Model 2 (or Model 1, for `sample`) is and how to call it."""
     return _apply(
@@ -403,17 +422,7 @@ def _api_options(function: Any) -> Any:
                 help="Gemini Developer API, Vertex AI, or an OpenAI-compatible server (vLLM, "
                 "SGLang; needs klstream[openai]).",
             ),
-            click.option(
-                "--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."
-            ),
-            click.option(
-                "--location", default="global", show_default=True, help="Vertex AI region."
-            ),
-            click.option(
-                "--base-url",
-                help="Another endpoint, such as `klstream emulate`'s (default: "
-                "$GOOGLE_GEMINI_BASE_URL, or $OPENAI_BASE_URL with --backend openai).",
-            ),
+            *_where_options,
             click.option(
                 "--max-concurrent",
                 type=click.IntRange(min=1),
@@ -421,13 +430,7 @@ def _api_options(function: Any) -> Any:
                 show_default=True,
                 help="Requests in flight at most, across all files.",
             ),
-            click.option(
-                "--timeout",
-                type=click.FloatRange(min=0.1),
-                default=60.0,
-                show_default=True,
-                help="Seconds before a request counts as failed.",
-            ),
+            _timeout_option,
             click.option(
                 "--max-retries",
                 type=click.IntRange(min=0),
@@ -944,10 +947,8 @@ _batch_endpoint_options = [
         show_default=True,
         help="Where the jobs run.",
     ),
-    click.option("--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."),
-    click.option("--location", default="global", show_default=True, help="Vertex AI region."),
-    click.option("--base-url", help="Another endpoint, such as `klstream emulate`'s."),
-    click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True),
+    *_where_options,
+    _timeout_option,
 ]
 
 
