@@ -47,8 +47,8 @@ from klstream.emulator import EmulatorServer
 from klstream.emulator.service import ServiceConfig
 from klstream.input.explode import explode
 from klstream.input.sample import SampleOptions, sample
-from klstream.rundir import RunDir
 from klstream.scoring.score import Lookahead, ScoreOptions, score
+from klstream.storage.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOKAHEADS: list[Lookahead] = [1, 2, 4, 8, 16, "auto"]

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from klstream import schemas
 from klstream.emulator.toymodel import VOCAB, ToyModel
 from klstream.metrics.kl import finish_batch, score_batches
 from klstream.metrics.tailfit import TailSample, fit_tail_variance
+from klstream.storage import schemas
 
 PAIRS = {"near": "toy-d0.25", "medium": "toy-d1", "far": "toy-d2"}
 TOP_KS = (5, 10, 20)

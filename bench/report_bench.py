@@ -1,8 +1,8 @@
 """Report benchmark: the HTML report of a large run, its size and its time to interactive.
 
 Builds a synthetic run directory (default 10,000 responses × 500 tokens, top-20 lists on both
-sides) by writing its Parquet tables directly with the schemas of ``klstream/schemas.py`` — no
-API, no KL pass: the estimators are drawn at random, per response around its own level — then
+sides) by writing its Parquet tables directly with the schemas of ``klstream/storage/schemas.py``
+— no API, no KL pass: the estimators are drawn at random, per response around its own level — then
 times ``klstream.output.report.write_report`` and opens the page in headless Chromium (Debian's
 ``chromium`` and ``chromium-driver``, through selenium), printing:
 
@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klstream import schemas
 from klstream.output.report import write_report
-from klstream.rundir import RunDir
+from klstream.storage import schemas
+from klstream.storage.rundir import RunDir
 
 MODEL1 = "bench-model-1"
 MODEL2 = "bench-model-2"

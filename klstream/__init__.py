@@ -59,9 +59,9 @@ _EXPORTS: dict[str, str] = {
     "format_summary": "klstream.output.export",
     "ExportReport": "klstream.output.export",
     "run_query": "klstream.output.query",
-    "connect": "klstream.database",
-    "views_script": "klstream.database",
-    "RunDir": "klstream.rundir",
+    "connect": "klstream.storage.database",
+    "views_script": "klstream.storage.database",
+    "RunDir": "klstream.storage.rundir",
     "run": "klstream.pipeline",
     "run_async": "klstream.pipeline",
     "RunOptions": "klstream.pipeline",
@@ -198,7 +198,6 @@ if TYPE_CHECKING:
     from klstream.backends import endpoint_from_environment
     from klstream.backends.base import Endpoint
     from klstream.backends.prices import Price, load_prices
-    from klstream.database import connect, views_script
     from klstream.errors import (
         AmbiguousModel2,
         AuthenticationError,
@@ -241,7 +240,6 @@ if TYPE_CHECKING:
     from klstream.output.export import ExportReport, export, format_summary, summary
     from klstream.output.query import run_query
     from klstream.pipeline import RunOptions, RunReport, dry_run_inputs, run, run_async
-    from klstream.rundir import RunDir
     from klstream.scoring.batch import BatchOptions, batch_cancel, batch_status
     from klstream.scoring.caller import RetryPolicy
     from klstream.scoring.dryrun import (
@@ -252,3 +250,5 @@ if TYPE_CHECKING:
         format_dry_run,
     )
     from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score, score_async
+    from klstream.storage.database import connect, views_script
+    from klstream.storage.rundir import RunDir

@@ -259,7 +259,7 @@ def query(run_dir: Path, sql: str, output_format: str, output: Path | None, max_
 @run_dir_argument
 def views(run_dir: Path) -> None:
     """Print SQL that creates the run's views, for the duckdb CLI: duckdb -init FILE."""
-    from klstream.database import views_script
+    from klstream.storage.database import views_script
 
     click.echo(views_script(run_dir), nl=False)
 

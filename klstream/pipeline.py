@@ -2,7 +2,7 @@
 
 ``klstream run`` is this function behind click; a notebook calls :func:`run` or awaits
 :func:`run_async`. The run directory lives inside the output directory
-(:attr:`klstream.rundir.ExportDir.workspace`), so one folder holds the spec's files and the
+(:attr:`klstream.storage.rundir.ExportDir.workspace`), so one folder holds the spec's files and the
 Parquet tables they came from.
 """
 
@@ -22,10 +22,10 @@ from klstream.input.explode import ExplodeReport, explode, inputs_changed
 from klstream.loop import run_blocking
 from klstream.output.export import ExportReport, export
 from klstream.output.report import ReportResult, write_report
-from klstream.rundir import ExportDir, RunDir
-from klstream.runlock import model2_writer, positions_writer
 from klstream.scoring.dryrun import DryRunOptions, DryRunReport, dry_run_async
 from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score_async
+from klstream.storage.rundir import ExportDir, RunDir
+from klstream.storage.runlock import model2_writer, positions_writer
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ async def run_async(
     """Explode ``input_dir`` (unless its positions are already there), score every position,
     export when complete, and write the report.
 
-    The whole run holds its run directory's lock (:mod:`klstream.runlock`): a second ``run`` of
-    the same output directory is refused at once. Positions built from other input files than
-    the ones given now are replaced under ``overwrite`` and refused under ``resume``.
+    The whole run holds its run directory's lock (:mod:`klstream.storage.runlock`): a second
+    ``run`` of the same output directory is refused at once. Positions built from other input
+    files than the ones given now are replaced under ``overwrite`` and refused under ``resume``.
     """
     exports = ExportDir(output_dir)
     run = exports.workspace

@@ -13,12 +13,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klstream import schemas
 from klstream.backends.base import Answer, Candidate, Generated
-from klstream.rundir import RunDir
 from klstream.scoring.caller import Outcome
 from klstream.scoring.checkpoint import write_scores_part
 from klstream.scoring.score import WorkItem, result_rows
+from klstream.storage import schemas
+from klstream.storage.rundir import RunDir
 
 Key = tuple[str, int, int]
 Lists = tuple[list[str], list[int | None], list[float]]

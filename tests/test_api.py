@@ -13,7 +13,7 @@ import pytest
 
 import klstream
 from klstream.emulator import EmulatorServer
-from klstream.rundir import RunDir
+from klstream.storage.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL2 = "toy-d0.5"

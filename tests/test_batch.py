@@ -30,12 +30,12 @@ from klstream.backends.gemini import (
     prefill_contents,
     request_template,
 )
-from klstream.database import connect
 from klstream.emulator import EmulatorServer
 from klstream.emulator.batch_routes import BatchConfig, BatchEvent, EndState
 from klstream.input.explode import explode
-from klstream.rundir import RunDir
 from klstream.scoring.batch import JobManifest, load_manifests
+from klstream.storage.database import connect
+from klstream.storage.rundir import RunDir
 
 MODEL2 = "toy-d0.5"
 BACKENDS: list[BackendName] = ["gemini", "vertex"]

@@ -22,7 +22,7 @@ from klstream.errors import InputError, KlstreamError, PositionsExist
 from klstream.input import explode as explode_module
 from klstream.input import validate as validate_module
 from klstream.input.explode import explode
-from klstream.schemas import POSITIONS, RESPONSES, SKIPPED
+from klstream.storage.schemas import POSITIONS, RESPONSES, SKIPPED
 
 HELLO: list[Token] = [
     ("Hel", 10, -0.25, [("Hel", 10, -0.25), ("Hi", 11, -2.5), ("Hel", 10, -0.25)]),

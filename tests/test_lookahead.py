@@ -30,12 +30,12 @@ from test_score import (
 )
 
 import klstream
-from klstream import schemas
 from klstream.backends.prices import Usage, load_prices
 from klstream.emulator import EmulatorServer, FaultConfig, encode
 from klstream.emulator.service import ServiceConfig
 from klstream.input.explode import explode
-from klstream.rundir import RunDir
+from klstream.storage import schemas
+from klstream.storage.rundir import RunDir
 
 if TYPE_CHECKING:
     from conftest import ToyInputs

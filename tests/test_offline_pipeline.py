@@ -17,8 +17,6 @@ from cli import invoke
 from inputs import Token, make_input, make_response, write_input
 from scorefixtures import Key, write_fixture_scores
 
-from klstream import schemas
-from klstream.database import connect, views_script
 from klstream.errors import KlstreamError
 from klstream.input.explode import explode
 from klstream.metrics import reference
@@ -26,6 +24,8 @@ from klstream.metrics.kl import KlReport, compute_kl
 from klstream.metrics.tailfit import TailObservations, fit_tail_variance
 from klstream.output.export import export
 from klstream.output.query import run_query
+from klstream.storage import schemas
+from klstream.storage.database import connect, views_script
 
 MODEL2 = "gemini-fixture-2"
 WORDS = ["The", " cat", " sat", " on", " the", " mat", ".", " A", " dog", " ran", "\n", " é"]

@@ -34,7 +34,6 @@ from test_score import (
     wait_until,
 )
 
-from klstream import schemas
 from klstream.backends.base import Endpoint
 from klstream.backends.openai import api_base_url, server_root
 from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
@@ -45,6 +44,7 @@ from klstream.scoring.caller import RetryPolicy
 from klstream.scoring.prompt_logprobs import Alignment
 from klstream.scoring.score import ScoreOptions, ScoreReport, ScoringMethod
 from klstream.scoring.score import score as score_run
+from klstream.storage import schemas
 
 if TYPE_CHECKING:
     from conftest import ToyInputs

@@ -27,7 +27,7 @@ def test_wheel_carries_sql_and_loads_it_from_the_package(tmp_path: Path) -> None
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)
     probe = (
-        "from klstream.sqlfiles import sql_directory, load_sql; "
+        "from klstream.storage.sqlfiles import sql_directory, load_sql; "
         "print(sql_directory()); assert 'CREATE OR REPLACE VIEW kl' in load_sql('views'); "
         "from klstream.output.report import Payload, render; "
         "page = render(Payload({'meta': {'klstream_version': '0', 'run_dir': 'r', "

@@ -25,15 +25,15 @@ from fakeservers import Reply, http_server, refused_url, silent_listener
 from inputs import Token, make_input, write_input
 from scorefixtures import write_fixture_scores
 
-from klstream import schemas
 from klstream.backends.base import Endpoint
 from klstream.emulator import EmulatorServer, FaultConfig
 from klstream.input.explode import explode
 from klstream.metrics.kl import compute_kl
-from klstream.rundir import ExportDir, RunDir
 from klstream.scoring.caller import RetryPolicy
 from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats
 from klstream.scoring.score import score as score_run
+from klstream.storage import schemas
+from klstream.storage.rundir import ExportDir, RunDir
 
 if TYPE_CHECKING:
     from conftest import ToyInputs

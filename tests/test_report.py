@@ -28,7 +28,6 @@ from cli import invoke as cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from klstream.database import connect
 from klstream.emulator import EmulatorServer, FaultConfig
 from klstream.errors import KlstreamError
 from klstream.output.report import (
@@ -47,7 +46,8 @@ from klstream.output.report import (
     parse_response_key,
     write_report,
 )
-from klstream.rundir import RunDir
+from klstream.storage.database import connect
+from klstream.storage.rundir import RunDir
 
 if TYPE_CHECKING:
     from conftest import ToyInputs

@@ -26,7 +26,6 @@ import pytest
 from cli import CREDENTIAL_VARIABLES, invoke, start_process
 from click.testing import Result
 
-from klstream import schemas
 from klstream.backends import endpoint_from_environment
 from klstream.backends.base import Endpoint, PrefillRequest
 from klstream.backends.gemini import open_gemini_client
@@ -34,11 +33,12 @@ from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
 from klstream.emulator.toymodel import Candidate, top_k
 from klstream.input.explode import explode
 from klstream.metrics import reference
-from klstream.rundir import RunDir
 from klstream.scoring.caller import Caller, CallStats, RetryPolicy
 from klstream.scoring.score import WORKERS_PER_SLOT, ScoreOptions, ScoreReport, ScoreStats
 from klstream.scoring.score import score as score_run
 from klstream.scoring.throttle import AdaptiveLimiter
+from klstream.storage import schemas
+from klstream.storage.rundir import RunDir
 
 if TYPE_CHECKING:
     from conftest import ToyInputs, ToyPosition

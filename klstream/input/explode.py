@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klstream import atomic
 from klstream.errors import (
     InputError,
     InputsChanged,
@@ -35,9 +34,10 @@ from klstream.input.validate import (
     read_json,
     validate_response,
 )
-from klstream.rundir import RunDir
-from klstream.runlock import positions_writer
-from klstream.schemas import POSITIONS, RESPONSES, SKIPPED
+from klstream.storage import atomic
+from klstream.storage.rundir import RunDir
+from klstream.storage.runlock import positions_writer
+from klstream.storage.schemas import POSITIONS, RESPONSES, SKIPPED
 
 ROW_GROUP_BYTES = 32 * 2**20
 """Arrow bytes gathered before a row group is written. One row group per input file would leave

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from klstream.atomic import write_text_atomic
 from klstream.errors import InputsChanged
+from klstream.storage.atomic import write_text_atomic
 
 MANIFEST_FORMAT = 1
 _HASH_CHUNK = 1 << 20

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from klstream.atomic import write_text_atomic
 from klstream.backends.base import Answer, Endpoint, PrefillRequest
 from klstream.errors import InputError, KlstreamError
 from klstream.loop import run_blocking
-from klstream.rundir import model2_dirname
 from klstream.scoring.caller import CallStats, Outcome, RetryPolicy, open_caller
+from klstream.storage.atomic import write_text_atomic
+from klstream.storage.rundir import model2_dirname
 
 
 @dataclass(frozen=True)

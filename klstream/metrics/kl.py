@@ -1,7 +1,7 @@
 """The KL pass: positions ⨝ resolved Model 2 scores → ``kl/<model2>.parquet`` (schema ``KL``).
 
 DuckDB streams the join in key order as Arrow record batches, one range of responses at a time
-(:func:`klstream.database.ranged`); each batch goes through the vectorized estimators,
+(:func:`klstream.storage.database.ranged`); each batch goes through the vectorized estimators,
 so memory stays bounded by the range and batch sizes whatever the size of the run.
 
 ``kl_estimate`` needs σ̂², fitted once over the whole run (:mod:`klstream.metrics.tailfit`), so
@@ -27,9 +27,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from klstream import schemas
-from klstream.atomic import atomic_path, temporary_sibling
-from klstream.database import RANGE_POSITIONS, connect, ranged
 from klstream.errors import NoResults
 from klstream.metrics.columns import SideColumns, keyed_sides
 from klstream.metrics.estimators import estimate, kl_estimate, model1_only
@@ -41,7 +38,10 @@ from klstream.metrics.tailfit import (
     fit_tail_variance,
     priority,
 )
-from klstream.rundir import RunDir
+from klstream.storage import schemas
+from klstream.storage.atomic import atomic_path, temporary_sibling
+from klstream.storage.database import RANGE_POSITIONS, connect, ranged
+from klstream.storage.rundir import RunDir
 
 DEFAULT_BATCH_ROWS = 16_384
 """Measured best with two worker threads (bench/kl_bench.py): smaller batches spend more time

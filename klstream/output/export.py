@@ -18,11 +18,16 @@ from typing import Any
 
 import duckdb
 
-from klstream.atomic import commit, sweep_stale_temporaries, temporary_sibling, write_text_atomic
-from klstream.database import RANGE_POSITIONS, connect, ranged, view_names
 from klstream.errors import AmbiguousModel2, NoResults, OutputError, describe_os_error
-from klstream.rundir import ExportDir
-from klstream.sqlfiles import load_sql
+from klstream.storage.atomic import (
+    commit,
+    sweep_stale_temporaries,
+    temporary_sibling,
+    write_text_atomic,
+)
+from klstream.storage.database import RANGE_POSITIONS, connect, ranged, view_names
+from klstream.storage.rundir import ExportDir
+from klstream.storage.sqlfiles import load_sql
 
 _SPEC_RESPONSE_KEYS = ("text", "num_tokens", "kl_per_token", "token_details", "statistics")
 _EXTRA_RESPONSE_KEYS = ("response_index", "tokens_match_text", "unscored_positions")

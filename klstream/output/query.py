@@ -11,9 +11,9 @@ from typing import Literal
 
 import duckdb
 
-from klstream.atomic import atomic_path
-from klstream.database import connect
 from klstream.errors import QueryError
+from klstream.storage.atomic import atomic_path
+from klstream.storage.database import connect
 
 OutputFormat = Literal["table", "csv", "json", "parquet"]
 

@@ -35,14 +35,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from markupsafe import Markup
 
-from klstream import __version__, schemas
-from klstream.atomic import write_text_atomic
-from klstream.database import ResponseRange, connect, ranged, response_ranges
+from klstream import __version__
 from klstream.errors import KlstreamError, NoResults
 from klstream.output.export import scored_models, summarize
 from klstream.output.top import DEFAULT_CONTEXT, TopQuery, top_tokens
-from klstream.rundir import RunDir
-from klstream.sqlfiles import load_sql
+from klstream.storage import schemas
+from klstream.storage.atomic import write_text_atomic
+from klstream.storage.database import ResponseRange, connect, ranged, response_ranges
+from klstream.storage.rundir import RunDir
+from klstream.storage.sqlfiles import load_sql
 
 DEFAULT_DETAIL_POSITIONS = 50_000
 """About 100 responses of 500 tokens: some 10 MB of top-k lists (bench/report_bench.py)."""

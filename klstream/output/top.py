@@ -13,10 +13,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klstream.atomic import atomic_path
-from klstream.database import connect
 from klstream.output.export import resolve_model2
-from klstream.sqlfiles import load_sql
+from klstream.storage.atomic import atomic_path
+from klstream.storage.database import connect
+from klstream.storage.sqlfiles import load_sql
 
 Score = Literal["kl", "normalized"]
 SCORES: tuple[Score, ...] = ("kl", "normalized")

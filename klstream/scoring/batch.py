@@ -1,7 +1,7 @@
 """Batch mode: the same requests as online scoring, as batch jobs at half the price.
 
 A run goes through durable steps, each recorded in a job manifest under ``RUN_DIR/batch/<model2>/``
-(:class:`JobManifest`, paths from :class:`~klstream.rundir.RunDir`) before the next begins:
+(:class:`JobManifest`, paths from :class:`~klstream.storage.rundir.RunDir`) before the next begins:
 
 1. **plan**: the pending positions become JSONL files of at most ``max_requests`` lines and
    ``max_bytes`` bytes, each with its key list and a manifest naming a unique display name and
@@ -50,8 +50,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from klstream import schemas
-from klstream.atomic import atomic_path, commit, temporary_sibling, write_text_atomic
 from klstream.backends.base import Answer, Endpoint, RetryableAnswer
 from klstream.backends.gemini import (
     parse_answer_body,
@@ -72,7 +70,6 @@ from klstream.errors import (
 )
 from klstream.loop import run_blocking
 from klstream.metrics.kl import compute_kl
-from klstream.rundir import RunDir
 from klstream.scoring import lookahead
 from klstream.scoring.caller import Outcome, open_caller
 from klstream.scoring.checkpoint import write_scores_part
@@ -89,6 +86,9 @@ from klstream.scoring.score import (
     result_rows,
     score_async,
 )
+from klstream.storage import schemas
+from klstream.storage.atomic import atomic_path, commit, temporary_sibling, write_text_atomic
+from klstream.storage.rundir import RunDir
 
 MANIFEST_FORMAT = 1
 Stage = Literal["planned", "uploaded", "creating", "submitted", "ended", "collected"]

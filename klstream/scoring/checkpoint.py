@@ -1,4 +1,5 @@
-"""Append-only checkpoint parts of Model 2 results (:meth:`klstream.rundir.RunDir.new_part`).
+"""Append-only checkpoint parts of Model 2 results
+(:meth:`klstream.storage.rundir.RunDir.new_part`).
 
 Each part is written whole to a temporary name, fsynced and renamed, so a crash loses at most
 the batch being written and never leaves a corrupt part. Part names sort in write order.
@@ -11,9 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klstream import schemas
-from klstream.atomic import atomic_path
-from klstream.rundir import RunDir
+from klstream.storage import schemas
+from klstream.storage.atomic import atomic_path
+from klstream.storage.rundir import RunDir
 
 
 def write_scores_part(run: RunDir, model2: str, rows: pa.Table) -> Path:

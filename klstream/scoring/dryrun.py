@@ -39,14 +39,14 @@ import pyarrow as pa
 
 from klstream.backends.base import Endpoint
 from klstream.backends.prices import Price, Usage, load_prices, price_for
-from klstream.database import connect
 from klstream.loop import run_blocking
-from klstream.rundir import RunDir
 from klstream.scoring import lookahead
 from klstream.scoring.caller import CallStats, open_caller
 from klstream.scoring.lookahead import AcceptanceCounts, Token
 from klstream.scoring.score import AUTO_PRICES_FALLBACK, ScoreOptions, WorkItem, prefill_request
-from klstream.sqlfiles import load_sql
+from klstream.storage.database import connect
+from klstream.storage.rundir import RunDir
+from klstream.storage.sqlfiles import load_sql
 
 CALIBRATION_STEPS = 8
 """Tokens each calibration request asks for: enough runs of agreement to measure it."""

@@ -39,7 +39,6 @@ import numpy as np
 
 from klstream.backends.base import Answer, Endpoint, Generated
 from klstream.backends.openai import OpenAIClient, PromptScores, Tokenized, open_openai_client
-from klstream.rundir import RunDir
 from klstream.scoring.caller import Caller, Outcome, Retried
 from klstream.scoring.score import (
     Checkpointer,
@@ -51,6 +50,7 @@ from klstream.scoring.score import (
     work_through,
 )
 from klstream.scoring.throttle import AdaptiveLimiter
+from klstream.storage.rundir import RunDir
 
 TEMPLATE_CACHE_SIZE = 1024
 """Prompts whose chat-template tokens are kept: responses arrive grouped by input file, and the

@@ -35,21 +35,22 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pyarrow as pa
 
-from klstream import __version__, schemas
-from klstream.atomic import sweep_stale_temporaries, write_text_atomic
+from klstream import __version__
 from klstream.backends.base import Answer, Endpoint, Generated, PrefillRequest
 from klstream.backends.prices import Price, Usage, load_prices, price_for
-from klstream.database import RANGE_POSITIONS, connect, ranged
 from klstream.errors import GreedyInconsistent, MethodUnsupported, ResultsExist, RunConfigMismatch
 from klstream.loop import run_blocking
 from klstream.metrics.kl import KlReport, compute_kl
-from klstream.rundir import RunDir
-from klstream.runlock import model2_writer
 from klstream.scoring import lookahead
 from klstream.scoring.caller import Caller, CallStats, Outcome, RetryPolicy, open_caller
 from klstream.scoring.checkpoint import write_scores_part
 from klstream.scoring.lookahead import AcceptanceCounts, Token
-from klstream.sqlfiles import load_sql
+from klstream.storage import schemas
+from klstream.storage.atomic import sweep_stale_temporaries, write_text_atomic
+from klstream.storage.database import RANGE_POSITIONS, connect, ranged
+from klstream.storage.rundir import RunDir
+from klstream.storage.runlock import model2_writer
+from klstream.storage.sqlfiles import load_sql
 
 if TYPE_CHECKING:
     from klstream.scoring.batch import BatchOptions, BatchSummary
@@ -719,8 +720,8 @@ async def pending_responses(
     """Stream the responses with a position lacking a successful result, in key order: every
     position's row of ``sql/pending_positions.sql``, each with whether it is pending.
 
-    One range of whole responses at a time (:func:`klstream.database.ranged`), read in a worker
-    thread, so neither memory nor the event loop depends on the size of the run.
+    One range of whole responses at a time (:func:`klstream.storage.database.ranged`), read in a
+    worker thread, so neither memory nor the event loop depends on the size of the run.
     """
     with connect(run_dir) as con:
         ranges = ranged(con, "pending_positions", {"model2": model2}, range_positions)
@@ -765,7 +766,7 @@ async def score_async(
 ) -> ScoreReport:
     """Score every pending position of ``run_dir`` against ``options.model2``, then run KL.
 
-    One process at a time scores a Model 2 of a run directory (:mod:`klstream.runlock`); it
+    One process at a time scores a Model 2 of a run directory (:mod:`klstream.storage.runlock`); it
     starts by removing what killed runs left half-written.
     """
     if options.batch is not None:

@@ -2,7 +2,8 @@
 
 Two ``klstream`` processes scoring the same Model 2 into one run directory would pay for every
 request twice and each report the other's work as missing. Every writer therefore holds
-``flock`` locks on files the run directory owns (:meth:`klstream.rundir.RunDir.model2_lock`):
+``flock`` locks on files the run directory owns
+(:meth:`klstream.storage.rundir.RunDir.model2_lock`):
 
 * :func:`positions_writer` (explode, replacing positions): the run-wide lock, exclusively;
 * :func:`model2_writer` (score): the run-wide lock shared, and the Model 2's lock exclusively,
@@ -32,7 +33,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from klstream.errors import RunLocked
-from klstream.rundir import RunDir
+from klstream.storage.rundir import RunDir
 
 _HELD: contextvars.ContextVar[Mapping[Path, bool]] = contextvars.ContextVar(
     "klstream_held_locks", default=MappingProxyType({})

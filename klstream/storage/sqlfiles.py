@@ -7,7 +7,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-SOURCE_CHECKOUT_SQL = Path(__file__).resolve().parent.parent / "sql"
+SOURCE_CHECKOUT_SQL = Path(__file__).resolve().parents[2] / "sql"
 
 
 def sql_directory() -> Path:

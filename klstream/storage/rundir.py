@@ -14,7 +14,7 @@ A run directory (``RUN_DIR``) holds::
     batch/<model2>/job-<id>.keys.parquet   the positions it asks for
     batch/<model2>/job-<id>.jsonl      its requests, until the job exists on the service
     batch/<model2>/plan-<round>.done   marks a planning round complete
-    .lock, .lock-<model2>              writers' locks (:mod:`klstream.runlock`)
+    .lock, .lock-<model2>              writers' locks (:mod:`klstream.storage.runlock`)
 
 An export directory holds ``<stem>_kl.json`` per input file, ``summary.json`` and
 ``report.html``; ``klstream

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import duckdb
 
-from klstream import schemas
-from klstream.rundir import RunDir
-from klstream.sqlfiles import load_sql
+from klstream.storage import schemas
+from klstream.storage.rundir import RunDir
+from klstream.storage.sqlfiles import load_sql
 
 RANGE_POSITIONS = 200_000
 """Positions per range of responses handed to DuckDB at once: its joins and sorts hold a range
