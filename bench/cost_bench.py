@@ -47,7 +47,8 @@ from klstream.emulator import EmulatorServer
 from klstream.emulator.service import ServiceConfig
 from klstream.input.explode import explode
 from klstream.input.sample import SampleOptions, sample
-from klstream.scoring.score import Lookahead, ScoreOptions, score
+from klstream.pipeline import score
+from klstream.scoring.options import Lookahead, ScoreOptions
 from klstream.storage.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from klstream.backends.gemini import endpoint_from_environment
+from klstream.backends import endpoint_from_environment
 from klstream.emulator import EmulatorServer, FaultConfig
 from klstream.input.explode import explode
 from klstream.input.sample import SampleOptions, sample

@@ -26,12 +26,13 @@ from klstream.emulator import EmulatorServer, RequestRecord, ToyModel
 from klstream.emulator.openai_routes import chat_prompt_tokens
 from klstream.emulator.toymodel import EOS_ID, Step
 from klstream.input.explode import explode
-from klstream.scoring.score import ScoreOptions, ScoringMethod, score
+from klstream.pipeline import score
+from klstream.scoring.options import ScoreOptions
 
 MODEL1 = "toy"
 MODEL2 = "toy-d0.5"
 TOP_K = 20
-METHODS: tuple[ScoringMethod, ...] = ("prefill", "prompt-logprobs")
+METHODS: tuple[str, ...] = ("prefill", "prompt-logprobs")
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
@@ -83,7 +84,7 @@ def prompt_tokens(record: RequestRecord) -> int:
 
 
 def measure(
-    server: EmulatorServer, run_dir: Path, method: ScoringMethod, positions: int
+    server: EmulatorServer, run_dir: Path, method: str, positions: int
 ) -> dict[str, float]:
     server.reset_log()
     endpoint = Endpoint("openai", None, base_url=api_base_url(server.base_url), timeout_s=60.0)

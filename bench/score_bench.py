@@ -2,7 +2,7 @@
 
 The emulator runs in its own process (``python -m klstream.emulator --latency-ms 50``) so its CPU
 does not compete with the client's. For each ``--concurrency`` the benchmark scores a fresh copy
-of one run directory through the real :func:`klstream.scoring.score.score` path and, side by side in
+of one run directory through the real :func:`klstream.pipeline.score` path and, side by side in
 the same run, sends the same requests
 
 * through the bare google-genai SDK (``client.aio.models.generate_content``, called as klstream
@@ -61,7 +61,9 @@ from google.genai import types
 from klstream.backends.base import Endpoint
 from klstream.emulator.toymodel import EOS_ID, ToyModel
 from klstream.input.explode import explode
-from klstream.scoring.score import ScoreOptions, ScoreStats, score
+from klstream.pipeline import score
+from klstream.scoring.options import ScoreOptions
+from klstream.scoring.session import ScoreStats
 
 MODEL1 = "toy"
 MODEL2 = "toy-d0.5"

@@ -22,11 +22,12 @@ from pathlib import Path
 
 from score_bench import make_inputs
 
-from klstream.backends.gemini import Endpoint
+from klstream.backends.base import Endpoint
+from klstream.backends.transport import RetryPolicy
 from klstream.emulator import EmulatorServer, FaultConfig
 from klstream.input.explode import explode
-from klstream.scoring.caller import RetryPolicy
-from klstream.scoring.score import ScoreOptions, score
+from klstream.pipeline import score
+from klstream.scoring.options import ScoreOptions
 
 MODEL2 = "toy-d0.5"
 

@@ -36,13 +36,13 @@ _EXPORTS: dict[str, str] = {
     "SampleReport": "klstream.input.sample",
     "Endpoint": "klstream.backends.base",
     "endpoint_from_environment": "klstream.backends",
-    "RetryPolicy": "klstream.scoring.caller",
-    "score": "klstream.scoring.score",
-    "score_async": "klstream.scoring.score",
-    "ScoreOptions": "klstream.scoring.score",
+    "RetryPolicy": "klstream.backends.transport",
+    "score": "klstream.pipeline",
+    "score_async": "klstream.pipeline",
+    "ScoreOptions": "klstream.scoring.options",
     "ScoreReport": "klstream.scoring.score",
-    "ScoreStats": "klstream.scoring.score",
-    "BatchOptions": "klstream.scoring.batch",
+    "ScoreStats": "klstream.scoring.session",
+    "BatchOptions": "klstream.scoring.options",
     "batch_status": "klstream.scoring.batch",
     "batch_cancel": "klstream.scoring.batch",
     "dry_run": "klstream.scoring.dryrun",
@@ -82,6 +82,7 @@ _EXPORTS: dict[str, str] = {
     "AmbiguousModel2": "klstream.errors",
     "EndpointError": "klstream.errors",
     "EndpointUnreachable": "klstream.errors",
+    "BackendUnavailable": "klstream.errors",
     "MissingCredentials": "klstream.errors",
     "MissingServerUrl": "klstream.errors",
     "MethodUnsupported": "klstream.errors",
@@ -159,6 +160,7 @@ __all__ = [
     "AmbiguousModel2",
     "EndpointError",
     "EndpointUnreachable",
+    "BackendUnavailable",
     "MissingCredentials",
     "MissingServerUrl",
     "MethodUnsupported",
@@ -198,9 +200,11 @@ if TYPE_CHECKING:
     from klstream.backends import endpoint_from_environment
     from klstream.backends.base import Endpoint
     from klstream.backends.prices import Price, load_prices
+    from klstream.backends.transport import RetryPolicy
     from klstream.errors import (
         AmbiguousModel2,
         AuthenticationError,
+        BackendUnavailable,
         BatchJobsActive,
         BatchRejected,
         BatchServiceError,
@@ -239,9 +243,16 @@ if TYPE_CHECKING:
     from klstream.metrics.kl import KlReport, compute_kl
     from klstream.output.export import ExportReport, export, format_summary, summary
     from klstream.output.query import run_query
-    from klstream.pipeline import RunOptions, RunReport, dry_run_inputs, run, run_async
-    from klstream.scoring.batch import BatchOptions, batch_cancel, batch_status
-    from klstream.scoring.caller import RetryPolicy
+    from klstream.pipeline import (
+        RunOptions,
+        RunReport,
+        dry_run_inputs,
+        run,
+        run_async,
+        score,
+        score_async,
+    )
+    from klstream.scoring.batch import batch_cancel, batch_status
     from klstream.scoring.dryrun import (
         DryRunOptions,
         DryRunReport,
@@ -249,6 +260,8 @@ if TYPE_CHECKING:
         dry_run_async,
         format_dry_run,
     )
-    from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score, score_async
+    from klstream.scoring.options import BatchOptions, ScoreOptions
+    from klstream.scoring.score import ScoreReport
+    from klstream.scoring.session import ScoreStats
     from klstream.storage.database import connect, views_script
     from klstream.storage.rundir import RunDir

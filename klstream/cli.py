@@ -19,12 +19,13 @@ from click.core import ParameterSource
 
 from klstream import __version__
 from klstream import errors as E
+from klstream.backends import BACKENDS, PROMPT_LOGPROBS, online_methods
 
 if TYPE_CHECKING:
     from klstream.backends.base import Endpoint
-    from klstream.scoring.batch import BatchOptions
     from klstream.scoring.dryrun import DryRunOptions
-    from klstream.scoring.score import ScoreOptions, ScoreReport
+    from klstream.scoring.options import BatchOptions, ScoreOptions
+    from klstream.scoring.score import ScoreReport
 
 
 def _thinking_hint(error: E.KlstreamError) -> str:
@@ -56,7 +57,8 @@ HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
     ),
     E.MissingServerUrl: lambda e: "pass --base-url (or set OPENAI_BASE_URL)",
     E.MethodUnsupported: lambda e: (
-        "use --method prefill, or --method prompt-logprobs with --backend openai and a vLLM server"
+        "use --method prefill, or --method prompt-logprobs with "
+        + " or ".join(f"--backend {n}" for n, s in BACKENDS.items() if PROMPT_LOGPROBS in s.methods)
     ),
     E.ThinkingRejected: lambda e: (
         "try --thinking-budget none (send no thinking config) or another model"
@@ -416,11 +418,12 @@ def _api_options(function: Any) -> Any:
         [
             click.option(
                 "--backend",
-                type=click.Choice(["gemini", "vertex", "openai"]),
+                type=click.Choice(list(BACKENDS)),
                 default="gemini",
                 show_default=True,
-                help="Gemini Developer API, Vertex AI, or an OpenAI-compatible server (vLLM, "
-                "SGLang; needs klstream[openai]).",
+                help="Where Model 2 is: "
+                + "; ".join(f"{name}, {spec.summary}" for name, spec in BACKENDS.items())
+                + ".",
             ),
             *_where_options,
             click.option(
@@ -583,7 +586,7 @@ def _score_flags(function: Any) -> Any:
             click.option("--overwrite", is_flag=True, help="Discard this model2's results first."),
             click.option(
                 "--method",
-                type=click.Choice(["prefill", "prompt-logprobs"]),
+                type=click.Choice(online_methods()),
                 default="prefill",
                 show_default=True,
                 help="One request per position (any backend), or one per response from vLLM's "
@@ -652,7 +655,7 @@ def _endpoint(params: dict[str, Any]) -> Endpoint:
 
 
 def _batch_options(params: dict[str, Any]) -> BatchOptions | None:
-    from klstream.scoring.batch import BatchOptions
+    from klstream.scoring.options import BatchOptions
 
     if not params["batch"]:
         return None
@@ -671,8 +674,8 @@ def _batch_options(params: dict[str, Any]) -> BatchOptions | None:
 
 
 def _score_options(params: dict[str, Any]) -> ScoreOptions:
-    from klstream.scoring.caller import RetryPolicy
-    from klstream.scoring.score import ScoreOptions
+    from klstream.backends.transport import RetryPolicy
+    from klstream.scoring.options import ScoreOptions
 
     return ScoreOptions(
         model2=params["model2"],
@@ -791,9 +794,9 @@ def score(run_dir: Path, **params: Any) -> None:
 
     Ends with the KL pass, so `export` can follow at once.
     """
+    from klstream.pipeline import score as score_run
     from klstream.progress import ProgressLine
     from klstream.scoring.dryrun import dry_run, format_dry_run
-    from klstream.scoring.score import score as score_run
 
     options = _score_options(params)
     dry = _dry_run_options(params)
@@ -832,9 +835,9 @@ def score(run_dir: Path, **params: Any) -> None:
 @_api_options
 def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
     """Sample Model 1 responses with logprobs, one spec-format JSON file per prompt."""
+    from klstream.backends.transport import RetryPolicy
     from klstream.input.sample import SampleOptions
     from klstream.input.sample import sample as sample_prompts
-    from klstream.scoring.caller import RetryPolicy
 
     options = SampleOptions(
         model=params["model"],
@@ -942,7 +945,7 @@ _batch_endpoint_options = [
     click.option("--model2", help="Only this Model 2's jobs (default: every Model 2's)."),
     click.option(
         "--backend",
-        type=click.Choice(["gemini", "vertex"]),
+        type=click.Choice([name for name, spec in BACKENDS.items() if spec.batch]),
         default="gemini",
         show_default=True,
         help="Where the jobs run.",

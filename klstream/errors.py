@@ -124,6 +124,10 @@ class EndpointError(KlstreamError):
     exit_code = 5
 
 
+class BackendUnavailable(EndpointError):
+    """No backend of that name is registered, or the optional package it needs is missing."""
+
+
 class EndpointUnreachable(EndpointError):
     """No connection to the endpoint at all (refused, unknown host, TLS failure): retrying the
     same address will not help."""
@@ -200,6 +204,46 @@ class BatchJobsActive(RunDirError):
 class GreedyInconsistent(ModelCannotScore):
     """Greedy lookahead was asked for, but the service's logprobs change with the sampling
     temperature, so greedy steps would not be the distributions a one-token request gives."""
+
+
+class CallFault(Exception):
+    """One call to Model 2 failed in a way the transport (:mod:`klstream.backends.transport`)
+    acts on. Backends raise these instead of their SDK's errors; the message is the text of
+    the position's error column. They never reach the user as such: a fault that persists is
+    recorded as the position's failure, or becomes an :class:`EndpointError`."""
+
+
+class TransientFault(CallFault):
+    """Worth another attempt (408, 5xx, a time-out, a dropped connection, a malformed body),
+    no sooner than ``retry_after`` seconds when the server says."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class Overloaded(TransientFault):
+    """The server turned the request away for load (503 over capacity, 429 over quota): the
+    adaptive concurrency counts these."""
+
+
+class RateLimited(Overloaded):
+    """429: over the quota."""
+
+
+class UnusableAnswer(TransientFault):
+    """A 200 answer that cannot be used as it is (no logprobs, a body that is not JSON, an
+    empty top-k) but may be fine next time."""
+
+
+class ConnectFailed(CallFault):
+    """No connection could be made at all (refused, unknown host, TLS): retried twice, then
+    the run stops (:class:`EndpointUnreachable`)."""
+
+
+class RequestRejected(CallFault):
+    """The service refused this one request (a 400 about its content): another attempt would
+    get the same answer, so the position is recorded as failed."""
 
 
 class RunIncomplete(KlstreamError):

@@ -1,7 +1,8 @@
-"""The whole dataflow in one call: explode → score (→ KL pass) → export → report.
+"""The whole dataflow in one call: explode → score → KL pass → export → report.
 
-``klstream run`` is this function behind click; a notebook calls :func:`run` or awaits
-:func:`run_async`. The run directory lives inside the output directory
+``klstream run`` is :func:`run` behind click, and ``klstream score`` is :func:`score` (scoring,
+then the KL pass); a notebook calls them or awaits :func:`run_async` and :func:`score_async`.
+The run directory lives inside the output directory
 (:attr:`klstream.storage.rundir.ExportDir.workspace`), so one folder holds the spec's files and the
 Parquet tables they came from.
 """
@@ -13,17 +14,20 @@ import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from klstream.backends.base import Endpoint
 from klstream.errors import ExportFailed, OutputError, RunExists, describe_os_error
 from klstream.input.explode import ExplodeReport, explode, inputs_changed
 from klstream.loop import run_blocking
+from klstream.metrics.kl import compute_kl
 from klstream.output.export import ExportReport, export
 from klstream.output.report import ReportResult, write_report
 from klstream.scoring.dryrun import DryRunOptions, DryRunReport, dry_run_async
-from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats, score_async
+from klstream.scoring.options import ScoreOptions
+from klstream.scoring.score import ScoreReport, score_positions_async
+from klstream.scoring.session import ScoreStats
 from klstream.storage.rundir import ExportDir, RunDir
 from klstream.storage.runlock import model2_writer, positions_writer
 
@@ -50,6 +54,32 @@ class RunReport:
     exported: ExportReport | None
     report: ReportResult | None
     """None while positions remain unscored, or when no report was asked for."""
+
+
+async def score_async(
+    run_dir: Path,
+    options: ScoreOptions,
+    endpoint: Endpoint,
+    on_progress: Callable[[ScoreStats], None] | None = None,
+) -> ScoreReport:
+    """Score every pending position of ``run_dir`` against ``options.model2``
+    (:func:`klstream.scoring.score.score_positions_async`), then run the KL pass over whatever
+    has a result, so that an export can follow at once."""
+    scored = await score_positions_async(run_dir, options, endpoint, on_progress)
+    if not scored.stats.done:
+        return scored
+    kl = await asyncio.to_thread(compute_kl, run_dir, options.model2)
+    return replace(scored, kl=kl)
+
+
+def score(
+    run_dir: Path,
+    options: ScoreOptions,
+    endpoint: Endpoint,
+    on_progress: Callable[[ScoreStats], None] | None = None,
+) -> ScoreReport:
+    """:func:`score_async`, blocking; inside a running event loop (Jupyter) it runs in a thread."""
+    return run_blocking(score_async(run_dir, options, endpoint, on_progress))
 
 
 async def run_async(

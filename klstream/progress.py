@@ -6,8 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from klstream.scoring.batch import BatchStats
-from klstream.scoring.score import ScoreStats
+from klstream.scoring.session import BatchProgress, ScoreStats
 
 
 class ProgressLine:
@@ -23,7 +22,8 @@ class ProgressLine:
         if not self.enabled or now - self.last_draw < self.interval_s:
             return
         self.last_draw = now
-        line = self._batch_line(stats) if isinstance(stats, BatchStats) else self._line(stats)
+        batch = stats.batch
+        line = self._line(stats) if batch is None else self._batch_line(stats, batch)
         sys.stderr.write(line)
         sys.stderr.flush()
         self.drawn = True
@@ -33,15 +33,15 @@ class ProgressLine:
         filled = int(self.width * fraction)
         return f"\r[{'#' * filled}{'.' * (self.width - filled)}] {stats.done:,}/{stats.total:,} "
 
-    def _batch_line(self, stats: BatchStats) -> str:
+    def _batch_line(self, stats: ScoreStats, batch: BatchProgress) -> str:
         """Jobs by state, positions done, the services' own counts, time waited."""
-        jobs = ", ".join(f"{n} {state.lower()}" for state, n in sorted(stats.jobs.items()))
+        jobs = ", ".join(f"{n} {state.lower()}" for state, n in sorted(batch.jobs.items()))
         service = (
-            f"  service {stats.service_done:,}/{stats.service_total:,} lines"
-            if stats.service_total
+            f"  service {batch.service_done:,}/{batch.service_total:,} lines"
+            if batch.service_total
             else ""
         )
-        elapsed = time.monotonic() - stats.started
+        elapsed = stats.calls.elapsed
         return (
             f"{self._bar(stats)}positions  jobs: {jobs or 'none'}{service}  "
             f"{elapsed / 60:,.1f} min "

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klstream.backends.base import Answer, Candidate, Generated
-from klstream.scoring.caller import Outcome
+from klstream.backends.transport import Outcome
 from klstream.scoring.checkpoint import write_scores_part
-from klstream.scoring.score import WorkItem, result_rows
+from klstream.scoring.work import WorkItem, result_rows
 from klstream.storage import schemas
 from klstream.storage.rundir import RunDir
 

@@ -23,22 +23,18 @@ from aiohttp import web
 from cli import invoke, start_process
 from conftest import ToyInputs
 
-from klstream.backends.base import BackendName, Endpoint
-from klstream.backends.gemini import (
-    generation_config,
-    make_client,
-    prefill_contents,
-    request_template,
-)
+from klstream.backends import batch_jobs
+from klstream.backends.base import ClientSettings, Endpoint, PrefillRequest
+from klstream.backends.gemini import generation_config, make_client, prefill_contents
 from klstream.emulator import EmulatorServer
 from klstream.emulator.batch_routes import BatchConfig, BatchEvent, EndState
 from klstream.input.explode import explode
-from klstream.scoring.batch import JobManifest, load_manifests
+from klstream.scoring.batch_jobs import JobManifest, load_manifests
 from klstream.storage.database import connect
 from klstream.storage.rundir import RunDir
 
 MODEL2 = "toy-d0.5"
-BACKENDS: list[BackendName] = ["gemini", "vertex"]
+BACKENDS: list[str] = ["gemini", "vertex"]
 PER_JOB = 60
 """Requests per job in these tests: the 210 toy positions make four jobs."""
 
@@ -138,7 +134,7 @@ def manifests(run_dir: Path) -> list[JobManifest]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_batch_lines_ask_exactly_what_the_online_request_asks(backend: BackendName) -> None:
+def test_batch_lines_ask_exactly_what_the_online_request_asks(backend: str) -> None:
     """The SDK's online body, caught on the wire, equals a batch line's request."""
     bodies: list[Any] = []
 
@@ -160,8 +156,11 @@ def test_batch_lines_ask_exactly_what_the_online_request_asks(backend: BackendNa
             model=MODEL2, contents=contents, config=generation_config(7, 0, temperature=1.0)
         )
         await runner.cleanup()
-        line = {"contents": contents, **request_template(endpoint, 7, 0, 1.0)}
-        assert json.loads(json.dumps(line)) == bodies[0]
+        jobs = batch_jobs(endpoint, ClientSettings(MODEL2, thinking_budget=0), None)
+        request = PrefillRequest("Tell a story.", "Once upon", 7, temperature=1.0)
+        line = json.loads(jobs.encode_line("story#0#1", 3, request))
+        assert line["request"].pop("labels", {"klstream_line": "3"}) == {"klstream_line": "3"}
+        assert line["request"] == bodies[0]
 
     asyncio.run(main())
 

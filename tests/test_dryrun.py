@@ -17,7 +17,7 @@ from klstream.backends.base import Endpoint
 from klstream.emulator import EmulatorServer, encode
 from klstream.input.sample import SampleOptions, sample
 from klstream.scoring.dryrun import DryRunOptions, DryRunReport, dry_run
-from klstream.scoring.score import ScoreOptions
+from klstream.scoring.options import ScoreOptions
 from klstream.storage.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 from collections import Counter
 from pathlib import Path
@@ -36,14 +37,15 @@ from test_score import (
 
 from klstream.backends.base import Endpoint
 from klstream.backends.openai import api_base_url, server_root
+from klstream.backends.transport import RetryPolicy
 from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
 from klstream.emulator.openai_routes import render_chat
 from klstream.emulator.toymodel import EOS_ID, TOKEN_IDS, top_k
 from klstream.input.explode import explode
-from klstream.scoring.caller import RetryPolicy
+from klstream.pipeline import score as score_run
+from klstream.scoring.options import ScoreOptions
 from klstream.scoring.prompt_logprobs import Alignment
-from klstream.scoring.score import ScoreOptions, ScoreReport, ScoringMethod
-from klstream.scoring.score import score as score_run
+from klstream.scoring.score import ScoreReport
 from klstream.storage import schemas
 
 if TYPE_CHECKING:
@@ -60,7 +62,7 @@ def endpoint(server: EmulatorServer, timeout_s: float = 5.0) -> Endpoint:
 def score(
     run_dir: Path,
     server: EmulatorServer,
-    method: ScoringMethod,
+    method: str,
     model2: str = MODEL2,
     **options: Any,
 ) -> ScoreReport:
@@ -268,22 +270,22 @@ def test_sigkill_then_resume_completes_with_each_method_asking_only_what_is_miss
 BAD_ANSWERS = [
     pytest.param(
         FaultConfig(rate_no_logprobs=1.0),
-        "RetryableAnswer: answer without prompt_logprobs",
+        "answer without prompt_logprobs",
         id="no-prompt-logprobs",
     ),
     pytest.param(
         FaultConfig(rate_short_prompt_logprobs=1.0),
-        "RetryableAnswer: prompt_logprobs has",
+        "prompt_logprobs has",
         id="fewer-entries-than-tokens",
     ),
     pytest.param(
         FaultConfig(rate_html=1.0),
-        "RetryableAnswer: answer body is not JSON: '<!DOCTYPE html>",
+        "answer body is not JSON: '<!DOCTYPE html>",
         id="html",
     ),
     pytest.param(FaultConfig(rate_500=1.0), "500: Internal server error", id="500"),
     pytest.param(FaultConfig(rate_503=1.0), "503: The server is overloaded", id="503"),
-    pytest.param(FaultConfig(rate_malformed=1.0), "RetryableAnswer: answer body", id="malformed"),
+    pytest.param(FaultConfig(rate_malformed=1.0), "answer body", id="malformed"),
 ]
 
 
@@ -295,9 +297,11 @@ def test_bad_answers_are_retried_then_recorded_as_failures_with_the_reason(
     report = score(run_dir, emulator, "prompt-logprobs", policy=RetryPolicy(1, 0.01, 0.02))
 
     assert report.stopped_because is not None
-    assert report.stopped_because.startswith(
-        f"the first response could not be scored; the server said: {error}"
-    )
+    assert re.match(
+        rf"the first request to {re.escape(emulator.base_url)}/v1 failed "
+        rf"\(\d+ attempts in \d+ s\); the last said: {re.escape(error)}",
+        report.stopped_because,
+    ), report.stopped_because
     rows = score_rows(run_dir)
     assert {(stem, index) for stem, index, _ in map(key_of, rows)} == {("story-0", 0)}
     assert len(rows) == sum(1 for key in toy_inputs.positions if key[:2] == ("story-0", 0))
@@ -523,5 +527,6 @@ def test_the_html_fault_answers_the_gemini_routes_with_a_page_too(
     gemini = Endpoint("gemini", "test-key", base_url=emulator.base_url, timeout_s=5.0)
     report = score_run(run_dir, ScoreOptions(MODEL2, policy=RetryPolicy(0, 0.01, 0.02)), gemini)
 
-    assert report.stopped_because is not None and "JSONDecodeError" in report.stopped_because
+    assert report.stopped_because is not None
+    assert "answer body is not JSON" in report.stopped_because
     assert emulator.stats()["by_fault"] == {"html": 2}

@@ -46,3 +46,17 @@ def test_wheel_carries_sql_and_loads_it_from_the_package(tmp_path: Path) -> None
         check=True,
     )
     assert Path(result.stdout.strip()) == installed / "klstream" / "sql"
+
+
+def test_every_benchmark_script_imports() -> None:
+    """A benchmark runs rarely; a rename must not leave one that cannot even start."""
+    scripts = sorted((ROOT / "bench").glob("*.py"))
+    imports = "; ".join(f"import {script.stem}" for script in scripts)
+    result = subprocess.run(
+        [sys.executable, "-c", imports],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "bench")},
+    )
+    assert result.returncode == 0, result.stderr

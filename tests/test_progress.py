@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from klstream.backends.transport import CallStats
 from klstream.progress import ProgressLine
-from klstream.scoring.caller import CallStats
-from klstream.scoring.score import ScoreStats
+from klstream.scoring.session import ScoreStats
 
 
 def stats() -> ScoreStats:

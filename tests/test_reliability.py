@@ -26,12 +26,14 @@ from inputs import Token, make_input, write_input
 from scorefixtures import write_fixture_scores
 
 from klstream.backends.base import Endpoint
+from klstream.backends.transport import RetryPolicy
 from klstream.emulator import EmulatorServer, FaultConfig
 from klstream.input.explode import explode
 from klstream.metrics.kl import compute_kl
-from klstream.scoring.caller import RetryPolicy
-from klstream.scoring.score import ScoreOptions, ScoreReport, ScoreStats
-from klstream.scoring.score import score as score_run
+from klstream.pipeline import score as score_run
+from klstream.scoring.options import ScoreOptions
+from klstream.scoring.score import ScoreReport
+from klstream.scoring.session import ScoreStats
 from klstream.storage import schemas
 from klstream.storage.rundir import ExportDir, RunDir
 
@@ -260,8 +262,8 @@ def html_page(_: dict[str, str], __: bytes) -> Reply:
     ("faults", "error"),
     [
         pytest.param(FaultConfig(rate_500=1.0), "500 INTERNAL", id="500"),
-        pytest.param(FaultConfig(rate_malformed=1.0), "JSONDecodeError", id="malformed"),
-        pytest.param(None, "JSONDecodeError: Expecting value", id="html-200"),
+        pytest.param(FaultConfig(rate_malformed=1.0), "answer body is not JSON", id="malformed"),
+        pytest.param(None, "answer body is not JSON: Expecting value", id="html-200"),
     ],
 )
 def test_an_endpoint_failing_every_request_stops_after_a_short_probe(

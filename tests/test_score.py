@@ -26,17 +26,19 @@ import pytest
 from cli import CREDENTIAL_VARIABLES, invoke, start_process
 from click.testing import Result
 
-from klstream.backends import endpoint_from_environment
-from klstream.backends.base import Endpoint, PrefillRequest
-from klstream.backends.gemini import open_gemini_client
+from klstream.backends import endpoint_from_environment, open_prefill
+from klstream.backends.base import ClientSettings, Endpoint, PrefillRequest
+from klstream.backends.throttle import AdaptiveLimiter
+from klstream.backends.transport import Caller, CallStats, RetryPolicy
 from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
 from klstream.emulator.toymodel import Candidate, top_k
 from klstream.input.explode import explode
 from klstream.metrics import reference
-from klstream.scoring.caller import Caller, CallStats, RetryPolicy
-from klstream.scoring.score import WORKERS_PER_SLOT, ScoreOptions, ScoreReport, ScoreStats
-from klstream.scoring.score import score as score_run
-from klstream.scoring.throttle import AdaptiveLimiter
+from klstream.pipeline import score as score_run
+from klstream.scoring.options import ScoreOptions
+from klstream.scoring.prefill import WORKERS_PER_SLOT
+from klstream.scoring.score import ScoreReport
+from klstream.scoring.session import ScoreStats
 from klstream.storage import schemas
 from klstream.storage.rundir import RunDir
 
@@ -373,16 +375,16 @@ def test_rate_limits_lower_the_concurrency_and_successes_restore_it(
     request = PrefillRequest("Tell me a story.", " Once", 20)
 
     async def calls() -> tuple[AdaptiveLimiter, float, CallStats]:
-        limiter, stats = AdaptiveLimiter(ceiling=8), CallStats()
-        async with open_gemini_client(target, MODEL2, 8, 0) as client:
-            caller = Caller(client, RetryPolicy(4, 0.01, 0.05), limiter, stats)
-            outcomes = await asyncio.gather(*(caller.call(request) for _ in range(8)))
-            assert all(o.answer is None and (o.error or "").startswith("429") for o in outcomes)
-            lowered = limiter.limit
+        stats = CallStats()
+        caller = Caller(target, RetryPolicy(4, 0.01, 0.05), 8, stats)
+        async with open_prefill(target, ClientSettings(MODEL2, 8)) as model:
+            outcomes = await asyncio.gather(*(caller.generate(model, request) for _ in range(8)))
+            assert all(o.value is None and (o.error or "").startswith("429") for o in outcomes)
+            lowered = caller.limiter.limit
             emulator.set_faults(FaultConfig())
             for _ in range(40):
-                assert (await caller.call(request)).answer is not None
-        return limiter, lowered, stats
+                assert (await caller.generate(model, request)).value is not None
+        return caller.limiter, lowered, stats
 
     limiter, lowered, stats = asyncio.run(calls())
     # 40 rejections in a row: two whole windows of 20, each halving the concurrency.
@@ -440,10 +442,10 @@ ALWAYS_FAILING = [
     pytest.param(FaultConfig(rate_500=1.0), "500 INTERNAL", id="500"),
     pytest.param(FaultConfig(rate_503=1.0), "503 UNAVAILABLE", id="503"),
     pytest.param(FaultConfig(rate_hang=1.0, hang_seconds=2.0), "timeout", id="hang"),
-    pytest.param(FaultConfig(rate_malformed=1.0), "JSONDecodeError", id="malformed"),
+    pytest.param(FaultConfig(rate_malformed=1.0), "answer body is not JSON", id="malformed"),
     pytest.param(
         FaultConfig(rate_no_logprobs=1.0),
-        "RetryableAnswer: answer without logprobs",
+        "answer without logprobs",
         id="no-logprobs",
     ),
 ]

@@ -1,62 +1,155 @@
-"""Model 2's backends: Gemini and Vertex AI through google-genai, OpenAI-compatible servers
-(vLLM, SGLang, gateways) through the openai SDK.
+"""Model 2's backends, by name: what ``--backend`` offers and how each is loaded.
 
-Each backend module is imported only when its endpoint is used, so the openai SDK — an optional
-extra, ``klstream[openai]`` — is needed only with ``backend="openai"``.
+A backend is a module that defines a :class:`~klstream.backends.base.Backend` (its endpoint
+resolution and the capabilities it offers), registered here by one :class:`BackendSpec` line.
+Modules are imported only when their backend is used, so an SDK that is an optional extra
+(the openai SDK, ``klstream[openai]``) is needed only by the backend that uses it, and
+``klstream --help`` lists every backend without importing any SDK.
+
+To add a backend: write ``klstream/backends/<name>.py`` with a ``Backend`` whose calls raise
+the typed faults of :mod:`klstream.errors`, and add its ``BackendSpec`` to :data:`BACKENDS`.
+The toy backend (:mod:`klstream.backends.toy`) is registered exactly this way.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+import importlib
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 
-from klstream.backends.base import BackendName, Endpoint, ModelClient
-from klstream.errors import EndpointError
+from klstream.backends.base import (
+    Backend,
+    BatchJobs,
+    ClientSettings,
+    Endpoint,
+    Prefill,
+    PromptScoring,
+    Where,
+)
+from klstream.errors import BackendUnavailable, MethodUnsupported
+
+PREFILL = "prefill"
+"""The method that asks for each position with Model 1's tokens so far as the model's own turn
+(the :class:`~klstream.backends.base.Prefill` capability)."""
+PROMPT_LOGPROBS = "prompt-logprobs"
+"""The method that scores a whole response from one request's prompt logprobs (the
+:class:`~klstream.backends.base.PromptScoring` capability)."""
 
 
-@contextlib.contextmanager
-def _openai_sdk_needed() -> Iterator[None]:
-    """Turns the openai SDK's absence, while importing the backend, into a clear error."""
+@dataclass(frozen=True)
+class BackendSpec:
+    """A registered backend: its name, one line for ``--help``, what it can do, and where its
+    module is (imported only when the backend is used)."""
+
+    name: str
+    summary: str
+    module: str
+    attribute: str
+    """The module's :class:`~klstream.backends.base.Backend` object."""
+    methods: tuple[str, ...] = (PREFILL,)
+    """The online methods its capabilities serve."""
+    batch: bool = False
+    """Whether it runs batch jobs (the :class:`~klstream.backends.base.BatchJobs` capability)."""
+    requires: str | None = None
+    """The optional package the module imports, installed by the extra ``klstream[<extra>]``."""
+    extra: str | None = None
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec(
+            "gemini",
+            "the Gemini Developer API",
+            "klstream.backends.gemini",
+            "GEMINI",
+            batch=True,
+        ),
+        BackendSpec("vertex", "Vertex AI", "klstream.backends.gemini", "VERTEX", batch=True),
+        BackendSpec(
+            "openai",
+            "an OpenAI-compatible server (vLLM, SGLang; needs klstream[openai])",
+            "klstream.backends.openai",
+            "OPENAI",
+            methods=(PREFILL, PROMPT_LOGPROBS),
+            requires="openai",
+            extra="openai",
+        ),
+        BackendSpec(
+            "toy",
+            "the emulator's toy models in this process: no server, no key",
+            "klstream.backends.toy",
+            "TOY",
+            methods=(PREFILL, PROMPT_LOGPROBS),
+            batch=True,
+        ),
+    )
+}
+"""Every backend, in the order ``--help`` lists them."""
+
+
+def online_methods() -> list[str]:
+    """Every online method some registered backend serves, in registration order."""
+    return list(dict.fromkeys(method for spec in BACKENDS.values() for method in spec.methods))
+
+
+def load_backend(name: str) -> Backend:
+    """The backend registered as ``name``, importing its module."""
+    spec = BACKENDS.get(name)
+    if spec is None:
+        raise BackendUnavailable(
+            f"no backend is called {name!r}; the backends are {', '.join(BACKENDS)}"
+        )
     try:
-        yield
+        module = importlib.import_module(spec.module)
     except ModuleNotFoundError as error:
-        if error.name != "openai":
+        if spec.requires is None or error.name != spec.requires:
             raise
-        raise EndpointError(
-            "the openai backend needs the openai package: pip install 'klstream[openai]'"
+        raise BackendUnavailable(
+            f"the {name} backend needs the {spec.requires} package: "
+            f"pip install 'klstream[{spec.extra}]'"
         ) from None
+    backend: Backend = getattr(module, spec.attribute)
+    return backend
 
 
 def endpoint_from_environment(
-    backend: BackendName,
+    backend: str,
     project_id: str | None = None,
     location: str = "global",
     base_url: str | None = None,
     timeout_s: float = 60.0,
 ) -> Endpoint:
     """Resolve credentials and endpoint from options and the documented environment variables."""
-    if backend == "openai":
-        with _openai_sdk_needed():
-            from klstream.backends.openai import openai_endpoint
-        return openai_endpoint(base_url, timeout_s)
-    from klstream.backends.gemini import gemini_endpoint
-
-    return gemini_endpoint(backend, project_id, location, base_url, timeout_s)
+    return load_backend(backend).endpoint(Where(project_id, location, base_url, timeout_s))
 
 
-@contextlib.asynccontextmanager
-async def open_client(
-    endpoint: Endpoint, model: str, max_concurrent: int, thinking_budget: int | None
-) -> AsyncIterator[ModelClient]:
-    """The :class:`ModelClient` of ``endpoint``'s backend, with its HTTP connections, for
-    ``model``. ``thinking_budget`` is Gemini's; OpenAI-compatible servers take none."""
-    if endpoint.backend == "openai":
-        with _openai_sdk_needed():
-            from klstream.backends.openai import open_openai_client
-        async with open_openai_client(endpoint, model) as openai_client:
-            yield openai_client
-        return
-    from klstream.backends.gemini import open_gemini_client
+def open_prefill(
+    endpoint: Endpoint, settings: ClientSettings
+) -> AbstractAsyncContextManager[Prefill]:
+    """The endpoint's backend generating with logprobs, with its connections, for one model."""
+    opener = load_backend(endpoint.backend).prefill
+    if opener is None:
+        raise MethodUnsupported(f"the {endpoint.backend} backend cannot generate with logprobs")
+    return opener(endpoint, settings)
 
-    async with open_gemini_client(endpoint, model, max_concurrent, thinking_budget) as client:
-        yield client
+
+def open_prompt_scoring(
+    endpoint: Endpoint, settings: ClientSettings
+) -> AbstractAsyncContextManager[PromptScoring]:
+    """The endpoint's backend scoring prompts' own tokens (prompt logprobs)."""
+    opener = load_backend(endpoint.backend).prompt_scoring
+    if opener is None:
+        raise MethodUnsupported(
+            f"prompt logprobs come from OpenAI-compatible servers such as vLLM, not from the "
+            f"{endpoint.backend} backend"
+        )
+    return opener(endpoint, settings)
+
+
+def batch_jobs(endpoint: Endpoint, settings: ClientSettings, bucket: str | None) -> BatchJobs:
+    """The endpoint's backend submitting batch jobs."""
+    make = load_backend(endpoint.backend).batch_jobs
+    if make is None:
+        raise MethodUnsupported(f"the {endpoint.backend} backend has no batch jobs")
+    return make(endpoint, settings, bucket)

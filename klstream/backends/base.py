@@ -1,24 +1,34 @@
-"""What every Model 2 backend shares: the endpoint, the answer's shape, and the one interface
-the retry policy drives (:class:`ModelClient`).
+"""What every Model 2 backend shares: where it is (:class:`Endpoint`), what it is asked and
+answers, and the three capabilities a backend may offer.
 
-:mod:`klstream.scoring.caller` retries, throttles and counts calls without knowing the wire
-format; a backend module (:mod:`klstream.backends.gemini`, :mod:`klstream.backends.openai`) turns
-a :class:`PrefillRequest` into an HTTP request and its answer into an :class:`Answer`, and says
-which of its errors are worth another attempt.
+- :class:`Prefill` generates with logprobs after a prefill: the prompt, then Model 1's tokens so
+  far as the model's own turn. Every way of scoring by request uses it.
+- :class:`PromptScoring` scores a prompt's own tokens (vLLM's prompt logprobs): one request
+  gives Model 2's top-k at every position of a response.
+- :class:`BatchJobs` submits the prefill requests as batch jobs, owning its line format.
+
+A backend (:class:`Backend`, registered in :mod:`klstream.backends`) says which of them it
+offers by the factories it fills in. Its calls raise the typed faults of
+:mod:`klstream.errors` (:class:`~klstream.errors.TransientFault`,
+:class:`~klstream.errors.ConnectFailed`, ...) or a run-ending
+:class:`~klstream.errors.EndpointError`, never their SDK's errors, so the transport
+(:mod:`klstream.backends.transport`) retries and throttles every backend alike.
 """
 
 from __future__ import annotations
 
 import functools
 import string
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Protocol
 from urllib.parse import quote, quote_plus
 
 from klstream.backends.prices import Usage
 
-BackendName = Literal["gemini", "vertex", "openai"]
 SECRET_RUN = 8
 """Characters of the key in a row that :meth:`Endpoint.redact` masks wherever they appear."""
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
@@ -30,12 +40,15 @@ PLACEHOLDER_KEY = "no-key-needed-for-this-server"
 class Endpoint:
     """Where and how to reach Model 2. ``api_key`` is a secret: it is never printed or saved."""
 
-    backend: BackendName
+    backend: str
+    """A registered backend's name (:data:`klstream.backends.BACKENDS`)."""
     api_key: str | None = None
     project: str | None = None
     location: str = "global"
     base_url: str | None = None
     timeout_s: float = 60.0
+    default_url: str | None = None
+    """The service's own address, for messages when no ``base_url`` is given."""
 
     def __repr__(self) -> str:
         key = "set" if self.api_key else "unset"
@@ -46,15 +59,8 @@ class Endpoint:
 
     @property
     def url(self) -> str:
-        """Where requests go, for messages: the base URL, or the service's default host."""
-        if self.base_url:
-            return self.base_url
-        if self.backend == "vertex":
-            region = "" if self.location == "global" else f"{self.location}-"
-            return f"https://{region}aiplatform.googleapis.com"
-        if self.backend == "openai":
-            return "https://api.openai.com/v1"
-        return "https://generativelanguage.googleapis.com"
+        """Where requests go, for messages: the base URL, or the service's default address."""
+        return self.base_url or self.default_url or f"the {self.backend} service"
 
     @functools.cached_property
     def _key_pieces(self) -> frozenset[str]:
@@ -93,8 +99,15 @@ class Endpoint:
         return "".join("***" if hidden else "".join(c for _, c in run) for hidden, run in runs)
 
 
-class RetryableAnswer(Exception):
-    """A 200 answer that cannot be used but may be fine next time (no logprobs, say)."""
+@dataclass(frozen=True)
+class Where:
+    """Where a backend's service is, as the user gave it: the rest (keys, projects) comes from
+    the environment (:func:`klstream.backends.endpoint_from_environment`)."""
+
+    project_id: str | None = None
+    location: str = "global"
+    base_url: str | None = None
+    timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -140,39 +153,181 @@ class PrefillRequest:
     seed: int | None = None
 
 
-class ModelClient(Protocol):
-    """One model behind one backend, as :class:`klstream.scoring.caller.Caller` drives it.
+@dataclass(frozen=True)
+class ClientSettings:
+    """How a run talks to one model: the settings every request of it shares."""
 
-    Every method about errors sees the exception an attempt raised; ``should_retry`` raises an
-    :class:`~klstream.errors.EndpointError` itself when no request can ever succeed.
-    """
+    model: str
+    max_concurrent: int = 16
+    thinking_budget: int | None = 0
+    """Gemini's thinking budget (None: no thinking config); servers without thinking ignore it."""
 
-    @property
-    def endpoint(self) -> Endpoint: ...
 
-    @property
-    def failures(self) -> tuple[type[BaseException], ...]:
-        """Errors that end a call as a recorded failure (after retries, if they are retried)."""
-        ...
+@dataclass(frozen=True)
+class Tokenized:
+    """A tokenizer's answer: the token ids, and the server's context length if it says."""
+
+    tokens: list[int]
+    max_model_len: int | None
+
+
+@dataclass(frozen=True)
+class PromptToken:
+    """What prompt logprobs say at one prompt token: the token itself (its text as the server
+    decodes it, its logprob) and Model 2's top-k for that place given the tokens before it."""
+
+    token: Candidate
+    top: list[Candidate]
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """One prompt-logprobs answer: the prompt tokens from the first asked for on, and the top-k
+    for the token after the whole prompt (the one generated), or None if the server gave none."""
+
+    tokens: list[PromptToken]
+    after: list[Candidate] | None
+    usage: Usage = field(default_factory=Usage)
+
+
+class Prefill(Protocol):
+    """Generate with logprobs: the capability every request-per-position method needs."""
 
     async def generate(self, request: PrefillRequest) -> Answer: ...
 
-    def should_retry(self, error: BaseException) -> bool: ...
 
-    def is_rate_limit(self, error: BaseException) -> bool: ...
+class PromptScoring(Protocol):
+    """Score a prompt's own tokens: Model 2's top-k at every token of a prompt given the ones
+    before it, from one request (vLLM's ``prompt_logprobs``)."""
 
-    def is_overloaded(self, error: BaseException) -> bool:
-        """Whether the server turned the request away for load (429 quota, 503 capacity)."""
+    async def template_tokens(self, prompt: str) -> Tokenized:
+        """The chat template's tokens for ``prompt``, up to where the answer starts."""
         ...
 
-    def unreachable(self, error: BaseException) -> str | None:
-        """Why no connection could be made at all (refused, unknown host, TLS), or None."""
+    async def text_tokens(self, text: str) -> Tokenized:
+        """``text``'s tokens as they would continue a prompt (no special tokens added)."""
         ...
 
-    def retry_delay(self, error: BaseException) -> float | None:
-        """Seconds the server asked to wait before the next attempt, if it said."""
+    async def prompt_logprobs(
+        self, prompt_ids: list[int], top_logprobs: int, start: int
+    ) -> PromptScores:
+        """Model 2's top-k at every prompt token from ``start`` on, and after the last."""
         ...
 
-    def describe(self, error: BaseException) -> str:
-        """A one-line description for the error column."""
+
+@dataclass(frozen=True)
+class RemoteJob:
+    """A batch job as the service last described it."""
+
+    name: str
+    display_name: str | None
+    state: str
+    """``PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED``, ``CANCELLED``, ``EXPIRED``, ...: the
+    service's state without any ``JOB_STATE_`` prefix."""
+    error: str | None
+    output: str | None
+    """Where the results are: a file name, or a storage directory."""
+    succeeded: int | None = None
+    failed: int | None = None
+    incomplete: int | None = None
+    """The service's own completion counts, where it gives them."""
+    run_ms: float = 0.0
+    """From creation to end (or to now), by the service's clock."""
+
+    @property
+    def ended(self) -> bool:
+        return self.state in END_STATES
+
+
+END_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED", "PARTIALLY_SUCCEEDED"})
+"""Job states after which a job does nothing more."""
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """One line of a job's output, decoded: the key it carries back (or, where the service
+    echoes the request instead, the line's index in its job) and its answer or error."""
+
+    key: str | None
+    index: int | None
+    answer: Answer | None
+    error: str | None
+
+
+class BatchJobs(Protocol):
+    """Submit prefill requests as batch jobs. Only operations that are safe to repeat are
+    retried inside; a create whose outcome is unknown raises
+    :class:`~klstream.errors.BatchCreateUnknown` and is resolved with :meth:`find`."""
+
+    service: str
+    """Which service holds the jobs: a resumed run must find them there."""
+    regional: bool
+    """Whether jobs live in one region, so that a resumed run must name the same location."""
+    max_requests: int
+    """Requests per job: bounds each job's output download and what one failed job costs."""
+    max_bytes: int
+    """Input bytes per job, under the service's file limit."""
+
+    def encode_line(self, key: str, index: int, request: PrefillRequest) -> bytes:
+        """The ``index``-th input line of a job (a JSON line ending in a newline)."""
         ...
+
+    def decode_line(self, raw: bytes) -> BatchLine:
+        """One output line, whatever it holds (a malformed line is an error, not a raise)."""
+        ...
+
+    def remote_names(self, job_id: str, display_name: str) -> tuple[str, str | None]:
+        """Where a job's input goes and its output comes, chosen before anything is sent."""
+        ...
+
+    async def prepare(self) -> None:
+        """Whatever must exist before the first upload (a bucket)."""
+        ...
+
+    async def upload(self, local: Path, remote_input: str, display_name: str) -> None:
+        """Put ``local`` at ``remote_input`` unless an identical upload is already there."""
+        ...
+
+    async def create(
+        self, display_name: str, remote_input: str, remote_output: str | None
+    ) -> RemoteJob: ...
+
+    async def find(self, display_name: str) -> RemoteJob | None:
+        """The job created under ``display_name``, if any: how a lost create is resolved."""
+        ...
+
+    async def get(self, name: str) -> RemoteJob | None:
+        """The job now, or None when the service no longer knows it."""
+        ...
+
+    async def cancel(self, name: str) -> None: ...
+
+    async def download(self, job: RemoteJob, remote_output: str | None, into: Path) -> bool:
+        """Write the job's output lines into ``into``; False when it has none."""
+        ...
+
+    async def remove(
+        self, remote_input: str, job: RemoteJob | None, remote_output: str | None
+    ) -> None:
+        """Delete the uploaded input and the job's output, where they exist."""
+        ...
+
+
+OpenPrefill = Callable[[Endpoint, ClientSettings], AbstractAsyncContextManager[Prefill]]
+OpenPromptScoring = Callable[[Endpoint, ClientSettings], AbstractAsyncContextManager[PromptScoring]]
+MakeBatchJobs = Callable[[Endpoint, ClientSettings, str | None], BatchJobs]
+"""A backend's batch jobs for an endpoint, the model's settings and a storage bucket (where the
+service keeps files in one)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: how to find its service, and the capabilities it offers (None: not
+    offered). Registered by name in :data:`klstream.backends.BACKENDS`."""
+
+    name: str
+    endpoint: Callable[[Where], Endpoint]
+    """The endpoint from the user's options and the environment (keys, projects)."""
+    prefill: OpenPrefill | None = None
+    prompt_scoring: OpenPromptScoring | None = None
+    batch_jobs: MakeBatchJobs | None = None

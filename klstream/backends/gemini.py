@@ -1,20 +1,21 @@
 """The boundary with the Gemini API: client set-up, one prefill request, and what its answer means.
 
 Everything here goes through ``google-genai``'s async client. The SDK's own retries are switched
-off (one attempt), so that :mod:`klstream.scoring.caller` decides about every retry and counts it.
-:class:`GeminiClient` is this backend's :class:`~klstream.backends.base.ModelClient`.
+off (one attempt), so that :mod:`klstream.backends.transport` decides about every retry and
+counts it; the SDK's errors become the typed faults of :mod:`klstream.errors`
+(:func:`fault_of`). Both backends generate with logprobs (:class:`GeminiPrefill`) and run batch
+jobs (:mod:`klstream.backends.google_batch`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
 import os
 import re
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlparse
 
 import aiohttp
@@ -25,49 +26,44 @@ from google.genai import types
 from klstream.backends.base import (
     PLACEHOLDER_KEY,
     Answer,
+    Backend,
+    BatchJobs,
     Candidate,
+    ClientSettings,
     Endpoint,
     Generated,
     PrefillRequest,
-    RetryableAnswer,
+    Where,
 )
 from klstream.backends.prices import Usage, usage_of
 from klstream.errors import (
     AuthenticationError,
+    CallFault,
+    ConnectFailed,
     MissingCredentials,
     ModelNotFound,
+    Overloaded,
     PrefillRejected,
+    RateLimited,
+    RequestRejected,
     ThinkingNotDisabled,
     ThinkingRejected,
+    TransientFault,
+    UnusableAnswer,
 )
 
-Backend = Literal["gemini", "vertex"]
 API_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 BASE_URL_VARIABLE = "GOOGLE_GEMINI_BASE_URL"
 PROJECT_VARIABLE = "GOOGLE_CLOUD_PROJECT"
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-OVERLOAD_STATUS = frozenset({429, 503})
-"""Answers saying the server is over its quota or its capacity: they feed the adaptive
-concurrency."""
 
 
-def gemini_endpoint(
-    backend: Backend,
-    project_id: str | None = None,
-    location: str = "global",
-    base_url: str | None = None,
-    timeout_s: float = 60.0,
-) -> Endpoint:
-    """Resolve Gemini's or Vertex AI's credentials and endpoint from options and the documented
-    environment variables."""
-    base_url = base_url or os.environ.get(BASE_URL_VARIABLE) or None
-    if backend == "vertex":
-        project = project_id or os.environ.get(PROJECT_VARIABLE)
-        if not project:
-            raise MissingCredentials(f"Vertex AI needs a Google Cloud project ({PROJECT_VARIABLE})")
-        return Endpoint("vertex", None, project, location, base_url, timeout_s)
+def gemini_endpoint(where: Where) -> Endpoint:
+    """The Gemini Developer API's endpoint: its key from ``GEMINI_API_KEY`` (or
+    ``GOOGLE_API_KEY``), none needed by a local server."""
+    base_url = where.base_url or os.environ.get(BASE_URL_VARIABLE) or None
     api_key = next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), None)
     if api_key is None:
         if base_url is None:
@@ -75,7 +71,34 @@ def gemini_endpoint(
                 "the Gemini Developer API needs an API key in GEMINI_API_KEY (or GOOGLE_API_KEY)"
             )
         api_key = PLACEHOLDER_KEY
-    return Endpoint("gemini", api_key, None, location, base_url, timeout_s)
+    return Endpoint(
+        "gemini",
+        api_key,
+        None,
+        where.location,
+        base_url,
+        where.timeout_s,
+        "https://generativelanguage.googleapis.com",
+    )
+
+
+def vertex_endpoint(where: Where) -> Endpoint:
+    """Vertex AI's endpoint: a project (``GOOGLE_CLOUD_PROJECT``) and a region; the credentials
+    are Application Default Credentials, resolved by the SDK."""
+    base_url = where.base_url or os.environ.get(BASE_URL_VARIABLE) or None
+    project = where.project_id or os.environ.get(PROJECT_VARIABLE)
+    if not project:
+        raise MissingCredentials(f"Vertex AI needs a Google Cloud project ({PROJECT_VARIABLE})")
+    region = "" if where.location == "global" else f"{where.location}-"
+    return Endpoint(
+        "vertex",
+        None,
+        project,
+        where.location,
+        base_url,
+        where.timeout_s,
+        f"https://{region}aiplatform.googleapis.com",
+    )
 
 
 def make_client(endpoint: Endpoint, session: aiohttp.ClientSession | None = None) -> genai.Client:
@@ -141,7 +164,7 @@ def request_template(
     endpoint: Endpoint,
     top_logprobs: int,
     thinking_budget: int | None,
-    temperature: float,
+    temperature: float | None,
     max_tokens: int = 1,
 ) -> dict[str, Any]:
     """Everything of an online scoring request's JSON body (asking ``max_tokens`` tokens) but
@@ -174,7 +197,7 @@ def request_template(
 
 def _candidate(raw: Any) -> Candidate:
     if not isinstance(raw, dict):
-        raise RetryableAnswer(f"malformed logprob candidate {raw!r}")
+        raise UnusableAnswer(f"malformed logprob candidate {raw!r}")
     token, logprob, token_id = raw.get("token"), raw.get("logProbability"), raw.get("tokenId")
     if (
         not isinstance(token, str)
@@ -182,7 +205,7 @@ def _candidate(raw: Any) -> Candidate:
         or not logprob <= 0.0
         or not (token_id is None or isinstance(token_id, int))
     ):
-        raise RetryableAnswer(f"malformed logprob candidate {raw!r}")
+        raise UnusableAnswer(f"malformed logprob candidate {raw!r}")
     return Candidate(token, token_id, float(logprob))
 
 
@@ -198,7 +221,10 @@ def parse_answer(response: types.GenerateContentResponse, thinking_budget: int |
     """Read the logprobs out of an answer's JSON body (the REST wire format), or say why there
     are none. Thinking (``thought`` parts, thought tokens among the logprobs) is left out."""
     http = response.sdk_http_response
-    body = json.loads(http.body) if http is not None and http.body else None
+    try:
+        body = json.loads(http.body) if http is not None and http.body else None
+    except json.JSONDecodeError as error:
+        raise UnusableAnswer(f"answer body is not JSON: {error}") from None
     return parse_answer_body(body, thinking_budget)
 
 
@@ -206,10 +232,10 @@ def parse_answer_body(body: Any, thinking_budget: int | None) -> Answer:
     """:func:`parse_answer` for a decoded ``GenerateContentResponse`` JSON object, such as a
     line of a batch job's output."""
     if not isinstance(body, dict):
-        raise RetryableAnswer(f"answer body is not a JSON object: {str(body)[:200]}")
+        raise UnusableAnswer(f"answer body is not a JSON object: {str(body)[:200]}")
     candidates = body.get("candidates") or []
     if not candidates or not isinstance(candidates[0], dict):
-        raise RetryableAnswer(
+        raise UnusableAnswer(
             f"answer has no candidates (prompt feedback: {body.get('promptFeedback')})"
         )
     candidate = candidates[0]
@@ -228,7 +254,7 @@ def parse_answer_body(body: Any, thinking_budget: int | None) -> Answer:
                 f"of {thinking_budget}",
                 thinking_budget,
             )
-        raise RetryableAnswer(
+        raise UnusableAnswer(
             f"answer without logprobs (finish reason {finish}); the model may not support "
             "response_logprobs"
         )
@@ -236,7 +262,7 @@ def parse_answer_body(body: Any, thinking_budget: int | None) -> Answer:
     for index in range(thoughts, len(top_steps)):
         alternatives = [_candidate(c) for c in (top_steps[index] or {}).get("candidates") or []]
         if not alternatives:
-            raise RetryableAnswer("answer with an empty top-candidates list")
+            raise UnusableAnswer("answer with an empty top-candidates list")
         if index < len(chosen):
             steps.append(Generated(_candidate(chosen[index]), alternatives))
         else:
@@ -250,15 +276,28 @@ def parse_answer_body(body: Any, thinking_budget: int | None) -> Answer:
 
 _PREFILL_REJECTED = re.compile(r"model turn|prefill|last turn|ending with", re.IGNORECASE)
 _THINKING_REJECTED = re.compile(r"thinking|budget", re.IGNORECASE)
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    genai_errors.APIError,
+    aiohttp.ClientError,
+    json.JSONDecodeError,
+    ConnectionError,
+    TimeoutError,
+)
+"""The SDK's and its HTTP library's errors: :func:`fault_of` turns each into a fault."""
 
 
-def classify_api_error(error: genai_errors.APIError, thinking_budget: int | None) -> str:
-    """``retry``, ``fail`` (this position only), or raise an
-    :class:`~klstream.errors.EndpointError` that ends the run."""
+def api_fault(error: genai_errors.APIError, thinking_budget: int | None) -> CallFault:
+    """The fault an API error stands for; raises an :class:`~klstream.errors.EndpointError`
+    when no request can succeed (bad key, unknown model, no prefill, thinking config refused)."""
     code = error.code or 0
     message = error.message or str(error)
+    text = describe(error)
+    if code == 429:
+        return RateLimited(text, server_retry_delay(error))
+    if code == 503:
+        return Overloaded(text, server_retry_delay(error))
     if code in RETRIED_STATUS:
-        return "retry"
+        return TransientFault(text, server_retry_delay(error))
     if code == 400 and _PREFILL_REJECTED.search(message):
         raise PrefillRejected(
             f"the model rejects a trailing model turn ({code}: {message}). Scoring needs "
@@ -277,13 +316,21 @@ def classify_api_error(error: genai_errors.APIError, thinking_budget: int | None
             f"model or endpoint not found ({code} {error.status}: {message}); "
             "no request can succeed"
         )
-    return "fail"
+    return RequestRejected(text)
 
 
-def server_retry_delay(error: BaseException) -> float | None:
+def fault_of(error: BaseException, thinking_budget: int | None) -> CallFault:
+    """The fault one of :data:`TRANSPORT_ERRORS` stands for (see :func:`api_fault`)."""
+    if isinstance(error, genai_errors.APIError):
+        return api_fault(error, thinking_budget)
+    cause = unreachable(error)
+    if cause is not None:
+        return ConnectFailed(cause)
+    return TransientFault(describe(error))
+
+
+def server_retry_delay(error: genai_errors.APIError) -> float | None:
     """Seconds the server asked us to wait: google.rpc.RetryInfo's retryDelay or Retry-After."""
-    if not isinstance(error, genai_errors.APIError):
-        return None
     details = error.details if isinstance(error.details, dict) else {}
     for item in (details.get("error") or details).get("details", []) or []:
         delay = item.get("retryDelay") if isinstance(item, dict) else None
@@ -303,15 +350,6 @@ def server_retry_delay(error: BaseException) -> float | None:
     return None
 
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    asyncio.TimeoutError,
-    aiohttp.ClientError,
-    json.JSONDecodeError,
-    ConnectionError,
-    RetryableAnswer,
-)
-
-
 def unreachable(error: BaseException) -> str | None:
     """Why no connection could be made, in words (refused, unknown host, TLS, ...), or None
     when ``error`` is not a failure to connect."""
@@ -329,15 +367,11 @@ def unreachable(error: BaseException) -> str | None:
     return f"{cause.lower()} ({error.host}:{error.port})"
 
 
-def is_rate_limit(error: BaseException) -> bool:
-    return isinstance(error, genai_errors.APIError) and error.code == 429
-
-
 def describe(error: BaseException) -> str:
     """A one-line description for the error column."""
     if isinstance(error, genai_errors.APIError):
         return f"{error.code} {error.status}: {error.message or ''}".strip()
-    if isinstance(error, asyncio.TimeoutError):
+    if isinstance(error, TimeoutError):
         return "timeout: no answer within the request timeout"
     return f"{type(error).__name__}: {error}"
 
@@ -361,56 +395,56 @@ def request_config(
     )
 
 
-class GeminiClient:
-    """One Gemini model through one google-genai client (see :class:`ModelClient`)."""
+class GeminiPrefill:
+    """One Gemini model through one google-genai client: the backends' generation."""
 
-    failures: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, genai_errors.APIError)
-
-    def __init__(
-        self, client: genai.Client, model: str, endpoint: Endpoint, thinking_budget: int | None
-    ) -> None:
-        self.client, self.model, self.endpoint = client, model, endpoint
-        self.thinking_budget = thinking_budget
+    def __init__(self, client: genai.Client, model: str, thinking_budget: int | None) -> None:
+        self.client, self.model, self.thinking_budget = client, model, thinking_budget
 
     async def generate(self, request: PrefillRequest) -> Answer:
         config = request_config(request, self.thinking_budget)
-        response = await self.client.aio.models.generate_content(
-            model=self.model,
-            contents=prefill_contents(request.prompt, request.prefill),
-            config=config,
-        )
+        try:
+            response = await self.client.aio.models.generate_content(
+                model=self.model,
+                contents=prefill_contents(request.prompt, request.prefill),
+                config=config,
+            )
+        except TRANSPORT_ERRORS as error:
+            raise fault_of(error, self.thinking_budget) from error
         return parse_answer(response, self.thinking_budget)
-
-    def is_overloaded(self, error: BaseException) -> bool:
-        return isinstance(error, genai_errors.APIError) and error.code in OVERLOAD_STATUS
-
-    def unreachable(self, error: BaseException) -> str | None:
-        return unreachable(error)
-
-    def should_retry(self, error: BaseException) -> bool:
-        if isinstance(error, genai_errors.APIError):
-            return classify_api_error(error, self.thinking_budget) == "retry"
-        return isinstance(error, TRANSIENT_ERRORS)
-
-    def is_rate_limit(self, error: BaseException) -> bool:
-        return is_rate_limit(error)
-
-    def retry_delay(self, error: BaseException) -> float | None:
-        return server_retry_delay(error)
-
-    def describe(self, error: BaseException) -> str:
-        return describe(error)
 
 
 @contextlib.asynccontextmanager
-async def open_gemini_client(
-    endpoint: Endpoint, model: str, max_concurrent: int, thinking_budget: int | None
-) -> AsyncIterator[GeminiClient]:
+async def open_prefill(
+    endpoint: Endpoint, settings: ClientSettings
+) -> AsyncIterator[GeminiPrefill]:
     """A client over one HTTP session whose connection pool matches the concurrency.
 
     With Vertex the SDK keeps its own session, which carries the Google auth.
     """
-    connector = aiohttp.TCPConnector(limit=max_concurrent, limit_per_host=0)
+    connector = aiohttp.TCPConnector(limit=settings.max_concurrent, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         client = make_client(endpoint, session if endpoint.backend == "gemini" else None)
-        yield GeminiClient(client, model, endpoint, thinking_budget)
+        yield GeminiPrefill(client, settings.model, settings.thinking_budget)
+
+
+def gemini_batch_jobs(
+    endpoint: Endpoint, settings: ClientSettings, bucket: str | None
+) -> BatchJobs:
+    """Batch jobs through the Files API."""
+    from klstream.backends.gemini_batch import GeminiBatch
+
+    return GeminiBatch(endpoint, settings)
+
+
+def vertex_batch_jobs(
+    endpoint: Endpoint, settings: ClientSettings, bucket: str | None
+) -> BatchJobs:
+    """Batch prediction jobs reading and writing Cloud Storage."""
+    from klstream.backends.vertex_batch import VertexBatch
+
+    return VertexBatch(endpoint, settings, bucket)
+
+
+GEMINI = Backend("gemini", gemini_endpoint, prefill=open_prefill, batch_jobs=gemini_batch_jobs)
+VERTEX = Backend("vertex", vertex_endpoint, prefill=open_prefill, batch_jobs=vertex_batch_jobs)

@@ -2,17 +2,18 @@
 requests scoring makes, and what their answers mean.
 
 Everything goes through the official ``openai`` SDK's async client with its own retries off
-(``max_retries=0``), so that :mod:`klstream.scoring.caller` decides about every retry and counts
-it. Answers are read from the raw JSON body: the fields scoring needs (vLLM's
+(``max_retries=0``), so that :mod:`klstream.backends.transport` decides about every retry and
+counts it; the SDK's errors become the typed faults of :mod:`klstream.errors`
+(:func:`fault_of`). Answers are read from the raw JSON body: the fields scoring needs (vLLM's
 ``prompt_logprobs``, say) are extensions the SDK's models do not declare.
 
 Two ways to score:
 
-- **prefill** (:meth:`OpenAIClient.generate`): ``/v1/chat/completions`` with the user prompt and
+- **prefill** (:meth:`OpenAIServer.generate`): ``/v1/chat/completions`` with the user prompt and
   Model 1's text so far as an assistant message the model continues
   (``continue_final_message: true, add_generation_prompt: false``, vLLM's and SGLang's spelling),
   ``logprobs`` with ``top_logprobs`` and ``max_tokens`` 1.
-- **prompt logprobs** (vLLM; :mod:`klstream.scoring.prompt_logprobs`): the chat template's token
+- **prompt logprobs** (vLLM; :meth:`OpenAIServer.prompt_logprobs`): the chat template's token
   ids from vLLM's ``/tokenize`` (``messages`` with ``add_generation_prompt``), Model 1's response
   as token ids, and one ``/v1/completions`` request with ``prompt_logprobs`` for all of it.
   vLLM answers, per prompt token, ``{token_id: {logprob, rank, decoded_token}}`` — the top-k
@@ -28,7 +29,6 @@ import re
 import socket
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,18 +37,30 @@ import openai
 from klstream.backends.base import (
     PLACEHOLDER_KEY,
     Answer,
+    Backend,
     Candidate,
+    ClientSettings,
     Endpoint,
     Generated,
     PrefillRequest,
-    RetryableAnswer,
+    PromptScores,
+    PromptToken,
+    Tokenized,
+    Where,
 )
 from klstream.errors import (
     AuthenticationError,
+    CallFault,
+    ConnectFailed,
     MethodUnsupported,
     MissingServerUrl,
     ModelNotFound,
+    Overloaded,
     PrefillRejected,
+    RateLimited,
+    RequestRejected,
+    TransientFault,
+    UnusableAnswer,
 )
 
 API_KEY_VARIABLE = "OPENAI_API_KEY"
@@ -62,17 +74,17 @@ new turn after it."""
 _PREFILL_REJECTED = re.compile(r"continue_final_message|final message|prefill", re.IGNORECASE)
 
 
-def openai_endpoint(base_url: str | None, timeout_s: float = 60.0) -> Endpoint:
-    """The server from ``base_url`` or ``OPENAI_BASE_URL``; the key from ``OPENAI_API_KEY``, or
+def openai_endpoint(where: Where) -> Endpoint:
+    """The server from the base URL or ``OPENAI_BASE_URL``; the key from ``OPENAI_API_KEY``, or
     none (local servers usually need none)."""
-    base_url = base_url or os.environ.get(BASE_URL_VARIABLE) or None
+    base_url = where.base_url or os.environ.get(BASE_URL_VARIABLE) or None
     if base_url is None:
         raise MissingServerUrl(
             "an OpenAI-compatible server needs its base URL "
             f"({BASE_URL_VARIABLE}), such as http://localhost:8000/v1 for vLLM"
         )
     api_key = os.environ.get(API_KEY_VARIABLE) or None
-    return Endpoint("openai", api_key, base_url=api_base_url(base_url), timeout_s=timeout_s)
+    return Endpoint("openai", api_key, base_url=api_base_url(base_url), timeout_s=where.timeout_s)
 
 
 def api_base_url(base_url: str) -> str:
@@ -95,48 +107,22 @@ def chat_messages(prompt: str, prefill: str) -> list[dict[str, str]]:
     return messages
 
 
-@dataclass(frozen=True)
-class Tokenized:
-    """``/tokenize``'s answer: the token ids, and the server's context length if it says."""
-
-    tokens: list[int]
-    max_model_len: int | None
-
-
-@dataclass(frozen=True)
-class PromptToken:
-    """What prompt logprobs say at one prompt token: the token itself (its text as the server
-    decodes it, its logprob) and Model 2's top-k for that place given the tokens before it."""
-
-    token: Candidate
-    top: list[Candidate]
-
-
-@dataclass(frozen=True)
-class PromptScores:
-    """One prompt-logprobs answer: the prompt tokens from the first asked for on, and the top-k
-    for the token after the whole prompt (the one generated), or None if the server gave none."""
-
-    tokens: list[PromptToken]
-    after: list[Candidate] | None
-
-
 def _json_object(text: str, content_type: str) -> dict[str, Any]:
     try:
         body = json.loads(text)
     except ValueError:
         snippet = " ".join(text.split())[:200]
         kind = f" ({content_type})" if content_type else ""
-        raise RetryableAnswer(f"answer body is not JSON{kind}: {snippet!r}") from None
+        raise UnusableAnswer(f"answer body is not JSON{kind}: {snippet!r}") from None
     if not isinstance(body, dict):
-        raise RetryableAnswer(f"answer body is not a JSON object: {str(body)[:200]}")
+        raise UnusableAnswer(f"answer body is not a JSON object: {str(body)[:200]}")
     return body
 
 
 def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise RetryableAnswer(f"answer has no choices: {str(body)[:200]}")
+        raise UnusableAnswer(f"answer has no choices: {str(body)[:200]}")
     choice: dict[str, Any] = choices[0]
     return choice
 
@@ -147,10 +133,10 @@ def _is_logprob(value: object) -> bool:
 
 def _chat_candidate(raw: object) -> Candidate:
     if not isinstance(raw, dict):
-        raise RetryableAnswer(f"malformed logprob entry {raw!r}")
+        raise UnusableAnswer(f"malformed logprob entry {raw!r}")
     token, logprob = raw.get("token"), raw.get("logprob")
     if not isinstance(token, str) or not _is_logprob(logprob):
-        raise RetryableAnswer(f"malformed logprob entry {raw!r}")
+        raise UnusableAnswer(f"malformed logprob entry {raw!r}")
     return Candidate(token, None, float(logprob))  # type: ignore[arg-type]
 
 
@@ -160,7 +146,7 @@ def parse_chat_answer(text: str, content_type: str) -> Answer:
     finish = choice.get("finish_reason")
     content = (choice.get("logprobs") or {}).get("content")
     if not content or not isinstance(content, list):
-        raise RetryableAnswer(
+        raise UnusableAnswer(
             f"answer without logprobs (finish reason {finish}); the server may not support "
             "logprobs for this model"
         )
@@ -169,7 +155,7 @@ def parse_chat_answer(text: str, content_type: str) -> Answer:
         chosen = _chat_candidate(step)
         top = [_chat_candidate(c) for c in step.get("top_logprobs") or []]
         if not top:
-            raise RetryableAnswer("answer with an empty top_logprobs list")
+            raise UnusableAnswer("answer with an empty top_logprobs list")
         steps.append(Generated(chosen, top))
     message = choice.get("message") or {}
     answer_text = message.get("content") if isinstance(message, dict) else None
@@ -180,17 +166,17 @@ def parse_tokenized(text: str, content_type: str) -> Tokenized:
     body = _json_object(text, content_type)
     tokens, limit = body.get("tokens"), body.get("max_model_len")
     if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
-        raise RetryableAnswer(f"tokenize answer without a list of token ids: {str(body)[:200]}")
+        raise UnusableAnswer(f"tokenize answer without a list of token ids: {str(body)[:200]}")
     return Tokenized(tokens, limit if type(limit) is int else None)
 
 
 def _prompt_candidate(key: str, raw: object) -> Candidate:
     if not isinstance(raw, dict) or not _is_logprob(raw.get("logprob")):
-        raise RetryableAnswer(f"malformed prompt logprob {key}: {raw!r}")
+        raise UnusableAnswer(f"malformed prompt logprob {key}: {raw!r}")
     try:
         token_id = int(key)
     except ValueError:
-        raise RetryableAnswer(f"prompt logprob keyed by {key!r}, not a token id") from None
+        raise UnusableAnswer(f"prompt logprob keyed by {key!r}, not a token id") from None
     decoded = raw.get("decoded_token")
     return Candidate(decoded if isinstance(decoded, str) else "", token_id, float(raw["logprob"]))
 
@@ -202,7 +188,7 @@ def _generated_top(choice: dict[str, Any], top_logprobs: int) -> list[Candidate]
     if not isinstance(first, dict) or not first:
         return None
     if not all(isinstance(t, str) and _is_logprob(lp) for t, lp in first.items()):
-        raise RetryableAnswer(f"malformed top_logprobs {str(first)[:200]}")
+        raise UnusableAnswer(f"malformed top_logprobs {str(first)[:200]}")
     ranked = sorted(first.items(), key=lambda item: -item[1])[:top_logprobs]
     return [Candidate(token, None, float(logprob)) for token, logprob in ranked]
 
@@ -219,23 +205,23 @@ def parse_prompt_logprobs(
     choice = _first_choice(_json_object(text, content_type))
     entries = choice.get("prompt_logprobs")
     if entries is None:
-        raise RetryableAnswer(
+        raise UnusableAnswer(
             "answer without prompt_logprobs; the server does not return prompt logprobs (vLLM does)"
         )
     if not isinstance(entries, list) or len(entries) != len(prompt_ids):
         count = len(entries) if isinstance(entries, list) else type(entries).__name__
-        raise RetryableAnswer(
+        raise UnusableAnswer(
             f"prompt_logprobs has {count} entries for a prompt of {len(prompt_ids)} tokens"
         )
     tokens = []
     for index in range(max(start, 1), len(prompt_ids)):
         entry = entries[index]
         if not isinstance(entry, dict) or not entry:
-            raise RetryableAnswer(f"prompt_logprobs[{index}] is {str(entry)[:100]}, not a top-k")
+            raise UnusableAnswer(f"prompt_logprobs[{index}] is {str(entry)[:100]}, not a top-k")
         candidates = [_prompt_candidate(key, raw) for key, raw in entry.items()]
         own = next((c for c in candidates if c.token_id == prompt_ids[index]), None)
         if own is None:
-            raise RetryableAnswer(
+            raise UnusableAnswer(
                 f"prompt_logprobs[{index}] lacks the prompt's own token {prompt_ids[index]}"
             )
         candidates.sort(key=lambda c: -c.logprob)
@@ -264,10 +250,8 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def retry_delay(error: BaseException) -> float | None:
+def retry_delay(error: openai.APIStatusError) -> float | None:
     """Seconds the server asked to wait: ``retry-after-ms`` or ``Retry-After``."""
-    if not isinstance(error, openai.APIStatusError):
-        return None
     headers = error.response.headers
     for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         value = headers.get(name)
@@ -279,14 +263,71 @@ def retry_delay(error: BaseException) -> float | None:
     return None
 
 
-class OpenAIClient:
-    """One model on one OpenAI-compatible server (see :class:`ModelClient`), plus the vLLM
-    requests of the prompt-logprobs method."""
+def unreachable(error: openai.APIConnectionError) -> str | None:
+    """Why a connection error is a failed connect (refused, unknown host, TLS), or None when it
+    is a time-out or a dropped connection. The SDK's HTTP library wraps the socket's error, so
+    the chain of causes is searched for it."""
+    if isinstance(error, openai.APITimeoutError):
+        return None
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake failed ({cause})"
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve the host ({cause.strerror or cause})"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        cause = cause.__cause__ or cause.__context__
+    return None
 
-    failures: tuple[type[BaseException], ...] = (openai.APIError, RetryableAnswer, TimeoutError)
 
-    def __init__(self, client: openai.AsyncOpenAI, model: str, endpoint: Endpoint) -> None:
-        self.client, self.model, self.endpoint = client, model, endpoint
+def status_fault(error: openai.APIStatusError) -> CallFault:
+    """The fault an error status stands for; raises an
+    :class:`~klstream.errors.EndpointError` when no request can succeed (bad key, unknown model,
+    no prefill)."""
+    code = error.status_code
+    text = describe(error)
+    if code == 429:
+        return RateLimited(text, retry_delay(error))
+    if code == 503:
+        return Overloaded(text, retry_delay(error))
+    if code in RETRIED_STATUS:
+        return TransientFault(text, retry_delay(error))
+    detail = _error_detail(error)
+    if code == 400 and _PREFILL_REJECTED.search(detail):
+        raise PrefillRejected(
+            f"the server rejects continuing an assistant message ({code}: {detail}). "
+            "Scoring by prefill needs it: the prompt, then Model 1's tokens so far as the "
+            "model's own turn. Use a server that supports continue_final_message (vLLM, "
+            "SGLang)."
+        )
+    if code in (401, 403):
+        what = "authentication failed" if code == 401 else "permission denied"
+        raise AuthenticationError(f"{what} ({code}: {detail}); no request can succeed")
+    if code == 404:
+        raise ModelNotFound(
+            f"model or endpoint not found ({code}: {detail}); no request can succeed"
+        )
+    return RequestRejected(text)
+
+
+def fault_of(error: openai.APIError) -> CallFault:
+    """The fault an SDK error stands for (see :func:`status_fault`)."""
+    if isinstance(error, openai.APIStatusError):
+        return status_fault(error)
+    if isinstance(error, openai.APIConnectionError):
+        cause = unreachable(error)
+        if cause is not None:
+            return ConnectFailed(cause)
+    return TransientFault(describe(error))
+
+
+class OpenAIServer:
+    """One model on one OpenAI-compatible server: generation (chat completions) and vLLM's
+    prompt logprobs."""
+
+    def __init__(self, client: openai.AsyncOpenAI, model: str) -> None:
+        self.client, self.model = client, model
         self.tokenize_url = server_root(str(client.base_url)) + "/tokenize"
 
     async def generate(self, request: PrefillRequest) -> Answer:
@@ -295,15 +336,18 @@ class OpenAIClient:
             options["temperature"] = request.temperature
         if request.seed is not None:
             options["seed"] = request.seed
-        raw = await self.client.chat.completions.with_raw_response.create(
-            model=self.model,
-            messages=chat_messages(request.prompt, request.prefill),  # type: ignore[arg-type]
-            max_tokens=request.max_tokens,
-            logprobs=True,
-            top_logprobs=request.top_logprobs,
-            extra_body=PREFILL_OPTIONS if request.prefill else None,
-            **options,
-        )
+        try:
+            raw = await self.client.chat.completions.with_raw_response.create(
+                model=self.model,
+                messages=chat_messages(request.prompt, request.prefill),  # type: ignore[arg-type]
+                max_tokens=request.max_tokens,
+                logprobs=True,
+                top_logprobs=request.top_logprobs,
+                extra_body=PREFILL_OPTIONS if request.prefill else None,
+                **options,
+            )
+        except openai.APIError as error:
+            raise fault_of(error) from error
         return parse_chat_answer(raw.text, raw.headers.get("content-type", ""))
 
     async def _tokenize(self, body: dict[str, Any]) -> Tokenized:
@@ -311,14 +355,16 @@ class OpenAIClient:
             text = await self.client.post(self.tokenize_url, cast_to=str, body=body)
         except openai.NotFoundError as error:
             if "model" in _error_detail(error).lower():
-                raise
+                raise fault_of(error) from error
             raise MethodUnsupported(
                 f"the server has no tokenizer endpoint ({self.tokenize_url}: {describe(error)}); "
                 "prompt logprobs need vLLM's /tokenize"
             ) from None
+        except openai.APIError as error:
+            raise fault_of(error) from error
         return parse_tokenized(text, "")
 
-    async def tokenize_chat(self, prompt: str) -> Tokenized:
+    async def template_tokens(self, prompt: str) -> Tokenized:
         """The chat template's tokens for ``prompt``, up to where the assistant's answer starts."""
         return await self._tokenize(
             {
@@ -328,7 +374,7 @@ class OpenAIClient:
             }
         )
 
-    async def tokenize_text(self, text: str) -> Tokenized:
+    async def text_tokens(self, text: str) -> Tokenized:
         """``text``'s tokens, as they would continue a prompt (no special tokens added)."""
         return await self._tokenize(
             {"model": self.model, "prompt": text, "add_special_tokens": False}
@@ -339,75 +385,23 @@ class OpenAIClient:
     ) -> PromptScores:
         """Model 2's top-k at every prompt token from ``start`` on, and after the last, from one
         request (the one token it generates brings the last)."""
-        raw = await self.client.completions.with_raw_response.create(
-            model=self.model,
-            prompt=prompt_ids,
-            max_tokens=1,
-            logprobs=top_logprobs,
-            extra_body={"prompt_logprobs": top_logprobs},
-        )
+        try:
+            raw = await self.client.completions.with_raw_response.create(
+                model=self.model,
+                prompt=prompt_ids,
+                max_tokens=1,
+                logprobs=top_logprobs,
+                extra_body={"prompt_logprobs": top_logprobs},
+            )
+        except openai.APIError as error:
+            raise fault_of(error) from error
         return parse_prompt_logprobs(
             raw.text, raw.headers.get("content-type", ""), prompt_ids, top_logprobs, start
         )
 
-    def should_retry(self, error: BaseException) -> bool:
-        """Raises for errors that end the run: wrong key, unknown model, no prefill."""
-        if not isinstance(error, openai.APIStatusError):
-            return isinstance(error, self.failures)
-        code = error.status_code
-        if code in RETRIED_STATUS:
-            return True
-        detail = _error_detail(error)
-        if code == 400 and _PREFILL_REJECTED.search(detail):
-            raise PrefillRejected(
-                f"the server rejects continuing an assistant message ({code}: {detail}). "
-                "Scoring by prefill needs it: the prompt, then Model 1's tokens so far as the "
-                "model's own turn. Use a server that supports continue_final_message (vLLM, "
-                "SGLang)."
-            )
-        if code in (401, 403):
-            what = "authentication failed" if code == 401 else "permission denied"
-            raise AuthenticationError(f"{what} ({code}: {detail}); no request can succeed")
-        if code == 404:
-            raise ModelNotFound(
-                f"model or endpoint not found ({code}: {detail}); no request can succeed"
-            )
-        return False
-
-    def is_rate_limit(self, error: BaseException) -> bool:
-        return isinstance(error, openai.APIStatusError) and error.status_code == 429
-
-    def is_overloaded(self, error: BaseException) -> bool:
-        return isinstance(error, openai.APIStatusError) and error.status_code in (429, 503)
-
-    def unreachable(self, error: BaseException) -> str | None:
-        """A connection error caused by a failed connect (refused, unknown host, TLS), not by a
-        time-out or a dropped connection. The SDK's HTTP library wraps the socket's error, so
-        the chain of causes is searched for it."""
-        if not isinstance(error, openai.APIConnectionError) or isinstance(
-            error, openai.APITimeoutError
-        ):
-            return None
-        cause: BaseException | None = error
-        while cause is not None:
-            if isinstance(cause, ssl.SSLError):
-                return f"TLS handshake failed ({cause})"
-            if isinstance(cause, socket.gaierror):
-                return f"cannot resolve the host ({cause.strerror or cause})"
-            if isinstance(cause, ConnectionRefusedError):
-                return "connection refused"
-            cause = cause.__cause__ or cause.__context__
-        return None
-
-    def retry_delay(self, error: BaseException) -> float | None:
-        return retry_delay(error)
-
-    def describe(self, error: BaseException) -> str:
-        return describe(error)
-
 
 @contextlib.asynccontextmanager
-async def open_openai_client(endpoint: Endpoint, model: str) -> AsyncIterator[OpenAIClient]:
+async def open_server(endpoint: Endpoint, settings: ClientSettings) -> AsyncIterator[OpenAIServer]:
     """A client making one HTTP attempt per call, closed on exit. Its connection pool (the
     SDK's, hundreds of connections) leaves the concurrency to klstream's limiter."""
     client = openai.AsyncOpenAI(
@@ -417,4 +411,7 @@ async def open_openai_client(endpoint: Endpoint, model: str) -> AsyncIterator[Op
         max_retries=0,
     )
     async with client:
-        yield OpenAIClient(client, model, endpoint)
+        yield OpenAIServer(client, settings.model)
+
+
+OPENAI = Backend("openai", openai_endpoint, prefill=open_server, prompt_scoring=open_server)

@@ -22,14 +22,13 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from klstream.backends.base import Endpoint
+from klstream.backends.base import ClientSettings, Endpoint, RemoteJob
 from klstream.backends.gemini import LOOPBACK_HOSTS, describe
-from klstream.backends.gemini_batch import (
+from klstream.backends.google_batch import (
     JSONL_MIME_TYPE,
-    BatchBackend,
-    RemoteJob,
-    _run_ms,
-    _state,
+    GoogleBatchJobs,
+    run_ms,
+    state_of,
 )
 from klstream.errors import BatchRejected, BatchUnavailable
 
@@ -49,20 +48,21 @@ def _split(uri: str) -> tuple[str, str]:
     return bucket, name
 
 
-class VertexBatch(BatchBackend):
+class VertexBatch(GoogleBatchJobs):
     """Vertex AI batch prediction jobs reading and writing JSONL in Cloud Storage."""
 
     service = "vertex"
+    regional = True
     max_bytes = 1_000_000_000
 
     def __init__(
         self,
         endpoint: Endpoint,
-        model2: str,
+        settings: ClientSettings,
         bucket_name: str | None = None,
         client: genai.Client | None = None,
     ) -> None:
-        super().__init__(endpoint, model2, client)
+        super().__init__(endpoint, settings, client)
         self.bucket_name = bucket_name or default_bucket(endpoint.project or "")
         self._storage: Any = None
 
@@ -96,6 +96,12 @@ class VertexBatch(BatchBackend):
         labelled = {**request, "labels": {LINE_INDEX_LABEL: str(index)}}
         return {"key": key, "request": labelled}
 
+    def line_index(self, request: Any) -> int | None:
+        """Vertex AI echoes each line's request, labels included: the line's index."""
+        labels = request.get("labels") if isinstance(request, dict) else None
+        value = labels.get(LINE_INDEX_LABEL) if isinstance(labels, dict) else None
+        return int(value) if isinstance(value, str) and value.isdigit() else None
+
     def remote_names(self, job_id: str, display_name: str) -> tuple[str, str | None]:
         prefix = f"gs://{self.bucket_name}/klstream/{job_id}"
         return f"{prefix}/input.jsonl", f"{prefix}/output"
@@ -105,13 +111,13 @@ class VertexBatch(BatchBackend):
         return RemoteJob(
             name=job.name or "",
             display_name=job.display_name,
-            state=_state(job),
+            state=state_of(job),
             error=job.error.message if job.error is not None else None,
             output=job.output_info.gcs_output_directory if job.output_info is not None else None,
             succeeded=stats.successful_count if stats is not None else None,
             failed=stats.failed_count if stats is not None else None,
             incomplete=stats.incomplete_count if stats is not None else None,
-            run_ms=_run_ms(job),
+            run_ms=run_ms(job),
         )
 
     def _create_config(

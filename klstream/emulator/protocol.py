@@ -1,8 +1,8 @@
 """The Gemini ``generateContent`` wire format, as the emulator reads and writes it.
 
-Parsing a request body into a validated call (``parse_contents``, ``build_call``),
-encoding an answer (``response_body``) and Google's JSON error bodies (``ApiError``).
-Nothing here knows about HTTP serving or fault injection.
+Parsing a request body into a validated call (``parse_contents``, ``build_call``), the toy
+model's answer to it (``toy_answer``), encoding that answer (``response_body``) and Google's
+JSON error bodies (``ApiError``). Nothing here knows about HTTP serving or fault injection.
 """
 
 from __future__ import annotations
@@ -210,24 +210,61 @@ def _candidate_json(token: str, token_id: int, logprob: float) -> dict[str, Any]
     return {"token": token, "tokenId": token_id, "logProbability": logprob}
 
 
-def response_body(
-    call: Call,
-    gen: Generation | None,
-    prefill_len: int,
-    thoughts: int,
-    thinking: list[Step],
-    with_logprobs: bool,
-    vertex: bool,
-    cached: int = 0,
-) -> dict[str, Any]:
-    """The generateContent JSON for a generation (``None``: all tokens were thoughts).
+@dataclass(frozen=True)
+class ToyAnswer:
+    """The toy model's answer to a call, before any wire format: what the HTTP routes encode
+    and the in-process toy backend (:mod:`klstream.backends.toy`) hands over as it is."""
 
-    ``thoughts`` thought tokens were spent; when there is an answer, ``thinking`` holds them:
-    their text is a ``thought`` part and ``logprobsResult`` lists them ahead of the answer's
-    steps (where a real service lists thought tokens is undocumented, so clients must not take
-    them for answer steps).
-    ``cached`` is the number of input tokens the implicit cache served.
+    generation: Generation | None
+    """The continuation of the prefill; ``None`` when every output token went to thinking."""
+    thinking: list[Step]
+    """The thought tokens, when there is an answer after them."""
+    thoughts: int
+    """Thought tokens spent."""
+    prompt_tokens: int
+    """Input tokens: the prompt's and the prefill's."""
+    cached: int
+    """Input tokens the implicit cache served."""
+
+
+def toy_answer(call: Call, scaled_logprobs: bool = False, cached: int = 0) -> ToyAnswer:
+    """The toy model's answer to a validated call: thoughts first when the model thinks, then
+    the sampled continuation of the prefill. ``cached`` is the input the implicit cache reports
+    as cached."""
+    model = call.model
+    prefill_ids = encode(call.prefill) if call.prefill else []
+    thoughts = 0
+    if model.thinking and call.thinking_budget != 0:
+        budget = call.thinking_budget
+        thoughts = call.max_tokens if budget is None or budget < 0 else budget
+        thoughts = min(thoughts, call.max_tokens)
+    gen, thinking = None, []
+    top_k = call.logprobs if call.response_logprobs else 0
+    if call.max_tokens > thoughts:
+        gen = model.sample(
+            call.prompt,
+            call.max_tokens - thoughts,
+            call.temperature,
+            call.seed,
+            top_k,
+            prefill_ids,
+            scaled_logprobs,
+        )
+        thinking = model.think(call.prompt, thoughts, top_k)
+    prompt_tokens = len(prompt_ids(call.prompt)) + len(prefill_ids)
+    return ToyAnswer(gen, thinking, thoughts, prompt_tokens, cached)
+
+
+def response_body(
+    call: Call, answer: ToyAnswer, with_logprobs: bool, vertex: bool
+) -> dict[str, Any]:
+    """The generateContent JSON for an answer to ``call``.
+
+    When there is an answer after thinking, the thoughts' text is a ``thought`` part and
+    ``logprobsResult`` lists them ahead of the answer's steps (where a real service lists
+    thought tokens is undocumented, so clients must not take them for answer steps).
     """
+    gen, thinking = answer.generation, answer.thinking
     steps = gen.steps if gen else []
     text = "".join(s.chosen.token for s in steps)
     thought_text = "".join(s.chosen.token for s in thinking)
@@ -252,13 +289,12 @@ def response_body(
             if not vertex:  # "This field is not supported in Vertex AI."
                 result["logProbabilitySum"] = total
             candidate["logprobsResult"] = result
-    prompt_tokens = len(prompt_ids(call.prompt)) + prefill_len
     usage = {
-        "promptTokenCount": prompt_tokens,
-        "cachedContentTokenCount": cached,
+        "promptTokenCount": answer.prompt_tokens,
+        "cachedContentTokenCount": answer.cached,
         "candidatesTokenCount": len(steps),
-        "thoughtsTokenCount": thoughts,
-        "totalTokenCount": prompt_tokens + len(steps) + thoughts,
+        "thoughtsTokenCount": answer.thoughts,
+        "totalTokenCount": answer.prompt_tokens + len(steps) + answer.thoughts,
     }
     body: dict[str, Any] = {
         "candidates": [candidate],
@@ -275,29 +311,7 @@ def response_body(
 def answer_body(
     call: Call, with_logprobs: bool, vertex: bool, scaled_logprobs: bool = False, cached: int = 0
 ) -> dict[str, Any]:
-    """The toy model's answer to a validated call: thoughts first when the model thinks, then
-    the sampled continuation of the prefill. Online requests and batch lines share it;
-    ``cached`` is the input the implicit cache reports as cached."""
-    model = call.model
-    prefill_ids = encode(call.prefill) if call.prefill else []
-    thoughts = 0
-    if model.thinking and call.thinking_budget != 0:
-        budget = call.thinking_budget
-        thoughts = call.max_tokens if budget is None or budget < 0 else budget
-        thoughts = min(thoughts, call.max_tokens)
-    gen, thinking = None, []
-    top_k = call.logprobs if call.response_logprobs else 0
-    if call.max_tokens > thoughts:
-        gen = model.sample(
-            call.prompt,
-            call.max_tokens - thoughts,
-            call.temperature,
-            call.seed,
-            top_k,
-            prefill_ids,
-            scaled_logprobs,
-        )
-        thinking = model.think(call.prompt, thoughts, top_k)
-    return response_body(
-        call, gen, len(prefill_ids), thoughts, thinking, with_logprobs, vertex, cached
-    )
+    """The generateContent JSON of the toy model's answer to a validated call
+    (:func:`toy_answer`). Online requests and batch lines share it; ``cached`` is the input the
+    implicit cache reports as cached."""
+    return response_body(call, toy_answer(call, scaled_logprobs, cached), with_logprobs, vertex)

@@ -1,7 +1,7 @@
 """The spec's step 1: sample Model 1's responses with their logprobs, in the spec's input format.
 
 Requests go through the same client, retry policy and adaptive concurrency as scoring
-(:mod:`klstream.scoring.caller`). One file per prompt, ``<model>_prompt_<i>.json``, written
+(:mod:`klstream.backends.transport`). One file per prompt, ``<model>_prompt_<i>.json``, written
 atomically once all its samples are in; a prompt whose file exists is skipped, so re-running after
 a failure or an interruption asks only for what is missing.
 """
@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from klstream.backends.base import Answer, Endpoint, PrefillRequest
+from klstream.backends import open_prefill
+from klstream.backends.base import Answer, ClientSettings, Endpoint, PrefillRequest
+from klstream.backends.transport import Caller, CallStats, Outcome, RetryPolicy
 from klstream.errors import InputError, KlstreamError
 from klstream.loop import run_blocking
-from klstream.scoring.caller import CallStats, Outcome, RetryPolicy, open_caller
 from klstream.storage.atomic import write_text_atomic
 from klstream.storage.rundir import model2_dirname
 
@@ -112,26 +113,21 @@ async def sample_async(
     if not todo:
         return report
     output_dir.mkdir(parents=True, exist_ok=True)
-    async with open_caller(
-        endpoint,
-        options.model,
-        options.policy,
-        options.max_concurrent,
-        options.thinking_budget,
-        report.calls,
-    ) as caller:
+    caller = Caller(endpoint, options.policy, options.max_concurrent, report.calls)
+    settings = ClientSettings(options.model, options.max_concurrent, options.thinking_budget)
+    async with open_prefill(endpoint, settings) as model:
 
         async def one(prompt: str, sample: int) -> Outcome:
             seed = None if options.seed is None else options.seed + sample
             request = PrefillRequest(
                 prompt, "", options.top_logprobs, options.max_tokens, options.temperature, seed
             )
-            return await caller.call(request)
+            return await caller.generate(model, request)
 
         async def prompt_file(index: int, path: Path) -> None:
             prompt = prompts[index]
             outcomes = await asyncio.gather(*(one(prompt, j) for j in range(options.num_samples)))
-            errors = [o.error for o in outcomes if o.answer is None]
+            errors = [o.error for o in outcomes if o.value is None]
             if errors:
                 report.failed[index] = str(errors[0])
                 return
@@ -139,9 +135,7 @@ async def sample_async(
                 "prompt": prompt,
                 "model": options.model,
                 "responses": [
-                    response_entry(options.model, o.answer)
-                    for o in outcomes
-                    if o.answer is not None
+                    response_entry(options.model, o.value) for o in outcomes if o.value is not None
                 ],
             }
             await asyncio.to_thread(

@@ -37,13 +37,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from klstream.backends import open_prefill
 from klstream.backends.base import Endpoint
 from klstream.backends.prices import Price, Usage, load_prices, price_for
+from klstream.backends.transport import Caller, CallStats
 from klstream.loop import run_blocking
 from klstream.scoring import lookahead
-from klstream.scoring.caller import CallStats, open_caller
 from klstream.scoring.lookahead import AcceptanceCounts, Token
-from klstream.scoring.score import AUTO_PRICES_FALLBACK, ScoreOptions, WorkItem, prefill_request
+from klstream.scoring.options import ScoreOptions
+from klstream.scoring.prefill import AUTO_PRICES_FALLBACK
+from klstream.scoring.work import WorkItem, chosen_tokens, prefill_request
 from klstream.storage.database import connect
 from klstream.storage.rundir import RunDir
 from klstream.storage.sqlfiles import load_sql
@@ -141,14 +144,8 @@ async def _calibrate(
     rows = await asyncio.to_thread(_calibration_rows, run_dir, sites)
     prompt_tokens: dict[str, int] = {}
     counts, usage, stats = AcceptanceCounts(), Usage(), CallStats()
-    async with open_caller(
-        endpoint,
-        options.model2,
-        options.policy,
-        options.max_concurrent,
-        options.thinking_budget,
-        stats,
-    ) as caller:
+    caller = Caller(endpoint, options.policy, options.max_concurrent, stats)
+    async with open_prefill(endpoint, options.settings) as prefill:
 
         async def visit(site: list[dict[str, Any]]) -> None:
             prompt = site[0]["prompt"]
@@ -156,17 +153,14 @@ async def _calibrate(
             item = WorkItem(
                 first["stem"], first["response_index"], 0, prompt, "", CALIBRATION_STEPS, decoding
             )
-            outcome = await caller.call(prefill_request(options, item))
-            answer = outcome.answer
+            outcome = await caller.generate(prefill, prefill_request(options, item))
+            answer = outcome.value
             if answer is None:
                 return
             usage.add(answer.usage)
             prompt_tokens[prompt] = answer.usage.prompt_tokens
             tokens = [Token(row["token"], row["token_id"]) for row in site]
-            chosen = [
-                Token(s.chosen.token, s.chosen.token_id) if s.chosen_reported else None
-                for s in answer.steps
-            ]
+            chosen = chosen_tokens(answer)
             counts.add(lookahead.accept(len(answer.steps), chosen, tokens, 0, CALIBRATION_STEPS))
 
         groups = groupby(rows, key=lambda row: (row["stem"], row["response_index"]))

@@ -21,7 +21,7 @@ distribution after the whole response: the logprobs of the one token the request
 
 A response that does not fit the server's context (its ``max_model_len``, with the one token
 generated) is a recorded failure for its positions. Results are rows of the same scores table as
-the prefill method's (:func:`klstream.scoring.score.result_rows`); ``attempts`` and
+the prefill method's (:func:`klstream.scoring.work.result_rows`); ``attempts`` and
 ``latency_ms`` are those of the response's request, ``chosen_*`` is Model 2's most likely token
 there (nothing is generated at that position) and ``finish_reason`` is null.
 """
@@ -30,60 +30,22 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from klstream.backends.base import Answer, Endpoint, Generated
-from klstream.backends.openai import OpenAIClient, PromptScores, Tokenized, open_openai_client
-from klstream.scoring.caller import Caller, Outcome, Retried
-from klstream.scoring.score import (
-    Checkpointer,
-    ScoreOptions,
-    ScoreStats,
-    StopRun,
-    WorkItem,
-    result_rows,
-    work_through,
-)
-from klstream.scoring.throttle import AdaptiveLimiter
-from klstream.storage.rundir import RunDir
+from klstream.backends import open_prompt_scoring
+from klstream.backends.base import Answer, Generated, PromptScores, PromptScoring, Tokenized
+from klstream.backends.transport import Caller, Outcome, Retried
+from klstream.scoring.pool import work_through
+from klstream.scoring.session import Scheduler, Session
+from klstream.scoring.work import Response, WorkItem, pending_responses, result_rows
 
 TEMPLATE_CACHE_SIZE = 1024
 """Prompts whose chat-template tokens are kept: responses arrive grouped by input file, and the
 responses of one file share their prompt."""
-
-
-@dataclass(frozen=True)
-class ResponseWork:
-    """One response with at least one position still to score."""
-
-    stem: str
-    response_index: int
-    prompt: str
-    tokens: list[str]
-    token_ids: list[int | None]
-    pending: list[bool]
-
-    @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]]) -> ResponseWork:
-        """From a response's rows of ``sql/pending_positions.sql`` (key order)."""
-        first = rows[0]
-        return cls(
-            first["stem"],
-            first["response_index"],
-            first["prompt"],
-            [row["token"] for row in rows],
-            [row["token_id"] for row in rows],
-            [row["pending"] for row in rows],
-        )
-
-    @property
-    def text(self) -> str:
-        return "".join(self.tokens)
 
 
 def _spans(tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -192,69 +154,59 @@ NO_AFTER = (
 )
 
 
-class PromptLogprobsScorer:
-    """Scores pending responses one request each, with the prefill scorer's checkpoints and
-    stop rules: the first response alone first, then up to ``max_concurrent`` at once."""
+class PromptLogprobsScheduler(Scheduler):
+    """Scores pending responses one request each: the first response alone, as the probe,
+    then up to ``max_concurrent`` at once."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        options: ScoreOptions,
-        endpoint: Endpoint,
-        stats: ScoreStats,
-        on_progress: Callable[[ScoreStats], None] | None,
-    ) -> None:
-        self.options, self.endpoint, self.stats = options, endpoint, stats
-        self.on_progress = on_progress
-        self.checkpoint = Checkpointer(
-            RunDir(run_dir), options.model2, options.checkpoint_rows, options.checkpoint_seconds
-        )
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
         self.templates: OrderedDict[str, asyncio.Task[Retried[Tokenized]]] = OrderedDict()
-        self.consecutive_failures = 0
 
-    async def run(self, responses: AsyncIterator[list[dict[str, Any]]]) -> None:
-        options = self.options
-        async with open_openai_client(self.endpoint, options.model2) as client:
-            limiter = AdaptiveLimiter(ceiling=options.max_concurrent)
-            caller = Caller(client, options.policy, limiter, self.stats.calls)
+    async def run(self) -> None:
+        session = self.session
+        options = session.options
+        responses = pending_responses(session.run.root, options.model2, options.range_positions)
+        async with open_prompt_scoring(session.endpoint, options.settings) as server:
+            caller = session.caller()
             try:
-                await self._probe_then_pipeline(caller, client, responses)
+                await self._probe_then_pipeline(caller, server, responses)
             finally:
                 for task in self.templates.values():
                     task.cancel()
                 await asyncio.gather(*self.templates.values(), return_exceptions=True)
 
     async def _probe_then_pipeline(
-        self,
-        caller: Caller,
-        client: OpenAIClient,
-        responses: AsyncIterator[list[dict[str, Any]]],
+        self, caller: Caller, server: PromptScoring, responses: AsyncIterator[Response]
     ) -> None:
+        probe = self.session.probe
         first = await anext(responses, None)
         if first is None:
             return
-        error = await self.score_response(caller, client, ResponseWork.from_rows(first))
-        if error is not None:
-            raise StopRun(f"the first response could not be scored; the server said: {error}")
+        probe.saw(await self.score_response(caller, server, first, probe.deadline))
+        if not probe.succeeded:
+            raise probe.failure()
 
-        async def score_rows(rows: list[dict[str, Any]]) -> None:
-            await self.score_response(caller, client, ResponseWork.from_rows(rows))
+        async def score(response: Response) -> None:
+            await self.score_response(caller, server, response)
 
+        options = self.session.options
         await work_through(
             responses,
-            score_rows,
-            self.options.max_concurrent,
-            self.checkpoint,
-            self.options.checkpoint_seconds,
+            score,
+            options.max_concurrent,
+            self.session.checkpoint,
+            options.checkpoint_seconds,
         )
 
     async def _template(
-        self, caller: Caller, client: OpenAIClient, prompt: str
+        self, caller: Caller, server: PromptScoring, prompt: str, probe_deadline: float | None
     ) -> Retried[Tokenized]:
         """The prompt's chat-template tokens, asked once for all the responses that share it."""
         task = self.templates.get(prompt)
         if task is None:
-            task = asyncio.create_task(caller.retried(lambda: client.tokenize_chat(prompt)))
+            task = asyncio.create_task(
+                caller.retried(lambda: server.template_tokens(prompt), probe_deadline)
+            )
             self.templates[prompt] = task
             if len(self.templates) > TEMPLATE_CACHE_SIZE:
                 self.templates.popitem(last=False)
@@ -264,18 +216,24 @@ class PromptLogprobsScorer:
         return result
 
     async def score_response(
-        self, caller: Caller, client: OpenAIClient, work: ResponseWork
+        self,
+        caller: Caller,
+        server: PromptScoring,
+        response: Response,
+        probe_deadline: float | None = None,
     ) -> str | None:
         """Score the response's pending positions; the error text if its requests failed."""
-        template = await self._template(caller, client, work.prompt)
+        template = await self._template(caller, server, response.prompt, probe_deadline)
         if template.value is None:
-            return await self._fail(work, template)
-        text = work.text
-        server = await caller.retried(lambda: client.tokenize_text(text))
-        if server.value is None:
-            return await self._fail(work, server)
-        response_ids = server.value.tokens
-        own_ids = response_ids == work.token_ids[: text_token_count(work.tokens)]
+            return await self._fail(response, template)
+        text = response.text
+        tokens = [token.text for token in response.tokens]
+        server_ids = await caller.retried(lambda: server.text_tokens(text), probe_deadline)
+        if server_ids.value is None:
+            return await self._fail(response, server_ids)
+        response_ids = server_ids.value.tokens
+        model1_ids = [token.token_id for token in response.tokens]
+        own_ids = response_ids == model1_ids[: text_token_count(tokens)]
         prompt_ids = template.value.tokens + response_ids
         limit = template.value.max_model_len
         if limit is not None and len(prompt_ids) + 1 > limit:
@@ -284,69 +242,58 @@ class PromptLogprobsScorer:
                 f"{len(response_ids)} do not fit the server's context of {limit} tokens with "
                 "the one token generated"
             )
-            await self._record_failure(work, Retried(None, error, 0, 0.0))
+            rows = self._failure_rows(response, Retried(None, error, 0, 0.0))
+            await self.session.record(rows, answered=True)
             return None
         start = len(template.value.tokens)
+        top_logprobs = self.session.options.top_logprobs
         answer = await caller.retried(
-            lambda: client.prompt_logprobs(prompt_ids, self.options.top_logprobs, start)
+            lambda: server.prompt_logprobs(prompt_ids, top_logprobs, start), probe_deadline
         )
         if answer.value is None:
-            return await self._fail(work, answer)
-        self.consecutive_failures = 0
+            return await self._fail(response, answer)
         if own_ids:
-            alignment = Alignment.identical(work.tokens)
+            alignment = Alignment.identical(tokens)
         else:
             decoded = [token.token.token for token in answer.value.tokens]
-            alignment = Alignment.of(text, work.tokens, decoded)
-        await self._record(work, alignment, answer.value, answer)
+            alignment = Alignment.of(text, tokens, decoded)
+        await self._record(response, alignment, answer.value, answer)
         return None
 
     async def _record(
         self,
-        work: ResponseWork,
+        response: Response,
         alignment: Alignment,
         scores: PromptScores,
-        answer: Retried[Any],
+        answer: Retried[PromptScores],
     ) -> None:
         """One row per pending position: Model 2's top-k there, or why it has none."""
         tops = [token.top for token in scores.tokens] + [scores.after]
-        for position in np.flatnonzero(np.asarray(work.pending, bool)).tolist():
-            item = WorkItem(work.stem, work.response_index, position, work.prompt, "")
+        model2 = self.session.options.model2
+        rows = []
+        for position in np.flatnonzero(np.asarray(response.pending, bool)).tolist():
+            item = WorkItem(response.stem, response.response_index, position, response.prompt, "")
             match = int(alignment.match[position])
             top = tops[match] if match >= 0 else None
             if top:
                 scored = Answer([Generated(top[0], top)], "", None)
                 outcome = Outcome(scored, None, answer.attempts, answer.latency_ms)
-                self.stats.scored += 1
             else:
                 reason = alignment.reason(position) if match < 0 else NO_AFTER
                 outcome = Outcome(None, reason, answer.attempts, answer.latency_ms)
-                self.stats.failed += 1
-            await self.checkpoint.add(result_rows(item, self.options.model2, outcome))
-        if self.on_progress:
-            self.on_progress(self.stats)
+            rows += result_rows(item, model2, outcome)
+        await self.session.record(rows, answered=True, usage=scores.usage)
 
-    async def _record_failure(self, work: ResponseWork, failed: Retried[Any]) -> int:
-        """The same error at every pending position; how many positions that was."""
-        error = failed.error or "no answer"
-        positions = 0
-        for position, pending in enumerate(work.pending):
-            if pending:
-                item = WorkItem(work.stem, work.response_index, position, work.prompt, "")
-                outcome = Outcome(None, error, failed.attempts, failed.latency_ms)
-                self.stats.failed += 1
-                positions += 1
-                await self.checkpoint.add(result_rows(item, self.options.model2, outcome))
-        if self.on_progress:
-            self.on_progress(self.stats)
-        return positions
+    def _failure_rows(self, response: Response, failed: Retried[Any]) -> list[dict[str, Any]]:
+        """The same error at every pending position of the response."""
+        outcome = Outcome(None, failed.error or "no answer", failed.attempts, failed.latency_ms)
+        rows = []
+        for position in np.flatnonzero(np.asarray(response.pending, bool)).tolist():
+            item = WorkItem(response.stem, response.response_index, position, response.prompt, "")
+            rows += result_rows(item, self.session.options.model2, outcome)
+        return rows
 
-    async def _fail(self, work: ResponseWork, failed: Retried[Any]) -> str:
-        """A request of the response failed: record it, and stop after too many in a row."""
-        self.consecutive_failures += await self._record_failure(work, failed)
-        error = failed.error or "no answer"
-        if self.consecutive_failures >= self.options.max_consecutive_failures:
-            raise StopRun(
-                f"{self.consecutive_failures} positions in a row failed; the last said: {error}"
-            )
-        return error
+    async def _fail(self, response: Response, failed: Retried[Any]) -> str:
+        """A request of the response failed: record it at every pending position."""
+        await self.session.record(self._failure_rows(response, failed), answered=False)
+        return failed.error or "no answer"

@@ -1,13 +1,16 @@
 """One Model 2 call with klstream's retry policy and adaptive concurrency, shared by every stage
-and every backend (:class:`klstream.backends.base.ModelClient`).
+and every backend.
 
-tenacity retries what the backend calls transient — 408/429/5xx, time-outs, dropped
-connections, malformed bodies, answers without logprobs: after the delay the server asks for
-(RetryInfo's retryDelay or Retry-After, with a little jitter) when it gives one, else backing off
-exponentially with jitter. 400/401/403/404 are not retried. An endpoint that cannot be reached at
-all (connection refused, unknown host, TLS failure) is tried twice more, then ends the run
-(:class:`~klstream.errors.EndpointUnreachable`). 429s and 503s feed the adaptive concurrency
-(:mod:`klstream.scoring.throttle`).
+Backends raise typed faults (:mod:`klstream.errors`), and this module acts on their type alone:
+tenacity retries a :class:`~klstream.errors.TransientFault` (408/429/5xx, time-outs, dropped
+connections, malformed bodies, answers without logprobs) after the delay the server asks for
+(its ``retry_after``, with a little jitter) when it gives one, else backing off exponentially
+with jitter. A :class:`~klstream.errors.RequestRejected` is not retried: the position is
+recorded as failed. A :class:`~klstream.errors.ConnectFailed` (refused, unknown host, TLS) is
+tried twice more, then ends the run (:class:`~klstream.errors.EndpointUnreachable`); an
+:class:`~klstream.errors.EndpointError` ends it at once. An
+:class:`~klstream.errors.Overloaded` answer (429, 503) feeds the adaptive concurrency
+(:mod:`klstream.backends.throttle`).
 
 A *probe* call (the first requests of a run, before anything has succeeded) spends a short,
 bounded budget instead of the full one: a broken endpoint is told apart in well under a minute,
@@ -17,19 +20,25 @@ not after each position's full retries.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import tenacity
 
-from klstream.backends import open_client
-from klstream.backends.base import Answer, Endpoint, ModelClient, PrefillRequest
-from klstream.errors import EndpointUnreachable, KlstreamError
-from klstream.scoring.throttle import AdaptiveLimiter
+from klstream.backends.base import Answer, Endpoint, Prefill, PrefillRequest
+from klstream.backends.throttle import AdaptiveLimiter
+from klstream.errors import (
+    CallFault,
+    ConnectFailed,
+    EndpointUnreachable,
+    KlstreamError,
+    Overloaded,
+    RateLimited,
+    TransientFault,
+)
 
 T = TypeVar("T")
 
@@ -72,10 +81,8 @@ class RetryPolicy:
     probe_budget_s: float = 30.0
     """Time the probe requests of a run may take together before the run stops."""
 
-    def wait(
-        self, server_delay: Callable[[BaseException], float | None]
-    ) -> Callable[[tenacity.RetryCallState], float]:
-        """The delay before a retry: what the server asked for (``server_delay`` of the error),
+    def wait(self) -> Callable[[tenacity.RetryCallState], float]:
+        """The delay before a retry: what the server asked for (the fault's ``retry_after``),
         when it says, else exponential back-off with jitter up to ``backoff_max_s``."""
         backoff = tenacity.wait_exponential_jitter(
             initial=self.backoff_initial_s, max=self.backoff_max_s
@@ -83,7 +90,7 @@ class RetryPolicy:
 
         def wait(state: tenacity.RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
-            asked = server_delay(error) if error else None
+            asked = error.retry_after if isinstance(error, TransientFault) else None
             if asked is not None:
                 return asked * (1.0 + SERVER_DELAY_JITTER * random.random())
             return backoff(state)
@@ -92,18 +99,8 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """A call's end: an answer, or the error text of its last attempt."""
-
-    answer: Answer | None
-    error: str | None
-    attempts: int
-    latency_ms: float
-
-
-@dataclass(frozen=True)
 class Retried(Generic[T]):
-    """Any retried operation's end: its value, or the error text of its last attempt."""
+    """A retried operation's end: its value, or the error text of its last attempt."""
 
     value: T | None
     error: str | None
@@ -111,17 +108,26 @@ class Retried(Generic[T]):
     latency_ms: float
 
 
+Outcome = Retried[Answer]
+"""A generation's end: its answer, or why there is none."""
+
+
+def describe(fault: BaseException) -> str:
+    """The error column's text for a fault that ended a call."""
+    if isinstance(fault, TimeoutError):
+        return "timeout: no answer within the request timeout"
+    return str(fault)
+
+
 class Caller:
-    """Makes calls through one :class:`ModelClient`, counting and throttling them."""
+    """Makes calls to one endpoint, counting them in ``stats`` and throttling them to at most
+    ``max_concurrent`` in flight (fewer while the server turns requests away)."""
 
     def __init__(
-        self,
-        client: ModelClient,
-        policy: RetryPolicy,
-        limiter: AdaptiveLimiter,
-        stats: CallStats,
+        self, endpoint: Endpoint, policy: RetryPolicy, max_concurrent: int, stats: CallStats
     ) -> None:
-        self.client, self.policy, self.limiter, self.stats = client, policy, limiter, stats
+        self.endpoint, self.policy, self.stats = endpoint, policy, stats
+        self.limiter = AdaptiveLimiter(ceiling=max_concurrent)
 
     async def _attempt(self, operation: Callable[[], Awaitable[T]], timeout_s: float | None) -> T:
         await self.limiter.acquire()
@@ -129,26 +135,23 @@ class Caller:
             self.stats.requests += 1
             async with asyncio.timeout(timeout_s):
                 result = await operation()
-        except BaseException as error:
-            if self.client.is_rate_limit(error):
+        except Overloaded as turned_away:
+            if isinstance(turned_away, RateLimited):
                 self.stats.rate_limited += 1
-            if self.client.is_overloaded(error):
-                self.limiter.on_rejected()
-                self.stats.concurrency_cuts = self.limiter.decreases
+            self.limiter.on_rejected()
+            self.stats.concurrency_cuts = self.limiter.decreases
             raise
         finally:
             self.limiter.release()
         self.limiter.on_success()
         return result
 
-    def _should_retry(self, state: tenacity.RetryCallState) -> bool:
-        """Raises for errors that end the run (the backend's ``should_retry``)."""
+    @staticmethod
+    def _should_retry(state: tenacity.RetryCallState) -> bool:
         error = state.outcome.exception() if state.outcome else None
-        if error is None:
-            return False
-        if self.client.unreachable(error) is not None:
+        if isinstance(error, ConnectFailed):
             return state.attempt_number <= UNREACHABLE_RETRIES
-        return self.client.should_retry(error)
+        return isinstance(error, TransientFault | TimeoutError)
 
     def _count_retry(self, _: tenacity.RetryCallState) -> None:
         self.stats.retries += 1
@@ -162,7 +165,7 @@ class Caller:
             if ordinary(state):
                 return True
             error = state.outcome.exception() if state.outcome else None
-            if error is None or self.client.is_rate_limit(error):
+            if error is None or isinstance(error, RateLimited):
                 return False
             return (
                 state.attempt_number >= self.policy.probe_attempts or time.monotonic() >= deadline
@@ -173,7 +176,7 @@ class Caller:
     async def retried(
         self, operation: Callable[[], Awaitable[T]], probe_deadline: float | None = None
     ) -> Retried[T]:
-        """Run ``operation`` (one HTTP request) until it succeeds or the retry budget is spent;
+        """Run ``operation`` (one request) until it succeeds or the retry budget is spent;
         run-ending errors propagate.
 
         With a ``probe_deadline`` (a :func:`time.monotonic` instant) the call is a probe: at most
@@ -181,8 +184,7 @@ class Caller:
         probe budget.
         """
         started = time.monotonic()
-        endpoint: Endpoint = self.client.endpoint
-        policy = self.policy
+        endpoint, policy = self.endpoint, self.policy
         timeout_s: float | None = None
         stop: Callable[[tenacity.RetryCallState], bool]
         if probe_deadline is None:
@@ -192,7 +194,7 @@ class Caller:
             timeout_s = min(endpoint.timeout_s, policy.probe_budget_s / 2)
         retrying = tenacity.AsyncRetrying(
             stop=stop,
-            wait=policy.wait(self.client.retry_delay),
+            wait=policy.wait(),
             retry=self._should_retry,
             before_sleep=self._count_retry,
             reraise=True,
@@ -205,34 +207,17 @@ class Caller:
             # Run-ending errors quote the server; the key must not reach the user's terminal.
             fatal.args = (endpoint.redact(str(fatal)),)
             raise fatal from None
-        except BaseException as failure:
-            if not isinstance(failure, (*self.client.failures, TimeoutError)):
-                raise
-            cause = self.client.unreachable(failure)
-            if cause is not None:
-                raise EndpointUnreachable(
-                    endpoint.redact(f"cannot reach {endpoint.url}: {cause}")
-                ) from None
-            error = endpoint.redact(self.client.describe(failure))
+        except ConnectFailed as unreachable:
+            raise EndpointUnreachable(
+                endpoint.redact(f"cannot reach {endpoint.url}: {unreachable}")
+            ) from None
+        except (CallFault, TimeoutError) as failure:
+            error = endpoint.redact(describe(failure))
         attempts = int(retrying.statistics.get("attempt_number", 1))
         return Retried(value, error, attempts, (time.monotonic() - started) * 1000)
 
-    async def call(self, request: PrefillRequest, probe_deadline: float | None = None) -> Outcome:
+    async def generate(
+        self, prefill: Prefill, request: PrefillRequest, probe_deadline: float | None = None
+    ) -> Outcome:
         """One generation request, retried (see :meth:`retried`)."""
-        result = await self.retried(lambda: self.client.generate(request), probe_deadline)
-        return Outcome(result.value, result.error, result.attempts, result.latency_ms)
-
-
-@contextlib.asynccontextmanager
-async def open_caller(
-    endpoint: Endpoint,
-    model: str,
-    policy: RetryPolicy,
-    max_concurrent: int,
-    thinking_budget: int | None,
-    stats: CallStats,
-) -> AsyncIterator[Caller]:
-    """A :class:`Caller` over the client of ``endpoint``'s backend
-    (:func:`klstream.backends.open_client`)."""
-    async with open_client(endpoint, model, max_concurrent, thinking_budget) as client:
-        yield Caller(client, policy, AdaptiveLimiter(ceiling=max_concurrent), stats)
+        return await self.retried(lambda: prefill.generate(request), probe_deadline)

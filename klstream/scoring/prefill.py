@@ -1,0 +1,307 @@
+"""Scoring by prefill, with speculative lookahead, in one global async pipeline.
+
+Each response's pending positions form chains (:mod:`klstream.scoring.lookahead`): a request at
+the chain's next position asks for up to N tokens, and every step whose generated predecessors
+are Model 1's tokens is stored as that position's result, so the next request starts at the
+first position not yet covered. Requests within a chain go in increasing position (each prefix
+extends the last, which the service's implicit cache rewards); many chains run at once, sharing
+the session's adaptive limiter. The first requests are probes
+(:class:`~klstream.scoring.pool.Probe`). Before greedy lookahead is used, a consistency probe
+checks that the service's logprobs do not depend on the sampling settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from klstream.backends import open_prefill
+from klstream.backends.base import Answer, Generated, Prefill
+from klstream.backends.prices import Price, Usage
+from klstream.backends.transport import Caller
+from klstream.errors import GreedyInconsistent
+from klstream.scoring import lookahead
+from klstream.scoring.lookahead import AcceptanceCounts, Token
+from klstream.scoring.pool import work_through
+from klstream.scoring.runconfig import save_config
+from klstream.scoring.session import Scheduler, Session
+from klstream.scoring.work import (
+    Response,
+    chosen_tokens,
+    pending_responses,
+    prefill_request,
+    result_rows,
+)
+
+AUTO_PRICES_FALLBACK = "gemini-2.5-flash"
+"""Whose prices ``--lookahead auto`` weighs input against output tokens with when Model 2 has no
+entry in the price table (the toy models of the emulator, say)."""
+PROBE_SITES = 3
+"""Chains the greedy consistency probe starts with: one greedy request each, the only requests
+spent on the probe alone."""
+PROBE_STEPS = 4
+"""Tokens each greedy probe request asks for: its accepted steps are compared with one-token
+answers at the same prefixes."""
+FIRST_PROBES = 3
+"""Probe requests at most before the run goes concurrent, if none has had a prefill yet (a
+model that refuses prefill must show it before thousands of requests are in flight)."""
+WORKERS_PER_SLOT = 8
+"""Chains in progress per slot of ``max_concurrent``: while some wait out a back-off, others
+use the slots; the limiter alone bounds the requests in flight."""
+
+
+@dataclass
+class Chain:
+    """Pending positions ``next`` to ``end`` of one response, covered request after request."""
+
+    response: Response
+    next: int
+    end: int
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.end
+
+
+async def pending_chains(responses: AsyncIterator[Response], cap: int) -> AsyncIterator[Chain]:
+    """The chains over the positions without a successful result, in key order: each
+    response's runs of pending positions, cut into pieces of at most ``cap``."""
+    async for response in responses:
+        for start, end in lookahead.segments(response.pending, cap):
+            yield Chain(response, start, end)
+
+
+def _top(step: Generated) -> list[tuple[Token, float]]:
+    return [(Token(c.token, c.token_id), c.logprob) for c in step.top]
+
+
+class PrefillScheduler(Scheduler):
+    """Prefill requests with lookahead, one chain of requests per run of pending positions."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
+        price: Price | None = session.price
+        self.auto_price = price or session.prices.get(AUTO_PRICES_FALLBACK)
+        self.counts = AcceptanceCounts()
+
+    async def run(self) -> None:
+        session = self.session
+        options = session.options
+        stats = session.stats
+        pending = stats.total - stats.already_done
+        cap = lookahead.segment_cap(pending, options.max_concurrent, options.lookahead == 1)
+        responses = pending_responses(session.run.root, options.model2, options.range_positions)
+        async with open_prefill(session.endpoint, options.settings) as prefill:
+            await self._probe_then_pipeline(
+                session.caller(), prefill, pending_chains(responses, cap)
+            )
+
+    def _lookahead_for(self, chain: Chain) -> int:
+        """Tokens to ask for at the chain's next position: the fixed lookahead, or the cheapest
+        expected cost per position given the acceptance so far (``auto``); never past its end."""
+        options, stats = self.session.options, self.session.stats
+        left = chain.end - chain.next
+        if options.lookahead != "auto":
+            return min(options.lookahead, left)
+        price = self.auto_price
+        if price is None:
+            return min(2, left)
+        usage, answers = stats.usage, max(stats.answers, 1)
+        cached = usage.cached_share
+        input_price = price.input * (1.0 - cached) + price.cached_input * cached
+        thinking = usage.thoughts_tokens / answers * price.output
+        rate = chain.response.counts.rate(self.counts.rate(0.5, 2.0), lookahead.PRIOR_WEIGHT)
+        request_cost = chain.response.input_tokens(chain.next) * input_price + thinking
+        warm = self.counts.matched + self.counts.broke >= lookahead.WARM_UP_TOKENS
+        most = min(lookahead.AUTO_MAX_LOOKAHEAD if warm else 2, left)
+        return lookahead.cheapest_lookahead(rate, request_cost, price.output, most)
+
+    async def step(
+        self,
+        caller: Caller,
+        prefill: Prefill,
+        chain: Chain,
+        max_tokens: int | None = None,
+        probe_deadline: float | None = None,
+    ) -> Answer | None:
+        """One request at the chain's next position (asking for ``max_tokens``, else what the
+        lookahead says); its accepted steps are stored together and the chain moves past them
+        (past the position alone when the request failed). With a ``probe_deadline`` the request
+        is a probe."""
+        session = self.session
+        response = chain.response
+        tokens = self._lookahead_for(chain) if max_tokens is None else max_tokens
+        item = response.request(chain.next, tokens, self.decoding if tokens > 1 else "sample")
+        request = prefill_request(session.options, item)
+        outcome = await caller.generate(prefill, request, probe_deadline)
+        answer = outcome.value
+        covered = 1
+        if answer:
+            acceptance = lookahead.accept(
+                len(answer.steps), chosen_tokens(answer), response.tokens, item.position, tokens
+            )
+            response.counts.add(acceptance)
+            self.counts.add(acceptance)
+            if answer.usage.prompt_tokens:
+                response.measured = (item.position, answer.usage.prompt_tokens)
+            covered = acceptance.steps
+        chain.next += covered
+        rows = result_rows(item, session.options.model2, outcome, covered)
+        await session.record(
+            rows, answered=answer is not None, usage=answer.usage if answer else None
+        )
+        return answer
+
+    async def _probe_then_pipeline(
+        self, caller: Caller, prefill: Prefill, chains: AsyncIterator[Chain]
+    ) -> None:
+        """The first requests go one at a time, as probes, until one with a prefill has
+        succeeded (a model that refuses prefill stops the run there) or a few have; then, after
+        the greedy consistency probe where greedy decoding may be used, every chain goes."""
+        probe = self.session.probe
+        probed_prefill = False
+
+        def probing() -> bool:
+            return not (probed_prefill or probe.tried >= FIRST_PROBES or probe.spent)
+
+        first: Chain | None = None
+        exhausted = True
+        async for first in chains:
+            while not first.done and probing():
+                probed_prefill = probed_prefill or bool(first.response.offsets[first.next])
+                answer = await self.step(caller, prefill, first, probe_deadline=probe.deadline)
+                probe.saw(None if answer else self.session.last_error)
+            if not probing():
+                exhausted = False
+                break
+        if first is None or exhausted:
+            return
+        if not probe.succeeded:
+            raise probe.failure()
+        started = [first]
+        if self._greedy_probe_needed():
+            sites = [] if first.done else [first]
+            async for chain in chains:
+                started.append(chain)
+                sites.append(chain)
+                if len(sites) >= PROBE_SITES:
+                    break
+            await self._choose_decoding(caller, prefill, sites)
+
+        async def chains_to_go() -> AsyncIterator[Chain]:
+            for chain in started:
+                if not chain.done:
+                    yield chain
+            async for chain in chains:
+                yield chain
+
+        async def cover(chain: Chain) -> None:
+            while not chain.done:
+                await self.step(caller, prefill, chain)
+
+        options = self.session.options
+        await work_through(
+            chains_to_go(),
+            cover,
+            WORKERS_PER_SLOT * options.max_concurrent,
+            self.session.checkpoint,
+            options.checkpoint_seconds,
+        )
+
+    def _greedy_probe_needed(self) -> bool:
+        options = self.session.options
+        return options.lookahead != 1 and options.decoding != "sample"
+
+    async def _choose_decoding(self, caller: Caller, prefill: Prefill, sites: list[Chain]) -> None:
+        """Sample, or greedy where the consistency probe (run once per Model 2 and run
+        directory, its outcome kept in ``run.json``) finds greedy steps' logprobs equal to
+        one-token answers' at the run's temperature."""
+        session = self.session
+        found = session.config.get("greedy_probe")
+        if found is None:
+            found = await self._probe_greedy(caller, prefill, sites)
+            if found["decoding"] is not None:
+                session.config["greedy_probe"] = found
+                save_config(session.run, session.options.model2, session.config)
+        if found["decoding"] == "greedy":
+            self.decoding = "greedy"
+        elif session.options.decoding == "greedy":
+            raise GreedyInconsistent(
+                f"greedy lookahead needs logprobs that do not depend on the sampling "
+                f"temperature, and {session.options.model2}'s do not pass that check: "
+                f"{found['finding']}"
+            )
+
+    async def _probe_greedy(
+        self, caller: Caller, prefill: Prefill, sites: list[Chain]
+    ) -> dict[str, Any]:
+        """At the next position of each chain in ``sites``, a greedy request, then one-token
+        requests at the run's temperature at its accepted steps' positions (stored as those
+        positions' results, as any one-token answer). Greedy passes when the median deviation
+        of their logprobs (:func:`~klstream.scoring.lookahead.deviation`) is within the
+        tolerance. Only the greedy requests are spent on the probe alone."""
+        usage = Usage()
+        deviations: list[float] = []
+        failed = False
+        requests = 0
+
+        async def compare(chain: Chain) -> None:
+            nonlocal failed, requests
+            item = chain.response.request(chain.next, PROBE_STEPS, "greedy")
+            outcome = await caller.generate(prefill, prefill_request(self.session.options, item))
+            requests += outcome.attempts
+            greedy = outcome.value
+            if greedy is None:
+                failed = True
+                return
+            usage.add(greedy.usage)
+            accepted = lookahead.accept(
+                len(greedy.steps),
+                chosen_tokens(greedy),
+                chain.response.tokens,
+                item.position,
+                PROBE_STEPS,
+            )
+            for step in range(min(accepted.steps, chain.end - chain.next)):
+                single = await self.step(caller, prefill, chain, max_tokens=1)
+                if single is None:
+                    failed = True
+                    return
+                deviations.append(
+                    lookahead.deviation(_top(greedy.steps[step]), _top(single.steps[0]))
+                )
+
+        await asyncio.gather(*(compare(chain) for chain in sites))
+        self.session.stats.usage.add(usage)
+        record: dict[str, Any] = {
+            "decoding": None,
+            "compared": len(deviations),
+            "median_deviation": None,
+            "tolerance": lookahead.GREEDY_TOLERANCE,
+            "requests": requests,
+            "prompt_token_count": usage.prompt_tokens,
+            "cached_content_token_count": usage.cached_tokens,
+            "candidates_token_count": usage.candidates_tokens,
+            "thoughts_token_count": usage.thoughts_tokens,
+        }
+        if failed or not deviations:
+            record["finding"] = "the probe's requests failed, so nothing could be compared"
+            return record
+        median = statistics.median(deviations)
+        missing = sum(d == math.inf for d in deviations)
+        record.update(
+            decoding="greedy" if median <= lookahead.GREEDY_TOLERANCE else "sample",
+            median_deviation=None if median == math.inf else median,
+            finding=(
+                f"the one-token answers' top tokens are missing from the greedy answers' "
+                f"logprobs at {missing} of {len(deviations)} positions"
+                if median == math.inf
+                else f"the median largest deviation is {median:.3g} nats over "
+                f"{len(deviations)} positions (tolerance {lookahead.GREEDY_TOLERANCE:g})"
+            ),
+        )
+        return record
