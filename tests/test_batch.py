@@ -31,7 +31,7 @@ from klstream.backends.gemini import (
     request_template,
 )
 from klstream.emulator import EmulatorServer
-from klstream.emulator.batch_routes import BatchConfig, BatchEvent, EndState
+from klstream.emulator.batch import BatchConfig, BatchEvent, EndState
 from klstream.input.explode import explode
 from klstream.scoring.batch import JobManifest, load_manifests
 from klstream.storage.database import connect
