@@ -27,7 +27,7 @@ from klstream.backends import batch_jobs
 from klstream.backends.base import ClientSettings, Endpoint, PrefillRequest
 from klstream.backends.gemini import generation_config, make_client, prefill_contents
 from klstream.emulator import EmulatorServer
-from klstream.emulator.batch_routes import BatchConfig, BatchEvent, EndState
+from klstream.emulator.batch import BatchConfig, BatchEvent, EndState
 from klstream.input.explode import explode
 from klstream.scoring.batch_jobs import JobManifest, load_manifests
 from klstream.storage.database import connect

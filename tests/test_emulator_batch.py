@@ -18,7 +18,7 @@ from google.genai import types
 from klstream.backends.base import Endpoint
 from klstream.backends.gemini import make_client
 from klstream.emulator import EmulatorServer
-from klstream.emulator.batch_routes import BatchConfig
+from klstream.emulator.batch import BatchConfig
 
 
 @pytest.fixture

@@ -106,7 +106,7 @@ Faults (``FaultConfig``, CLI flags in brackets; all off by default)
     A client that goes away mid-request (gives up, times out, is killed) is
     logged and counted with status ``"disconnect"`` (``DISCONNECT``).
 
-Batch (``klstream.emulator.batch_routes``)
+Batch (``klstream.emulator.batch``)
     The Gemini Files API (resumable upload to ``/upload/{version}/files``, get,
     ``files/{id}:download``, delete), ``models/{model}:batchGenerateContent``
     (from an uploaded JSONL file or inline requests) and ``batches`` get, list,
@@ -126,7 +126,7 @@ Batch (``klstream.emulator.batch_routes``)
 """
 
 from klstream.emulator.app import DISCONNECT, Emulator, EmulatorServer, RequestRecord, serve
-from klstream.emulator.batch_routes import BatchConfig, BatchEvent, BatchService
+from klstream.emulator.batch import BatchConfig, BatchEvent, BatchService
 from klstream.emulator.faults import FaultConfig
 from klstream.emulator.service import ServiceConfig
 from klstream.emulator.toymodel import ToyModel, decode, encode

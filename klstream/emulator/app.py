@@ -23,7 +23,7 @@ from typing import Any, Final, Literal, TextIO
 
 from aiohttp import web
 
-from klstream.emulator.batch_routes import BatchConfig, BatchService
+from klstream.emulator.batch import BatchConfig, BatchService
 from klstream.emulator.faults import FaultConfig, FaultState
 from klstream.emulator.openai_routes import HTML_PAGE, OpenAIRoutes
 from klstream.emulator.protocol import (
@@ -86,7 +86,7 @@ class Emulator:
         self._by_fault: Counter[str] = Counter()
         self._closing: asyncio.Event | None = None
         self.batch = BatchService(batch)
-        """Files, buckets and batch jobs (:mod:`klstream.emulator.batch_routes`)."""
+        """Files, buckets and batch jobs (:mod:`klstream.emulator.batch`)."""
 
     def set_faults(self, faults: FaultConfig) -> None:
         """Switch fault config; resets the fault RNG, quota window and fail_first_n counts."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from klstream.emulator.app import serve
-from klstream.emulator.batch_routes import BatchConfig
+from klstream.emulator.batch import BatchConfig
 from klstream.emulator.faults import FaultConfig
 from klstream.emulator.service import ServiceConfig
 
