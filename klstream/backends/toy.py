@@ -50,7 +50,9 @@ from klstream.backends.base import (
     Where,
 )
 from klstream.backends.prices import Usage
-from klstream.emulator import batch_routes, openai_routes
+from klstream.emulator import openai_routes
+from klstream.emulator.batch.common import END_STATES as CONFIGURABLE_END_STATES
+from klstream.emulator.batch.common import EndState
 from klstream.emulator.faults import FaultConfig, FaultState
 from klstream.emulator.openai_routes import PromptSplit, max_model_len, render_chat
 from klstream.emulator.protocol import (
@@ -139,7 +141,7 @@ class ToyBatchConfig:
 
     polls: int = 2
     """The ``get`` that ends a job; those before it find it running."""
-    end_states: tuple[batch_routes.EndState, ...] = ()
+    end_states: tuple[EndState, ...] = ()
     """End state of the jobs in creation order (since :meth:`ToyService.set_batch`); jobs
     beyond the tuple succeed."""
     partial_fraction: float = 0.5
@@ -158,9 +160,9 @@ class ToyBatchConfig:
         for name in ("partial_fraction", "line_error_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
-        bad = [state for state in self.end_states if state not in batch_routes.END_STATES]
+        bad = [state for state in self.end_states if state not in CONFIGURABLE_END_STATES]
         if bad:
-            raise ValueError(f"unknown end states {bad}; choose from {batch_routes.END_STATES}")
+            raise ValueError(f"unknown end states {bad}; choose from {CONFIGURABLE_END_STATES}")
 
 
 @dataclass
@@ -177,7 +179,7 @@ class _Job:
     display_name: str
     model: str
     lines: list[dict[str, Any]]
-    end_state: batch_routes.EndState
+    end_state: EndState
     state: str = "PENDING"
     gets: int = 0
     error: str | None = None
@@ -477,7 +479,7 @@ class ToyService:
         with self._request("tokenize", model, prompt, None) as attempt:
             state = await self._arrive()
             attempt.fault = await self._admit(state, model, _canonical("tokenize", text=text))
-            limit = max_model_len(openai_routes._model(model).name)
+            limit = max_model_len(openai_routes.served_model(model).name)
             _readable(attempt.fault)
             return Tokenized(encode(text), limit)
 
@@ -502,8 +504,8 @@ class ToyService:
             state = await self._arrive()
             body = _canonical("prompt_logprobs", ids=ids, top_logprobs=top_logprobs)
             attempt.fault = await self._admit(state, model_name, body)
-            model = openai_routes._model(model_name)
-            openai_routes._check_context(model.name, len(ids), 1)
+            model = openai_routes.served_model(model_name)
+            openai_routes.check_context(model.name, len(ids), 1)
             short = not model.nologprobs and state.draw_short_prompt_logprobs()
             if short:
                 attempt.fault = attempt.fault or "short_prompt_logprobs"
@@ -522,7 +524,7 @@ class ToyService:
                 )
             tokens = []
             for index in range(max(start, 1), len(ids)):
-                entry = openai_routes._prompt_logprobs_entry(
+                entry = openai_routes.prompt_logprobs_entry(
                     model.next_token_logprobs(*split.context(ids, index)), ids[index], top_logprobs
                 )
                 ranked = [

@@ -122,7 +122,7 @@ def error_response(error: ApiError) -> web.Response:
     return web.Response(status=error.code, body=json.dumps(body).encode(), headers=headers)
 
 
-def _model(name: object) -> ToyModel:
+def served_model(name: object) -> ToyModel:
     if not isinstance(name, str):
         raise ApiError(400, "model must be a string")
     try:
@@ -237,7 +237,7 @@ class PromptSplit:
         return self.prompt, ids[self.start : index]
 
 
-def _prompt_logprobs_entry(logprobs: np.ndarray, own_id: int, k: int) -> dict[str, Any]:
+def prompt_logprobs_entry(logprobs: np.ndarray, own_id: int, k: int) -> dict[str, Any]:
     """vLLM's entry for one prompt token: the top-k, and the token itself if it ranks lower."""
     entry = {
         str(c.token_id): {"logprob": c.logprob, "rank": rank, "decoded_token": c.token}
@@ -375,7 +375,7 @@ class OpenAIRoutes:
     async def _chat_answer(
         self, body: dict[str, Any], _state: FaultState
     ) -> tuple[Any, str, str | None]:
-        model = _model(body.get("model"))
+        model = served_model(body.get("model"))
         prompt, prefill = parse_messages(body)
         if prefill is not None and model.noprefill:
             raise ApiError(400, "continue_final_message is not supported by this model.")
@@ -387,7 +387,7 @@ class OpenAIRoutes:
         max_tokens = _int(body, "max_tokens", max_tokens or DEFAULT_MAX_TOKENS, 1, 1 << 31)
         assert max_tokens is not None
         prompt_tokens = chat_prompt_tokens(prompt, prefill or "")
-        _check_context(model.name, prompt_tokens, max_tokens)
+        check_context(model.name, prompt_tokens, max_tokens)
         prefill_ids = encode(prefill) if prefill else []
         generation = model.sample(
             prompt,
@@ -437,12 +437,12 @@ class OpenAIRoutes:
     async def _completions_answer(
         self, body: dict[str, Any], state: FaultState
     ) -> tuple[Any, str, str | None]:
-        model = _model(body.get("model"))
+        model = served_model(body.get("model"))
         ids = _prompt_ids(body.get("prompt"))
         echo = body.get("echo") is True
         max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 0 if echo else 1, 1 << 31)
         assert max_tokens is not None
-        _check_context(model.name, len(ids), max_tokens)
+        check_context(model.name, len(ids), max_tokens)
         logprobs = _logprob_count(body, "logprobs")
         prompt_logprobs = _logprob_count(body, "prompt_logprobs")
         if prompt_logprobs is None and echo:
@@ -462,7 +462,7 @@ class OpenAIRoutes:
         entries: list[dict[str, Any] | None] | None = None
         if prompt_logprobs is not None and with_logprobs:
             entries = [None] + [
-                _prompt_logprobs_entry(
+                prompt_logprobs_entry(
                     model.next_token_logprobs(*split.context(ids, index)),
                     ids[index],
                     prompt_logprobs,
@@ -517,7 +517,7 @@ class OpenAIRoutes:
         name = body.get("model")
         limit = DEFAULT_MAX_MODEL_LEN
         if name is not None:
-            limit = max_model_len(_model(name).name)
+            limit = max_model_len(served_model(name).name)
         if "messages" in body:
             prompt, prefill = parse_messages(body)
             assistant = prefill
@@ -552,7 +552,7 @@ def _prompt_ids(prompt: object) -> list[int]:
     )
 
 
-def _check_context(model_name: str, prompt_tokens: int, max_tokens: int) -> None:
+def check_context(model_name: str, prompt_tokens: int, max_tokens: int) -> None:
     limit = max_model_len(model_name)
     if prompt_tokens + max_tokens > limit:
         raise ApiError(
