@@ -27,3 +27,4 @@ lint: install
 	$(UV) run ruff check klstream tests bench examples
 	$(UV) run ruff format --check klstream tests bench examples
 	$(UV) run mypy --strict klstream tests
+	$(UV) run lint-imports

@@ -35,7 +35,7 @@ from klstream.backends.prices import Usage
 from klstream.backends.toy import ToyBatchConfig, ToyService
 from klstream.backends.transport import Caller, CallStats, Outcome, RetryPolicy
 from klstream.emulator import EmulatorServer, FaultConfig, ServiceConfig
-from klstream.emulator.batch_routes import EndState
+from klstream.emulator.batch.common import EndState
 from klstream.errors import (
     BatchCreateUnknown,
     BatchRejected,

@@ -61,11 +61,11 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             "gemini",
             "the Gemini Developer API",
-            "klstream.backends.gemini",
+            "klstream.backends.google",
             "GEMINI",
             batch=True,
         ),
-        BackendSpec("vertex", "Vertex AI", "klstream.backends.gemini", "VERTEX", batch=True),
+        BackendSpec("vertex", "Vertex AI", "klstream.backends.google", "VERTEX", batch=True),
         BackendSpec(
             "openai",
             "an OpenAI-compatible server (vLLM, SGLang; needs klstream[openai])",

@@ -26,8 +26,6 @@ from google.genai import types
 from klstream.backends.base import (
     PLACEHOLDER_KEY,
     Answer,
-    Backend,
-    BatchJobs,
     Candidate,
     ClientSettings,
     Endpoint,
@@ -426,25 +424,3 @@ async def open_prefill(
     async with aiohttp.ClientSession(connector=connector) as session:
         client = make_client(endpoint, session if endpoint.backend == "gemini" else None)
         yield GeminiPrefill(client, settings.model, settings.thinking_budget)
-
-
-def gemini_batch_jobs(
-    endpoint: Endpoint, settings: ClientSettings, bucket: str | None
-) -> BatchJobs:
-    """Batch jobs through the Files API."""
-    from klstream.backends.gemini_batch import GeminiBatch
-
-    return GeminiBatch(endpoint, settings)
-
-
-def vertex_batch_jobs(
-    endpoint: Endpoint, settings: ClientSettings, bucket: str | None
-) -> BatchJobs:
-    """Batch prediction jobs reading and writing Cloud Storage."""
-    from klstream.backends.vertex_batch import VertexBatch
-
-    return VertexBatch(endpoint, settings, bucket)
-
-
-GEMINI = Backend("gemini", gemini_endpoint, prefill=open_prefill, batch_jobs=gemini_batch_jobs)
-VERTEX = Backend("vertex", vertex_endpoint, prefill=open_prefill, batch_jobs=vertex_batch_jobs)
