@@ -128,6 +128,9 @@ class Generated:
     chosen: Candidate
     top: list[Candidate]
     chosen_reported: bool = True
+    dropped: int = 0
+    """Entries of the service's list for this step that carried no usable logprob (a sentinel,
+    NaN, ±inf, a positive value, null) and are left out of ``top``."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ class Answer:
     text: str
     finish_reason: str | None
     usage: Usage = field(default_factory=Usage)
+    served_model: str | None = None
+    """The model the service says answered (``modelVersion``, or ``model``), if it says."""
 
 
 @dataclass(frozen=True)

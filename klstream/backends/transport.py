@@ -28,6 +28,7 @@ from typing import Generic, TypeVar
 
 import tenacity
 
+from klstream.backends import checks
 from klstream.backends.base import Answer, Endpoint, Prefill, PrefillRequest
 from klstream.backends.throttle import AdaptiveLimiter
 from klstream.errors import (
@@ -219,5 +220,10 @@ class Caller:
     async def generate(
         self, prefill: Prefill, request: PrefillRequest, probe_deadline: float | None = None
     ) -> Outcome:
-        """One generation request, retried (see :meth:`retried`)."""
-        return await self.retried(lambda: prefill.generate(request), probe_deadline)
+        """One generation request, retried (see :meth:`retried`) until its answer is what was
+        asked for (:mod:`klstream.backends.checks`)."""
+
+        async def as_asked() -> Answer:
+            return checks.as_asked(request, await prefill.generate(request))
+
+        return await self.retried(as_asked, probe_deadline)

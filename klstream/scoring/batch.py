@@ -49,8 +49,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from klstream.backends import batch_jobs, open_prefill
-from klstream.backends.base import BatchJobs, ClientSettings, Endpoint, RemoteJob
+from klstream.backends import batch_jobs, checks, open_prefill
+from klstream.backends.base import (
+    BatchJobs,
+    BatchLine,
+    ClientSettings,
+    Endpoint,
+    PrefillRequest,
+    RemoteJob,
+)
 from klstream.backends.transport import Outcome
 from klstream.errors import (
     BatchCreateUnknown,
@@ -59,6 +66,7 @@ from klstream.errors import (
     BatchServiceError,
     ResultsExist,
     RunConfigMismatch,
+    UnusableAnswer,
 )
 from klstream.loop import run_blocking
 from klstream.scoring import lookahead
@@ -139,6 +147,17 @@ def observe(run: RunDir, manifest: JobManifest, job: RemoteJob | None) -> None:
     if manifest.stage == "submitted" and (job is None or job.ended):
         manifest.stage = "ended"
     manifest.save(run)
+
+
+def _as_asked(line: Line, decoded: BatchLine, top_logprobs: int, latency: float) -> Outcome:
+    """A line's outcome: its answer when it is what the line asked for, else why not."""
+    if decoded.answer is None:
+        return Outcome(None, decoded.error, 1, latency)
+    request = PrefillRequest(line.item.prompt, "", top_logprobs, line.item.max_tokens)
+    try:
+        return Outcome(checks.as_asked(request, decoded.answer), None, 1, latency)
+    except UnusableAnswer as unusable:
+        return Outcome(None, str(unusable), 1, latency)
 
 
 def _output_lines(output: Path | None) -> Iterator[bytes]:
@@ -413,6 +432,7 @@ class BatchScheduler(Scheduler):
         """One scores row per position of the job: its answer, its line's error, or why it has
         none."""
         lines = job_lines(self.run_dir, self.model2, manifest.job_id)
+        top_logprobs = self.session.options.top_logprobs
         by_key = {line_key(line.item): i for i, line in enumerate(lines)}
         outcomes: list[Outcome | None] = [None] * len(lines)
         latency = manifest.run_ms
@@ -423,7 +443,7 @@ class BatchScheduler(Scheduler):
                 index = decoded.index
             if index is None:
                 continue
-            outcomes[index] = Outcome(decoded.answer, decoded.error, 1, latency)
+            outcomes[index] = _as_asked(lines[index], decoded, top_logprobs, latency)
         if manifest.state == "SUCCEEDED":
             missing = f"batch job {manifest.job_name} succeeded without an answer for this position"
         else:

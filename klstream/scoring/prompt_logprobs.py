@@ -19,7 +19,9 @@ Which ids stand for the response:
 Model 1's first token without text after the response (an end-of-sequence token) gets the
 distribution after the whole response: the logprobs of the one token the request generates.
 
-A response that does not fit the server's context (its ``max_model_len``, with the one token
+A position whose top-k list is not what was asked for (too short without being the whole
+distribution, a token twice: :mod:`klstream.backends.checks`) is recorded as a failure with the
+reason. A response that does not fit the server's context (its ``max_model_len``, with the one token
 generated) is a recorded failure for its positions. Results are rows of the same scores table as
 the prefill method's (:func:`klstream.scoring.work.result_rows`); ``attempts`` and
 ``latency_ms`` are those of the response's request, ``chosen_*`` is Model 2's most likely token
@@ -36,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from klstream.backends import open_prompt_scoring
+from klstream.backends import checks, open_prompt_scoring
 from klstream.backends.base import Answer, Generated, PromptScores, PromptScoring, Tokenized
 from klstream.backends.transport import Caller, Outcome, Retried
 from klstream.scoring.pool import work_through
@@ -270,16 +272,18 @@ class PromptLogprobsScheduler(Scheduler):
         """One row per pending position: Model 2's top-k there, or why it has none."""
         tops = [token.top for token in scores.tokens] + [scores.after]
         model2 = self.session.options.model2
+        top_logprobs = self.session.options.top_logprobs
         rows = []
         for position in np.flatnonzero(np.asarray(response.pending, bool)).tolist():
             item = WorkItem(response.stem, response.response_index, position, response.prompt, "")
             match = int(alignment.match[position])
             top = tops[match] if match >= 0 else None
-            if top:
+            problem = checks.list_problem(top, top_logprobs) if top else None
+            if top and problem is None:
                 scored = Answer([Generated(top[0], top)], "", None)
                 outcome = Outcome(scored, None, answer.attempts, answer.latency_ms)
             else:
-                reason = alignment.reason(position) if match < 0 else NO_AFTER
+                reason = problem or (alignment.reason(position) if match < 0 else NO_AFTER)
                 outcome = Outcome(None, reason, answer.attempts, answer.latency_ms)
             rows += result_rows(item, model2, outcome)
         await self.session.record(rows, answered=True, usage=scores.usage)

@@ -139,6 +139,7 @@ def _lists(step: Generated) -> dict[str, Any]:
         "chosen_token": step.chosen.token,
         "chosen_token_id": step.chosen.token_id,
         "chosen_logprob": step.chosen.logprob,
+        "dropped_logprobs": step.dropped,
     }
 
 
@@ -160,6 +161,7 @@ _NO_LISTS = dict.fromkeys(
         "chosen_token",
         "chosen_token_id",
         "chosen_logprob",
+        "dropped_logprobs",
     )
 )
 _NO_USAGE = _usage_columns(None)
@@ -190,6 +192,7 @@ def result_rows(
         "request_id": uuid.uuid4().hex,
         "lookahead": item.max_tokens,
         "decoding": item.decoding,
+        "served_model": answer.served_model if answer else None,
     }
     if answer is None:
         return [{**shared, **_NO_LISTS, **_NO_USAGE, "position": item.position, "step": 0}]

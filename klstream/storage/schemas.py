@@ -52,6 +52,13 @@ A run directory (``RUN_DIR``) holds:
     cached_content_token_count int64    the cached ones among them, the generated answer
     candidates_token_count     int64    tokens and the thinking tokens. Filled on step 0 rows
     thoughts_token_count       int64    only, so sums over the table count each answer once
+    served_model               string   the model the service says answered (Gemini's
+                                        ``modelVersion``, an OpenAI-style server's ``model``);
+                                        null where it says nothing
+    dropped_logprobs           int32    entries of the answer's top-k list at this position
+                                        that carried no usable logprob (a sentinel such as
+                                        -1.27e30, NaN, ±inf, a positive value, null) and were
+                                        left out of ``top_*``; 0 where none
     ========================== ======== ====================================================
 
 ``kl/<model2>.parquet`` (:data:`KL`) — written by the KL pass
@@ -163,6 +170,8 @@ SCORES = pa.schema(
         pa.field("cached_content_token_count", pa.int64()),
         pa.field("candidates_token_count", pa.int64()),
         pa.field("thoughts_token_count", pa.int64()),
+        pa.field("served_model", pa.string()),
+        pa.field("dropped_logprobs", pa.int32()),
     ]
 )
 

@@ -1,0 +1,73 @@
+"""What an answer must be to be stored as a result: exactly what was asked.
+
+Backends leave out of a step's top-k the entries without a usable logprob (:func:`usable_logprob`:
+a sentinel such as Gemini's -1.27e30, NaN, ±inf, a positive value, null) and count them. What is
+left must then be the list that was asked for: ``top_logprobs`` entries, no token twice, and no
+more steps than the request asked for. A list shorter than asked is still a result when it
+holds the whole distribution — its probabilities add up to one, as when a tokenizer gives fewer
+than k tokens any probability — and is a fault otherwise: an answer that is not what was asked
+is retried like any transient fault (:class:`~klstream.errors.UnusableAnswer`) and, if it
+persists, recorded as the position's failure with the reason, never as a value.
+"""
+
+from __future__ import annotations
+
+import math
+
+from klstream.backends.base import Answer, Candidate, Generated, PrefillRequest
+from klstream.errors import UnusableAnswer
+
+LOWEST_LOGPROB = -1e4
+"""Below this a logprob is a stand-in for "impossible", not a measurement: servers write -9999
+(vLLM, OpenAI) or a float's most negative value (Gemini's -2**100, SGLang's -3.4e38) there."""
+WHOLE_DISTRIBUTION = 0.999
+"""Probability a shorter list must hold to be the whole distribution (reported logprobs are
+rounded)."""
+
+
+def usable_logprob(value: object) -> bool:
+    """Whether ``value`` is a logprob a distribution can be built from."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and LOWEST_LOGPROB <= value <= 0.0
+    )
+
+
+def list_problem(top: list[Candidate], asked: int) -> str | None:
+    """Why a top-k list is not what was asked for, or None when it is."""
+    keys = [c.token_id if c.token_id is not None else c.token for c in top]
+    if len(set(keys)) < len(keys):
+        repeated = next(c.token for c, key in zip(top, keys, strict=True) if keys.count(key) > 1)
+        return f"the top-k list names the token {repeated!r} twice"
+    if len(top) < asked and sum(math.exp(c.logprob) for c in top) < WHOLE_DISTRIBUTION:
+        return (
+            f"the top-k list has {len(top)} usable entries where {asked} were asked, and they "
+            "do not make up the whole distribution"
+        )
+    return None
+
+
+def trimmed(step: Generated, asked: int) -> Generated:
+    """``step`` with its list cut to the ``asked`` most likely entries (a service may add the
+    chosen token to the k it was asked for)."""
+    if len(step.top) <= asked:
+        return step
+    top = sorted(step.top, key=lambda c: -c.logprob)[:asked]
+    return Generated(step.chosen, top, step.chosen_reported, step.dropped)
+
+
+def as_asked(request: PrefillRequest, answer: Answer) -> Answer:
+    """``answer`` with every list cut to the top-k asked for; raises
+    :class:`~klstream.errors.UnusableAnswer` saying why when it is not what was asked."""
+    if len(answer.steps) > request.max_tokens:
+        raise UnusableAnswer(
+            f"the answer has {len(answer.steps)} steps where {request.max_tokens} were asked"
+        )
+    steps = [trimmed(step, request.top_logprobs) for step in answer.steps]
+    for index, step in enumerate(steps):
+        problem = list_problem(step.top, request.top_logprobs)
+        if problem is not None:
+            raise UnusableAnswer(f"step {index}: {problem}")
+    return Answer(steps, answer.text, answer.finish_reason, answer.usage, answer.served_model)
