@@ -22,6 +22,7 @@ bench: install
 	$(UV) run python bench/openai_cost_bench.py
 	$(UV) run python bench/batch_cost_bench.py
 	$(UV) run python bench/cost_bench.py
+	$(UV) run python bench/journal_bench.py
 
 lint: install
 	$(UV) run ruff check klstream tests bench examples

@@ -8,6 +8,9 @@ A run directory (``RUN_DIR``) holds::
     inputs.json                        the input files the positions were built from
     scores/<model2>/part-*.parquet     Model 2 outcomes, append-only checkpoints (score)
     scores/<model2>/run.json           the parameters a resumed run must share
+    scores/<model2>/journal/seg-<seq>-<random>.wal   the answer journal's segments
+                                       (:mod:`klstream.storage.journal`)
+    scores/<model2>/part-*-seg-<seq>-<random>.parquet   a part compacted from one segment
     kl/<model2>.parquet                per-position estimators (the KL pass)
     report.html                        the default place of ``klstream report``
     batch/<model2>/job-<id>.json       a batch job's manifest (score --batch)
@@ -27,6 +30,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +48,8 @@ BATCH_DIR = "batch"
 BATCH_MANIFEST_GLOB = "job-*.json"
 RUN_CONFIG_FILE = "run.json"
 PART_GLOB = "part-*.parquet"
+JOURNAL_DIR = "journal"
+JOURNAL_SEGMENT_GLOB = "seg-*.wal"
 WORKSPACE = "run"
 """``klstream run``'s run directory inside its output directory."""
 KL_JSON_SUFFIX = "_kl.json"
@@ -51,6 +57,7 @@ SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_JOURNAL_SEGMENT = re.compile(r"seg-(\d{8})-[0-9a-f]{16}\.wal")
 _part_sequence = itertools.count()
 
 
@@ -122,6 +129,42 @@ class RunDir:
         """A unique part name that sorts by creation time across processes and restarts."""
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{next(_part_sequence):06d}.parquet"
         return self.scores_dir(model2) / name
+
+    def journal_dir(self, model2: str) -> Path:
+        """The answer journal: inside ``scores/<model2>/``, so an overwrite deletes it with the
+        parts, and outside the parts' glob, so no reader of the scores sees it."""
+        return self.scores_dir(model2) / JOURNAL_DIR
+
+    def journal_segments(self, model2: str) -> list[Path]:
+        """The journal's segments in write order (their names sort by sequence number)."""
+        return sorted(
+            path
+            for path in self.journal_dir(model2).glob(JOURNAL_SEGMENT_GLOB)
+            if _JOURNAL_SEGMENT.fullmatch(path.name)
+        )
+
+    def new_journal_segment(self, model2: str) -> Path:
+        """The segment after the newest one. Its random tail makes its id
+        (:meth:`journal_segment_id`) unique for ever, even when the sequence starts again from 0
+        once every segment is deleted: a part named after an old segment must never pass for a
+        new one's."""
+        segments = self.journal_segments(model2)
+        match = _JOURNAL_SEGMENT.fullmatch(segments[-1].name) if segments else None
+        sequence = int(match[1]) + 1 if match else 0
+        return self.journal_dir(model2) / f"seg-{sequence:08d}-{secrets.token_hex(8)}.wal"
+
+    @staticmethod
+    def journal_segment_id(segment: Path) -> str:
+        """What names a segment's part; letters, digits and dashes only (safe in a glob)."""
+        return segment.stem
+
+    def new_journal_part(self, model2: str, segment_id: str) -> Path:
+        """The part holding one segment's records: named after the segment, so that a crash
+        between writing the part and deleting the segment is seen (:meth:`journal_part`)."""
+        return self.scores_dir(model2) / f"part-{time.time_ns():020d}-{segment_id}.parquet"
+
+    def journal_part(self, model2: str, segment_id: str) -> Path | None:
+        return next(iter(self.scores_dir(model2).glob(f"part-*-{segment_id}.parquet")), None)
 
     @property
     def report(self) -> Path:
