@@ -110,6 +110,19 @@ class InputsChanged(RunDirError):
         )
 
 
+class RunDamaged(RunDirError):
+    """A file the run's positions come from is damaged: nothing built from it can be trusted."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = path
+        super().__init__(f"{path} is damaged ({problem})")
+
+
+class RunConfigUnknown(RunDirError):
+    """The run's recorded configuration is lost (no readable run.json) and its results do not
+    say which configuration made them, so a resumed run could mix configurations."""
+
+
 class NoResults(RunDirError):
     """A stage that needs Model 2 results found none."""
 

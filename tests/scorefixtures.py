@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from klstream.backends.base import Answer, Candidate, Generated
 from klstream.backends.transport import Outcome
-from klstream.scoring.checkpoint import write_scores_part
+from klstream.scoring.checkpoint import write_part
 from klstream.scoring.work import WorkItem, result_rows
 from klstream.storage import schemas
 from klstream.storage.rundir import RunDir
@@ -86,7 +86,9 @@ def write_fixture_scores(
     for rows in (first_pass, later_pass):
         for start in range(0, len(rows), rows_per_part):
             chunk = rows[start : start + rows_per_part]
-            write_scores_part(
-                RunDir(run_dir), model2, pa.Table.from_pylist(chunk, schema=schemas.SCORES)
+            write_part(
+                RunDir(run_dir).new_part(model2),
+                pa.Table.from_pylist(chunk, schema=schemas.SCORES),
+                config=None,
             )
     return lists

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 Key = tuple[str, int, int]
 MODEL2 = "toy-d0.5"
 FAST = RetryPolicy(max_retries=8, backoff_initial_s=0.01, backoff_max_s=0.05)
-PART_NAME = re.compile(r"part-\d{20}-\d+-\d{6}\.parquet")
+PART_NAME = re.compile(r"part-\d{20}-(\d+-\d{6}|seg-\d{8}-[0-9a-f]{16})\.parquet")
 
 
 # --- running the stage ---------------------------------------------------------------------

@@ -78,13 +78,13 @@ from klstream.scoring.batch_jobs import (
     line_key,
     load_manifests,
 )
+from klstream.scoring.checkpoint import write_part
 from klstream.scoring.options import BatchOptions
 from klstream.scoring.pool import StopRun
 from klstream.scoring.prefill import PrefillScheduler
 from klstream.scoring.session import BatchProgress, BatchSummary, Scheduler, Session
 from klstream.scoring.work import chosen_tokens, pending_responses, prefill_request, result_rows
 from klstream.storage import schemas
-from klstream.storage.atomic import atomic_path
 from klstream.storage.rundir import RunDir
 
 
@@ -408,9 +408,7 @@ class BatchScheduler(Scheduler):
                 job, manifest.remote_output, output
             )
             table = await asyncio.to_thread(self._results, manifest, output if has_output else None)
-            final = run.new_batch_part(model2, job_id)
-            with atomic_path(final) as tmp:
-                pq.write_table(table, tmp, compression="zstd")
+            write_part(run.new_batch_part(model2, job_id), table, self.session.checkpoint.config)
             output.unlink(missing_ok=True)
             manifest.scored = pc.sum(pc.equal(table["status"], schemas.SCORE_OK)).as_py() or 0
             manifest.failed = table.num_rows - manifest.scored

@@ -3,22 +3,27 @@
 It records the parameters that change results (:data:`RESULT_PARAMETERS`), the klstream version
 that wrote it (never compared, so a run survives an upgrade), the lookahead settings, the price
 entry the run's costs are reckoned with, and the greedy consistency probe's outcome (the probe
-runs once per Model 2 and run directory).
+runs once per Model 2 and run directory). Every part records the result parameters too, so the
+configuration is checked against the data, not only against ``run.json``, and a lost
+``run.json`` is rebuilt from the parts — or the run is refused when they cannot tell.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from klstream import __version__
 from klstream.backends.base import Endpoint
 from klstream.backends.prices import Price
-from klstream.errors import ResultsExist, RunConfigMismatch
+from klstream.errors import ResultsExist, RunConfigMismatch, RunConfigUnknown
 from klstream.scoring.options import DEFAULT_TEMPERATURE, ScoreOptions
 from klstream.storage.atomic import write_text_atomic
+from klstream.storage.health import scan_parts
+from klstream.storage.replacement import Replacement, has_results, reconcile
 from klstream.storage.rundir import RunDir
 
 RESULTS_FORMAT = 1
@@ -65,40 +70,103 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _readable_config(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The recorded configuration, or None and why not (missing, or what is wrong with it)."""
+    if not path.is_file():
+        return None, "missing"
+    try:
+        config = read_config(path)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return None, f"unreadable ({error})"
+    if not isinstance(config, dict):
+        return None, "unreadable (not a JSON object)"
+    return config, None
+
+
+def result_parameters(config: dict[str, Any]) -> str:
+    """The parameters that change results, as canonical JSON: what every part records
+    (:data:`~klstream.storage.schemas.PART_CONFIG_KEY`) and what a resumed run must match."""
+    return json.dumps({key: config.get(key) for key in RESULT_PARAMETERS}, sort_keys=True)
+
+
 def save_config(run: RunDir, model2: str, config: dict[str, Any]) -> None:
     write_text_atomic(run.run_config(model2), json.dumps(config, indent=2) + "\n")
 
 
+@dataclass(frozen=True)
+class ConfigCheck:
+    """What :func:`check_run_config` found and did."""
+
+    config: dict[str, Any]
+    """What ``run.json`` says now."""
+    replacement: Replacement | None
+    """An overwrite in progress: the old results are aside until the new run's first answer."""
+    quarantined: list[Path]
+    """Damaged parts moved to quarantine: their positions are pending again."""
+    recovered_config: bool
+    """``run.json`` was lost and rebuilt from what the parts record."""
+
+
+def _differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: recorded {recorded.get(key)!r}, now {wanted[key]!r}"
+        for key in RESULT_PARAMETERS
+        if recorded.get(key) != wanted[key]
+    ]
+
+
 def check_run_config(
-    run: RunDir, options: ScoreOptions, endpoint: Endpoint, price: Price | None
-) -> dict[str, Any]:
-    """Refuse to mix results of different configurations under one model2; return what
+    run: RunDir,
+    options: ScoreOptions,
+    endpoint: Endpoint,
+    price: Price | None,
+    stale_outputs: Sequence[Path] = (),
+) -> ConfigCheck:
+    """Refuse to mix results of different configurations under one model2, checking the request
+    against ``run.json`` and against the configuration every part records; rebuild a lost
+    ``run.json`` from the parts when they agree, else refuse. Under ``overwrite`` the existing
+    results are set aside (:mod:`klstream.storage.replacement`), not deleted. Return what
     ``run.json`` now says, with the greedy probe's outcome of an earlier run of the same
     configuration kept."""
-    scores_dir = run.scores_dir(options.model2)
-    has_parts = run.has_scores(options.model2)
-    config_path = run.run_config(options.model2)
+    model2 = options.model2
+    reconcile(run, model2)
+    scan = scan_parts(run, model2)
+    path = run.run_config(model2)
     wanted = recorded(options, endpoint, price)
-    if config_path.is_file() and not options.overwrite:
-        earlier = read_config(config_path)
-        if all(earlier.get(key) == wanted[key] for key in RESULT_PARAMETERS):
-            wanted["greedy_probe"] = earlier.get("greedy_probe")
-    if has_parts and options.overwrite:
-        shutil.rmtree(scores_dir)
-        run.kl_path(options.model2).unlink(missing_ok=True)
-    elif has_parts and not options.resume:
-        raise ResultsExist(
-            f"{scores_dir} already holds results for {options.model2!r}", options.model2
-        )
-    elif has_parts and config_path.is_file():
-        earlier = read_config(config_path)
-        differences = [
-            f"{key}: recorded {earlier.get(key)!r}, now {wanted[key]!r}"
-            for key in RESULT_PARAMETERS
-            if earlier.get(key) != wanted[key]
-        ]
+    earlier, unreadable = _readable_config(path)
+    replacement = None
+    results = has_results(run, model2)
+    if results and options.overwrite:
+        replacement = Replacement(run, model2, stale_outputs)
+        replacement.set_aside()
+        results, earlier = False, None
+    elif results and not options.resume:
+        raise ResultsExist(f"{run.scores_dir(model2)} already holds results for {model2!r}", model2)
+    recovered_config = False
+    if results:
+        made_with = set(scan.configs)
+        if earlier is None:
+            if scan.untagged or len(made_with) != 1:
+                raise RunConfigUnknown(
+                    f"{path} is {unreadable}, and the results in {run.scores_dir(model2)} do not "
+                    "say which configuration made them, so more results could not be told apart "
+                    "from them"
+                )
+            earlier = json.loads(made_with.pop())
+            recovered_config = True
+        assert earlier is not None
+        differences = _differences(earlier, wanted)
         if differences:
-            raise RunConfigMismatch(config_path, differences)
-    scores_dir.mkdir(parents=True, exist_ok=True)
-    save_config(run, options.model2, wanted)
-    return wanted
+            raise RunConfigMismatch(path, differences)
+        for config in made_with:
+            found = _differences(json.loads(config), wanted)
+            if found:
+                raise RunConfigMismatch(
+                    run.scores_dir(model2), [f"the parts record another configuration ({found[0]})"]
+                )
+        wanted["greedy_probe"] = earlier.get("greedy_probe")
+    elif earlier is not None and not _differences(earlier, wanted):
+        wanted["greedy_probe"] = earlier.get("greedy_probe")
+    run.scores_dir(model2).mkdir(parents=True, exist_ok=True)
+    save_config(run, model2, wanted)
+    return ConfigCheck(wanted, replacement, scan.quarantined, recovered_config)

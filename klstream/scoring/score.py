@@ -11,7 +11,7 @@ pass that follows is the pipeline's (:func:`klstream.pipeline.score_async`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +23,7 @@ from klstream.scoring.options import ScoreOptions
 from klstream.scoring.pool import StopRun, stopping_on_signals
 from klstream.scoring.prefill import PrefillScheduler
 from klstream.scoring.prompt_logprobs import PromptLogprobsScheduler
-from klstream.scoring.runconfig import check_run_config
+from klstream.scoring.runconfig import check_run_config, result_parameters
 from klstream.scoring.session import (
     BatchSummary,
     ProgressCallback,
@@ -33,6 +33,7 @@ from klstream.scoring.session import (
 )
 from klstream.scoring.work import count_pending
 from klstream.storage.atomic import sweep_stale_temporaries
+from klstream.storage.health import require_readable_inputs
 from klstream.storage.rundir import RunDir
 from klstream.storage.runlock import model2_writer
 
@@ -73,18 +74,22 @@ async def score_positions_async(
     options: ScoreOptions,
     endpoint: Endpoint,
     on_progress: ProgressCallback | None = None,
+    stale_outputs: Sequence[Path] = (),
 ) -> ScoreReport:
     """Score every pending position of ``run_dir`` against ``options.model2`` (no KL pass).
 
     One process at a time scores a Model 2 of a run directory (:mod:`klstream.storage.runlock`);
-    it starts by removing what killed runs left half-written.
+    it starts by removing what killed runs left half-written. Under ``options.overwrite`` the
+    results replaced are kept until the new run's first answer, and then removed with
+    ``stale_outputs``, the outputs made from them (:mod:`klstream.storage.replacement`).
     """
     run = RunDir(run_dir)
     run.require_exploded()
+    require_readable_inputs(run)
     with model2_writer(run, options.model2):
         sweep_stale_temporaries(run.scores_dir(options.model2))
         sweep_stale_temporaries(run.kl_path(options.model2).parent)
-        return await _score_locked(run, options, endpoint, on_progress)
+        return await _score_locked(run, options, endpoint, on_progress, stale_outputs)
 
 
 async def _score_locked(
@@ -92,18 +97,22 @@ async def _score_locked(
     options: ScoreOptions,
     endpoint: Endpoint,
     on_progress: ProgressCallback | None,
+    stale_outputs: Sequence[Path],
 ) -> ScoreReport:
     prices = load_prices(options.prices)
     price = price_for(options.model2, prices)
     stats = ScoreStats()
     session = Session(run, options, endpoint, stats, {}, prices, price, on_progress)
     scheduler = scheduler_for(options)(session)
-    session.config = check_run_config(run, options, endpoint, price)
-    stats.total, stats.already_done = await asyncio.to_thread(
-        count_pending, run.root, options.model2
-    )
+    check = check_run_config(run, options, endpoint, price, stale_outputs)
+    session.config, session.replacement = check.config, check.replacement
+    stats.quarantined = [path.name for path in check.quarantined]
     stopped: str | None = None
     try:
+        stats.recovered = await session.checkpoint.open(result_parameters(check.config))
+        stats.total, stats.already_done = await asyncio.to_thread(
+            count_pending, run.root, options.model2
+        )
         with stopping_on_signals():
             await scheduler.run()
     except StopRun as stop:
@@ -112,6 +121,8 @@ async def _score_locked(
         stopped = str(cancelled.args[0]) if cancelled.args else "cancelled"
     finally:
         await session.checkpoint.close()
+        if session.replacement is not None:
+            await asyncio.to_thread(session.replacement.restore)
     return ScoreReport(
         stats,
         stats.remaining,

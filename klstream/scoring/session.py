@@ -10,6 +10,7 @@ from its table and runs it in a session.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from klstream.scoring.checkpoint import Checkpointer
 from klstream.scoring.options import ScoreOptions
 from klstream.scoring.pool import Probe, StopRun
 from klstream.storage import schemas
+from klstream.storage.replacement import Replacement
 from klstream.storage.rundir import RunDir
 
 
@@ -52,6 +54,10 @@ class ScoreStats:
     calls: CallStats = field(default_factory=CallStats)
     batch: BatchProgress | None = None
     """Set while batch jobs are being waited for."""
+    recovered: int = 0
+    """Answers a killed run had journaled, stored at the start of this one."""
+    quarantined: list[str] = field(default_factory=list)
+    """Damaged parts moved to quarantine at the start: their positions are pending again."""
 
     @property
     def done(self) -> int:
@@ -102,6 +108,8 @@ class Session:
             run, options.model2, options.checkpoint_rows, options.checkpoint_seconds
         )
         self.probe = Probe(endpoint.url, options.policy.probe_budget_s, stats.calls)
+        self.replacement: Replacement | None = None
+        """An overwrite in progress, committed at the run's first answer."""
         self.consecutive_failures = 0
         self.last_error: str | None = None
 
@@ -127,6 +135,8 @@ class Session:
             stats.answers += 1
         if answered:
             self.consecutive_failures = 0
+            if self.replacement is not None and not self.replacement.committed:
+                await asyncio.to_thread(self.replacement.commit)
         else:
             self.consecutive_failures += len(rows)
             self.last_error = rows[-1]["error"] if rows else None

@@ -425,3 +425,9 @@ def _fsync_file(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def holds_records(run: RunDir, model2: str) -> bool:
+    """Whether any journal segment of ``model2`` holds more than its header: answers a killed
+    run left (or bytes to look at), which count as results."""
+    return any(path.stat().st_size > len(SEGMENT_HEADER) for path in run.journal_segments(model2))

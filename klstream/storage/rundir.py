@@ -12,6 +12,10 @@ A run directory (``RUN_DIR``) holds::
                                        (:mod:`klstream.storage.journal`)
     scores/<model2>/part-*-seg-<seq>-<random>.parquet   a part compacted from one segment
     kl/<model2>.parquet                per-position estimators (the KL pass)
+    replaced/<model2>/scores/, kl.parquet   the results an ``--overwrite`` replaces, kept aside
+                                       until the new run's first answer (then deleted)
+    quarantine/<model2>/part-*.parquet damaged parts moved out of the scores (their positions
+                                       are asked again)
     report.html                        the default place of ``klstream report``
     batch/<model2>/job-<id>.json       a batch job's manifest (score --batch)
     batch/<model2>/job-<id>.keys.parquet   the positions it asks for
@@ -45,6 +49,8 @@ LOCK_FILE = ".lock"
 SCORES_DIR = "scores"
 KL_DIR = "kl"
 BATCH_DIR = "batch"
+REPLACED_DIR = "replaced"
+QUARANTINE_DIR = "quarantine"
 BATCH_MANIFEST_GLOB = "job-*.json"
 RUN_CONFIG_FILE = "run.json"
 PART_GLOB = "part-*.parquet"
@@ -107,7 +113,27 @@ class RunDir:
     @property
     def stage_dirs(self) -> list[Path]:
         """Folders of results keyed to the current positions."""
-        return [self.root / SCORES_DIR, self.root / KL_DIR]
+        return [
+            self.root / SCORES_DIR,
+            self.root / KL_DIR,
+            self.root / REPLACED_DIR,
+            self.root / QUARANTINE_DIR,
+        ]
+
+    def replaced_dir(self, model2: str) -> Path:
+        """Where an ``--overwrite`` keeps the results it replaces until the new run has a first
+        answer: outside ``scores/`` and ``kl/``, so no view reads them."""
+        return self.root / REPLACED_DIR / model2_dirname(model2)
+
+    def replaced_scores(self, model2: str) -> Path:
+        return self.replaced_dir(model2) / SCORES_DIR
+
+    def replaced_kl(self, model2: str) -> Path:
+        return self.replaced_dir(model2) / f"{KL_DIR}.parquet"
+
+    def quarantine_dir(self, model2: str) -> Path:
+        """Where damaged parts go, out of the views' reach."""
+        return self.root / QUARANTINE_DIR / model2_dirname(model2)
 
     def scores_dir(self, model2: str) -> Path:
         return self.root / SCORES_DIR / model2_dirname(model2)

@@ -175,6 +175,11 @@ SCORES = pa.schema(
     ]
 )
 
+PART_CONFIG_KEY = b"klstream.run_config"
+"""Key of a scores part's footer metadata holding the configuration its results were made with
+(the result parameters of ``run.json``, as JSON): what a run whose ``run.json`` is lost is
+checked against. Parts of older releases have none."""
+
 BATCH_KEYS = pa.schema(
     [
         *KEY_FIELDS,
