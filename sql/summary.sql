@@ -1,12 +1,13 @@
 -- Run-level figures for one $model2, in the manner of llama.cpp's --kl-divergence report.
 -- Standard errors are of the mean over positions (sample standard deviation / sqrt(n)).
+-- Responses are counted from the responses table: one without tokens has no position.
 WITH model_kl AS (
     SELECT * FROM kl WHERE model2 = $model2
 )
 SELECT
     $model2 AS model2,
     (SELECT list(DISTINCT model1 ORDER BY model1) FROM responses) AS model1,
-    count(DISTINCT (stem, response_index)) AS responses,
+    (SELECT count(*) FROM responses) AS responses,
     count(*) AS positions,
     count(kl_floor) AS scored,
     count(*) FILTER (WHERE status = getvariable('kl_error')) AS failed,

@@ -72,12 +72,16 @@ class Usage:
     """Thinking tokens, billed as output (``thoughtsTokenCount``)."""
 
     def add(self, other: Usage) -> None:
-        for name in (f.name for f in fields(self)):
+        for name in USAGE_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
     def cached_share(self) -> float:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+USAGE_FIELDS = tuple(f.name for f in fields(Usage))
+"""The token counts of :class:`Usage`, by name."""
 
 
 def usage_of(metadata: Any) -> Usage:

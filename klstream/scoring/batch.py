@@ -223,9 +223,13 @@ class BatchScheduler(Scheduler):
             raise StopRun(str(failing)) from None
 
     async def _rounds(self) -> None:
+        """Continue the jobs an earlier run left (and then plan for what they did not answer,
+        so a resume after a cancel needs no second one), or plan a round; then, with lookahead,
+        a round over each round's gaps."""
         stats = self.session.stats
         tokens = lookahead.batch_lookahead(self.session.options.lookahead)
-        if not any(m.active for m in self.manifests):
+        continuing = any(m.active for m in self.manifests)
+        if not continuing:
             self.manifests += await self.plan()
         active = [m for m in self.manifests if m.active]
         while True:
@@ -236,14 +240,17 @@ class BatchScheduler(Scheduler):
                 return
             await self.wait(active)
             left = stats.remaining
-            if tokens == 1 or not left or stats.scored == scored_before:
+            if not left:
+                break
+            if not continuing and (tokens == 1 or stats.scored == scored_before):
                 break
             if self.rounds >= self.batch.max_rounds:
                 raise StopRun(
                     f"{left} positions still uncovered after {self.rounds} rounds of batch jobs "
                     "(the most allowed); resuming the run submits them"
                 )
-            active = await self.plan(probe=False)
+            active = await self.plan(probe=continuing)
+            continuing = False
             if not active:
                 break
             self.manifests += active

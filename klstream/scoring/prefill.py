@@ -21,10 +21,11 @@ from typing import Any
 
 from klstream.backends import open_prefill
 from klstream.backends.base import Answer, Generated, Prefill
-from klstream.backends.prices import Price, Usage
+from klstream.backends.prices import USAGE_FIELDS, Price
 from klstream.backends.transport import Caller
 from klstream.errors import GreedyInconsistent
 from klstream.scoring import lookahead
+from klstream.scoring.greedy_probe import GreedyProbeLog, ProbeSite
 from klstream.scoring.lookahead import AcceptanceCounts, Token
 from klstream.scoring.pool import work_through
 from klstream.scoring.runconfig import save_config
@@ -223,10 +224,12 @@ class PrefillScheduler(Scheduler):
         session = self.session
         found = session.config.get("greedy_probe")
         if found is None:
-            found = await self._probe_greedy(caller, prefill, sites)
+            log = GreedyProbeLog(session.run.greedy_probe_log(session.options.model2))
+            found = await self._probe_greedy(caller, prefill, sites, log)
             if found["decoding"] is not None:
                 session.config["greedy_probe"] = found
                 save_config(session.run, session.options.model2, session.config)
+                log.clear()
         if found["decoding"] == "greedy":
             self.decoding = "greedy"
         elif session.options.decoding == "greedy":
@@ -237,52 +240,52 @@ class PrefillScheduler(Scheduler):
             )
 
     async def _probe_greedy(
-        self, caller: Caller, prefill: Prefill, sites: list[Chain]
+        self, caller: Caller, prefill: Prefill, sites: list[Chain], log: GreedyProbeLog
     ) -> dict[str, Any]:
         """At the next position of each chain in ``sites``, a greedy request, then one-token
         requests at the run's temperature at its accepted steps' positions (stored as those
         positions' results, as any one-token answer). Greedy passes when the median deviation
         of their logprobs (:func:`~klstream.scoring.lookahead.deviation`) is within the
-        tolerance. Only the greedy requests are spent on the probe alone."""
-        usage = Usage()
-        deviations: list[float] = []
+        tolerance. Only the greedy requests are spent on the probe alone, and each is paid
+        once: the answers and comparisons a killed probe made (``log``) are taken up where they
+        were (a site whose chain has moved on keeps the comparisons it has)."""
         failed = False
-        requests = 0
+        fresh = PROBE_SITES - len(log.sites)
+        plan: list[tuple[Chain, ProbeSite | None]] = []
+        for chain in sites:
+            response = chain.response
+            saved = log.continued_at(response.stem, response.response_index, chain.next)
+            if saved is not None:
+                plan.append((chain, saved))
+            elif fresh > 0:
+                fresh -= 1
+                plan.append((chain, None))
 
-        async def compare(chain: Chain) -> None:
-            nonlocal failed, requests
-            item = chain.response.request(chain.next, PROBE_STEPS, "greedy")
-            outcome = await caller.generate(prefill, prefill_request(self.session.options, item))
-            requests += outcome.attempts
-            greedy = outcome.value
-            if greedy is None:
-                failed = True
-                return
-            usage.add(greedy.usage)
-            accepted = lookahead.accept(
-                len(greedy.steps),
-                chosen_tokens(greedy),
-                chain.response.tokens,
-                item.position,
-                PROBE_STEPS,
-            )
-            for step in range(min(accepted.steps, chain.end - chain.next)):
+        async def compare(chain: Chain, site: ProbeSite | None) -> None:
+            nonlocal failed
+            if site is None:
+                site = await self._greedy_site(caller, prefill, chain, log)
+                if site is None:
+                    failed = True
+                    return
+            for step in range(len(site.deviations), len(site.greedy)):
+                if chain.done or chain.next != site.next_position:
+                    return
                 single = await self.step(caller, prefill, chain, max_tokens=1)
                 if single is None:
                     failed = True
                     return
-                deviations.append(
-                    lookahead.deviation(_top(greedy.steps[step]), _top(single.steps[0]))
-                )
+                log.add_deviation(site, lookahead.deviation(site.top(step), _top(single.steps[0])))
 
-        await asyncio.gather(*(compare(chain) for chain in sites))
-        self.session.stats.usage.add(usage)
+        await asyncio.gather(*(compare(chain, site) for chain, site in plan))
+        usage = log.usage()
+        deviations = [value for site in log.sites.values() for value in site.deviations]
         record: dict[str, Any] = {
             "decoding": None,
             "compared": len(deviations),
             "median_deviation": None,
             "tolerance": lookahead.GREEDY_TOLERANCE,
-            "requests": requests,
+            "requests": sum(site.attempts for site in log.sites.values()),
             "prompt_token_count": usage.prompt_tokens,
             "cached_content_token_count": usage.cached_tokens,
             "candidates_token_count": usage.candidates_tokens,
@@ -305,3 +308,35 @@ class PrefillScheduler(Scheduler):
             ),
         )
         return record
+
+    async def _greedy_site(
+        self, caller: Caller, prefill: Prefill, chain: Chain, log: GreedyProbeLog
+    ) -> ProbeSite | None:
+        """A greedy request at the chain's next position, logged the moment it is answered;
+        None when it failed."""
+        item = chain.response.request(chain.next, PROBE_STEPS, "greedy")
+        outcome = await caller.generate(prefill, prefill_request(self.session.options, item))
+        greedy = outcome.value
+        if greedy is None:
+            return None
+        self.session.stats.usage.add(greedy.usage)
+        accepted = lookahead.accept(
+            len(greedy.steps),
+            chosen_tokens(greedy),
+            chain.response.tokens,
+            item.position,
+            PROBE_STEPS,
+        )
+        site = ProbeSite(
+            item.stem,
+            item.response_index,
+            item.position,
+            [
+                [(c.token, c.token_id, c.logprob) for c in step.top]
+                for step in greedy.steps[: accepted.steps]
+            ],
+            outcome.attempts,
+            {name: getattr(greedy.usage, name) for name in USAGE_FIELDS},
+        )
+        log.add_site(site)
+        return site

@@ -8,6 +8,7 @@ A run directory (``RUN_DIR``) holds::
     inputs.json                        the input files the positions were built from
     scores/<model2>/part-*.parquet     Model 2 outcomes, append-only checkpoints (score)
     scores/<model2>/run.json           the parameters a resumed run must share
+    scores/<model2>/greedy-probe.jsonl the greedy consistency probe's answers until it decides
     scores/<model2>/journal/seg-<seq>-<random>.wal   the answer journal's segments
                                        (:mod:`klstream.storage.journal`)
     scores/<model2>/part-*-seg-<seq>-<random>.parquet   a part compacted from one segment
@@ -53,6 +54,7 @@ REPLACED_DIR = "replaced"
 QUARANTINE_DIR = "quarantine"
 BATCH_MANIFEST_GLOB = "job-*.json"
 RUN_CONFIG_FILE = "run.json"
+GREEDY_PROBE_FILE = "greedy-probe.jsonl"
 PART_GLOB = "part-*.parquet"
 JOURNAL_DIR = "journal"
 JOURNAL_SEGMENT_GLOB = "seg-*.wal"
@@ -140,6 +142,9 @@ class RunDir:
 
     def run_config(self, model2: str) -> Path:
         return self.scores_dir(model2) / RUN_CONFIG_FILE
+
+    def greedy_probe_log(self, model2: str) -> Path:
+        return self.scores_dir(model2) / GREEDY_PROBE_FILE
 
     def score_parts(self, model2: str) -> list[Path]:
         """Checkpoint parts in write order (their names sort by creation time)."""
