@@ -20,6 +20,7 @@ from click.core import ParameterSource
 from klstream import __version__
 from klstream import errors as E
 from klstream.backends import BACKENDS, PROMPT_LOGPROBS, online_methods
+from klstream.storage.rundir import INPUTS_FILE
 
 if TYPE_CHECKING:
     from klstream.backends.base import Endpoint
@@ -77,12 +78,32 @@ HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
         "to start again from these inputs"
     ),
     E.EndpointUnreachable: lambda e: "check --base-url (or the network, proxy and DNS)",
+    E.RunDamaged: lambda e: _rebuild_hint(e),
+    E.RunConfigUnknown: lambda e: "put run.json back, or pass --overwrite to replace these results",
     E.ExportFailed: lambda e: (
         "make the output directory writable, then export them with: "
         + _export_command(getattr(e, "run_dir", ""), getattr(e, "output_dir", ""), e)
     ),
 }
 """The command-line fix for each kind of error, appended to its message."""
+
+
+def _rebuild_hint(error: E.KlstreamError) -> str:
+    """How to rebuild what a damaged file of the run's inputs spoils."""
+    path, run_dir = Path(str(getattr(error, "path", ""))), getattr(error, "run_dir", "")
+    input_dir = getattr(error, "input_dir", None)
+    if path.name == INPUTS_FILE:
+        return (
+            "move it away (the run then resumes without comparing its input files), or explode "
+            "the inputs into a new run directory"
+        )
+    if input_dir is None:
+        return "explode the inputs again into a new run directory"
+    words = [*program_words(), "explode", str(input_dir), "-o", str(run_dir), "--overwrite"]
+    return (
+        f"explode the same inputs again: {shlex.join(words)} (the results are kept: they are "
+        "keyed to the same positions)"
+    )
 
 
 def _export_command(run_dir: object, output_dir: object, error: E.KlstreamError) -> str:
@@ -677,6 +698,10 @@ def _score_options(params: dict[str, Any]) -> ScoreOptions:
     from klstream.backends.transport import RetryPolicy
     from klstream.scoring.options import ScoreOptions
 
+    if params["resume"] and params["overwrite"]:
+        raise click.UsageError(
+            "--resume continues the results there are and --overwrite replaces them: choose one"
+        )
     return ScoreOptions(
         model2=params["model2"],
         top_logprobs=params["top_logprobs"],

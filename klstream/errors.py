@@ -113,8 +113,12 @@ class InputsChanged(RunDirError):
 class RunDamaged(RunDirError):
     """A file the run's positions come from is damaged: nothing built from it can be trusted."""
 
-    def __init__(self, path: object, problem: str) -> None:
-        self.path = path
+    def __init__(
+        self, path: object, problem: str, run_dir: object, input_dir: object | None = None
+    ) -> None:
+        self.path, self.run_dir = path, run_dir
+        self.input_dir = input_dir
+        """Where the positions were exploded from, when the run's record of its inputs says."""
         super().__init__(f"{path} is damaged ({problem})")
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from klstream.scoring.dryrun import DryRunOptions, DryRunReport, dry_run_async
 from klstream.scoring.options import ScoreOptions
 from klstream.scoring.score import ScoreReport, score_positions_async
 from klstream.scoring.session import ScoreStats
+from klstream.storage.health import damaged_positions, require_readable_inputs
 from klstream.storage.rundir import ExportDir, RunDir
 from klstream.storage.runlock import model2_writer, positions_writer
 
@@ -61,11 +62,13 @@ async def score_async(
     options: ScoreOptions,
     endpoint: Endpoint,
     on_progress: Callable[[ScoreStats], None] | None = None,
+    stale_outputs: Sequence[Path] = (),
 ) -> ScoreReport:
     """Score every pending position of ``run_dir`` against ``options.model2``
     (:func:`klstream.scoring.score.score_positions_async`), then run the KL pass over whatever
-    has a result, so that an export can follow at once."""
-    scored = await score_positions_async(run_dir, options, endpoint, on_progress)
+    has a result, so that an export can follow at once. ``stale_outputs`` are files made from
+    the results an ``overwrite`` replaces, removed with them."""
+    scored = await score_positions_async(run_dir, options, endpoint, on_progress, stale_outputs)
     if not scored.stats.done:
         return scored
     kl = await asyncio.to_thread(compute_kl, run_dir, options.model2)
@@ -106,8 +109,9 @@ async def run_async(
         raise OutputError(f"cannot create the run directory: {describe_os_error(error)}") from error
     try:
         with positions_writer(run), model2_writer(run, options.score.model2):
-            exploded = await _explode_unless_current(input_dir, run, options, on_exploded)
-            scored = await score_async(run.root, options.score, endpoint, on_progress)
+            stale = exports.outputs()
+            exploded = await _explode_unless_current(input_dir, run, options, stale, on_exploded)
+            scored = await score_async(run.root, options.score, endpoint, on_progress, stale)
             exported = report = None
             if not scored.remaining:
                 exported = await _export(run, output_dir, options.score.model2)
@@ -124,11 +128,14 @@ async def _explode_unless_current(
     input_dir: Path,
     run: RunDir,
     options: RunOptions,
+    stale_outputs: list[Path],
     on_exploded: Callable[[ExplodeReport], None] | None,
 ) -> ExplodeReport | None:
-    """Explode, or keep the positions already there when they come from the same input files.
+    """Explode, or keep the positions already there when they come from the same input files
+    (exploding those again when the positions are damaged: the results keyed to them stay).
 
-    New positions invalidate every Model 2's results, so those go first.
+    New positions from other inputs invalidate every Model 2's results and the outputs made
+    from them, so those go first.
     """
     score = options.score
     if run.is_exploded():
@@ -137,15 +144,19 @@ async def _explode_unless_current(
         changes = await asyncio.to_thread(
             inputs_changed, input_dir, run.root, options.pattern, options.max_files
         )
-        known = run.inputs_manifest.is_file()
-        if not score.overwrite:
-            if changes is not None:
-                raise changes
-            return None
-        if changes is None and known:
-            return None
-        for stage in run.stage_dirs:
-            shutil.rmtree(stage, ignore_errors=True)
+        if changes is not None and not score.overwrite:
+            raise changes
+        same = changes is None and run.inputs_manifest.is_file()
+        if same or not score.overwrite:
+            if damaged_positions(run) is None:
+                return None
+            if not same:
+                require_readable_inputs(run)
+        else:
+            for stage in run.stage_dirs:
+                shutil.rmtree(stage, ignore_errors=True)
+            for path in stale_outputs:
+                path.unlink(missing_ok=True)
     exploded = await asyncio.to_thread(
         explode,
         input_dir,

@@ -16,8 +16,12 @@ class ProgressLine:
         self.enabled, self.interval_s, self.width = enabled, interval_s, width
         self.last_draw = 0.0
         self.drawn = False
+        self.announced = False
 
     def update(self, stats: ScoreStats) -> None:
+        if not self.announced:
+            self.announced = True
+            self._announce(stats)
         now = time.monotonic()
         if not self.enabled or now - self.last_draw < self.interval_s:
             return
@@ -27,6 +31,23 @@ class ProgressLine:
         sys.stderr.write(line)
         sys.stderr.flush()
         self.drawn = True
+
+    @staticmethod
+    def _announce(stats: ScoreStats) -> None:
+        """Before anything is asked, and whether or not on a terminal: what a killed or
+        damaged run left that changes what is pending."""
+        found = []
+        if stats.recovered:
+            found.append(f"{stats.recovered:,} answers a killed run had journaled are stored")
+        if stats.quarantined:
+            names = ", ".join(stats.quarantined)
+            found.append(
+                f"damaged parts moved to quarantine ({names}): their positions are asked again"
+            )
+        if found:
+            pending = stats.total - stats.already_done
+            sys.stderr.write(f"{'; '.join(found)}; {pending:,} positions to score\n")
+            sys.stderr.flush()
 
     def _bar(self, stats: ScoreStats) -> str:
         fraction = stats.done / stats.total if stats.total else 1.0

@@ -35,6 +35,7 @@ from klstream.input.validate import (
     validate_response,
 )
 from klstream.storage import atomic
+from klstream.storage.health import inputs_record
 from klstream.storage.rundir import RunDir
 from klstream.storage.runlock import positions_writer
 from klstream.storage.schemas import POSITIONS, RESPONSES, SKIPPED
@@ -131,11 +132,13 @@ def _explode_locked(
     if positions_path.exists() and not overwrite:
         raise PositionsExist(f"{positions_path} already exists")
     later_stages = [stage for stage in run.stage_dirs if stage.is_dir()]
-    if any(any(stage.iterdir()) for stage in later_stages):
+    if any(any(stage.iterdir()) for stage in later_stages) and not _same_inputs(
+        run, input_dir, files, pattern, max_files
+    ):
         raise RunDirError(
             f"{run.root} holds Model 2 results (scores/, kl/) keyed to its current positions; "
-            "replacing the positions would silently mismatch them. Use a new run dir, or move "
-            "those results away first"
+            "replacing the positions with those of other input files would silently mismatch "
+            "them. Use a new run dir, or move those results away first"
         )
     atomic.sweep_stale_temporaries(run.root)
     positions_tmp = atomic.temporary_sibling(positions_path)
@@ -158,13 +161,28 @@ def _explode_locked(
     return totals
 
 
+def _same_inputs(
+    run: RunDir, input_dir: Path, files: list[Path], pattern: str, max_files: int | None
+) -> bool:
+    """Whether the run's record says its positions were built from these very files, the same
+    way: exploding them again gives the same positions (rebuilding damaged ones), so the
+    results keyed to them stay right."""
+    record = inputs_record(run)
+    return (
+        record is not None
+        and record.get("pattern") == pattern
+        and record.get("max_files") == max_files
+        and input_changes(run, input_dir, files) is None
+    )
+
+
 def inputs_changed(
     input_dir: Path, run_dir: Path, pattern: str = "*.json", max_files: int | None = None
 ) -> InputsChanged | None:
     """How the files explode would read now differ from those ``run_dir``'s positions were built
     from; None when they are the same, or when the run records no inputs (older releases)."""
     files = input_files(input_dir, pattern, max_files)
-    return input_changes(RunDir(run_dir).inputs_manifest, run_dir, input_dir, files)
+    return input_changes(RunDir(run_dir), input_dir, files)
 
 
 def input_files(input_dir: Path, pattern: str, max_files: int | None) -> list[Path]:

@@ -13,10 +13,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from klstream.errors import InputsChanged
+from klstream.errors import InputsChanged, RunDamaged
 from klstream.storage.atomic import write_text_atomic
+from klstream.storage.health import inputs_record
+from klstream.storage.rundir import RunDir
 
 MANIFEST_FORMAT = 1
 _HASH_CHUNK = 1 << 20
@@ -68,21 +69,22 @@ def write_manifest(
     write_text_atomic(destination, json.dumps(document, indent=1) + "\n")
 
 
-def _recorded_files(manifest: Path) -> list[InputFile] | None:
-    """The files a manifest lists; None when there is none (runs from before manifests)."""
-    try:
-        document: dict[str, Any] = json.loads(manifest.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+def _recorded_files(run: RunDir) -> list[InputFile] | None:
+    """The files the run's manifest lists; None when there is none (runs from before
+    manifests); :class:`~klstream.errors.RunDamaged` when it cannot be read."""
+    document = inputs_record(run)
+    if document is None:
         return None
-    return [InputFile(**entry) for entry in document["files"]]
+    try:
+        return [InputFile(**entry) for entry in document["files"]]
+    except TypeError as error:
+        raise RunDamaged(run.inputs_manifest, str(error), run.root) from None
 
 
-def input_changes(
-    manifest: Path, run_dir: Path, input_dir: Path, files: list[Path]
-) -> InputsChanged | None:
-    """How ``files`` (the input files selected now) differ from those ``manifest`` records, or
-    None when they are the same or there is no manifest to compare with."""
-    recorded = _recorded_files(manifest)
+def input_changes(run: RunDir, input_dir: Path, files: list[Path]) -> InputsChanged | None:
+    """How ``files`` (the input files selected now) differ from those the run's manifest
+    records, or None when they are the same or there is no manifest to compare with."""
+    recorded = _recorded_files(run)
     if recorded is None:
         return None
     current = {path.relative_to(input_dir).as_posix() for path in files}
@@ -93,5 +95,5 @@ def input_changes(
         name for name in current & before.keys() if not before[name].matches(input_dir)
     )
     if added or removed or changed:
-        return InputsChanged(run_dir, added, removed, changed)
+        return InputsChanged(run.root, added, removed, changed)
     return None

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,6 +42,7 @@ from klstream.metrics.tailfit import (
 from klstream.storage import schemas
 from klstream.storage.atomic import atomic_path, temporary_sibling
 from klstream.storage.database import RANGE_POSITIONS, connect, ranged
+from klstream.storage.health import drop_damaged_kl, scored_model2s
 from klstream.storage.rundir import RunDir
 
 DEFAULT_BATCH_ROWS = 16_384
@@ -295,3 +297,23 @@ def compute_kl(
         unscored=counts[schemas.KL_STATUS_UNSCORED],
         tail_fit=tail_fit,
     )
+
+
+def ensure_kl(run_dir: Path) -> list[str]:
+    """Build the KL table of every Model 2 whose results have none (it was damaged and
+    dropped, or the scoring that writes it was killed first); the Model 2s it built."""
+    run = RunDir(run_dir)
+    drop_damaged_kl(run)
+    built = []
+    for model2 in scored_model2s(run):
+        if not run.kl_path(model2).exists():
+            compute_kl(run_dir, model2)
+            built.append(model2)
+    return built
+
+
+def connect_scored(run_dir: Path) -> duckdb.DuckDBPyConnection:
+    """The run's views (:func:`~klstream.storage.database.connect`) with every Model 2's KL
+    table there: what exports, reports and queries read."""
+    ensure_kl(run_dir)
+    return connect(run_dir)

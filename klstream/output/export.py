@@ -19,13 +19,14 @@ from typing import Any
 import duckdb
 
 from klstream.errors import AmbiguousModel2, NoResults, OutputError, describe_os_error
+from klstream.metrics.kl import connect_scored
 from klstream.storage.atomic import (
     commit,
     sweep_stale_temporaries,
     temporary_sibling,
     write_text_atomic,
 )
-from klstream.storage.database import RANGE_POSITIONS, connect, ranged, view_names
+from klstream.storage.database import RANGE_POSITIONS, ranged, view_names
 from klstream.storage.rundir import ExportDir
 from klstream.storage.sqlfiles import load_sql
 
@@ -183,7 +184,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def summary(run_dir: Path, model2: str | None = None) -> dict[str, Any]:
     """Run-level figures for one Model 2 (the only one when ``model2`` is None)."""
-    with connect(run_dir) as con:
+    with connect_scored(run_dir) as con:
         return summarize(con, resolve_model2(con, run_dir, model2))
 
 
@@ -200,7 +201,7 @@ def export(
     :class:`~klstream.errors.OutputError`.
     """
     exports = ExportDir(output_dir)
-    with connect(run_dir) as con:
+    with connect_scored(run_dir) as con:
         chosen = resolve_model2(con, run_dir, model2)
         try:
             files = _write_kl_files(con, exports, chosen, range_positions)

@@ -12,8 +12,8 @@ from typing import Literal
 import duckdb
 
 from klstream.errors import QueryError
+from klstream.metrics.kl import connect_scored
 from klstream.storage.atomic import atomic_path
-from klstream.storage.database import connect
 
 OutputFormat = Literal["table", "csv", "json", "parquet"]
 
@@ -47,7 +47,7 @@ def run_query(
     """
     if output_format == "parquet" and output is None:
         raise QueryError("parquet output needs an output file")
-    with connect(run_dir) as con:
+    with connect_scored(run_dir) as con:
         try:
             return _render(con.sql(sql), output_format, output, max_rows)
         except duckdb.Error as error:

@@ -37,11 +37,12 @@ from markupsafe import Markup
 
 from klstream import __version__
 from klstream.errors import KlstreamError, NoResults
+from klstream.metrics.kl import connect_scored
 from klstream.output.export import scored_models, summarize
 from klstream.output.top import DEFAULT_CONTEXT, TopQuery, top_tokens
 from klstream.storage import schemas
 from klstream.storage.atomic import write_text_atomic
-from klstream.storage.database import ResponseRange, connect, ranged, response_ranges
+from klstream.storage.database import ResponseRange, ranged, response_ranges
 from klstream.storage.rundir import RunDir
 from klstream.storage.sqlfiles import load_sql
 
@@ -564,7 +565,7 @@ def _percentile_90(
 def build_payload(run_dir: Path, options: ReportOptions | None = None) -> Payload:
     """Everything the page shows, as a :class:`Payload`."""
     chosen = options or ReportOptions()
-    with connect(run_dir) as con:
+    with connect_scored(run_dir) as con:
         payload = _Builder(con, run_dir, chosen).build()
     payload.header["meta"] = {
         "run_dir": str(run_dir.resolve()),

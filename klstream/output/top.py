@@ -13,9 +13,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from klstream.metrics.kl import connect_scored
 from klstream.output.export import resolve_model2
 from klstream.storage.atomic import atomic_path
-from klstream.storage.database import connect
 from klstream.storage.sqlfiles import load_sql
 
 Score = Literal["kl", "normalized"]
@@ -54,7 +54,7 @@ def top_tokens(con: duckdb.DuckDBPyConnection, query: TopQuery) -> pa.Table:
 
 def top_tokens_of_run(run_dir: Path, query: TopQuery) -> pa.Table:
     """:func:`top_tokens` over a run directory."""
-    with connect(run_dir) as con:
+    with connect_scored(run_dir) as con:
         model2 = resolve_model2(con, run_dir, query.model2)
         return top_tokens(con, replace(query, model2=model2))
 

@@ -81,6 +81,12 @@ class ScoreOptions:
     prices: Path | None = None
     """A price table over the shipped one (the layout of ``klstream/backends/prices.json``)."""
 
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "resume continues the results there are and overwrite replaces them: choose one"
+            )
+
     @property
     def settings(self) -> ClientSettings:
         """What every request of the run shares, for the backend's client."""

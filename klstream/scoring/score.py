@@ -113,6 +113,8 @@ async def _score_locked(
         stats.total, stats.already_done = await asyncio.to_thread(
             count_pending, run.root, options.model2
         )
+        if on_progress is not None:
+            on_progress(stats)
         with stopping_on_signals():
             await scheduler.run()
     except StopRun as stop:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import duckdb
 
+from klstream.errors import RunDirError
 from klstream.storage import schemas
+from klstream.storage.health import drop_damaged_kl, require_readable_inputs
 from klstream.storage.rundir import RunDir
 from klstream.storage.sqlfiles import load_sql
 
@@ -43,6 +45,8 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
     """
     run = RunDir(run_dir)
     run.require_exploded()
+    require_readable_inputs(run)
+    drop_damaged_kl(run)
     con = duckdb.connect()
     try:
         if not run.has_scores():
@@ -53,7 +57,13 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
             with contextlib.suppress(
                 duckdb.IOException, duckdb.CatalogException, duckdb.BinderException
             ):
-                con.execute(statement)
+                try:
+                    con.execute(statement)
+                except duckdb.InvalidInputException as damaged:
+                    raise RunDirError(
+                        f"a file of {run_dir} cannot be read ({damaged}); a damaged scores part "
+                        "is moved out of the way by scoring the run again with resume"
+                    ) from None
     except BaseException:
         con.close()
         raise

@@ -26,6 +26,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,21 +45,37 @@ def parquet_problem(path: Path) -> str | None:
     return None
 
 
+def inputs_record(run: RunDir) -> dict[str, Any] | None:
+    """The run's record of its input files (``inputs.json``), None when it has none (runs from
+    before the record); :class:`RunDamaged` when it cannot be read."""
+    path = run.inputs_manifest
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RunDamaged(path, " ".join(str(error).split()), run.root) from None
+    if not isinstance(document, dict) or not isinstance(document.get("files"), list):
+        raise RunDamaged(path, "not a record of input files", run.root)
+    return document
+
+
+def damaged_positions(run: RunDir) -> tuple[Path, str] | None:
+    """The first of the positions and the responses that cannot be read, and why."""
+    for path in (run.positions, run.responses):
+        problem = parquet_problem(path) if path.is_file() else None
+        if problem is not None:
+            return path, problem
+    return None
+
+
 def require_readable_inputs(run: RunDir) -> None:
     """Stop with the fix when the positions, the responses or the input record are damaged."""
-    problems = [
-        (path, problem)
-        for path in (run.positions, run.responses)
-        if path.is_file() and (problem := parquet_problem(path)) is not None
-    ]
-    if run.inputs_manifest.is_file():
-        try:
-            json.loads(run.inputs_manifest.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            problems.append((run.inputs_manifest, str(error)))
-    if problems:
-        path, problem = problems[0]
-        raise RunDamaged(path, problem)
+    record = inputs_record(run)
+    damaged = damaged_positions(run)
+    if damaged is not None:
+        input_dir = record.get("input_dir") if record else None
+        raise RunDamaged(*damaged, run.root, input_dir)
 
 
 @dataclass
@@ -93,3 +110,27 @@ def scan_parts(run: RunDir, model2: str) -> PartsScan:
         else:
             scan.configs[config.decode()] += 1
     return scan
+
+
+def drop_damaged_kl(run: RunDir) -> list[Path]:
+    """Delete every KL table that cannot be read: it is derived from the scores, and the stage
+    that needs it builds it again (:func:`klstream.metrics.kl.ensure_kl`)."""
+    damaged = [path for path in run.kl_tables() if parquet_problem(path) is not None]
+    for path in damaged:
+        path.unlink(missing_ok=True)
+    return damaged
+
+
+def scored_model2s(run: RunDir) -> list[str]:
+    """The Model 2s with a readable part, by the name their results carry."""
+    names = []
+    for parts in run.parts_by_model2():
+        for part in parts:
+            try:
+                column = pq.read_table(part, columns=["model2"])["model2"]
+            except (OSError, pa.ArrowException):
+                continue
+            if len(column):
+                names.append(str(column[0].as_py()))
+                break
+    return names

@@ -150,6 +150,17 @@ class RunDir:
         """Checkpoint parts in write order (their names sort by creation time)."""
         return sorted(self.scores_dir(model2).glob(PART_GLOB))
 
+    def parts_by_model2(self) -> list[list[Path]]:
+        """Each Model 2's parts, one list per Model 2 with a scores folder."""
+        scores = self.root / SCORES_DIR
+        folders = (
+            sorted(path for path in scores.iterdir() if path.is_dir()) if scores.is_dir() else []
+        )
+        return [sorted(folder.glob(PART_GLOB)) for folder in folders]
+
+    def kl_tables(self) -> list[Path]:
+        return sorted((self.root / KL_DIR).glob("*.parquet"))
+
     def has_scores(self, model2: str | None = None) -> bool:
         """Whether any checkpoint part exists, for ``model2`` or for any Model 2."""
         if model2 is not None:
@@ -252,7 +263,7 @@ class RunDir:
             "skipped_file": SKIPPED_FILE,
             "scores_files": f"{SCORES_DIR}/*/{PART_GLOB}",
             "run_config_files": f"{SCORES_DIR}/*/{RUN_CONFIG_FILE}",
-            "kl_files": f"{KL_DIR}/*.parquet",
+            "kl_files": f"{KL_DIR}/*.parquet",  # as kl_tables() globs
         }
 
 
@@ -272,6 +283,14 @@ class ExportDir:
     @property
     def report(self) -> Path:
         return self.root / REPORT_FILE
+
+    def outputs(self) -> list[Path]:
+        """What an export wrote here, the summary first (an export without one is partial)."""
+        return [
+            self.summary,
+            *sorted(self.root.glob(f"*{KL_JSON_SUFFIX}")),
+            self.report,
+        ]
 
     @property
     def workspace(self) -> RunDir:
