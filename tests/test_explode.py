@@ -724,8 +724,9 @@ def test_round_trip_reproduces_every_value(generated: list[Any]) -> None:
         assert report.positions == len(expected_positions)
 
 
-def test_overwrite_refuses_when_model2_results_exist(tmp_path: Path) -> None:
-    """Replacing positions under existing scores would mismatch every key silently."""
+def test_overwrite_refuses_other_inputs_when_model2_results_exist(tmp_path: Path) -> None:
+    """Replacing positions under existing scores with other inputs' would mismatch every key
+    silently; exploding the same inputs again (to rebuild damaged positions) keeps them."""
     inputs = tmp_path / "in"
     write_input(inputs, "a", make_input("p", "m", [[("x", 1, -0.1, [("x", 1, -0.1)])]]))
     run_dir = tmp_path / "run"
@@ -733,6 +734,12 @@ def test_overwrite_refuses_when_model2_results_exist(tmp_path: Path) -> None:
     (run_dir / "scores" / "some-model").mkdir(parents=True)
     (run_dir / "scores" / "some-model" / "part-1.parquet").write_bytes(b"")
     before = (run_dir / "positions.parquet").read_bytes()
+    (run_dir / "positions.parquet").write_bytes(before[: len(before) // 2])
+    explode(inputs, run_dir, overwrite=True)
+    assert (run_dir / "positions.parquet").read_bytes() == before
+    assert (run_dir / "scores" / "some-model" / "part-1.parquet").exists()
+
+    write_input(inputs, "b", make_input("q", "m", [[("y", 2, -0.2, [("y", 2, -0.2)])]]))
     with pytest.raises(KlstreamError, match="holds Model 2 results"):
         explode(inputs, run_dir, overwrite=True)
     assert (run_dir / "positions.parquet").read_bytes() == before
