@@ -32,6 +32,7 @@ from klstream.scoring.runconfig import save_config
 from klstream.scoring.session import Scheduler, Session
 from klstream.scoring.work import (
     Response,
+    acceptance_so_far,
     chosen_tokens,
     pending_responses,
     prefill_request,
@@ -96,6 +97,10 @@ class PrefillScheduler(Scheduler):
         pending = stats.total - stats.already_done
         cap = lookahead.segment_cap(pending, options.max_concurrent, options.lookahead == 1)
         responses = pending_responses(session.run.root, options.model2, options.range_positions)
+        if options.lookahead == "auto" and stats.already_done:
+            self.counts = await asyncio.to_thread(
+                acceptance_so_far, session.run.root, options.model2
+            )
         async with open_prefill(session.endpoint, options.settings) as prefill:
             await self._probe_then_pipeline(
                 session.caller(), prefill, pending_chains(responses, cap)

@@ -115,6 +115,15 @@ def count_pending(run_dir: Path, model2: str) -> tuple[int, int]:
     return int(counts[0]), int(counts[1])
 
 
+def acceptance_so_far(run_dir: Path, model2: str) -> AcceptanceCounts:
+    """How often the stored lookahead answers generated Model 1's tokens
+    (``sql/acceptance_so_far.sql``): where a resumed run's ``auto`` starts."""
+    with connect(run_dir) as con:
+        found = con.execute(load_sql("acceptance_so_far"), {"model2": model2}).fetchone()
+    assert found is not None
+    return AcceptanceCounts(int(found[0]), int(found[1]))
+
+
 def prefill_request(options: ScoreOptions, item: WorkItem) -> PrefillRequest:
     """The request for ``item``: greedy at temperature 0, else at the run's temperature."""
     temperature = 0.0 if item.decoding == "greedy" else options.temperature
