@@ -24,7 +24,7 @@ from typing import Any
 from klstream.backends.base import Answer, Prefill, PrefillRequest
 from klstream.errors import ThinkingNotDisabled, ThinkingRejected
 
-THINKING_DOC = "https://ai.google.dev/gemini-api/docs/thinking (as of 2026-12-07)"
+THINKING_DOC = "https://ai.google.dev/gemini-api/docs/thinking, as of 2026-12-07"
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,11 @@ def next_budget(model: str, refusal: Refusal) -> tuple[int | None, str] | None:
         return min(named), f"the service's refusal of {sent} names {min(named)} as the least"
     family = family_minimum(model)
     if family is not None and family.budget > sent:
-        return family.budget, f"{family.family}'s documented minimum ({family.source})"
+        return family.budget, f"{family.family}'s documented minimum; {family.source}"
     for budget in DOCUMENTED_MINIMUMS:
         if budget > sent:
             return budget, (
-                f"the smallest documented minimum of a Gemini family above {sent} ({THINKING_DOC})"
+                f"the smallest documented minimum of a Gemini family above {sent}; {THINKING_DOC}"
             )
     return None, "every documented minimum was refused: no thinking config"
 

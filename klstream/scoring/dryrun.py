@@ -210,7 +210,7 @@ def _thinking_per_request(
             if family is None:
                 return 0.0, "none: thinking off (budget 0) assumed until calibrated"
             return float(family.budget), (
-                f"{family.family} cannot stop thinking: its minimum budget ({family.source})"
+                f"{family.family} cannot stop thinking, so auto sends its minimum; {family.source}"
             )
     if isinstance(budget, int) and budget > 0:
         return float(budget), f"the thinking budget of {budget}, spent in full"
