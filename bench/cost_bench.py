@@ -15,11 +15,13 @@ per 1,000 positions at ``--price-as``'s list prices (the shipped table's entry i
 toy models), relative to the spec's method, plus what ``auto`` chose. Every klstream run is
 checked against ``--lookahead 1``: the same top-k at every position (the emulator is
 deterministic given the prefix). The emulator's implicit cache keeps Gemini's minimum
-(``--cache-min-tokens``, 1024): the toy prompts and responses are shorter, so nothing is cached
-unless it is lowered.
+(``--cache-min-tokens``, 2048): the toy prompts and responses are shorter, so nothing is cached
+unless it is lowered. ``--thinking-budget N`` has every request (the spec's too) think N tokens,
+billed as output: give a pair that must think, such as ``toy-d2-mustthink128``.
 
 Usage: python bench/cost_bench.py [--samples 3] [--max-tokens 256] [--price-as gemini-2.0-flash]
-                                  [--cache-min-tokens 1024] [--pairs toy-d0.25 toy-d2 toy-d8]
+                                  [--cache-min-tokens 2048] [--thinking-budget 0]
+                                  [--pairs toy-d0.25 toy-d2 toy-d8]
 """
 
 from __future__ import annotations
@@ -56,18 +58,21 @@ LOOKAHEADS: list[Lookahead] = [1, 2, 4, 8, 16, "auto"]
 SPEC_CONCURRENCY = 20
 
 
-def spec_method(run_dir: Path, model2: str, base_url: str) -> tuple[int, Usage]:
-    """The spec's script: per response, every position at once under a semaphore of 20."""
+def spec_method(
+    run_dir: Path, model2: str, base_url: str, thinking_budget: int
+) -> tuple[int, Usage]:
+    """The spec's script: per response, every position at once under a semaphore of 20 (with
+    a thinking budget, room for the thoughts in the output tokens, as klstream leaves)."""
     positions = pq.read_table(RunDir(run_dir).positions).to_pylist()
     responses = {
         (r["stem"], r["response_index"]): r
         for r in pq.read_table(RunDir(run_dir).responses).to_pylist()
     }
     config = types.GenerateContentConfig(
-        max_output_tokens=1,
+        max_output_tokens=1 + thinking_budget,
         response_logprobs=True,
         logprobs=20,
-        thinking_config=types.ThinkingConfig(thinking_budget=0),
+        thinking_config=types.ThinkingConfig(thinking_budget=thinking_budget),
     )
     usage = Usage()
 
@@ -87,17 +92,7 @@ def spec_method(run_dir: Path, model2: str, base_url: str) -> tuple[int, Usage]:
                 )
             requests += 1
             metadata = answer.usage_metadata
-            usage.add(
-                usage_of(
-                    {
-                        "promptTokenCount": metadata.prompt_token_count if metadata else 0,
-                        "cachedContentTokenCount": metadata.cached_content_token_count
-                        if metadata
-                        else 0,
-                        "candidatesTokenCount": metadata.candidates_token_count if metadata else 0,
-                    }
-                )
-            )
+            usage.add(usage_of(metadata.model_dump(by_alias=True) if metadata else None))
 
         for key, response in responses.items():
             tokens = [p["token"] for p in positions if (p["stem"], p["response_index"]) == key]
@@ -211,7 +206,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--price-as", default="gemini-2.0-flash")
-    parser.add_argument("--cache-min-tokens", type=int, default=1024)
+    parser.add_argument("--cache-min-tokens", type=int, default=ServiceConfig.cache_min_tokens)
+    parser.add_argument("--thinking-budget", type=int, default=0)
     parser.add_argument("--pairs", nargs="+", default=["toy-d0.25", "toy-d2", "toy-d8"])
     args = parser.parse_args()
 
@@ -237,14 +233,17 @@ def main() -> None:
                 f"Model 1 = toy, {args.samples} samples of up to {args.max_tokens} tokens for each "
                 f"prompt of examples/prompts.txt: {positions:,} positions. USD at "
                 f"{args.price_as}'s list prices of {price.date}; emulator cache minimum "
-                f"{args.cache_min_tokens} tokens."
+                f"{args.cache_min_tokens} tokens; thinking budget {args.thinking_budget} (output "
+                "tokens include the thoughts)."
             )
             choices: list[str] = []
             for model2 in args.pairs:
                 spec_dir = work / f"{model2}-spec"
                 shutil.copytree(template, spec_dir)
                 server.set_service(service)
-                requests, usage = spec_method(spec_dir, model2, server.base_url)
+                requests, usage = spec_method(
+                    spec_dir, model2, server.base_url, args.thinking_budget
+                )
                 spec = row(
                     "spec's method (1 request/position, 20 concurrent, file order)",
                     requests,
@@ -271,6 +270,7 @@ def main() -> None:
                                 decoding=decoding,
                                 max_concurrent=SPEC_CONCURRENCY,
                                 prices=prices_file,
+                                thinking_budget=args.thinking_budget,
                             ),
                             endpoint,
                         )

@@ -20,6 +20,7 @@ from click.core import ParameterSource
 from klstream import __version__
 from klstream import errors as E
 from klstream.backends import BACKENDS, PROMPT_LOGPROBS, online_methods
+from klstream.backends.base import AUTO_THINKING, ThinkingBudget
 from klstream.storage.rundir import INPUTS_FILE
 
 if TYPE_CHECKING:
@@ -29,11 +30,32 @@ if TYPE_CHECKING:
     from klstream.scoring.score import ScoreReport
 
 
+OUT_OF_THINKING = (
+    "choose a Model 2 whose thinking can be switched off or bounded (such as gemini-2.5-flash "
+    "on Vertex AI), or an open-weight model (--backend openai)"
+)
+"""Where the thinking hints end: a search that found nothing cannot be helped by a flag."""
+
+
 def _thinking_hint(error: E.KlstreamError) -> str:
-    budget = getattr(error, "thinking_budget", 0)
-    if budget is None:
-        return "pass --thinking-budget 0"
-    return "use a model whose thinking can be switched off"
+    """Every thinking failure points at ``auto`` or, after a search, out of the loop."""
+    if getattr(error, "searched", False):
+        return OUT_OF_THINKING
+    if isinstance(error, E.ThinkingNotDisabled) and error.thinking_budget is None:
+        return "pass --thinking-budget 0, or auto (the default) to find the least the model takes"
+    return (
+        "pass --thinking-budget auto (the default): 0 where the model accepts it, else the "
+        "least budget it accepts"
+    )
+
+
+def _logprobs_hint(error: E.KlstreamError) -> str:
+    """The flags of what works instead of a model without logprobs."""
+    model = getattr(error, "model", "")
+    options = ["--backend openai --method prompt-logprobs --base-url URL (a vLLM server)"]
+    if not (getattr(error, "backend", "") == "vertex" and model.startswith("gemini-2.5")):
+        options.insert(0, "--backend vertex --model2 gemini-2.5-flash --project-id PROJECT")
+    return "try " + ", or ".join(options) + " (README: when a provider withdraws logprobs)"
 
 
 HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
@@ -61,10 +83,13 @@ HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
         "use --method prefill, or --method prompt-logprobs with "
         + " or ".join(f"--backend {n}" for n, s in BACKENDS.items() if PROMPT_LOGPROBS in s.methods)
     ),
-    E.ThinkingRejected: lambda e: (
-        "try --thinking-budget none (send no thinking config) or another model"
-    ),
+    E.ThinkingRejected: _thinking_hint,
     E.ThinkingNotDisabled: _thinking_hint,
+    E.LogprobsUnavailable: _logprobs_hint,
+    E.ModelNotFound: lambda e: (
+        "check --model2 and --base-url; `klstream prices` lists the Gemini models klstream knows "
+        "and when each was retired"
+    ),
     E.BatchUnavailable: lambda e: (
         "pass --location with a region that offers batch prediction (such as us-central1), "
         "or score online without --batch"
@@ -464,9 +489,11 @@ def _api_options(function: Any) -> Any:
             ),
             click.option(
                 "--thinking-budget",
-                default="0",
+                default="auto",
                 show_default=True,
-                help="Thinking budget to send; `none` sends no thinking config.",
+                metavar="N|none|auto",
+                help="Thinking budget to send; `none` sends no thinking config; `auto` sends 0, "
+                "or the least budget the model accepts when it cannot stop thinking.",
             ),
         ],
     )
@@ -632,11 +659,18 @@ def _score_flags(function: Any) -> Any:
     )
 
 
-def _thinking_budget(value: str) -> int | None:
+def _thinking_budget(value: str) -> ThinkingBudget:
+    word = value.lower()
+    if word == AUTO_THINKING:
+        return AUTO_THINKING
+    if word == "none":
+        return None
     try:
-        return None if value.lower() == "none" else int(value)
+        return int(value)
     except ValueError as error:
-        raise click.BadParameter("an integer or `none`", param_hint="--thinking-budget") from error
+        raise click.BadParameter(
+            "an integer, `none` or `auto`", param_hint="--thinking-budget"
+        ) from error
 
 
 def _lookahead(value: str) -> int | Literal["auto"]:
@@ -811,6 +845,61 @@ def _incomplete(report: ScoreReport) -> E.RunIncomplete:
     )
 
 
+def _warn_about_price(model2: str, prices: Path | None) -> None:
+    """One line on stderr when the entry that prices the run is old, past its announced prices,
+    or for a retired model (a bad ``--prices`` file stops the run here, before any request)."""
+    from datetime import date
+
+    from klstream.backends.prices import entry_warnings, load_prices, price_for
+
+    entry = price_for(model2, load_prices(prices))
+    warnings = entry_warnings(entry, date.today()) if entry is not None else []
+    if warnings:
+        click.echo(
+            f"warning: {'; '.join(warnings)}. `klstream prices --model {model2}` shows the entry; "
+            "--prices FILE replaces it",
+            err=True,
+        )
+
+
+@main.command()
+@click.option("--model", help="Show only the entry a run with --model2 MODEL would use.")
+@click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A price table over the shipped one, as `score --prices` takes it.",
+)
+def prices(model: str | None, prices_path: Path | None) -> None:
+    """The price entries runs use: prices, the date they were read, source, age, retirement."""
+    from datetime import date
+
+    from klstream.backends.prices import (
+        SHIPPED,
+        describe_entry,
+        entry_warnings,
+        load_prices,
+        price_for,
+        shipped_prices,
+    )
+
+    table, today = load_prices(prices_path), date.today()
+    if model is None:
+        for entry in table.values():
+            click.echo("\n".join(describe_entry(entry, today)))
+        click.echo("USD per 1,000,000 tokens; thinking is billed as output.")
+        return
+    found = price_for(model, table)
+    if found is None:
+        click.echo(f"no price entry matches {model}: a run counts its tokens but shows no USD")
+        return
+    origin = SHIPPED if shipped_prices().get(found.model) is found else prices_path
+    click.echo(f"{model} is priced by the entry {found.model} of {origin}")
+    click.echo("\n".join(describe_entry(found, today)))
+    for warning in entry_warnings(found, today):
+        click.echo(f"warning: {warning}")
+
+
 @main.command()
 @run_dir_argument
 @_score_flags
@@ -824,6 +913,7 @@ def score(run_dir: Path, **params: Any) -> None:
     from klstream.scoring.dryrun import dry_run, format_dry_run
 
     options = _score_options(params)
+    _warn_about_price(options.model2, options.prices)
     dry = _dry_run_options(params)
     if dry is not None:
         endpoint = _endpoint(params) if dry.calibrate else None
@@ -931,6 +1021,7 @@ def run_all(
     options = RunOptions(
         _score_options(params), pattern=pattern, max_files=max_files, report=not no_report
     )
+    _warn_about_price(options.score.model2, options.score.prices)
     dry = _dry_run_options(params)
     if dry is not None:
         endpoint = _endpoint(params) if dry.calibrate else None

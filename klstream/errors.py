@@ -174,19 +174,37 @@ class ModelCannotScore(EndpointError):
     """The model, as configured, can never give what scoring needs (logprobs after a prefill)."""
 
 
+class LogprobsUnavailable(ModelCannotScore):
+    """The service does not return logprobs for this model at all (Google has switched them off
+    for most Gemini models): no request can be scored, whatever its settings."""
+
+    def __init__(self, message: str, backend: str, model: str) -> None:
+        self.backend, self.model = backend, model
+        super().__init__(message)
+
+
 class PrefillRejected(ModelCannotScore):
     """The model refuses a conversation that ends with its own (prefilled) turn."""
 
 
 class ThinkingRejected(ModelCannotScore):
-    """The model refuses the thinking configuration that was sent."""
+    """The model refuses the thinking configuration that was sent: ``budget`` (None: the
+    config was left out), in the service's words ``reply``. ``searched`` is true when every
+    budget a search for one (``--thinking-budget auto``) could try was refused."""
+
+    def __init__(
+        self, message: str, budget: int | None, reply: str, searched: bool = False
+    ) -> None:
+        self.budget, self.reply, self.searched = budget, reply, searched
+        super().__init__(message)
 
 
 class ThinkingNotDisabled(ModelCannotScore):
-    """The model spends its output on thinking and returns no logprobs."""
+    """The model spends its output on thinking and returns no logprobs. ``searched`` is true
+    when the budget was the one a search found (``--thinking-budget auto``)."""
 
-    def __init__(self, message: str, thinking_budget: int | None) -> None:
-        self.thinking_budget = thinking_budget
+    def __init__(self, message: str, thinking_budget: int | None, searched: bool = False) -> None:
+        self.thinking_budget, self.searched = thinking_budget, searched
         super().__init__(message)
 
 

@@ -300,11 +300,11 @@ def test_no_wait_then_status_cancel_and_resume(server: EmulatorServer, run_dir: 
     assert finished.exit_code == 0, finished.output
     assert {row["status"] for row in resolved(run_dir)} == {"ok"}
     with connect(run_dir) as con:
-        cancelled = con.sql("SELECT error FROM scores WHERE status = 'error'").fetchall()
-    assert cancelled and all("ended CANCELLED" in error for (error,) in cancelled)
+        failures = con.sql("SELECT error FROM scores WHERE status = 'error'").fetchall()
+    assert failures and all("ended CANCELLED" in error for (error,) in failures)
     counts = server.batch.submitted_keys()
     # The new round's first position goes online, as its probe.
-    assert sum(count == 2 for count in counts.values()) == len(cancelled) - 1
+    assert sum(count == 2 for count in counts.values()) == len(failures) - 1
     assert max(counts.values()) == 2
 
 

@@ -28,7 +28,13 @@ from klstream.emulator import (
     ToyModel,
     encode,
 )
-from klstream.emulator.protocol import NOPREFILL_MESSAGE
+from klstream.emulator.protocol import (
+    MUST_THINK_MESSAGE,
+    NOPREFILL_MESSAGE,
+    ROUNDS_TO_ONE,
+    SENTINEL_LOGPROB,
+    VERTEX_NO_LOGPROBS_MESSAGE,
+)
 from klstream.emulator.service import ServiceConfig
 from klstream.emulator.toymodel import top_k
 
@@ -671,3 +677,90 @@ def test_the_scaled_logprobs_switch_reports_the_distribution_sampled_from(api: A
         assert sharpest is not None and sharpest > expected[0].logprob
     finally:
         api.server.set_service(ServiceConfig())
+
+
+# --- profiles of what real services do (README, "Gemini as of 2026-12-07") --------------------
+
+
+def test_a_logprobsoff_model_refuses_logprobs_in_each_routes_own_words(api: Api) -> None:
+    with pytest.raises(errors.ClientError) as developer:
+        api.generate(model="toy-logprobsoff")
+    assert (developer.value.code, developer.value.status) == (400, "INVALID_ARGUMENT")
+    assert developer.value.message == "Logprobs is not enabled for models/toy-logprobsoff"
+    vertex = api.vertex(project="p", location="us-central1", credentials=token_credentials())
+    with pytest.raises(errors.ClientError) as on_vertex:
+        api.generate(vertex, model="toy-logprobsoff")
+    assert on_vertex.value.message == VERTEX_NO_LOGPROBS_MESSAGE
+    assert (on_vertex.value.message or "").startswith(
+        "Unable to submit request because Logprobs is not supported for this model. Learn more: "
+    )
+    plain = api.generate(model="toy-logprobsoff", config=types.GenerateContentConfig())
+    assert plain.text is not None
+
+
+def test_a_mustthink_model_refuses_budgets_below_its_minimum(api: Api) -> None:
+    def with_budget(budget: int) -> types.GenerateContentConfig:
+        thinking = types.ThinkingConfig(thinking_budget=budget)
+        return SCORING.model_copy(update={"thinking_config": thinking, "max_output_tokens": 129})
+
+    with pytest.raises(errors.ClientError) as zero:
+        api.generate(model="toy-mustthink128", config=with_budget(0))
+    assert zero.value.message == MUST_THINK_MESSAGE
+    assert MUST_THINK_MESSAGE == "Budget 0 is invalid. This model only works in thinking mode."
+    with pytest.raises(errors.ClientError) as below:
+        api.generate(model="toy-mustthink128", config=with_budget(64))
+    assert below.value.message == "The thinking budget (64) is invalid."
+    response = api.generate(model="toy-mustthink128", prefill="The", config=with_budget(128))
+    assert usage_of(response).thoughts_token_count == 128
+    assert chosen_of(response)[128].token == response.text
+
+
+def certain_prefill(prompt: str) -> str:
+    """A prefill after which the toy's most likely token is within ``ROUNDS_TO_ONE`` of
+    certain."""
+    for seed in range(100):
+        steps = ToyModel.for_name("toy").sample(prompt, 100, 1.0, seed, 1).steps
+        for index, step in enumerate(steps):
+            if step.top[0].logprob > -ROUNDS_TO_ONE:
+                return "".join(step.chosen.token for step in steps[:index])
+    raise AssertionError("the toy is never that certain after this prompt")
+
+
+def test_sentinels_fill_the_list_after_a_near_certain_token(api: Api) -> None:
+    prefill = certain_prefill(PROMPT)
+    expected = top_k(ToyModel.for_name("toy").next_token_logprobs(PROMPT, encode(prefill)), 20)
+    response = api.generate(model="toy-sentinels", prefill=prefill)
+    (top,) = top_of(response)
+    assert (top[0].token_id, top[0].log_probability) == (expected[0].token_id, 0.0)
+    assert [c.log_probability for c in top[1:]] == [SENTINEL_LOGPROB] * 19
+    assert not {c.token_id for c in top[1:]} & {c.token_id for c in expected}
+    assert top_of(api.generate(model="toy-sentinels", prefill="The"))[0][0].log_probability != 0
+
+
+def test_padded_lists_hold_the_true_top_k_and_two_sentinels(api: Api) -> None:
+    plain = top_of(api.generate(prefill="The"))[0]
+    padded = top_of(api.generate(model="toy-padded", prefill="The"))[0]
+    assert padded[:20] == plain
+    assert [c.log_probability for c in padded[20:]] == [SENTINEL_LOGPROB] * 2
+
+
+def test_a_rerouted_model_answers_as_another_and_says_so(api: Api) -> None:
+    response = api.generate(model="toy-d2-rerouted", prefill="The")
+    assert response.model_version == "toy"
+    assert_matches_toy_model(response, "toy", PROMPT, "The")
+
+
+def test_a_retired_model_is_not_found(api: Api) -> None:
+    with pytest.raises(errors.ClientError) as info:
+        api.generate(model="gemini-2.0-flash-toy-retired")
+    assert (info.value.code, info.value.status) == (404, "NOT_FOUND")
+    assert info.value.message == (
+        "models/gemini-2.0-flash-toy-retired is not found for API version v1, or is not "
+        "supported for generateContent."
+    )
+
+
+def test_the_implicit_cache_minimum_is_the_current_docs_2048() -> None:
+    assert ServiceConfig().cache_min_tokens == 2048
+    help_text = invoke("emulate", "--help").output
+    assert "--cache-min-tokens INTEGER" in help_text and "[default: 2048]" in help_text

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from klstream.backends.base import (
     Backend,
@@ -127,11 +127,21 @@ def endpoint_from_environment(
 def open_prefill(
     endpoint: Endpoint, settings: ClientSettings
 ) -> AbstractAsyncContextManager[Prefill]:
-    """The endpoint's backend generating with logprobs, with its connections, for one model."""
+    """The endpoint's backend generating with logprobs, with its connections, for one model;
+    with ``settings.find_thinking_budget``, behind the search for a thinking budget the model
+    accepts (:func:`klstream.backends.thinking.thinking_choice` says what it found)."""
     opener = load_backend(endpoint.backend).prefill
     if opener is None:
         raise MethodUnsupported(f"the {endpoint.backend} backend cannot generate with logprobs")
-    return opener(endpoint, settings)
+    if not settings.find_thinking_budget:
+        return opener(endpoint, settings)
+    from klstream.backends.thinking import searching
+
+    def open_with(budget: int | None) -> AbstractAsyncContextManager[Prefill]:
+        tried = replace(settings, thinking_budget=budget, find_thinking_budget=False)
+        return opener(endpoint, tried)
+
+    return searching(open_with, settings.model)
 
 
 def open_prompt_scoring(

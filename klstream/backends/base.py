@@ -24,7 +24,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Literal, Protocol
 from urllib.parse import quote, quote_plus
 
 from klstream.backends.prices import Usage
@@ -158,6 +158,12 @@ class PrefillRequest:
     seed: int | None = None
 
 
+AUTO_THINKING: Final = "auto"
+ThinkingBudget = int | None | Literal["auto"]
+"""What a run is asked to send as the thinking budget: a number of tokens, None (no thinking
+config), or ``"auto"`` (:mod:`klstream.backends.thinking` finds one)."""
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     """How a run talks to one model: the settings every request of it shares."""
@@ -166,6 +172,17 @@ class ClientSettings:
     max_concurrent: int = 16
     thinking_budget: int | None = 0
     """Gemini's thinking budget (None: no thinking config); servers without thinking ignore it."""
+    find_thinking_budget: bool = False
+    """Find the budget instead (:mod:`klstream.backends.thinking`): 0 where the model takes it,
+    else the smallest it accepts, else no thinking config. Backends never see it set: the
+    registry's :func:`~klstream.backends.open_prefill` hands them the budget to try."""
+
+    @classmethod
+    def of(cls, model: str, max_concurrent: int, thinking: ThinkingBudget) -> ClientSettings:
+        """The settings for a thinking budget as a run is asked for it (``"auto"`` included)."""
+        if thinking == AUTO_THINKING:
+            return cls(model, max_concurrent, 0, find_thinking_budget=True)
+        return cls(model, max_concurrent, thinking)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import aiohttp
@@ -33,11 +33,13 @@ from klstream.backends.base import (
     PrefillRequest,
     Where,
 )
-from klstream.backends.prices import Usage, usage_of
+from klstream.backends.checks import usable_logprob
+from klstream.backends.prices import Usage, price_for, shipped_prices, usage_of
 from klstream.errors import (
     AuthenticationError,
     CallFault,
     ConnectFailed,
+    LogprobsUnavailable,
     MissingCredentials,
     ModelNotFound,
     Overloaded,
@@ -193,18 +195,47 @@ def request_template(
     return {key: value for key, value in body.items() if key not in ("contents", "_url")}
 
 
-def _candidate(raw: Any) -> Candidate:
+def _candidate(raw: Any) -> Candidate | None:
+    """One entry of a logprobs list; None when its logprob is not usable
+    (:func:`~klstream.backends.checks.usable_logprob`: a sentinel such as -1.2676506e30, NaN,
+    an infinity, a positive value, null or missing), so that it is left out, never a value."""
     if not isinstance(raw, dict):
         raise UnusableAnswer(f"malformed logprob candidate {raw!r}")
     token, logprob, token_id = raw.get("token"), raw.get("logProbability"), raw.get("tokenId")
-    if (
-        not isinstance(token, str)
-        or not isinstance(logprob, int | float)
-        or not logprob <= 0.0
-        or not (token_id is None or isinstance(token_id, int))
+    if not isinstance(token, str) or not (
+        token_id is None or (isinstance(token_id, int) and not isinstance(token_id, bool))
     ):
         raise UnusableAnswer(f"malformed logprob candidate {raw!r}")
-    return Candidate(token, token_id, float(logprob))
+    if not usable_logprob(logprob):
+        return None
+    return Candidate(token, token_id, float(cast(float, logprob)))
+
+
+def _step(listed: Any, chosen: Any) -> Generated:
+    """One step from its top-candidates entry and its chosen candidate (``None`` when the answer
+    lists none): the top-k without unusable entries, counted in ``dropped``. A chosen token whose
+    own logprob is unusable takes its entry's in the list, else counts as not reported."""
+    raw = (listed.get("candidates") if isinstance(listed, dict) else None) or []
+    if not isinstance(raw, list):
+        raise UnusableAnswer(f"malformed top-candidates entry {listed!r}")
+    parsed = [_candidate(c) for c in raw]
+    top = [c for c in parsed if c is not None]
+    dropped = len(parsed) - len(top)
+    if not top:
+        raise UnusableAnswer(
+            "answer with an empty top-candidates list"
+            + (f" ({dropped} entries without a usable logprob)" if dropped else "")
+        )
+    picked = None if chosen is None else _candidate(chosen)
+    if picked is None and isinstance(chosen, dict):
+        picked = next((c for c in top if (c.token, c.token_id) == _identity(chosen)), None)
+    if picked is None:
+        return Generated(top[0], top, chosen_reported=False, dropped=dropped)
+    return Generated(picked, top, dropped=dropped)
+
+
+def _identity(raw: dict[str, Any]) -> tuple[Any, Any]:
+    return raw.get("token"), raw.get("tokenId")
 
 
 def _thought_steps(step_count: int, usage: Usage) -> int:
@@ -256,22 +287,22 @@ def parse_answer_body(body: Any, thinking_budget: int | None) -> Answer:
             f"answer without logprobs (finish reason {finish}); the model may not support "
             "response_logprobs"
         )
-    steps = []
-    for index in range(thoughts, len(top_steps)):
-        alternatives = [_candidate(c) for c in (top_steps[index] or {}).get("candidates") or []]
-        if not alternatives:
-            raise UnusableAnswer("answer with an empty top-candidates list")
-        if index < len(chosen):
-            steps.append(Generated(_candidate(chosen[index]), alternatives))
-        else:
-            steps.append(Generated(alternatives[0], alternatives, chosen_reported=False))
+    steps = [
+        _step(top_steps[index], chosen[index] if index < len(chosen) else None)
+        for index in range(thoughts, len(top_steps))
+    ]
     parts = (candidate.get("content") or {}).get("parts") or []
     text = "".join(
         part.get("text", "") for part in parts if isinstance(part, dict) and not part.get("thought")
     )
-    return Answer(steps, text, finish, usage)
+    served = body.get("modelVersion")
+    return Answer(steps, text, finish, usage, served if isinstance(served, str) else None)
 
 
+_LOGPROBS_OFF = re.compile(r"logprobs is not (?:enabled|supported)", re.IGNORECASE)
+"""How both services say a model gives no logprobs: the Developer API "Logprobs is not enabled
+for models/<id>" (also "... for this model", and "Logprobs is not supported for the current
+model."), Vertex AI "Unable to submit request because Logprobs is not supported for this model"."""
 _PREFILL_REJECTED = re.compile(r"model turn|prefill|last turn|ending with", re.IGNORECASE)
 _THINKING_REJECTED = re.compile(r"thinking|budget", re.IGNORECASE)
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -284,9 +315,18 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
 """The SDK's and its HTTP library's errors: :func:`fault_of` turns each into a fault."""
 
 
-def api_fault(error: genai_errors.APIError, thinking_budget: int | None) -> CallFault:
+SERVICES = {"gemini": "the Gemini Developer API", "vertex": "Vertex AI"}
+
+
+def api_fault(
+    error: genai_errors.APIError,
+    thinking_budget: int | None,
+    model: str = "",
+    backend: str = "gemini",
+) -> CallFault:
     """The fault an API error stands for; raises an :class:`~klstream.errors.EndpointError`
-    when no request can succeed (bad key, unknown model, no prefill, thinking config refused)."""
+    when no request can succeed (bad key, unknown model, no logprobs, no prefill, thinking config
+    refused)."""
     code = error.code or 0
     message = error.message or str(error)
     text = describe(error)
@@ -296,6 +336,8 @@ def api_fault(error: genai_errors.APIError, thinking_budget: int | None) -> Call
         return Overloaded(text, server_retry_delay(error))
     if code in RETRIED_STATUS:
         return TransientFault(text, server_retry_delay(error))
+    if code == 400 and _LOGPROBS_OFF.search(message):
+        raise LogprobsUnavailable(no_logprobs_message(backend, model, text), backend, model)
     if code == 400 and _PREFILL_REJECTED.search(message):
         raise PrefillRejected(
             f"the model rejects a trailing model turn ({code}: {message}). Scoring needs "
@@ -303,7 +345,11 @@ def api_fault(error: genai_errors.APIError, thinking_budget: int | None) -> Call
             "Choose a Model 2 that accepts it."
         )
     if code == 400 and thinking_budget is not None and _THINKING_REJECTED.search(message):
-        raise ThinkingRejected(f"the model rejects the thinking configuration ({code}: {message})")
+        raise ThinkingRejected(
+            f"the model rejects a thinking budget of {thinking_budget} ({code}: {message})",
+            thinking_budget,
+            message,
+        )
     if code in (401, 403):
         what = "authentication failed" if code == 401 else "permission denied"
         raise AuthenticationError(
@@ -312,15 +358,40 @@ def api_fault(error: genai_errors.APIError, thinking_budget: int | None) -> Call
     if code == 404:
         raise ModelNotFound(
             f"model or endpoint not found ({code} {error.status}: {message}); "
-            "no request can succeed"
+            f"no request can succeed{retired_note(model)}"
         )
     return RequestRejected(text)
 
 
-def fault_of(error: BaseException, thinking_budget: int | None) -> CallFault:
+def no_logprobs_message(backend: str, model: str, reply: str) -> str:
+    """Why a model whose service gives no logprobs cannot be Model 2, and what can."""
+    instead = [
+        "another model family",
+        "an open-weight model on a vLLM server, scored from its prompt logprobs",
+    ]
+    if not (backend == "vertex" and model.removeprefix("models/").startswith("gemini-2.5")):
+        instead.insert(0, "a Gemini 2.5 model on Vertex AI, where projects still got logprobs")
+    return (
+        f"{SERVICES.get(backend, backend)} returns no logprobs for {model or 'this model'} "
+        f"({reply}): Google has switched them off for it, and scoring needs Model 2's top-k "
+        f"logprobs. What works instead (as of 2026-12): {'; '.join(instead)}"
+    )
+
+
+def retired_note(model: str) -> str:
+    """``; <model> was retired on <date>`` where the shipped price table knows it was."""
+    price = price_for(model, shipped_prices()) if model else None
+    if price is None or price.retired is None:
+        return ""
+    return f"; {price.model} was retired on {price.retired} (klstream's price table)"
+
+
+def fault_of(
+    error: BaseException, thinking_budget: int | None, model: str = "", backend: str = "gemini"
+) -> CallFault:
     """The fault one of :data:`TRANSPORT_ERRORS` stands for (see :func:`api_fault`)."""
     if isinstance(error, genai_errors.APIError):
-        return api_fault(error, thinking_budget)
+        return api_fault(error, thinking_budget, model, backend)
     cause = unreachable(error)
     if cause is not None:
         return ConnectFailed(cause)
@@ -396,8 +467,15 @@ def request_config(
 class GeminiPrefill:
     """One Gemini model through one google-genai client: the backends' generation."""
 
-    def __init__(self, client: genai.Client, model: str, thinking_budget: int | None) -> None:
+    def __init__(
+        self,
+        client: genai.Client,
+        model: str,
+        thinking_budget: int | None,
+        backend: str = "gemini",
+    ) -> None:
         self.client, self.model, self.thinking_budget = client, model, thinking_budget
+        self.backend = backend
 
     async def generate(self, request: PrefillRequest) -> Answer:
         config = request_config(request, self.thinking_budget)
@@ -408,7 +486,7 @@ class GeminiPrefill:
                 config=config,
             )
         except TRANSPORT_ERRORS as error:
-            raise fault_of(error, self.thinking_budget) from error
+            raise fault_of(error, self.thinking_budget, self.model, self.backend) from error
         return parse_answer(response, self.thinking_budget)
 
 
@@ -423,4 +501,4 @@ async def open_prefill(
     connector = aiohttp.TCPConnector(limit=settings.max_concurrent, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         client = make_client(endpoint, session if endpoint.backend == "gemini" else None)
-        yield GeminiPrefill(client, settings.model, settings.thinking_budget)
+        yield GeminiPrefill(client, settings.model, settings.thinking_budget, endpoint.backend)

@@ -58,9 +58,11 @@ Usage and the implicit cache (``ServiceConfig``, CLI flags in brackets)
     ``thoughtsTokenCount`` and ``cachedContentTokenCount``: the longest token
     prefix (prompt, then prefill) that a request to the same model sent within
     ``cache_ttl_s`` [--cache-ttl, 300], when it holds at least
-    ``cache_min_tokens`` tokens [--cache-min-tokens, 1024, Gemini 2.5 Flash's
-    minimum]. ``scaled_logprobs`` [--scaled-logprobs] reports the logprobs of the
-    distribution actually sampled from instead (temperature-scaled; at
+    ``cache_min_tokens`` tokens [--cache-min-tokens, 2048: Gemini 2.5 Flash's and
+    Pro's minimum in Google's caching docs as of 2026-12; 1,024 for Flash at the
+    launch of implicit caching in May 2025]. ``scaled_logprobs``
+    [--scaled-logprobs] reports the logprobs of the distribution actually sampled
+    from instead (temperature-scaled; at
     temperature 0 only the chosen token), as a service whose logprobs depend on
     the sampling settings would. ``EmulatorServer(service=...)`` and
     ``set_service()`` set it in process.
@@ -77,16 +79,49 @@ Model names
     ``x`` (mean KL roughly 0.03, 0.1, 0.4, 1.7 nats for x = 0.25, 0.5, 1, 2). Prefixes are
     free (``gemini-toy-d0.25``). A part ``s<n>`` picks another perturbation
     direction (``toy-d1-s2``). Equal dial and seed mean identical
-    distributions, whatever the rest of the name. Behaviour flags, anywhere in
-    the name: ``thinking`` spends the output budget on thoughts (finishReason
-    MAX_TOKENS, no text, no logprobs, ``thoughtsTokenCount`` set) unless
-    ``thinkingBudget`` is 0 (a positive budget leaves the rest of
-    ``maxOutputTokens`` for the answer, and the thoughts then come back as a
-    ``thought`` part and ahead of the answer's steps in ``logprobsResult``:
-    where a real service lists thought tokens is undocumented, so a client
-    must not take them for answer steps); ``noprefill`` rejects a trailing
-    model turn with 400 "Requests ending with a model turn are not
-    supported."; ``nologprobs`` answers without ``logprobsResult``.
+    distributions, whatever the rest of the name (but ``rerouted``). Behaviour
+    flags, as parts anywhere in the name (``ToyModel.for_name`` parses them), each reproducing
+    what a real service does (sources: README, "Gemini as of 2026-12-07"):
+
+    ``thinking``
+        spends the output budget on thoughts (finishReason MAX_TOKENS, no text,
+        no logprobs, ``thoughtsTokenCount`` set) unless ``thinkingBudget`` is 0
+        (a positive budget leaves the rest of ``maxOutputTokens`` for the
+        answer, and the thoughts then come back as a ``thought`` part and ahead
+        of the answer's steps in ``logprobsResult``: where a real service lists
+        thought tokens is undocumented, so a client must not take them for
+        answer steps).
+    ``mustthink<N>``
+        thinks like ``thinking`` but cannot stop, as Gemini 2.5 Pro: a budget
+        of 0 gets 400 "Budget 0 is invalid. This model only works in thinking
+        mode.", a budget from 1 to N-1 gets 400 "The thinking budget (B) is
+        invalid."; N and above (or -1, dynamic) are accepted.
+    ``noprefill``
+        rejects a trailing model turn with 400 "Requests ending with a model
+        turn are not supported.".
+    ``nologprobs``
+        answers without ``logprobsResult``.
+    ``logprobsoff``
+        refuses ``responseLogprobs`` as Google's services now do for most
+        Gemini models: 400 INVALID_ARGUMENT "Logprobs is not enabled for
+        models/<name>" on the Developer API route, "Unable to submit request
+        because Logprobs is not supported for this model. Learn more: ..." on
+        the Vertex AI routes. Requests without logprobs are answered.
+    ``sentinels``
+        Gemini's filler: at a step whose most likely token is within 1e-3
+        nats of probability 1, that token is listed at logprob 0 and the other
+        k-1 slots hold junk tokens (Cyrillic letters) at -1.2676506e30.
+    ``padded``
+        appends two such junk entries to every top-k list (k+2 entries): the
+        true top-k is all there, so a client that drops the sentinels gets
+        what the unpadded model gives.
+    ``rerouted``
+        a silent substitution: the base model ``toy`` answers whatever the
+        dial and seed, and ``modelVersion`` says ``toy``. Every other model
+        reports its own name there.
+    ``retired``
+        404 NOT_FOUND "models/<name> is not found for API version <v>, or is
+        not supported for generateContent.", as retired Gemini models answer.
 
 Faults (``FaultConfig``, CLI flags in brackets; all off by default)
     ``latency_ms`` + uniform ``jitter_ms`` per request [--latency-ms,

@@ -35,6 +35,7 @@ from klstream.emulator.protocol import (
     build_call,
     parse_contents,
     prompt_ids,
+    refuse_logprobs,
 )
 from klstream.emulator.service import PrefixCache, ServiceConfig
 from klstream.emulator.toymodel import encode
@@ -225,6 +226,8 @@ class Emulator:
     ) -> tuple[web.Response, str | None]:
         config = state.config
         model = call.model
+        vertex = "publisher" in request.match_info
+        refuse_logprobs(call, vertex)
         if model.noprefill and call.prefill is not None:
             raise ApiError(400, NOPREFILL_MESSAGE)
         state.check_quota(time.monotonic())
@@ -251,7 +254,6 @@ class Emulator:
         with_logprobs = not model.nologprobs
         if state.draw_no_logprobs():
             with_logprobs, fault = False, fault or "no_logprobs"
-        vertex = "publisher" in request.match_info
         payload = json.dumps(
             answer_body(call, with_logprobs, vertex, self._service.scaled_logprobs, cached),
             separators=(",", ":"),

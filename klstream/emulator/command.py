@@ -104,7 +104,7 @@ async def _serve_until_signalled(
 )
 @click.option(
     "--cache-min-tokens",
-    default=1024,
+    default=ServiceConfig.cache_min_tokens,
     show_default=True,
     help="Shortest repeated input prefix the implicit cache reports as cached.",
 )

@@ -17,11 +17,44 @@ from typing import Any
 
 from aiohttp import web
 
-from klstream.emulator.toymodel import Generation, Step, ToyModel, UnknownModelError, encode
+from klstream.emulator.toymodel import (
+    VOCAB_SIZE,
+    Candidate,
+    Generation,
+    Step,
+    ToyModel,
+    UnknownModelError,
+    encode,
+)
 
 MAX_LOGPROBS = 20
 DEFAULT_MAX_OUTPUT_TOKENS = 8192
 NOPREFILL_MESSAGE = "Requests ending with a model turn are not supported."
+NO_LOGPROBS_MESSAGE = "Logprobs is not enabled for models/{model}"
+"""The Developer API's 400 for a model without logprobs (Gemini 2.5 since 2025)."""
+VERTEX_NO_LOGPROBS_MESSAGE = (
+    "Unable to submit request because Logprobs is not supported for this model. Learn more: "
+    "https://cloud.google.com/vertex-ai/generative-ai/docs/model-reference/gemini"
+)
+"""Vertex AI's 400 for a model without logprobs (Gemini 3.x since 2026)."""
+MUST_THINK_MESSAGE = "Budget 0 is invalid. This model only works in thinking mode."
+"""Gemini 2.5 Pro's 400 for a thinking budget of 0."""
+BUDGET_INVALID_MESSAGE = "The thinking budget ({budget}) is invalid."
+"""The 400 for a budget outside the model's range."""
+SENTINEL_LOGPROB = -1.2676506e30
+"""Gemini's filler for entries with no value (-2**100 as a float32)."""
+ROUNDS_TO_ONE = 1e-3
+"""With ``sentinels``, a most likely token this close to probability 1 (in nats) is reported at
+logprob 0 with the rest of its list filled with junk at :data:`SENTINEL_LOGPROB`, as Gemini does
+when the probability rounds to 1. The toy rounds far more coarsely than Gemini's float32, so that
+the case is common enough to test."""
+PADDING = 2
+"""Junk entries the ``padded`` model appends to every list."""
+JUNK = tuple(
+    Candidate(chr(code), VOCAB_SIZE + code, SENTINEL_LOGPROB)
+    for code in range(0x430, 0x430 + MAX_LOGPROBS)
+)
+"""Filler tokens (Cyrillic letters: fallback ids the toy never predicts)."""
 
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -175,6 +208,12 @@ def build_call(
             "supported for generateContent. The klstream emulator serves toy models: "
             "names with a 'toy' part, such as 'toy' or 'toy-d0.5'.",
         ) from None
+    if model.retired:
+        raise ApiError(
+            404,
+            f"models/{model_name} is not found for API version {version}, or is not "
+            "supported for generateContent.",
+        )
     cfg = req.get("generationConfig") or {}
     if not isinstance(cfg, dict):
         raise ApiError(400, "Invalid value at 'generation_config': expected an object.")
@@ -187,6 +226,12 @@ def build_call(
         raise ApiError(400, "Invalid value at 'generation_config.thinking_config'.")
     max_tokens = _number(cfg, "maxOutputTokens", int, 1, 1 << 31)
     temperature = _number(cfg, "temperature", float, 0.0, 2.0)
+    budget = _number(thinking, "thinkingBudget", int, -1, 1 << 31)
+    least = model.min_thinking_budget
+    if least is not None and budget is not None and 0 <= budget < least:
+        raise ApiError(
+            400, MUST_THINK_MESSAGE if budget == 0 else BUDGET_INVALID_MESSAGE.format(budget=budget)
+        )
     return Call(
         model=model,
         prompt=prompt,
@@ -196,8 +241,20 @@ def build_call(
         seed=_number(cfg, "seed", int, -(1 << 63), 1 << 63),
         response_logprobs=response_logprobs,
         logprobs=logprobs or 0,
-        thinking_budget=_number(thinking, "thinkingBudget", int, -1, 1 << 31),
+        thinking_budget=budget,
     )
+
+
+def refuse_logprobs(call: Call, vertex: bool) -> None:
+    """Raise the service's 400 when ``call`` asks a ``logprobsoff`` model for logprobs, in the
+    words of the route it came in on."""
+    if call.model.logprobs_off and call.response_logprobs:
+        message = (
+            VERTEX_NO_LOGPROBS_MESSAGE
+            if vertex
+            else NO_LOGPROBS_MESSAGE.format(model=call.model.name)
+        )
+        raise ApiError(400, message)
 
 
 @lru_cache(maxsize=4096)
@@ -250,9 +307,28 @@ def toy_answer(call: Call, scaled_logprobs: bool = False, cached: int = 0) -> To
             prefill_ids,
             scaled_logprobs,
         )
+        if model.sentinels or model.padded:
+            steps = [_with_sentinels(model, step) for step in gen.steps]
+            gen = Generation(steps, gen.finish_reason)
         thinking = model.think(call.prompt, thoughts, top_k)
     prompt_tokens = len(prompt_ids(call.prompt)) + len(prefill_ids)
     return ToyAnswer(gen, thinking, thoughts, prompt_tokens, cached)
+
+
+def _with_sentinels(model: ToyModel, step: Step) -> Step:
+    """``step`` as a model that reports sentinels lists it: ``sentinels`` reports a most likely
+    token within :data:`ROUNDS_TO_ONE` of probability 1 at logprob 0 and fills the rest of the
+    list with junk at :data:`SENTINEL_LOGPROB`; ``padded`` appends :data:`PADDING` junk
+    entries to every list."""
+    chosen, top = step
+    if model.sentinels and top and top[0].logprob > -ROUNDS_TO_ONE:
+        first = top[0]._replace(logprob=0.0)
+        if chosen.token_id == first.token_id:
+            chosen = first
+        top = [first, *JUNK[: len(top) - 1]]
+    if model.padded and top:
+        top = [*top, *JUNK[:PADDING]]
+    return Step(chosen, top)
 
 
 def response_body(
@@ -300,7 +376,7 @@ def response_body(
         "candidates": [candidate],
         # Proto3 JSON leaves out zero-valued fields.
         "usageMetadata": {k: v for k, v in usage.items() if v},
-        "modelVersion": call.model.name,
+        "modelVersion": call.model.served_name,
         "responseId": secrets.token_urlsafe(15),
     }
     if vertex:

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 class ServiceConfig:
     """The emulated service's behaviour; the defaults are Gemini's as documented."""
 
-    cache_min_tokens: int = 1024
-    """Shortest prefix reported as cached (Gemini 2.5 Flash's minimum for implicit caching)."""
+    cache_min_tokens: int = 2048
+    """Shortest prefix reported as cached: the minimum for implicit caching of Gemini 2.5 Flash
+    and Pro in Google's current caching docs (it was 1,024 for Flash at launch in May 2025, and
+    4,096 for Pro in between; https://ai.google.dev/gemini-api/docs/caching, as of 2026-12)."""
     cache_ttl_s: float = 300.0
     """How long a prefix stays cached after a request last sent it."""
     scaled_logprobs: bool = False

@@ -290,6 +290,21 @@ def top_k(logprobs: np.ndarray, k: int) -> list[Candidate]:
 
 _NAME_DIAL = re.compile(r"d(\d+(?:\.\d+)?)")
 _NAME_SEED = re.compile(r"s(\d+)")
+_NAME_MUST_THINK = re.compile(r"mustthink(\d+)")
+FLAGS = frozenset(
+    {
+        "thinking",
+        "noprefill",
+        "nologprobs",
+        "logprobsoff",
+        "sentinels",
+        "padded",
+        "rerouted",
+        "retired",
+    }
+)
+"""Name parts that select a server behaviour (``klstream.emulator`` describes each)."""
+BASE_MODEL = "toy"
 
 
 class UnknownModelError(ValueError):
@@ -307,18 +322,29 @@ class ToyModel:
         dial: float = 0.0,
         perturb_seed: int = 0,
         *,
-        thinking: bool = False,
-        noprefill: bool = False,
-        nologprobs: bool = False,
+        flags: frozenset[str] = frozenset(),
+        min_thinking_budget: int | None = None,
     ) -> None:
         if dial < 0:
             raise ValueError("dial must be >= 0")
+        unknown = flags - FLAGS
+        if unknown:
+            raise ValueError(f"unknown behaviour flags {sorted(unknown)}")
         self.name = name
         self.dial = dial
         self.perturb_seed = perturb_seed
-        self.thinking = thinking
-        self.noprefill = noprefill
-        self.nologprobs = nologprobs
+        self.thinking = "thinking" in flags or min_thinking_budget is not None
+        self.noprefill = "noprefill" in flags
+        self.nologprobs = "nologprobs" in flags
+        self.min_thinking_budget = min_thinking_budget
+        """The least thinking budget accepted (``mustthink<N>``): thinking cannot be off."""
+        self.logprobs_off = "logprobsoff" in flags
+        """Refuses ``responseLogprobs`` with the service's 400, as most Gemini models now do."""
+        self.sentinels = "sentinels" in flags
+        self.padded = "padded" in flags
+        self.retired = "retired" in flags
+        self.served_name = BASE_MODEL if "rerouted" in flags else name
+        """The model that answers and that ``modelVersion`` names: ``toy`` for a rerouted name."""
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()  # the emulator thread and tests share models
         self._rng = random.Random()
@@ -331,28 +357,27 @@ class ToyModel:
         A name is in the toy family when one of its dash-separated parts is
         ``toy`` (``toy``, ``gemini-toy-d0.25``, ``toy-thinking``); a leading
         ``models/`` is ignored. Parts ``d<x>`` (divergence dial) and ``s<n>``
-        (perturbation seed) select the distribution; ``thinking``,
-        ``noprefill`` and ``nologprobs`` anywhere in the name select server
-        behaviours and leave the distribution unchanged.
+        (perturbation seed) select the distribution; ``mustthink<N>`` and the
+        parts in :data:`FLAGS`, anywhere in the name, select server behaviours
+        and leave the distribution unchanged — but ``rerouted``, which answers
+        from the base model ``toy`` whatever the dial and seed.
         """
         bare = name.removeprefix("models/")
         parts = bare.split("-")
         if "toy" not in parts:
             raise UnknownModelError(name)
-        dial, seed = 0.0, 0
+        dial, seed, must_think = 0.0, 0, None
         for part in parts:
             if m := _NAME_DIAL.fullmatch(part):
                 dial = float(m.group(1))
             elif m := _NAME_SEED.fullmatch(part):
                 seed = int(m.group(1))
-        return ToyModel(
-            bare,
-            dial,
-            seed,
-            thinking="thinking" in bare,
-            noprefill="noprefill" in bare,
-            nologprobs="nologprobs" in bare,
-        )
+            elif m := _NAME_MUST_THINK.fullmatch(part):
+                must_think = int(m.group(1))
+        flags = FLAGS.intersection(parts)
+        if "rerouted" in flags:
+            dial, seed = 0.0, 0
+        return ToyModel(bare, dial, seed, flags=flags, min_thinking_budget=must_think)
 
     def next_token_logprobs(self, prompt: str, prefill_ids: Sequence[int]) -> np.ndarray:
         """Log-distribution (float64, logsumexp 0) of the token after ``prefill_ids``.

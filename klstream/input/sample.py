@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from klstream.backends import open_prefill
-from klstream.backends.base import Answer, ClientSettings, Endpoint, PrefillRequest
+from klstream.backends.base import (
+    Answer,
+    ClientSettings,
+    Endpoint,
+    PrefillRequest,
+    ThinkingBudget,
+)
 from klstream.backends.transport import Caller, CallStats, Outcome, RetryPolicy
 from klstream.errors import InputError, KlstreamError
 from klstream.loop import run_blocking
@@ -32,7 +38,8 @@ class SampleOptions:
     top_logprobs: int = 20
     max_concurrent: int = 16
     seed: int | None = None
-    thinking_budget: int | None = 0
+    thinking_budget: ThinkingBudget = "auto"
+    """Tokens, None (no thinking config) or ``"auto"`` (the least the model accepts)."""
     policy: RetryPolicy = RetryPolicy()
     overwrite: bool = False
 
@@ -114,7 +121,7 @@ async def sample_async(
         return report
     output_dir.mkdir(parents=True, exist_ok=True)
     caller = Caller(endpoint, options.policy, options.max_concurrent, report.calls)
-    settings = ClientSettings(options.model, options.max_concurrent, options.thinking_budget)
+    settings = ClientSettings.of(options.model, options.max_concurrent, options.thinking_budget)
     async with open_prefill(endpoint, settings) as model:
 
         async def one(prompt: str, sample: int) -> Outcome:

@@ -42,7 +42,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -282,7 +282,7 @@ class BatchScheduler(Scheduler):
             return
         session = self.session
         options = session.options
-        settings = ClientSettings(options.model2, 1, options.thinking_budget)
+        settings = replace(options.settings, max_concurrent=1)
         async with open_prefill(session.endpoint, settings) as prefill:
             request = prefill_request(options, first.item)
             outcome = await session.caller(1).generate(prefill, request, session.probe.deadline)

@@ -38,8 +38,9 @@ import numpy as np
 import pyarrow as pa
 
 from klstream.backends import open_prefill
-from klstream.backends.base import Endpoint
+from klstream.backends.base import AUTO_THINKING, Endpoint
 from klstream.backends.prices import Price, Usage, load_prices, price_for
+from klstream.backends.thinking import ThinkingChoice, family_minimum, thinking_choice
 from klstream.backends.transport import Caller, CallStats
 from klstream.loop import run_blocking
 from klstream.scoring import lookahead
@@ -119,6 +120,10 @@ class DryRunReport:
     """The run's lookahead setting, estimated."""
     batch: BatchEstimate | None = None
     """Batch mode in rounds, when the run is a batch run."""
+    thinking: float = 0.0
+    """Thought tokens per request, counted among the output tokens (billed as output)."""
+    thinking_source: str = ""
+    """Where ``thinking`` comes from."""
 
 
 def _prompt_rows(run_dir: Path, model2: str) -> pa.Table:
@@ -136,18 +141,36 @@ def _calibration_rows(run_dir: Path, sites: int) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What the calibration requests measured."""
+
+    prompt_tokens: dict[str, int]
+    """Each visited prompt's token count, as the service counted it."""
+    counts: AcceptanceCounts
+    usage: Usage
+    requests: int
+    """HTTP requests sent."""
+    answers: int
+    thinking: ThinkingChoice | None
+    """The budget ``--thinking-budget auto`` found, if it was asked to find one."""
+
+
 async def _calibrate(
     run_dir: Path, options: ScoreOptions, sites: int, decoding: str, endpoint: Endpoint
-) -> tuple[dict[str, int], AcceptanceCounts, Usage, int]:
+) -> Calibration:
     """Requests at position 0 of ``sites`` responses: each prompt's token count, the agreement
-    of generated tokens with Model 1's, the usage and the number of HTTP requests."""
+    of generated tokens with Model 1's, the usage, the number of HTTP requests and answers, and
+    the thinking budget found."""
     rows = await asyncio.to_thread(_calibration_rows, run_dir, sites)
     prompt_tokens: dict[str, int] = {}
     counts, usage, stats = AcceptanceCounts(), Usage(), CallStats()
+    answers = 0
     caller = Caller(endpoint, options.policy, options.max_concurrent, stats)
     async with open_prefill(endpoint, options.settings) as prefill:
 
         async def visit(site: list[dict[str, Any]]) -> None:
+            nonlocal answers
             prompt = site[0]["prompt"]
             first = site[0]
             item = WorkItem(
@@ -157,6 +180,7 @@ async def _calibrate(
             answer = outcome.value
             if answer is None:
                 return
+            answers += 1
             usage.add(answer.usage)
             prompt_tokens[prompt] = answer.usage.prompt_tokens
             tokens = [Token(row["token"], row["token_id"]) for row in site]
@@ -165,7 +189,34 @@ async def _calibrate(
 
         groups = groupby(rows, key=lambda row: (row["stem"], row["response_index"]))
         await asyncio.gather(*(visit(list(site)) for _, site in groups))
-    return prompt_tokens, counts, usage, stats.requests
+        choice = thinking_choice(prefill)
+    return Calibration(prompt_tokens, counts, usage, stats.requests, answers, choice)
+
+
+def _thinking_per_request(
+    options: ScoreOptions, calibration: Calibration | None
+) -> tuple[float, str]:
+    """Thought tokens each request is expected to bill as output, and where the figure comes
+    from: measured by calibration, else the budget the run sends (for ``auto``, the one
+    calibration found, else the documented minimum of a family that cannot stop thinking)."""
+    if calibration is not None and calibration.answers and calibration.usage.thoughts_tokens:
+        return calibration.usage.thoughts_tokens / calibration.answers, "measured by calibration"
+    budget = options.thinking_budget
+    if budget == AUTO_THINKING:
+        if calibration is not None and calibration.thinking is not None:
+            budget = calibration.thinking.budget
+        else:
+            family = family_minimum(options.model2)
+            if family is None:
+                return 0.0, "none: thinking off (budget 0) assumed until calibrated"
+            return float(family.budget), (
+                f"{family.family} cannot stop thinking, so auto sends its minimum; {family.source}"
+            )
+    if isinstance(budget, int) and budget > 0:
+        return float(budget), f"the thinking budget of {budget}, spent in full"
+    if budget is None:
+        return 0.0, "unknown: no thinking config is sent; calibrate to measure it"
+    return 0.0, "none: thinking off (budget 0)"
 
 
 def _probe_allowed_greedy(run_dir: Path, model2: str) -> bool:
@@ -230,13 +281,11 @@ async def dry_run_async(
     )
     decoding = "greedy" if greedy else "sample"
 
-    prompt_tokens: dict[str, int] = {}
-    calibration, requests_sent = Usage(), 0
-    counts = AcceptanceCounts()
+    calibrated = None
     if dry.calibrate and endpoint is not None and total_positions:
-        prompt_tokens, counts, calibration, requests_sent = await _calibrate(
-            run_dir, options, dry.calibrate, decoding, endpoint
-        )
+        calibrated = await _calibrate(run_dir, options, dry.calibrate, decoding, endpoint)
+    prompt_tokens = calibrated.prompt_tokens if calibrated else {}
+    counts = calibrated.counts if calibrated else AcceptanceCounts()
     prompts = table.column("prompt").to_pylist()
     chars = columns["prompt_chars"].astype(np.float64)
     counted = np.array([prompt in prompt_tokens for prompt in prompts], dtype=bool)
@@ -253,8 +302,7 @@ async def dry_run_async(
         agreement = columns["own_top" if greedy else "own_probability"].astype(np.float64)
         acceptance = float(agreement.sum() / total_positions) if total_positions else 0.0
 
-    budget = options.thinking_budget
-    thinking = budget if budget is not None and budget > 0 else 0
+    thinking, thinking_source = _thinking_per_request(options, calibrated)
     one_input = positions * prompt_size + columns["position_sum"].astype(np.float64)
     one_token = _estimate(
         "one token per request",
@@ -331,13 +379,15 @@ async def dry_run_async(
         acceptance,
         measured,
         int(counted.sum()),
-        calibration,
-        requests_sent,
+        calibrated.usage if calibrated else Usage(),
+        calibrated.requests if calibrated else 0,
         price,
         decoding,
         one_token,
         estimate,
         batch,
+        thinking,
+        thinking_source,
     )
 
 
@@ -375,6 +425,8 @@ def format_dry_run(report: DryRunReport) -> str:
         f"prompt tokens: {prompt_source}",
         f"a generated token is Model 1's with probability {report.acceptance:.2f} "
         f"({report.decoding} decoding; {acceptance_source})",
+        f"thinking: {report.thinking:,.0f} tokens per request, in the output tokens "
+        f"({report.thinking_source})",
     ]
     minutes = report.one_token.minutes is not None
     header = f"{'':<38}{'requests':>12}{'input tokens':>15}{'output tokens':>15}"

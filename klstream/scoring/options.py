@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from klstream.backends.base import ClientSettings
+from klstream.backends.base import ClientSettings, ThinkingBudget
 from klstream.backends.transport import RetryPolicy
 from klstream.storage.database import RANGE_POSITIONS
 
@@ -54,7 +54,9 @@ class ScoreOptions:
     top_logprobs: int = 20
     max_concurrent: int = 16
     policy: RetryPolicy = RetryPolicy()
-    thinking_budget: int | None = 0
+    thinking_budget: ThinkingBudget = "auto"
+    """Tokens, None (no thinking config) or ``"auto"``: 0 where the model accepts it, else
+    the least budget it accepts (:mod:`klstream.backends.thinking`)."""
     checkpoint_rows: int = 256
     checkpoint_seconds: float = 10.0
     resume: bool = False
@@ -90,4 +92,4 @@ class ScoreOptions:
     @property
     def settings(self) -> ClientSettings:
         """What every request of the run shares, for the backend's client."""
-        return ClientSettings(self.model2, self.max_concurrent, self.thinking_budget)
+        return ClientSettings.of(self.model2, self.max_concurrent, self.thinking_budget)
