@@ -282,10 +282,12 @@ class BatchScheduler(Scheduler):
             return
         session = self.session
         options = session.options
-        settings = replace(options.settings, max_concurrent=1)
+        settings = replace(session.settings, max_concurrent=1)
         async with open_prefill(session.endpoint, settings) as prefill:
             request = prefill_request(options, first.item)
             outcome = await session.caller(1).generate(prefill, request, session.probe.deadline)
+            if outcome.value is not None:
+                session.thinking_found(prefill)
         rows = result_rows(first.item, self.model2, outcome, accepted_steps(first, outcome))
         answer = outcome.value
         await session.record(
@@ -304,6 +306,8 @@ class BatchScheduler(Scheduler):
         lines = _round_lines(self.run_dir.root, self.model2, options.range_positions, tokens)
         if probe:
             await self.probe(lines)
+        # Lines send the thinking budget the probe settled on.
+        self.jobs = batch_jobs(self.session.endpoint, self.session.settings, self.batch.bucket_name)
         writer = JobWriter(
             self.run_dir,
             self.model2,

@@ -101,7 +101,7 @@ class PrefillScheduler(Scheduler):
             self.counts = await asyncio.to_thread(
                 acceptance_so_far, session.run.root, options.model2
             )
-        async with open_prefill(session.endpoint, options.settings) as prefill:
+        async with open_prefill(session.endpoint, session.settings) as prefill:
             await self._probe_then_pipeline(
                 session.caller(), prefill, pending_chains(responses, cap)
             )
@@ -147,6 +147,7 @@ class PrefillScheduler(Scheduler):
         answer = outcome.value
         covered = 1
         if answer:
+            session.thinking_found(prefill)
             acceptance = lookahead.accept(
                 len(answer.steps), chosen_tokens(answer), response.tokens, item.position, tokens
             )

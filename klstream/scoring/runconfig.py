@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from klstream import __version__
-from klstream.backends.base import Endpoint
+from klstream.backends.base import AUTO_THINKING, Endpoint
 from klstream.backends.prices import Price
 from klstream.errors import ResultsExist, RunConfigMismatch, RunConfigUnknown
 from klstream.scoring.options import DEFAULT_TEMPERATURE, ScoreOptions
@@ -44,7 +44,8 @@ sampling settings)."""
 
 
 def recorded(options: ScoreOptions, endpoint: Endpoint, price: Price | None) -> dict[str, Any]:
-    """``run.json`` for a run of ``options`` against ``endpoint``, before any probe."""
+    """``run.json`` for a run of ``options`` against ``endpoint``, before any probe. A thinking
+    budget of ``auto`` becomes the budget found at the first answer (``thinking`` says how)."""
     return {
         "results_format": RESULTS_FORMAT,
         "model2": options.model2,
@@ -57,6 +58,7 @@ def recorded(options: ScoreOptions, endpoint: Endpoint, price: Price | None) -> 
         "decoding": options.decoding,
         "prices": price.recorded() if price else None,
         "greedy_probe": None,
+        "thinking": None,
     }
 
 
@@ -143,17 +145,21 @@ def check_run_config(
     elif results and not options.resume:
         raise ResultsExist(f"{run.scores_dir(model2)} already holds results for {model2!r}", model2)
     recovered_config = False
+    made_with = set(scan.configs)
+    if results and earlier is None:
+        if scan.untagged or len(made_with) != 1:
+            raise RunConfigUnknown(
+                f"{path} is {unreadable}, and the results in {run.scores_dir(model2)} do not "
+                "say which configuration made them, so more results could not be told apart "
+                "from them"
+            )
+        earlier = json.loads(next(iter(made_with)))
+        recovered_config = True
+    if earlier is not None and wanted["thinking_budget"] == AUTO_THINKING:
+        # A budget found (or given) before is what auto sends now: results never mix budgets.
+        wanted["thinking_budget"] = earlier.get("thinking_budget", AUTO_THINKING)
+        wanted["thinking"] = earlier.get("thinking")
     if results:
-        made_with = set(scan.configs)
-        if earlier is None:
-            if scan.untagged or len(made_with) != 1:
-                raise RunConfigUnknown(
-                    f"{path} is {unreadable}, and the results in {run.scores_dir(model2)} do not "
-                    "say which configuration made them, so more results could not be told apart "
-                    "from them"
-                )
-            earlier = json.loads(made_with.pop())
-            recovered_config = True
         assert earlier is not None
         differences = _differences(earlier, wanted)
         if differences:

@@ -17,12 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from klstream.backends.base import Endpoint
+from klstream.backends.base import AUTO_THINKING, ClientSettings, Endpoint, Prefill
 from klstream.backends.prices import Price, Usage
+from klstream.backends.thinking import thinking_choice
 from klstream.backends.transport import Caller, CallStats
 from klstream.scoring.checkpoint import Checkpointer
 from klstream.scoring.options import ScoreOptions
 from klstream.scoring.pool import Probe, StopRun
+from klstream.scoring.runconfig import result_parameters, save_config
 from klstream.storage import schemas
 from klstream.storage.replacement import Replacement
 from klstream.storage.rundir import RunDir
@@ -112,6 +114,27 @@ class Session:
         """An overwrite in progress, committed at the run's first answer."""
         self.consecutive_failures = 0
         self.last_error: str | None = None
+
+    @property
+    def settings(self) -> ClientSettings:
+        """What every request of the run shares, with the thinking budget ``run.json`` settled
+        on: a resumed ``auto`` sends what the first run found, and never searches again."""
+        options = self.options
+        budget = self.config.get("thinking_budget", options.thinking_budget)
+        return ClientSettings.of(options.model2, options.max_concurrent, budget)
+
+    def thinking_found(self, prefill: Prefill) -> None:
+        """Record the budget ``auto`` settled on the moment the first answer shows it: in
+        ``run.json``, and in every part from then on."""
+        if self.config.get("thinking_budget") != AUTO_THINKING:
+            return
+        choice = thinking_choice(prefill)
+        if choice is None:
+            return
+        self.config["thinking_budget"] = choice.budget
+        self.config["thinking"] = choice.recorded()
+        save_config(self.run, self.options.model2, self.config)
+        self.checkpoint.config = result_parameters(self.config)
 
     def caller(self, max_concurrent: int | None = None) -> Caller:
         """A caller to the endpoint with the run's retry policy, counted in the run's stats,
