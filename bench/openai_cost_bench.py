@@ -83,9 +83,7 @@ def prompt_tokens(record: RequestRecord) -> int:
     return chat_prompt_tokens(record.prompt, record.prefill or "")
 
 
-def measure(
-    server: EmulatorServer, run_dir: Path, method: str, positions: int
-) -> dict[str, float]:
+def measure(server: EmulatorServer, run_dir: Path, method: str, positions: int) -> dict[str, float]:
     server.reset_log()
     endpoint = Endpoint("openai", None, base_url=api_base_url(server.base_url), timeout_s=60.0)
     started = time.perf_counter()
