@@ -19,7 +19,7 @@ from click.core import ParameterSource
 
 from klstream import __version__
 from klstream import errors as E
-from klstream.backends import BACKENDS, PROMPT_LOGPROBS, online_methods
+from klstream.backends import BACKENDS, PROMPT_LOGPROBS, dialects, online_methods
 from klstream.backends.base import AUTO_THINKING, ThinkingBudget
 from klstream.storage.rundir import INPUTS_FILE
 
@@ -471,6 +471,16 @@ def _api_options(function: Any) -> Any:
                 + "; ".join(f"{name}, {spec.summary}" for name, spec in BACKENDS.items())
                 + ".",
             ),
+            click.option(
+                "--dialect",
+                type=click.Choice(dialects()),
+                default="auto",
+                show_default=True,
+                help="With --backend openai and --method prompt-logprobs: how the server is "
+                "asked for prompt logprobs. auto finds out with a small request or two; vllm "
+                "(prompt_logprobs), echo (the legacy completions echo), sglang (its /generate); "
+                "tgi is recognised and refused (no top-k for prompt tokens).",
+            ),
             *_where_options,
             click.option(
                 "--max-concurrent",
@@ -637,8 +647,9 @@ def _score_flags(function: Any) -> Any:
                 type=click.Choice(online_methods()),
                 default="prefill",
                 show_default=True,
-                help="One request per position (any backend), or one per response from vLLM's "
-                "prompt logprobs (--backend openai).",
+                help="One request per position (any backend), or one per response from an "
+                "open-weight server's prompt logprobs (--backend openai: vLLM, SGLang; see "
+                "--dialect).",
             ),
             click.option(
                 "--checkpoint-rows",
@@ -706,6 +717,7 @@ def _endpoint(params: dict[str, Any]) -> Endpoint:
         params["location"],
         params["base_url"],
         params["timeout"],
+        params.get("dialect", "auto"),
     )
 
 

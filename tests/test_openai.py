@@ -91,8 +91,9 @@ def test_prompt_logprobs_gives_every_position_with_one_request_per_response(
 
     assert report.remaining == 0 and report.stopped_because is None
     assert_server_values(run_dir, MODEL2, toy_inputs)
-    # One completion per response; the chat template once per prompt, the text once per response.
-    assert paths(emulator) == {"/v1/completions": RESPONSES, "/tokenize": 3 + RESPONSES}
+    # One completion per response and one that finds the dialect; the chat template once per
+    # prompt, the text once per response.
+    assert paths(emulator) == {"/v1/completions": 1 + RESPONSES, "/tokenize": 3 + RESPONSES}
     assert report.stats.calls.requests == 3 + 2 * RESPONSES
     assert {row["status"] for row in kl_rows(run_dir).values()} == {schemas.KL_STATUS_SCORED}
 
@@ -129,9 +130,11 @@ def test_prefill_and_prompt_logprobs_agree_on_every_top_k_and_kl(
     for key, position in toy_inputs.positions.items():
         expected = server_top(MODEL2, position)
         for row in (prefill[key], prompt[key]):
-            assert row["top_tokens"] == [c.token for c in expected], key
+            assert row["top_token_ids"] == [c.token_id for c in expected], key
             assert row["top_logprobs"] == pytest.approx([c.logprob for c in expected], abs=1e-12)
-        assert prefill[key]["top_token_ids"] == [None] * len(expected)  # chat logprobs: no ids
+        assert prompt[key]["top_tokens"] == [c.token for c in expected], key
+        # Model 1's tokens carry ids, so chat logprobs are asked for by id (vLLM's names).
+        assert prefill[key]["top_tokens"] == [f"token_id:{c.token_id}" for c in expected], key
     kl_prefill, kl_prompt = kl_rows(by_prefill), kl_rows(run_dir)
     for key in toy_inputs.positions:
         for column in ("kl_floor", "kl_lower", "logratio", "entropy2", "coverage2"):
@@ -256,23 +259,18 @@ def test_sigkill_then_resume_completes_with_each_method_asking_only_what_is_miss
         assert paths(emulator)["/v1/chat/completions"] == len(missing)
     else:
         open_responses = {(stem, index) for stem, index, _ in missing}
-        assert paths(emulator)["/v1/completions"] == len(open_responses)
+        assert paths(emulator)["/v1/completions"] == 1 + len(open_responses)  # and the dialect's
     ok_rows = Counter(key_of(r) for r in score_rows(run_dir) if r["status"] == schemas.SCORE_OK)
     assert ok_rows.keys() == toy_inputs.positions.keys() and set(ok_rows.values()) == {1}
     final = resolved(run_dir)
     for key, position in toy_inputs.positions.items():
         expected = server_top(MODEL2, position)
-        assert final[key]["top_tokens"] == [c.token for c in expected], key
+        assert final[key]["top_token_ids"] == [c.token_id for c in expected], key
 
 
 # --- bad answers and errors ------------------------------------------------------------------
 
 BAD_ANSWERS = [
-    pytest.param(
-        FaultConfig(rate_no_logprobs=1.0),
-        "answer without prompt_logprobs",
-        id="no-prompt-logprobs",
-    ),
     pytest.param(
         FaultConfig(rate_short_prompt_logprobs=1.0),
         "prompt_logprobs has",
@@ -334,7 +332,7 @@ def test_a_response_longer_than_the_context_fails_alone_with_a_clear_error(
     assert {key_of(r)[1] for r in failed} == {1}
     assert_failure_rows(failed, "the prompt's")
     assert "60 do not fit the server's context of 40 tokens" in failed[0]["error"]
-    assert paths(emulator)["/v1/completions"] == 2
+    assert paths(emulator)["/v1/completions"] == 1 + 2
 
 
 def test_a_server_that_cannot_continue_a_message_stops_prefill_at_once(
@@ -407,7 +405,7 @@ def test_sample_and_run_an_open_weight_experiment_through_openai_only(
         "toy_prompt_0_kl.json",
         "toy_prompt_1_kl.json",
     ]
-    assert paths(emulator)["/v1/completions"] == 4
+    assert paths(emulator)["/v1/completions"] == 1 + 4
 
 
 # --- the emulator's OpenAI routes through the SDK -------------------------------------------------

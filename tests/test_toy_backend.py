@@ -41,6 +41,7 @@ from klstream.errors import (
     BatchRejected,
     BatchServiceError,
     EndpointUnreachable,
+    MethodUnsupported,
     ModelNotFound,
     Overloaded,
     PrefillRejected,
@@ -282,9 +283,9 @@ def test_prompt_logprobs_are_the_emulators(emulator: EmulatorServer, service: To
 @pytest.mark.parametrize(
     ("model", "faults", "error"),
     [
-        ("toy-nologprobs", FaultConfig(), UnusableAnswer),
+        ("toy-nologprobs", FaultConfig(), MethodUnsupported),
         (MODEL, FaultConfig(rate_short_prompt_logprobs=1.0), UnusableAnswer),
-        (MODEL, FaultConfig(rate_no_logprobs=1.0), UnusableAnswer),
+        (MODEL, FaultConfig(rate_no_logprobs=1.0), MethodUnsupported),
         (MODEL, FaultConfig(rate_500=1.0), TransientFault),
         ("toy-ctx16", FaultConfig(), RequestRejected),
         ("gpt-4o", FaultConfig(), ModelNotFound),

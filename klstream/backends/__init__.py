@@ -53,6 +53,9 @@ class BackendSpec:
     requires: str | None = None
     """The optional package the module imports, installed by the extra ``klstream[<extra>]``."""
     extra: str | None = None
+    dialects: tuple[str, ...] = ()
+    """The ways its servers may be asked for prompt logprobs (``--dialect``), ``auto`` (the
+    backend finds out) first; empty when there is only one."""
 
 
 BACKENDS: dict[str, BackendSpec] = {
@@ -68,12 +71,13 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec("vertex", "Vertex AI", "klstream.backends.google", "VERTEX", batch=True),
         BackendSpec(
             "openai",
-            "an OpenAI-compatible server (vLLM, SGLang; needs klstream[openai])",
+            "an OpenAI-compatible server (vLLM, SGLang, TGI; needs klstream[openai])",
             "klstream.backends.openai",
             "OPENAI",
             methods=(PREFILL, PROMPT_LOGPROBS),
             requires="openai",
             extra="openai",
+            dialects=("auto", "vllm", "echo", "sglang", "tgi"),
         ),
         BackendSpec(
             "toy",
@@ -113,15 +117,29 @@ def load_backend(name: str) -> Backend:
     return backend
 
 
+def dialects() -> list[str]:
+    """Every dialect some registered backend speaks, ``auto`` first."""
+    return list(dict.fromkeys(d for spec in BACKENDS.values() for d in spec.dialects))
+
+
 def endpoint_from_environment(
     backend: str,
     project_id: str | None = None,
     location: str = "global",
     base_url: str | None = None,
     timeout_s: float = 60.0,
+    dialect: str = "auto",
 ) -> Endpoint:
     """Resolve credentials and endpoint from options and the documented environment variables."""
-    return load_backend(backend).endpoint(Where(project_id, location, base_url, timeout_s))
+    spec = BACKENDS.get(backend)
+    if spec is not None and dialect != "auto" and dialect not in spec.dialects:
+        speakers = [name for name, s in BACKENDS.items() if dialect in s.dialects]
+        raise BackendUnavailable(
+            f"the {backend} backend has no dialect {dialect!r}; dialects are the ways of asking "
+            f"{' or '.join(speakers) or 'no backend'}'s servers for prompt logprobs"
+        )
+    where = Where(project_id, location, base_url, timeout_s, dialect)
+    return load_backend(backend).endpoint(where)
 
 
 def open_prefill(

@@ -49,12 +49,15 @@ class Endpoint:
     timeout_s: float = 60.0
     default_url: str | None = None
     """The service's own address, for messages when no ``base_url`` is given."""
+    dialect: str = "auto"
+    """How the server is asked for prompt logprobs, where a backend knows several ways (its
+    ``BackendSpec.dialects``); ``auto``: the backend finds out."""
 
     def __repr__(self) -> str:
         key = "set" if self.api_key else "unset"
         return (
             f"Endpoint(backend={self.backend!r}, api_key={key}, project={self.project!r}, "
-            f"location={self.location!r}, base_url={self.base_url!r})"
+            f"location={self.location!r}, base_url={self.base_url!r}, dialect={self.dialect!r})"
         )
 
     @property
@@ -108,6 +111,7 @@ class Where:
     location: str = "global"
     base_url: str | None = None
     timeout_s: float = 60.0
+    dialect: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,10 @@ class PrefillRequest:
     max_tokens: int = 1
     temperature: float | None = None
     seed: int | None = None
+    token_ids: bool = False
+    """Model 1's tokens carry ids: a server that can name its tokens by id (vLLM's
+    ``return_tokens_as_token_ids``) is asked to, so both sides are matched by id. Such a token's
+    text is then the server's name for it (``token_id:1234``)."""
 
 
 AUTO_THINKING: Final = "auto"
@@ -200,6 +208,9 @@ class PromptToken:
 
     token: Candidate
     top: list[Candidate]
+    dropped: int = 0
+    """Entries of the server's list here without a usable logprob, left out of ``top`` (as
+    :attr:`Generated.dropped`)."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +221,10 @@ class PromptScores:
     tokens: list[PromptToken]
     after: list[Candidate] | None
     usage: Usage = field(default_factory=Usage)
+    after_dropped: int = 0
+    """Entries of ``after``'s list without a usable logprob, left out of it."""
+    served_model: str | None = None
+    """The model the server says answered, as :attr:`Answer.served_model`."""
 
 
 class Prefill(Protocol):
@@ -220,7 +235,13 @@ class Prefill(Protocol):
 
 class PromptScoring(Protocol):
     """Score a prompt's own tokens: Model 2's top-k at every token of a prompt given the ones
-    before it, from one request (vLLM's ``prompt_logprobs``)."""
+    before it, from one request (vLLM's ``prompt_logprobs``, or another server's dialect)."""
+
+    @property
+    def dialect(self) -> str | None:
+        """The way the server is asked (one of its backend's ``BackendSpec.dialects``) once
+        known, for ``run.json``; None where a backend has one way only."""
+        ...
 
     async def template_tokens(self, prompt: str) -> Tokenized:
         """The chat template's tokens for ``prompt``, up to where the answer starts."""

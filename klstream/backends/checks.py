@@ -17,9 +17,10 @@ import math
 from klstream.backends.base import Answer, Candidate, Generated, PrefillRequest
 from klstream.errors import UnusableAnswer
 
-LOWEST_LOGPROB = -1e4
-"""Below this a logprob is a stand-in for "impossible", not a measurement: servers write -9999
-(vLLM, OpenAI) or a float's most negative value (Gemini's -2**100, SGLang's -3.4e38) there."""
+LOWEST_LOGPROB = -9999.0
+"""At or below this a logprob is a stand-in for "impossible", not a measurement: servers write
+-9999 (vLLM, OpenAI) or a float's most negative value (Gemini's -2**100, SGLang's -3.4e38)
+there."""
 WHOLE_DISTRIBUTION = 0.999
 """Probability a shorter list must hold to be the whole distribution (reported logprobs are
 rounded)."""
@@ -31,7 +32,7 @@ def usable_logprob(value: object) -> bool:
         isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and LOWEST_LOGPROB <= value <= 0.0
+        and LOWEST_LOGPROB < value <= 0.0
     )
 
 

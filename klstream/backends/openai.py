@@ -1,29 +1,37 @@
-"""The boundary with OpenAI-compatible servers (vLLM, SGLang, gateways): client set-up, the
-requests scoring makes, and what their answers mean.
+"""The boundary with OpenAI-compatible servers (vLLM, SGLang, TGI, gateways): client set-up,
+the requests scoring makes, and what their answers mean.
 
 Everything goes through the official ``openai`` SDK's async client with its own retries off
 (``max_retries=0``), so that :mod:`klstream.backends.transport` decides about every retry and
 counts it; the SDK's errors become the typed faults of :mod:`klstream.errors`
 (:func:`fault_of`). Answers are read from the raw JSON body: the fields scoring needs (vLLM's
-``prompt_logprobs``, say) are extensions the SDK's models do not declare.
+``prompt_logprobs``, say) are extensions the SDK's models do not declare, and SGLang's and TGI's
+``/generate`` are not OpenAI routes at all (the SDK's plain ``post`` reaches them).
 
 Two ways to score:
 
 - **prefill** (:meth:`OpenAIServer.generate`): ``/v1/chat/completions`` with the user prompt and
   Model 1's text so far as an assistant message the model continues
   (``continue_final_message: true, add_generation_prompt: false``, vLLM's and SGLang's spelling),
-  ``logprobs`` with ``top_logprobs`` and ``max_tokens`` 1.
-- **prompt logprobs** (vLLM; :meth:`OpenAIServer.prompt_logprobs`): the chat template's token
-  ids from vLLM's ``/tokenize`` (``messages`` with ``add_generation_prompt``), Model 1's response
-  as token ids, and one ``/v1/completions`` request with ``prompt_logprobs`` for all of it.
-  vLLM answers, per prompt token, ``{token_id: {logprob, rank, decoded_token}}`` — the top-k
-  given the tokens before it, plus the prompt's own token — with ``null`` for the first token.
+  ``logprobs`` with ``top_logprobs`` and ``max_tokens`` 1. When Model 1's tokens carry ids, the
+  request asks for vLLM's ``return_tokens_as_token_ids`` (tokens named ``token_id:1234``); a
+  server that ignores it answers with texts, one that refuses it (400) is asked without it from
+  then on.
+- **prompt logprobs** (:meth:`OpenAIServer.prompt_logprobs`): the chat template's token ids
+  from the server's ``/tokenize`` (``messages`` with ``add_generation_prompt``), Model 1's
+  response as token ids, and one request for all of it in the server's dialect
+  (:mod:`klstream.backends.dialects`: vLLM's ``prompt_logprobs``, the legacy ``echo``, SGLang's
+  ``/generate``; TGI's is refused). ``auto`` finds the dialect with up to three small requests
+  before the first response, once per run (:meth:`OpenAIServer.detect`).
+
+Every answer records its ``usage`` and its ``model`` (with ``system_fingerprint`` when there is
+one); entries without a usable logprob are left out of the top-k and counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
 import os
 import re
 import socket
@@ -44,12 +52,34 @@ from klstream.backends.base import (
     Generated,
     PrefillRequest,
     PromptScores,
-    PromptToken,
     Tokenized,
     Where,
 )
+from klstream.backends.dialects import (
+    DIALECTS,
+    PREFILL_FIX,
+    Dialect,
+    Entry,
+    completions_probe,
+    first_choice,
+    json_object,
+    json_value,
+    kept,
+    logprob_or_nan,
+    named_token,
+    openai_usage,
+    served_model,
+    sglang_probe,
+    speaks_echo,
+    speaks_sglang,
+    speaks_tgi,
+    speaks_vllm,
+    tgi_probe,
+    tgi_refusal,
+)
 from klstream.errors import (
     AuthenticationError,
+    BackendUnavailable,
     CallFault,
     ConnectFailed,
     MethodUnsupported,
@@ -72,6 +102,8 @@ PREFILL_OPTIONS = {"continue_final_message": True, "add_generation_prompt": Fals
 """How vLLM and SGLang are told to continue the final (assistant) message instead of starting a
 new turn after it."""
 _PREFILL_REJECTED = re.compile(r"continue_final_message|final message|prefill", re.IGNORECASE)
+TOKEN_IDS_OPTION = "return_tokens_as_token_ids"
+"""vLLM's request field naming tokens by id (``token_id:1234``)."""
 
 
 def openai_endpoint(where: Where) -> Endpoint:
@@ -84,7 +116,13 @@ def openai_endpoint(where: Where) -> Endpoint:
             f"({BASE_URL_VARIABLE}), such as http://localhost:8000/v1 for vLLM"
         )
     api_key = os.environ.get(API_KEY_VARIABLE) or None
-    return Endpoint("openai", api_key, base_url=api_base_url(base_url), timeout_s=where.timeout_s)
+    return Endpoint(
+        "openai",
+        api_key,
+        base_url=api_base_url(base_url),
+        timeout_s=where.timeout_s,
+        dialect=where.dialect,
+    )
 
 
 def api_base_url(base_url: str) -> str:
@@ -107,42 +145,28 @@ def chat_messages(prompt: str, prefill: str) -> list[dict[str, str]]:
     return messages
 
 
-def _json_object(text: str, content_type: str) -> dict[str, Any]:
-    try:
-        body = json.loads(text)
-    except ValueError:
-        snippet = " ".join(text.split())[:200]
-        kind = f" ({content_type})" if content_type else ""
-        raise UnusableAnswer(f"answer body is not JSON{kind}: {snippet!r}") from None
-    if not isinstance(body, dict):
-        raise UnusableAnswer(f"answer body is not a JSON object: {str(body)[:200]}")
-    return body
+def _chat_entry(raw: object) -> Entry:
+    if not isinstance(raw, dict) or not isinstance(raw.get("token"), str):
+        raise UnusableAnswer(f"malformed logprob entry {str(raw)[:200]}")
+    return (*named_token(raw["token"]), raw.get("logprob"))
 
 
-def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
-    choices = body.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise UnusableAnswer(f"answer has no choices: {str(body)[:200]}")
-    choice: dict[str, Any] = choices[0]
-    return choice
-
-
-def _is_logprob(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value <= 0.0
-
-
-def _chat_candidate(raw: object) -> Candidate:
-    if not isinstance(raw, dict):
-        raise UnusableAnswer(f"malformed logprob entry {raw!r}")
-    token, logprob = raw.get("token"), raw.get("logprob")
-    if not isinstance(token, str) or not _is_logprob(logprob):
-        raise UnusableAnswer(f"malformed logprob entry {raw!r}")
-    return Candidate(token, None, float(logprob))  # type: ignore[arg-type]
+def _chat_step(raw: object) -> Generated:
+    """One generated token: the chosen one (its logprob NaN when the server's is not usable)
+    and the usable entries of its ``top_logprobs``, most likely first."""
+    text, token_id, logprob = _chat_entry(raw)
+    listed = raw.get("top_logprobs") if isinstance(raw, dict) else None
+    top, dropped = kept([_chat_entry(c) for c in listed or []])
+    if not top:
+        raise UnusableAnswer("answer with an empty top_logprobs list")
+    return Generated(Candidate(text, token_id, logprob_or_nan(logprob)), top, dropped=dropped)
 
 
 def parse_chat_answer(text: str, content_type: str) -> Answer:
-    """Read the generated tokens' logprobs out of a chat completion's JSON body."""
-    choice = _first_choice(_json_object(text, content_type))
+    """The generated tokens' logprobs out of a chat completion's JSON body, with its usage and
+    the model that answered."""
+    body = json_object(text, content_type)
+    choice = first_choice(body)
     finish = choice.get("finish_reason")
     content = (choice.get("logprobs") or {}).get("content")
     if not content or not isinstance(content, list):
@@ -150,83 +174,24 @@ def parse_chat_answer(text: str, content_type: str) -> Answer:
             f"answer without logprobs (finish reason {finish}); the server may not support "
             "logprobs for this model"
         )
-    steps = []
-    for step in content:
-        chosen = _chat_candidate(step)
-        top = [_chat_candidate(c) for c in step.get("top_logprobs") or []]
-        if not top:
-            raise UnusableAnswer("answer with an empty top_logprobs list")
-        steps.append(Generated(chosen, top))
+    steps = [_chat_step(step) for step in content]
     message = choice.get("message") or {}
     answer_text = message.get("content") if isinstance(message, dict) else None
-    return Answer(steps, answer_text if isinstance(answer_text, str) else "", finish)
+    return Answer(
+        steps,
+        answer_text if isinstance(answer_text, str) else "",
+        finish,
+        openai_usage(body),
+        served_model(body),
+    )
 
 
 def parse_tokenized(text: str, content_type: str) -> Tokenized:
-    body = _json_object(text, content_type)
+    body = json_object(text, content_type)
     tokens, limit = body.get("tokens"), body.get("max_model_len")
     if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
         raise UnusableAnswer(f"tokenize answer without a list of token ids: {str(body)[:200]}")
-    return Tokenized(tokens, limit if type(limit) is int else None)
-
-
-def _prompt_candidate(key: str, raw: object) -> Candidate:
-    if not isinstance(raw, dict) or not _is_logprob(raw.get("logprob")):
-        raise UnusableAnswer(f"malformed prompt logprob {key}: {raw!r}")
-    try:
-        token_id = int(key)
-    except ValueError:
-        raise UnusableAnswer(f"prompt logprob keyed by {key!r}, not a token id") from None
-    decoded = raw.get("decoded_token")
-    return Candidate(decoded if isinstance(decoded, str) else "", token_id, float(raw["logprob"]))
-
-
-def _generated_top(choice: dict[str, Any], top_logprobs: int) -> list[Candidate] | None:
-    """The completion's own logprobs at its first generated token: ``{token: logprob}``."""
-    tops = (choice.get("logprobs") or {}).get("top_logprobs")
-    first = tops[0] if isinstance(tops, list) and tops else None
-    if not isinstance(first, dict) or not first:
-        return None
-    if not all(isinstance(t, str) and _is_logprob(lp) for t, lp in first.items()):
-        raise UnusableAnswer(f"malformed top_logprobs {str(first)[:200]}")
-    ranked = sorted(first.items(), key=lambda item: -item[1])[:top_logprobs]
-    return [Candidate(token, None, float(logprob)) for token, logprob in ranked]
-
-
-def parse_prompt_logprobs(
-    text: str, content_type: str, prompt_ids: list[int], top_logprobs: int, start: int
-) -> PromptScores:
-    """The prompt tokens from index ``start`` on, each with Model 2's top-k before it, and the
-    top-k after the prompt.
-
-    vLLM adds the prompt's own token to each top-k when it ranks lower; that entry is recognised
-    by its id and kept out of the top-k.
-    """
-    choice = _first_choice(_json_object(text, content_type))
-    entries = choice.get("prompt_logprobs")
-    if entries is None:
-        raise UnusableAnswer(
-            "answer without prompt_logprobs; the server does not return prompt logprobs (vLLM does)"
-        )
-    if not isinstance(entries, list) or len(entries) != len(prompt_ids):
-        count = len(entries) if isinstance(entries, list) else type(entries).__name__
-        raise UnusableAnswer(
-            f"prompt_logprobs has {count} entries for a prompt of {len(prompt_ids)} tokens"
-        )
-    tokens = []
-    for index in range(max(start, 1), len(prompt_ids)):
-        entry = entries[index]
-        if not isinstance(entry, dict) or not entry:
-            raise UnusableAnswer(f"prompt_logprobs[{index}] is {str(entry)[:100]}, not a top-k")
-        candidates = [_prompt_candidate(key, raw) for key, raw in entry.items()]
-        own = next((c for c in candidates if c.token_id == prompt_ids[index]), None)
-        if own is None:
-            raise UnusableAnswer(
-                f"prompt_logprobs[{index}] lacks the prompt's own token {prompt_ids[index]}"
-            )
-        candidates.sort(key=lambda c: -c.logprob)
-        tokens.append(PromptToken(own, candidates[:top_logprobs]))
-    return PromptScores(tokens, _generated_top(choice, top_logprobs))
+    return Tokenized(tokens, limit if type(limit) is int and limit > 0 else None)
 
 
 def _error_detail(error: openai.APIStatusError) -> str:
@@ -322,13 +287,38 @@ def fault_of(error: openai.APIError) -> CallFault:
     return TransientFault(describe(error))
 
 
-class OpenAIServer:
-    """One model on one OpenAI-compatible server: generation (chat completions) and vLLM's
-    prompt logprobs."""
+def _route_missing(error: openai.APIStatusError) -> bool:
+    """The server has no such route (404, 405), as opposed to not knowing the model."""
+    if error.status_code == 404:
+        return "model" not in _error_detail(error).lower()
+    return error.status_code == 405
 
-    def __init__(self, client: openai.AsyncOpenAI, model: str) -> None:
+
+def _not_taken(error: openai.APIStatusError, refusals: tuple[int, ...] = (400, 422)) -> bool:
+    """The server does not take the request as asked: no such route, or a body it refuses
+    (``refusals``)."""
+    return _route_missing(error) or error.status_code in refusals
+
+
+class OpenAIServer:
+    """One model on one OpenAI-compatible server: generation (chat completions) and prompt
+    logprobs in the server's dialect."""
+
+    def __init__(self, client: openai.AsyncOpenAI, model: str, dialect: str = "auto") -> None:
         self.client, self.model = client, model
-        self.tokenize_url = server_root(str(client.base_url)) + "/tokenize"
+        self.root = server_root(str(client.base_url))
+        self.tokenize_url = self.root + "/tokenize"
+        self.requested = dialect
+        """The dialect asked for: ``auto``, or a name of :data:`DIALECTS` (or ``tgi``)."""
+        self._dialect: Dialect | None = None
+        self._detecting = asyncio.Lock()
+        self.token_ids_accepted = True
+        """False once the server has refused ``return_tokens_as_token_ids`` (400)."""
+
+    @property
+    def dialect(self) -> str | None:
+        """The dialect prompt logprobs are asked in, once known."""
+        return self._dialect.name if self._dialect else None
 
     async def generate(self, request: PrefillRequest) -> Answer:
         options: dict[str, Any] = {}
@@ -336,6 +326,10 @@ class OpenAIServer:
             options["temperature"] = request.temperature
         if request.seed is not None:
             options["seed"] = request.seed
+        extra: dict[str, Any] = dict(PREFILL_OPTIONS) if request.prefill else {}
+        token_ids = request.token_ids and self.token_ids_accepted
+        if token_ids:
+            extra[TOKEN_IDS_OPTION] = True
         try:
             raw = await self.client.chat.completions.with_raw_response.create(
                 model=self.model,
@@ -343,22 +337,84 @@ class OpenAIServer:
                 max_tokens=request.max_tokens,
                 logprobs=True,
                 top_logprobs=request.top_logprobs,
-                extra_body=PREFILL_OPTIONS if request.prefill else None,
+                extra_body=extra or None,
                 **options,
             )
+        except openai.BadRequestError as error:
+            if token_ids and TOKEN_IDS_OPTION in _error_detail(error):
+                self.token_ids_accepted = False
+                return await self.generate(request)
+            raise fault_of(error) from error
         except openai.APIError as error:
             raise fault_of(error) from error
         return parse_chat_answer(raw.text, raw.headers.get("content-type", ""))
 
-    async def _tokenize(self, body: dict[str, Any]) -> Tokenized:
+    async def _probe(self, url: str, body: dict[str, Any]) -> Any:
+        """The server's JSON answer to a detection request, or None when it does not take it."""
+        try:
+            text = await self.client.post(url, cast_to=str, body=body)
+        except openai.APIStatusError as error:
+            if _not_taken(error):
+                return None
+            raise fault_of(error) from error
+        except openai.APIError as error:
+            raise fault_of(error) from error
+        return json_value(text)
+
+    async def detect(self) -> Dialect:
+        """The dialect the server speaks: vLLM's ``prompt_logprobs`` (and the legacy echo) from
+        one completion, then SGLang's ``/generate``, then the echo, then TGI's ``/generate``
+        (refused: :func:`~klstream.backends.dialects.tgi_refusal`)."""
+        completion = await self._probe("/completions", completions_probe(self.model))
+        completion = completion if isinstance(completion, dict) else {}
+        if speaks_vllm(completion):
+            return DIALECTS["vllm"]
+        native = await self._probe(self.root + "/generate", sglang_probe(self.model))
+        if isinstance(native, dict) and speaks_sglang(native):
+            return DIALECTS["sglang"]
+        if speaks_echo(completion):
+            return DIALECTS["echo"]
+        tgi = await self._probe(self.root + "/generate", tgi_probe())
+        if speaks_tgi(tgi):
+            raise tgi_refusal(self.root, tgi)
+        raise MethodUnsupported(
+            f"{self.root} gives prompt logprobs in none of the ways klstream asks for them "
+            f"(vLLM's prompt_logprobs, the legacy completions echo, SGLang's /generate); "
+            f"{PREFILL_FIX}"
+        )
+
+    async def _resolved(self) -> Dialect:
+        """The dialect, detected once for the run when ``auto``."""
+        async with self._detecting:
+            if self._dialect is None:
+                if self.requested == "auto":
+                    self._dialect = await self.detect()
+                elif self.requested == "tgi":
+                    raise tgi_refusal(self.root, None)
+                elif self.requested in DIALECTS:
+                    self._dialect = DIALECTS[self.requested]
+                else:
+                    raise BackendUnavailable(
+                        f"no dialect is called {self.requested!r}; the dialects are auto, "
+                        f"{', '.join(DIALECTS)} and tgi"
+                    )
+        return self._dialect
+
+    async def _tokenize(
+        self, body: dict[str, Any], what: str, refusals: tuple[int, ...]
+    ) -> Tokenized:
+        """The server's ``/tokenize`` of ``body``; one that is missing or refuses the body
+        (``refusals``) cannot serve prompt logprobs."""
+        await self._resolved()  # a server that cannot score says so before its tokenizer
         try:
             text = await self.client.post(self.tokenize_url, cast_to=str, body=body)
-        except openai.NotFoundError as error:
-            if "model" in _error_detail(error).lower():
+        except openai.APIStatusError as error:
+            if not _not_taken(error, refusals):
                 raise fault_of(error) from error
             raise MethodUnsupported(
-                f"the server has no tokenizer endpoint ({self.tokenize_url}: {describe(error)}); "
-                "prompt logprobs need vLLM's /tokenize"
+                f"the server has no tokenizer that {what} ({self.tokenize_url}: "
+                f"{describe(error)}); prompt logprobs need the server's /tokenize (vLLM's, or "
+                f"SGLang's that takes messages); {PREFILL_FIX}"
             ) from None
         except openai.APIError as error:
             raise fault_of(error) from error
@@ -371,33 +427,40 @@ class OpenAIServer:
                 "model": self.model,
                 "messages": chat_messages(prompt, ""),
                 "add_generation_prompt": True,
-            }
+            },
+            "renders chat messages",
+            (400, 422),
         )
 
     async def text_tokens(self, text: str) -> Tokenized:
         """``text``'s tokens, as they would continue a prompt (no special tokens added)."""
         return await self._tokenize(
-            {"model": self.model, "prompt": text, "add_special_tokens": False}
+            {"model": self.model, "prompt": text, "add_special_tokens": False},
+            "takes a prompt",
+            (422,),
         )
 
     async def prompt_logprobs(
         self, prompt_ids: list[int], top_logprobs: int, start: int
     ) -> PromptScores:
         """Model 2's top-k at every prompt token from ``start`` on, and after the last, from one
-        request (the one token it generates brings the last)."""
+        request in the server's dialect (the one token it generates brings the last)."""
+        dialect = await self._resolved()
+        url = self.root + dialect.path if dialect.at_root else dialect.path
         try:
-            raw = await self.client.completions.with_raw_response.create(
-                model=self.model,
-                prompt=prompt_ids,
-                max_tokens=1,
-                logprobs=top_logprobs,
-                extra_body={"prompt_logprobs": top_logprobs},
+            text = await self.client.post(
+                url, cast_to=str, body=dialect.body(self.model, prompt_ids, top_logprobs, start)
             )
+        except openai.APIStatusError as error:
+            if _route_missing(error):
+                raise MethodUnsupported(
+                    f"the server does not speak the {dialect.name} dialect of prompt logprobs "
+                    f"({url}: {describe(error)}); let klstream find the server's dialect"
+                ) from None
+            raise fault_of(error) from error
         except openai.APIError as error:
             raise fault_of(error) from error
-        return parse_prompt_logprobs(
-            raw.text, raw.headers.get("content-type", ""), prompt_ids, top_logprobs, start
-        )
+        return dialect.parse(json_object(text), prompt_ids, top_logprobs, start)
 
 
 @contextlib.asynccontextmanager
@@ -411,7 +474,7 @@ async def open_server(endpoint: Endpoint, settings: ClientSettings) -> AsyncIter
         max_retries=0,
     )
     async with client:
-        yield OpenAIServer(client, settings.model)
+        yield OpenAIServer(client, settings.model, endpoint.dialect)
 
 
 OPENAI = Backend("openai", openai_endpoint, prefill=open_server, prompt_scoring=open_server)

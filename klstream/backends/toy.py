@@ -49,6 +49,7 @@ from klstream.backends.base import (
     Tokenized,
     Where,
 )
+from klstream.backends.dialects import lacks
 from klstream.backends.prices import Usage
 from klstream.emulator import openai_routes
 from klstream.emulator.batch.common import END_STATES as CONFIGURABLE_END_STATES
@@ -514,10 +515,7 @@ class ToyService:
                 attempt.fault = attempt.fault or "no_logprobs"
             _readable(attempt.fault)
             if model.nologprobs or dropped:
-                raise UnusableAnswer(
-                    "answer without prompt_logprobs; the server does not return prompt logprobs "
-                    "(vLLM does)"
-                )
+                raise lacks("prompt_logprobs", "vLLM")
             if short:
                 raise UnusableAnswer(
                     f"prompt_logprobs has {len(ids) // 2} entries for a prompt of {len(ids)} tokens"
@@ -655,6 +653,9 @@ class ToyClient:
     """One model on a toy service: generation with logprobs (a
     :class:`~klstream.backends.base.Prefill`) and prompt logprobs (a
     :class:`~klstream.backends.base.PromptScoring`)."""
+
+    dialect: str | None = None
+    """The toy service gives prompt logprobs one way only."""
 
     def __init__(self, toy: ToyService, settings: ClientSettings) -> None:
         self.toy, self.settings = toy, settings

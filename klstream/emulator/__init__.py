@@ -1,9 +1,11 @@
 """A local stand-in for the Gemini API, for dry runs and tests without network or cost.
 
 The emulator is an aiohttp server that speaks the ``generateContent`` REST
-protocol closely enough for the real google-genai SDK — and vLLM's
-OpenAI-compatible routes closely enough for the real openai SDK
-(``klstream.emulator.openai_routes``) — and answers from
+protocol closely enough for the real google-genai SDK — and open-weight
+servers' routes closely enough for the real openai SDK: vLLM's at the root,
+SGLang's, a legacy completions server's and TGI's under path prefixes
+(``klstream.emulator.openai_routes``, ``klstream.emulator.native_routes``) —
+and answers from
 deterministic toy language models (``klstream.emulator.toymodel``) whose exact
 next-token distributions tests can recompute locally.
 
@@ -36,8 +38,21 @@ Endpoints (any version segment: v1, v1beta, v1alpha, v1beta1, ...)
     and ``POST /{version}/publishers/{pub}/models/{model}:generateContent`` (Vertex
     AI, the latter in express mode), ``GET /_emulator/stats`` (request counters),
     and ``POST /v1/chat/completions``, ``POST /v1/completions`` (with vLLM's
-    ``prompt_logprobs``) and ``POST /tokenize`` (described in
-    ``klstream.emulator.openai_routes``, with its toy chat template).
+    ``prompt_logprobs``, the legacy ``echo`` and ``return_tokens_as_token_ids``)
+    and ``POST /tokenize`` (described in ``klstream.emulator.openai_routes``,
+    with its toy chat template). Other servers by path prefix
+    (``klstream.emulator.servers``): ``/sglang/...`` (SGLang: the same routes
+    without vLLM's extensions, and its native ``POST /sglang/generate``),
+    ``/legacy/...`` (completions with ``echo`` only, what lm-evaluation-harness
+    is pointed at), ``POST /tgi/generate`` and ``POST /tgi-prefill/generate``
+    (TGI without and with ``--enable-prefill-logprobs``; described in
+    ``klstream.emulator.native_routes``). Point the openai SDK or klstream at
+    ``http://127.0.0.1:8765/sglang/v1``, say. Model name parts for the odd
+    values real servers send (``floor9999``, ``floatmin``, ``nanvals``,
+    ``kplus1``), a vLLM build without prompt logprobs (``noprompt``), a
+    gateway that refuses vLLM's fields (``strict``) and a
+    ``system_fingerprint`` (``fingerprint``) are listed in
+    ``klstream.emulator.openai_routes``.
     The prompt is the system instruction and the user turns' text joined by
     newlines; a trailing model turn is a prefill that generation continues,
     re-tokenized with the toy tokenizer. ``generationConfig`` supports

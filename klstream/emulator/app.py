@@ -25,7 +25,7 @@ from aiohttp import web
 
 from klstream.emulator.batch import BatchConfig, BatchService
 from klstream.emulator.faults import FaultConfig, FaultState
-from klstream.emulator.openai_routes import HTML_PAGE, OpenAIRoutes
+from klstream.emulator.openai_routes import HTML_PAGE
 from klstream.emulator.protocol import (
     JSON_HEADERS,
     NOPREFILL_MESSAGE,
@@ -37,6 +37,7 @@ from klstream.emulator.protocol import (
     prompt_ids,
     refuse_logprobs,
 )
+from klstream.emulator.servers import register_servers
 from klstream.emulator.service import PrefixCache, ServiceConfig
 from klstream.emulator.toymodel import encode
 
@@ -131,7 +132,7 @@ class Emulator:
         )
         self.batch.register(app)
         app.router.add_get("/_emulator/stats", self._stats)
-        OpenAIRoutes(lambda: self._state, self._sleep, self._record_openai).register(app)
+        register_servers(app, lambda: self._state, self._sleep, self._record_openai)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)

@@ -1,4 +1,5 @@
-"""The emulator's OpenAI-compatible routes, vLLM flavoured, over the same toy models.
+"""The emulator's OpenAI-compatible routes over the same toy models: vLLM's at the root, and the
+same routes as other servers answer them under a path prefix (:data:`SERVERS`).
 
 ``POST /v1/chat/completions``
     ``messages`` (system/user/assistant; string or text-part content), ``max_tokens`` (or
@@ -6,18 +7,35 @@
     ``top_logprobs`` (0..20), and vLLM's ``continue_final_message`` (with
     ``add_generation_prompt: false``): the final assistant message is a prefill the model
     continues, re-tokenized like the Gemini routes' model turn. Logprobs come as OpenAI's
-    ``choices[0].logprobs.content`` (``token``, ``logprob``, ``bytes``, ``top_logprobs``).
+    ``choices[0].logprobs.content`` (``token``, ``logprob``, ``bytes``, ``top_logprobs``). With
+    vLLM's ``return_tokens_as_token_ids`` every token is named ``token_id:<id>`` (and ``bytes``
+    are those of that name, as vLLM's).
 ``POST /v1/completions``
     ``prompt`` as a string or a list of token ids, ``max_tokens`` (default 16; 0 only with
     ``echo``), ``temperature``, ``seed``, ``logprobs`` (legacy per-token logprobs, 0..20),
-    ``echo`` (the prompt's text and, with ``logprobs``, its tokens come first) and vLLM's
+    ``echo`` (the prompt's text and, with ``logprobs``, its tokens come first: the first
+    token's logprob and top are ``null``, each top is ``{token text: logprob}`` with the actual
+    token added when it ranks below the k, as vLLM answers lm-evaluation-harness), vLLM's
     ``prompt_logprobs`` (0..20): per prompt token ``{token_id: {logprob, rank,
     decoded_token}}`` — the top-k before it, plus the token itself when it ranks lower — with
-    ``null`` for the first.
+    ``null`` for the first, and ``return_tokens_as_token_ids`` (the legacy ``tokens`` and top
+    keys become ``token_id:<id>``).
 ``POST /tokenize``
     vLLM's: ``{"prompt": text}`` or ``{"messages": [...], "add_generation_prompt",
     "continue_final_message"}`` gives ``{"count", "max_model_len", "tokens"}`` (and
     ``token_strs`` with ``return_token_strs``).
+
+Other servers, by path prefix (``--base-url http://127.0.0.1:8765/sglang/v1``, say):
+
+``/sglang``
+    SGLang: the same chat, completions (``echo`` works, ``prompt_logprobs`` and
+    ``return_tokens_as_token_ids`` are ignored) and ``/tokenize``, and SGLang's native
+    ``/generate`` (:mod:`klstream.emulator.native_routes`).
+``/legacy``
+    A completions server with the legacy ``echo`` but without vLLM's extensions (what
+    lm-evaluation-harness's local-completions is pointed at), with vLLM's ``/tokenize``.
+``/tgi`` and ``/tgi-prefill``
+    HuggingFace TGI's ``/generate``, launched without and with ``--enable-prefill-logprobs``.
 
 The toy chat template renders the conversation as ``<|user|>PROMPT<|end|>`` and, for the
 answer, ``<|assistant|>`` followed by the assistant's text; PROMPT is the system and user
@@ -31,9 +49,22 @@ A model name part ``ctx<n>`` sets ``max_model_len`` (default 32768); longer requ
 400. The behaviour flags and faults are the Gemini routes' (``noprefill`` rejects
 ``continue_final_message``; ``nologprobs`` and ``rate_no_logprobs`` drop logprobs and
 ``prompt_logprobs``), plus ``rate_short_prompt_logprobs`` (the last entries of
-``prompt_logprobs`` missing). Errors use the OpenAI format ``{"error": {"message", "type",
-"param", "code"}}``; 429s carry ``Retry-After`` and ``retry-after-ms``. Answers carry
-``usage`` (``prompt_tokens``, ``completion_tokens``, ``total_tokens``).
+``prompt_logprobs`` missing) and these name parts (:data:`ODD_VALUES` and :class:`Flags`):
+
+- ``noprompt``: a vLLM build without prompt logprobs: no ``prompt_logprobs`` field, and the
+  echo's ``logprobs`` cover the generated tokens only;
+- ``floor9999``, ``floatmin``, ``nanvals``: every top-k list (chat, legacy, prompt logprobs,
+  SGLang's triples) also lists the two least likely tokens, at vLLM's and OpenAI's floor
+  -9999.0, at float32's lowest -3.4028234663852886e+38 (SGLang), or as ``null`` and ``NaN``;
+- ``kplus1``: chat and SGLang lists add the chosen (or prompt) token beyond the k when it
+  ranks lower, as vLLM's completions always do;
+- ``strict``: chat requests with ``return_tokens_as_token_ids`` get 400 "Unrecognized request
+  argument supplied", as a gateway that checks OpenAI's schema;
+- ``fingerprint``: answers carry a ``system_fingerprint``.
+
+Errors use the OpenAI format ``{"error": {"message", "type", "param", "code"}}``; 429s carry
+``Retry-After`` and ``retry-after-ms``. Answers carry ``usage`` (``prompt_tokens``,
+``completion_tokens``, ``total_tokens``) and the ``model``.
 """
 
 from __future__ import annotations
@@ -44,7 +75,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import numpy as np
@@ -55,6 +86,7 @@ from klstream.emulator.protocol import JSON_HEADERS, MAX_LOGPROBS, ApiError
 from klstream.emulator.toymodel import (
     MASKED_LOGPROB,
     VOCAB_SIZE,
+    Candidate,
     Generation,
     ToyModel,
     UnknownModelError,
@@ -135,7 +167,7 @@ def served_model(name: object) -> ToyModel:
         ) from None
 
 
-def _int(body: dict[str, Any], key: str, default: int | None, lo: int, hi: int) -> int | None:
+def integer(body: dict[str, Any], key: str, default: int | None, lo: int, hi: int) -> int | None:
     value = body.get(key)
     if value is None:
         return default
@@ -146,7 +178,7 @@ def _int(body: dict[str, Any], key: str, default: int | None, lo: int, hi: int) 
     return value
 
 
-def _temperature(body: dict[str, Any]) -> float:
+def temperature_of(body: dict[str, Any]) -> float:
     value = body.get("temperature")
     if value is None:
         return 1.0
@@ -156,7 +188,7 @@ def _temperature(body: dict[str, Any]) -> float:
 
 
 def _logprob_count(body: dict[str, Any], key: str) -> int | None:
-    value = _int(body, key, None, 0, 1 << 31)
+    value = integer(body, key, None, 0, 1 << 31)
     if value is not None and value > MAX_LOGPROBS:
         raise ApiError(
             400, f"Requested {key} of {value}, which is greater than max allowed: {MAX_LOGPROBS}"
@@ -237,6 +269,17 @@ class PromptSplit:
         return self.prompt, ids[self.start : index]
 
 
+def own_logprob(logprobs: np.ndarray, token_id: int) -> float:
+    """A prompt token's logprob; a fallback id (outside the vocabulary) is never predicted."""
+    return float(logprobs[token_id]) if 0 <= token_id < VOCAB_SIZE else MASKED_LOGPROB
+
+
+def logged(ids: list[int], split: PromptSplit) -> tuple[str, str | None]:
+    """What the request log shows of a prompt of token ids: the prompt, and the response after
+    the chat template (as a prefill) when the ids render it."""
+    return split.prompt or decode(ids), decode(ids[split.start :]) if split.start else None
+
+
 def prompt_logprobs_entry(logprobs: np.ndarray, own_id: int, k: int) -> dict[str, Any]:
     """vLLM's entry for one prompt token: the top-k, and the token itself if it ranks lower."""
     entry = {
@@ -244,7 +287,7 @@ def prompt_logprobs_entry(logprobs: np.ndarray, own_id: int, k: int) -> dict[str
         for rank, c in enumerate(top_k(logprobs, k), start=1)
     }
     if str(own_id) not in entry:
-        own = float(logprobs[own_id]) if 0 <= own_id < VOCAB_SIZE else MASKED_LOGPROB
+        own = own_logprob(logprobs, own_id)
         entry[str(own_id)] = {
             "logprob": own,
             "rank": int(np.count_nonzero(logprobs > own)) + 1,
@@ -253,7 +296,73 @@ def prompt_logprobs_entry(logprobs: np.ndarray, own_id: int, k: int) -> dict[str
     return entry
 
 
-def _legacy_logprobs(steps: list[tuple[str, float | None, dict[str, float] | None]]) -> Any:
+ODD_VALUES: Final[dict[str, tuple[float | None, ...]]] = {
+    "floor9999": (-9999.0, -9999.0),
+    "floatmin": (-3.4028234663852886e38, -3.4028234663852886e38),
+    "nanvals": (None, math.nan),
+}
+"""Model name parts that add entries without a usable logprob to every top-k list: the values
+they are listed with (vLLM's and OpenAI's floor, float32's lowest as SGLang's filler, null and
+NaN)."""
+FINGERPRINT: Final = "fp_klstream_emulator"
+TOKEN_IDS_OPTION: Final = "return_tokens_as_token_ids"
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The behaviour parts of a model name that the open-weight routes act on."""
+
+    noprompt: bool = False
+    kplus1: bool = False
+    strict: bool = False
+    fingerprint: bool = False
+    odd: tuple[float | None, ...] = ()
+    """Values of the entries each top-k list gets on top (:data:`ODD_VALUES`)."""
+
+    @classmethod
+    def of(cls, name: str) -> Flags:
+        parts = set(name.removeprefix("models/").split("-"))
+        odd = tuple(
+            value for part, values in ODD_VALUES.items() if part in parts for value in values
+        )
+        return cls(
+            "noprompt" in parts, "kplus1" in parts, "strict" in parts, "fingerprint" in parts, odd
+        )
+
+    def fillers(self, logprobs: np.ndarray, taken: set[int]) -> list[tuple[int, float | None]]:
+        """(id, value) of the entries the odd-value parts add to a list holding ``taken``: the
+        least likely tokens not in it, with the flags' values instead of their logprobs."""
+        if not self.odd:
+            return []
+        least = np.argsort(logprobs, kind="stable")[: len(self.odd) + len(taken)].tolist()
+        return list(zip([i for i in least if i not in taken], self.odd, strict=False))
+
+    def fingerprinted(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``payload`` with vLLM's ``system_fingerprint``: null, or one with ``fingerprint``."""
+        return {**payload, "system_fingerprint": FINGERPRINT if self.fingerprint else None}
+
+
+def token_name(token_id: int, as_id: bool) -> str:
+    """A token as the answer names it: its text, or vLLM's ``token_id:<id>``."""
+    return f"token_id:{token_id}" if as_id else token_str(token_id)
+
+
+def extended(
+    top: list[Candidate], flags: Flags, logprobs: np.ndarray | None, actual: Candidate | None
+) -> list[tuple[int, float | None]]:
+    """A top-k list as (id, value) pairs with the entries the name's flags add: the actual
+    token beyond the k (``kplus1``), then the odd values' fillers."""
+    pairs: list[tuple[int, float | None]] = [(c.token_id, c.logprob) for c in top]
+    taken = {c.token_id for c in top}
+    if flags.kplus1 and actual is not None and actual.token_id not in taken:
+        pairs.append((actual.token_id, actual.logprob))
+        taken.add(actual.token_id)
+    if logprobs is not None:
+        pairs += flags.fillers(logprobs, taken)
+    return pairs
+
+
+def _legacy_logprobs(steps: list[tuple[str, float | None, dict[str, Any] | None]]) -> Any:
     """The completions API's own ``logprobs`` object over (token, logprob, top) steps."""
     lengths = [len(token) for token, _, _ in steps]
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist()
@@ -277,8 +386,18 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-class OpenAIRoutes:
-    """The OpenAI-compatible handlers, sharing the emulator's faults, sleep and request log."""
+def step_contexts(prefix: list[int], generation: Generation) -> list[list[int]]:
+    """The ids before each generated step: ``prefix``, then the steps before it."""
+    ids = [step.chosen.token_id for step in generation.steps]
+    return [prefix + ids[:index] for index in range(len(ids))]
+
+
+Handler = Callable[[dict[str, Any], FaultState], Awaitable[tuple[Any, str, str | None]]]
+"""A handler's answer to a parsed body: (payload, prompt, prefill) for the request log."""
+
+
+class Routes:
+    """Latency, parsing, faults and the request log around one emulated server's handlers."""
 
     def __init__(
         self,
@@ -288,18 +407,15 @@ class OpenAIRoutes:
     ) -> None:
         self._state, self._sleep, self._record = state, sleep, record
 
-    def register(self, app: web.Application) -> None:
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/tokenize", self._tokenize)
-
-    async def _handle(
+    async def handle(
         self,
         request: web.Request,
-        answer: Callable[[dict[str, Any], FaultState], Awaitable[tuple[Any, str, str | None]]],
-        generates: bool = True,
+        answer: Handler,
+        strip: Callable[[Any], None] | None = None,
+        error: Callable[[ApiError], web.Response] = error_response,
     ) -> web.Response:
-        """Latency, parsing and faults around ``answer``, which returns (body, prompt, prefill)."""
+        """``answer``'s payload with the configured faults: ``strip`` removes its logprobs
+        (``rate_no_logprobs``), ``error`` writes an error in the server's format."""
         arrived = time.monotonic()
         state = self._state()
         config = state.config
@@ -323,18 +439,16 @@ class OpenAIRoutes:
             fault = state.draw_exclusive()
             await self._inject(fault, state)
             payload, prompt, prefill = await answer(body, state)
-            if generates and state.draw_no_logprobs():
+            if strip is not None and state.draw_no_logprobs():
                 fault = fault or "no_logprobs"
-                for choice in payload.get("choices", []):
-                    choice["logprobs"] = None
-                    choice.pop("prompt_logprobs", None)
+                strip(payload)
             response = self._body(payload, fault)
         except ApiError as exc:
-            response, fault = error_response(exc), exc.fault
+            response, fault = error(exc), exc.fault
         except ConnectionResetError:
             response = web.Response(status=499)  # never sent: the client has gone
         except Exception as exc:  # a bug: still answer in the API's format
-            response = error_response(ApiError(500, f"Internal error in the emulator: {exc!r}"))
+            response = error(ApiError(500, f"Internal error in the emulator: {exc!r}"))
             fault = "emulator_bug"
         self._record(request, arrived, model_name, prompt, prefill, response, fault)
         return response
@@ -363,19 +477,63 @@ class OpenAIRoutes:
             data = data[: len(data) // 2]
         return web.Response(body=data, headers=JSON_HEADERS)
 
+
+@dataclass(frozen=True)
+class Flavour:
+    """Which OpenAI-compatible server the routes under ``prefix`` answer as."""
+
+    prefix: str = ""
+    prompt_logprobs: bool = True
+    """vLLM's ``prompt_logprobs`` extension (else the field is ignored)."""
+    token_ids: bool = True
+    """vLLM's ``return_tokens_as_token_ids`` (else the field is ignored)."""
+
+
+def _strip_choices(payload: Any) -> None:
+    for choice in payload.get("choices", []):
+        choice["logprobs"] = None
+        choice.pop("prompt_logprobs", None)
+
+
+class OpenAIRoutes(Routes):
+    """The OpenAI-compatible handlers of one server flavour."""
+
+    def __init__(
+        self,
+        state: Callable[[], FaultState],
+        sleep: Callable[[float], Awaitable[None]],
+        record: RecordRequest,
+        flavour: Flavour = Flavour(),
+    ) -> None:
+        super().__init__(state, sleep, record)
+        self.flavour = flavour
+
+    def register(self, app: web.Application) -> None:
+        prefix = self.flavour.prefix
+        app.router.add_post(f"{prefix}/v1/chat/completions", self._chat)
+        app.router.add_post(f"{prefix}/v1/completions", self._completions)
+        app.router.add_post(f"{prefix}/tokenize", self._tokenize)
+
     async def _chat(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self._chat_answer)
+        return await self.handle(request, self._chat_answer, _strip_choices)
 
     async def _completions(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self._completions_answer)
+        return await self.handle(request, self._completions_answer, _strip_choices)
 
     async def _tokenize(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self._tokenize_answer, generates=False)
+        return await self.handle(request, self._tokenize_answer)
+
+    def _as_ids(self, body: dict[str, Any]) -> bool:
+        """Whether the answer names tokens by id (asked for, and this server knows how)."""
+        return body.get(TOKEN_IDS_OPTION) is True and self.flavour.token_ids
 
     async def _chat_answer(
         self, body: dict[str, Any], _state: FaultState
     ) -> tuple[Any, str, str | None]:
         model = served_model(body.get("model"))
+        flags = Flags.of(model.name)
+        if flags.strict and TOKEN_IDS_OPTION in body:
+            raise ApiError(400, f"Unrecognized request argument supplied: {TOKEN_IDS_OPTION}")
         prompt, prefill = parse_messages(body)
         if prefill is not None and model.noprefill:
             raise ApiError(400, "continue_final_message is not supported by this model.")
@@ -383,8 +541,8 @@ class OpenAIRoutes:
         top = _logprob_count(body, "top_logprobs")
         if top and not with_logprobs:
             raise ApiError(400, "when using `top_logprobs`, `logprobs` must be set to true.")
-        max_tokens = _int(body, "max_completion_tokens", None, 1, 1 << 31)
-        max_tokens = _int(body, "max_tokens", max_tokens or DEFAULT_MAX_TOKENS, 1, 1 << 31)
+        max_tokens = integer(body, "max_completion_tokens", None, 1, 1 << 31)
+        max_tokens = integer(body, "max_tokens", max_tokens or DEFAULT_MAX_TOKENS, 1, 1 << 31)
         assert max_tokens is not None
         prompt_tokens = chat_prompt_tokens(prompt, prefill or "")
         check_context(model.name, prompt_tokens, max_tokens)
@@ -392,31 +550,31 @@ class OpenAIRoutes:
         generation = model.sample(
             prompt,
             max_tokens,
-            _temperature(body),
-            _int(body, "seed", None, -(1 << 63), 1 << 63),
+            temperature_of(body),
+            integer(body, "seed", None, -(1 << 63), 1 << 63),
             top or 0,
             prefill_ids,
         )
         logprobs = None
         if with_logprobs and not model.nologprobs:
-            logprobs = {
-                "content": [
+            as_ids = self._as_ids(body)
+
+            def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
+                name = token_name(token_id, as_ids)
+                return {"token": name, "logprob": logprob, "bytes": list(name.encode())}
+
+            contexts = step_contexts(prefill_ids, generation)
+            content = []
+            for step, context in zip(generation.steps, contexts, strict=True):
+                lp = model.next_token_logprobs(prompt, context) if flags.odd else None
+                listed = extended(step.top, flags, lp, step.chosen)
+                content.append(
                     {
-                        "token": step.chosen.token,
-                        "logprob": step.chosen.logprob,
-                        "bytes": list(step.chosen.token.encode()),
-                        "top_logprobs": [
-                            {
-                                "token": c.token,
-                                "logprob": c.logprob,
-                                "bytes": list(c.token.encode()),
-                            }
-                            for c in step.top
-                        ],
+                        **entry(step.chosen.token_id, step.chosen.logprob),
+                        "top_logprobs": [entry(i, value) for i, value in listed],
                     }
-                    for step in generation.steps
-                ]
-            }
+                )
+            logprobs = {"content": content}
         payload = {
             "id": f"chatcmpl-{secrets.token_hex(12)}",
             "object": "chat.completion",
@@ -432,64 +590,78 @@ class OpenAIRoutes:
             ],
             "usage": _usage(prompt_tokens, len(generation.steps)),
         }
-        return payload, prompt, prefill
+        return flags.fingerprinted(payload), prompt, prefill
+
+    def _prompt_entries(
+        self, model: ToyModel, flags: Flags, ids: list[int], split: PromptSplit, k: int
+    ) -> list[dict[str, Any] | None]:
+        """vLLM's ``prompt_logprobs``: null, then each prompt token's entry and fillers."""
+        entries: list[dict[str, Any] | None] = [None]
+        for index in range(1, len(ids)):
+            logprobs = model.next_token_logprobs(*split.context(ids, index))
+            entry = prompt_logprobs_entry(logprobs, ids[index], k)
+            for token_id, value in flags.fillers(logprobs, {int(key) for key in entry}):
+                entry[str(token_id)] = {
+                    "logprob": value,
+                    "rank": len(entry) + 1,
+                    "decoded_token": token_str(token_id),
+                }
+            entries.append(entry)
+        return entries
 
     async def _completions_answer(
         self, body: dict[str, Any], state: FaultState
     ) -> tuple[Any, str, str | None]:
         model = served_model(body.get("model"))
-        ids = _prompt_ids(body.get("prompt"))
+        flags = Flags.of(model.name)
+        ids = prompt_token_ids(body.get("prompt"))
         echo = body.get("echo") is True
-        max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 0 if echo else 1, 1 << 31)
+        max_tokens = integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 0 if echo else 1, 1 << 31)
         assert max_tokens is not None
         check_context(model.name, len(ids), max_tokens)
         logprobs = _logprob_count(body, "logprobs")
-        prompt_logprobs = _logprob_count(body, "prompt_logprobs")
-        if prompt_logprobs is None and echo:
-            prompt_logprobs = logprobs
+        asked = _logprob_count(body, "prompt_logprobs") if self.flavour.prompt_logprobs else None
+        prompt_logprobs = logprobs if asked is None and echo else asked
         split = PromptSplit.of(ids)
         generation = None
         if max_tokens:
             generation = model.sample(
                 split.prompt,
                 max_tokens,
-                _temperature(body),
-                _int(body, "seed", None, -(1 << 63), 1 << 63),
+                temperature_of(body),
+                integer(body, "seed", None, -(1 << 63), 1 << 63),
                 logprobs or 0,
                 ids[split.start :],
             )
         with_logprobs = not model.nologprobs
+        with_prompt = with_logprobs and not flags.noprompt
         entries: list[dict[str, Any] | None] | None = None
-        if prompt_logprobs is not None and with_logprobs:
-            entries = [None] + [
-                prompt_logprobs_entry(
-                    model.next_token_logprobs(*split.context(ids, index)),
-                    ids[index],
-                    prompt_logprobs,
-                )
-                for index in range(1, len(ids))
-            ]
+        if prompt_logprobs is not None and with_prompt:
+            entries = self._prompt_entries(model, flags, ids, split, prompt_logprobs)
             if state.draw_short_prompt_logprobs():
                 entries = entries[: len(entries) // 2]
         steps = generation.steps if generation else []
         legacy = None
         if logprobs is not None and with_logprobs:
-            shown: list[tuple[str, float | None, dict[str, float] | None]] = []
-            if echo:
-                shown.append((token_str(ids[0]), None, None))
+            as_ids = self._as_ids(body)
+            shown: list[tuple[str, float | None, dict[str, Any] | None]] = []
+            if echo and with_prompt:
+                shown.append((token_name(ids[0], as_ids), None, None))
                 for index in range(1, len(ids)):
                     entry = entries[index] if entries and index < len(entries) else None
                     own = entry[str(ids[index])]["logprob"] if entry else None
                     top = (
-                        {v["decoded_token"]: v["logprob"] for v in entry.values()}
+                        {token_name(int(key), as_ids): v["logprob"] for key, v in entry.items()}
                         if entry
                         else None
                     )
-                    shown.append((token_str(ids[index]), own, top))
-            shown += [
-                (s.chosen.token, s.chosen.logprob, {c.token: c.logprob for c in s.top})
-                for s in steps
-            ]
+                    shown.append((token_name(ids[index], as_ids), own, top))
+            contexts = step_contexts(ids[split.start :], generation) if generation else []
+            for step, context in zip(steps, contexts, strict=True):
+                lp = model.next_token_logprobs(split.prompt, context) if flags.odd else None
+                listed = extended(step.top, replace(flags, kplus1=True), lp, step.chosen)
+                named = {token_name(i, as_ids): value for i, value in listed}
+                shown.append((token_name(step.chosen.token_id, as_ids), step.chosen.logprob, named))
             legacy = _legacy_logprobs(shown)
         text = "".join(s.chosen.token for s in steps)
         choice: dict[str, Any] = {
@@ -498,8 +670,9 @@ class OpenAIRoutes:
             "logprobs": legacy,
             "finish_reason": _finish(generation),
             "stop_reason": None,
-            "prompt_logprobs": entries,
         }
+        if self.flavour.prompt_logprobs and not flags.noprompt:
+            choice["prompt_logprobs"] = entries
         payload = {
             "id": f"cmpl-{secrets.token_hex(12)}",
             "object": "text_completion",
@@ -508,8 +681,7 @@ class OpenAIRoutes:
             "choices": [choice],
             "usage": _usage(len(ids), len(steps)),
         }
-        response_text = decode(ids[split.start :]) if split.start else None
-        return payload, split.prompt or decode(ids), response_text
+        return flags.fingerprinted(payload), *logged(ids, split)
 
     async def _tokenize_answer(
         self, body: dict[str, Any], _state: FaultState
@@ -536,7 +708,7 @@ class OpenAIRoutes:
         return payload, prompt, prefill
 
 
-def _prompt_ids(prompt: object) -> list[int]:
+def prompt_token_ids(prompt: object) -> list[int]:
     if isinstance(prompt, str) and prompt:
         return encode(prompt)
     if (

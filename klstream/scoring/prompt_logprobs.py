@@ -1,4 +1,5 @@
-"""Scoring by prompt logprobs (vLLM): one request per response instead of one per position.
+"""Scoring by prompt logprobs (vLLM, SGLang, ...): one request per response instead of one per
+position.
 
 The prompt is the chat template's rendering of the user prompt up to where the assistant's
 answer starts (vLLM's ``/tokenize`` with ``messages`` and ``add_generation_prompt``), followed by
@@ -25,7 +26,9 @@ reason. A response that does not fit the server's context (its ``max_model_len``
 generated) is a recorded failure for its positions. Results are rows of the same scores table as
 the prefill method's (:func:`klstream.scoring.work.result_rows`); ``attempts`` and
 ``latency_ms`` are those of the response's request, ``chosen_*`` is Model 2's most likely token
-there (nothing is generated at that position) and ``finish_reason`` is null.
+there (nothing is generated at that position) and ``finish_reason`` is null; the request's
+usage is on the first of its rows. The server's dialect (how it is asked,
+:mod:`klstream.backends.dialects`) is recorded in ``run.json`` once the first response is in.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ import numpy as np
 
 from klstream.backends import checks, open_prompt_scoring
 from klstream.backends.base import Answer, Generated, PromptScores, PromptScoring, Tokenized
+from klstream.backends.prices import Usage
 from klstream.backends.transport import Caller, Outcome, Retried
 from klstream.scoring.pool import work_through
+from klstream.scoring.runconfig import save_config
 from klstream.scoring.session import Scheduler, Session
 from klstream.scoring.work import Response, WorkItem, pending_responses, result_rows
 
@@ -187,6 +192,7 @@ class PromptLogprobsScheduler(Scheduler):
         probe.saw(await self.score_response(caller, server, first, probe.deadline))
         if not probe.succeeded:
             raise probe.failure()
+        self._record_dialect(server.dialect)
 
         async def score(response: Response) -> None:
             await self.score_response(caller, server, response)
@@ -199,6 +205,13 @@ class PromptLogprobsScheduler(Scheduler):
             self.session.checkpoint,
             options.checkpoint_seconds,
         )
+
+    def _record_dialect(self, dialect: str | None) -> None:
+        """Write the server's dialect into ``run.json`` (which way was found, when ``auto``)."""
+        session = self.session
+        if dialect is not None and session.config.get("dialect") != dialect:
+            session.config["dialect"] = dialect
+            save_config(session.run, session.options.model2, session.config)
 
     async def _template(
         self, caller: Caller, server: PromptScoring, prompt: str, probe_deadline: float | None
@@ -269,10 +282,13 @@ class PromptLogprobsScheduler(Scheduler):
         scores: PromptScores,
         answer: Retried[PromptScores],
     ) -> None:
-        """One row per pending position: Model 2's top-k there, or why it has none."""
+        """One row per pending position: Model 2's top-k there, or why it has none. The
+        request's usage goes on the first row, so that sums over the table count it once."""
         tops = [token.top for token in scores.tokens] + [scores.after]
+        dropped = [token.dropped for token in scores.tokens] + [scores.after_dropped]
         model2 = self.session.options.model2
         top_logprobs = self.session.options.top_logprobs
+        usage = scores.usage
         rows = []
         for position in np.flatnonzero(np.asarray(response.pending, bool)).tolist():
             item = WorkItem(response.stem, response.response_index, position, response.prompt, "")
@@ -280,7 +296,9 @@ class PromptLogprobsScheduler(Scheduler):
             top = tops[match] if match >= 0 else None
             problem = checks.list_problem(top, top_logprobs) if top else None
             if top and problem is None:
-                scored = Answer([Generated(top[0], top)], "", None)
+                step = Generated(top[0], top, dropped=dropped[match])
+                scored = Answer([step], "", None, usage, scores.served_model)
+                usage = Usage()
                 outcome = Outcome(scored, None, answer.attempts, answer.latency_ms)
             else:
                 reason = problem or (alignment.reason(position) if match < 0 else NO_AFTER)

@@ -39,6 +39,8 @@ class WorkItem:
     prefill: str
     max_tokens: int = 1
     decoding: str = "sample"
+    token_ids: bool = False
+    """Model 1's tokens carry ids, so Model 2's are asked for with theirs."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Response:
     counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)
     measured: tuple[int, int] | None = None
     """(position, input tokens) of the latest answer: later requests extend that input."""
+    token_ids: bool = False
+    """Every token carries its id."""
 
     @classmethod
     def of(cls, rows: list[dict[str, Any]]) -> Response:
@@ -70,12 +74,20 @@ class Response:
             [row["char_offset"] for row in rows],
             "".join(token.text for token in tokens),
             [row["pending"] for row in rows],
+            token_ids=all(token.token_id is not None for token in tokens),
         )
 
     def request(self, position: int, max_tokens: int = 1, decoding: str = "sample") -> WorkItem:
         prefill = self.text[: self.offsets[position]]
         return WorkItem(
-            self.stem, self.response_index, position, self.prompt, prefill, max_tokens, decoding
+            self.stem,
+            self.response_index,
+            position,
+            self.prompt,
+            prefill,
+            max_tokens,
+            decoding,
+            self.token_ids,
         )
 
     def input_tokens(self, position: int) -> float:
@@ -128,7 +140,12 @@ def prefill_request(options: ScoreOptions, item: WorkItem) -> PrefillRequest:
     """The request for ``item``: greedy at temperature 0, else at the run's temperature."""
     temperature = 0.0 if item.decoding == "greedy" else options.temperature
     return PrefillRequest(
-        item.prompt, item.prefill, options.top_logprobs, item.max_tokens, temperature
+        item.prompt,
+        item.prefill,
+        options.top_logprobs,
+        item.max_tokens,
+        temperature,
+        token_ids=item.token_ids,
     )
 
 
