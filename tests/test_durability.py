@@ -21,8 +21,12 @@ from cli import invoke, start_process
 from conftest import ToyInputs
 from inputs import Token, make_input, write_input
 
+from klstream.backends.base import Endpoint
+from klstream.backends.transport import RetryPolicy
 from klstream.emulator import EmulatorServer, FaultConfig
 from klstream.input.explode import explode
+from klstream.pipeline import score
+from klstream.scoring.options import ScoreOptions
 from klstream.storage import schemas
 from klstream.storage.database import connect
 from klstream.storage.rundir import ExportDir, RunDir
@@ -205,6 +209,38 @@ def test_resume_and_overwrite_together_are_refused_in_one_line(run_dir: Path) ->
     result = invoke("score", run_dir, "--model2", MODEL2, "--resume", "--overwrite")
     assert result.exit_code == 2
     assert "choose one" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- 3: answers that are not what was asked are never values ----------------------------------
+
+
+def test_short_top_k_lists_are_retried_and_never_stored_as_values(
+    tmp_path: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    endpoint = Endpoint("gemini", "test-key", base_url=emulator.base_url)
+    fast = RetryPolicy(max_retries=12, backoff_initial_s=0.0, backoff_max_s=0.0)
+    clean = tmp_path / "clean"
+    explode(toy_inputs.directory, clean)
+    score(clean, ScoreOptions(MODEL2, policy=fast), endpoint)
+
+    run_dir = tmp_path / "short"
+    explode(toy_inputs.directory, run_dir)
+    emulator.set_faults(FaultConfig(rate_short_topk=0.3, seed=4))
+    report = score(run_dir, ScoreOptions(MODEL2, policy=fast), endpoint)
+    assert report.remaining == 0 and emulator.stats()["by_fault"]["short_topk"] > 0
+    assert resolved(run_dir) == resolved(clean)
+
+    persistent = tmp_path / "always-short"
+    explode(toy_inputs.directory, persistent)
+    emulator.set_faults(FaultConfig(rate_short_topk=1.0))
+    stopped = score(
+        persistent, ScoreOptions(MODEL2, policy=fast, max_consecutive_failures=5), endpoint
+    )
+    assert stopped.stopped_because is not None
+    with connect(persistent) as con:
+        rows = con.sql("SELECT status, error, top_tokens FROM scores").fetchall()
+    assert rows and all(status == schemas.SCORE_ERROR and top is None for status, _, top in rows)
+    assert all("3 usable entries where 20 were asked" in error for _, error, _ in rows)
 
 
 # --- 4: the configuration is checked against the data ------------------------------------------

@@ -21,9 +21,10 @@ LOWEST_LOGPROB = -9999.0
 """At or below this a logprob is a stand-in for "impossible", not a measurement: servers write
 -9999 (vLLM, OpenAI) or a float's most negative value (Gemini's -2**100, SGLang's -3.4e38)
 there."""
-WHOLE_DISTRIBUTION = 0.999
-"""Probability a shorter list must hold to be the whole distribution (reported logprobs are
-rounded)."""
+WHOLE_DISTRIBUTION = 1.0 - 1e-5
+"""Probability a shorter list must hold to be the whole distribution: one, but for the rounding
+of reported logprobs (float32, under 1e-6 over 20 entries). A list cut short by the service
+holds less; where the part it left out is below this, it changes no estimate measurably."""
 
 
 def usable_logprob(value: object) -> bool:

@@ -146,7 +146,8 @@ Faults (``FaultConfig``, CLI flags in brackets; all off by default)
     200 answers with a truncated JSON body [--rate-malformed] or an HTML page
     [--rate-html], of answers without logprobs [--rate-no-logprobs] and of
     OpenAI completions whose ``prompt_logprobs`` lack their last entries
-    [--rate-short-prompt-logprobs]; ``quota_per_minute`` requests per
+    [--rate-short-prompt-logprobs], and of Gemini answers whose top-k lists hold
+    3 candidates whatever was asked [--rate-short-topk]; ``quota_per_minute`` requests per
     rolling window (``quota_window_s``, default 60 s), then 429 whose
     ``retryDelay`` is the time until the window frees [--quota-per-minute];
     ``fail_first_n``: the first N copies of each distinct request body get

@@ -24,7 +24,7 @@ from typing import Any, Final, Literal, TextIO
 from aiohttp import web
 
 from klstream.emulator.batch import BatchConfig, BatchService
-from klstream.emulator.faults import FaultConfig, FaultState
+from klstream.emulator.faults import SHORT_TOPK, FaultConfig, FaultState
 from klstream.emulator.openai_routes import HTML_PAGE
 from klstream.emulator.protocol import (
     JSON_HEADERS,
@@ -33,6 +33,7 @@ from klstream.emulator.protocol import (
     Call,
     answer_body,
     build_call,
+    cut_top_candidates,
     parse_contents,
     prompt_ids,
     refuse_logprobs,
@@ -255,10 +256,10 @@ class Emulator:
         with_logprobs = not model.nologprobs
         if state.draw_no_logprobs():
             with_logprobs, fault = False, fault or "no_logprobs"
-        payload = json.dumps(
-            answer_body(call, with_logprobs, vertex, self._service.scaled_logprobs, cached),
-            separators=(",", ":"),
-        ).encode()
+        answer = answer_body(call, with_logprobs, vertex, self._service.scaled_logprobs, cached)
+        if state.draw_short_topk():
+            answer, fault = cut_top_candidates(answer, SHORT_TOPK), fault or "short_topk"
+        payload = json.dumps(answer, separators=(",", ":")).encode()
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
         if fault == "html":

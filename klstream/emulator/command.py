@@ -78,6 +78,12 @@ async def _serve_until_signalled(
     help="Fraction of OpenAI completions whose prompt_logprobs lack their last entries.",
 )
 @click.option(
+    "--rate-short-topk",
+    default=0.0,
+    show_default=True,
+    help="Fraction of Gemini answers whose top-k lists hold 3 candidates, whatever was asked.",
+)
+@click.option(
     "--quota-per-minute",
     default=0,
     show_default=True,
@@ -141,6 +147,7 @@ def emulate_command(
     rate_html: float,
     rate_no_logprobs: float,
     rate_short_prompt_logprobs: float,
+    rate_short_topk: float,
     quota_per_minute: int,
     fail_first_n: int,
     seed: int,
@@ -177,6 +184,7 @@ def emulate_command(
             rate_html=rate_html,
             rate_no_logprobs=rate_no_logprobs,
             rate_short_prompt_logprobs=rate_short_prompt_logprobs,
+            rate_short_topk=rate_short_topk,
             quota_per_minute=quota_per_minute,
             fail_first_n=fail_first_n,
             seed=seed,

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from klstream.emulator.protocol import ApiError
 
+SHORT_TOPK = 3
+"""Candidates a ``rate_short_topk`` answer lists at each step."""
+
 
 @dataclass(frozen=True)
 class FaultConfig:
@@ -33,6 +36,9 @@ class FaultConfig:
     """200 answers whose body is an HTML page (a proxy's or gateway's) instead of JSON."""
     rate_no_logprobs: float = 0.0
     rate_short_prompt_logprobs: float = 0.0
+    rate_short_topk: float = 0.0
+    """Gemini answers whose top-k lists hold only :data:`SHORT_TOPK` candidates, whatever was
+    asked: an answer that is not what was asked."""
     """OpenAI completions answers whose ``prompt_logprobs`` lack their last entries."""
     quota_per_minute: int = 0
     """Requests allowed per rolling window; 0 means unlimited."""
@@ -124,6 +130,10 @@ class FaultState:
 
     def draw_no_logprobs(self) -> bool:
         rate = self.config.rate_no_logprobs
+        return bool(rate) and self.rng.random() < rate
+
+    def draw_short_topk(self) -> bool:
+        rate = self.config.rate_short_topk
         return bool(rate) and self.rng.random() < rate
 
     def draw_short_prompt_logprobs(self) -> bool:

@@ -391,3 +391,11 @@ def answer_body(
     (:func:`toy_answer`). Online requests and batch lines share it; ``cached`` is the input the
     implicit cache reports as cached."""
     return response_body(call, toy_answer(call, scaled_logprobs, cached), with_logprobs, vertex)
+
+
+def cut_top_candidates(body: dict[str, Any], keep: int) -> dict[str, Any]:
+    """``body`` (a generateContent answer) with every step's top candidates cut to ``keep``."""
+    for candidate in body.get("candidates", []):
+        for step in (candidate.get("logprobsResult") or {}).get("topCandidates", []):
+            step["candidates"] = step["candidates"][:keep]
+    return body
