@@ -155,8 +155,13 @@ def check_run_config(
             )
         earlier = json.loads(next(iter(made_with)))
         recovered_config = True
-    if earlier is not None and wanted["thinking_budget"] == AUTO_THINKING:
-        # A budget found (or given) before is what auto sends now: results never mix budgets.
+    if (
+        earlier is not None
+        and wanted["thinking_budget"] == AUTO_THINKING
+        and (results or earlier.get("thinking"))
+    ):
+        # The budget the results were made with (or that auto found) is what auto sends now:
+        # results never mix budgets, and the search is not paid twice.
         wanted["thinking_budget"] = earlier.get("thinking_budget", AUTO_THINKING)
         wanted["thinking"] = earlier.get("thinking")
     if results:
