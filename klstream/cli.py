@@ -10,6 +10,7 @@ import importlib
 import shlex
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -615,6 +616,12 @@ def _score_flags(function: Any) -> Any:
                 "models replace or add to the shipped ones.",
             ),
             click.option(
+                "--require-model-version",
+                is_flag=True,
+                help="Stop when the service says another model answered than --model2 (an alias "
+                "moved, a retired model rerouted) instead of reporting it at the end.",
+            ),
+            click.option(
                 "--dry-run",
                 is_flag=True,
                 help="Send nothing: print the requests, tokens, USD (online and batch) and time "
@@ -764,6 +771,7 @@ def _score_options(params: dict[str, Any]) -> ScoreOptions:
         decoding=params["lookahead_decoding"],
         temperature=params["temperature"],
         prices=params["prices"],
+        require_model_version=params["require_model_version"],
     )
 
 
@@ -818,8 +826,20 @@ def _report_score(report: ScoreReport, model2: str) -> None:
     click.echo(cost_line(calls.requests, stats.scored, stats.usage, report.price, report.decoding))
     if report.kl is not None:
         click.echo(f"kl: {report.kl.scored} positions with KL -> {report.kl.path}")
+    _report_served(stats.served_elsewhere, model2)
     if report.stopped_because:
         click.echo(f"stopped early: {report.stopped_because}", err=True)
+
+
+def _report_served(elsewhere: Counter[str], model2: str) -> None:
+    """Answers another model gave than the one asked for: a reader must not miss them."""
+    if elsewhere:
+        served = ", ".join(f"{name} ({count:,})" for name, count in elsewhere.most_common())
+        click.echo(
+            f"note: {sum(elsewhere.values()):,} answers came from another model than {model2}: "
+            f"{served} (--require-model-version stops instead)",
+            err=True,
+        )
 
 
 def _report_batch(report: ScoreReport, model2: str) -> None:

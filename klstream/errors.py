@@ -208,6 +208,11 @@ class ThinkingNotDisabled(ModelCannotScore):
         super().__init__(message)
 
 
+class ModelSubstituted(EndpointError):
+    """The service answered with another model than the one asked for, and the run requires the
+    one asked for."""
+
+
 class BatchRejected(EndpointError):
     """The service refused a batch request outright (400/403/404): nothing was created."""
 

@@ -8,3 +8,7 @@ CREATE OR REPLACE MACRO in_response_range(stem, idx, lo_stem, lo_index, hi_stem,
     stem BETWEEN lo_stem AND hi_stem
     AND (stem > lo_stem OR idx >= lo_index)
     AND (stem < hi_stem OR idx <= hi_index);
+
+-- A model's name as the service spells it either way: without the Developer API's "models/".
+CREATE OR REPLACE MACRO model_name(name) AS
+    CASE WHEN starts_with(name, 'models/') THEN name[8:] ELSE name END;

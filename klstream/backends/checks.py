@@ -73,3 +73,11 @@ def as_asked(request: PrefillRequest, answer: Answer) -> Answer:
         if problem is not None:
             raise UnusableAnswer(f"step {index}: {problem}")
     return Answer(steps, answer.text, answer.finish_reason, answer.usage, answer.served_model)
+
+
+def served_elsewhere(served: str | None, asked: str) -> bool:
+    """Whether the model the service says answered (``model``, ``model@fingerprint``) is not the
+    one asked for; the ``models/`` prefix aside. The ``answers`` SQL counts the same."""
+    if served is None:
+        return False
+    return served.split("@", 1)[0].removeprefix("models/") != asked.removeprefix("models/")

@@ -96,7 +96,8 @@ def summarize(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any]:
     rows: list[dict[str, Any]] = (
         con.sql(load_sql("summary"), params={"model2": model2}).to_arrow_table().to_pylist()
     )
-    return {**rows[0], "cost": cost_summary(con, model2)}
+    answers = con.sql(load_sql("answers"), params={"model2": model2}).to_arrow_table()
+    return {**rows[0], **answers.to_pylist()[0], "cost": cost_summary(con, model2)}
 
 
 def cost_summary(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any] | None:
@@ -128,6 +129,26 @@ def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
         lines.append(
             f"Note: {cost['lookahead_hazards']} results came from lookahead steps in responses "
             "whose tokens do not reproduce their text (see the lookahead_hazards view)"
+        )
+    return lines
+
+
+def _answer_lines(summary: dict[str, Any]) -> list[str]:
+    """Where the answers say something a reader must not miss: logprobs left out, another
+    model answering."""
+    lines = []
+    if summary["dropped_logprobs"]:
+        lines.append(
+            f"Logprobs left out: {summary['dropped_logprobs']:,} unusable top-k entries "
+            f"(sentinels, NaN, ±inf, null) at {summary['positions_with_dropped_logprobs']:,} "
+            "positions; never taken as values"
+        )
+    served = summary["served_models"] or []
+    if summary["answers_from_other_models"]:
+        names = ", ".join(f"{entry['model']} ({entry['answers']:,})" for entry in served)
+        lines.append(
+            f"Served by:         {names}: {summary['answers_from_other_models']:,} answers came "
+            f"from another model than {summary['model2']}"
         )
     return lines
 
@@ -177,6 +198,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             mean_line("Mean KL lower bound:", "mean_kl_lower"),
             mean_line("Mean log-ratio (MC KL):", "mean_logratio"),
             f"{'Tail variance σ̂²:':<27}{_fmt(s['tail_sigma2'])}",
+            *_answer_lines(s),
             *_cost_lines(s.get("cost")),
         ]
     )

@@ -82,6 +82,9 @@ class ScoreOptions:
     temperature: float = DEFAULT_TEMPERATURE
     prices: Path | None = None
     """A price table over the shipped one (the layout of ``klstream/backends/prices.json``)."""
+    require_model_version: bool = False
+    """Stop the run when the service says another model answered than ``model2`` (an alias
+    moved, a retired model rerouted), instead of reporting it at the end."""
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from klstream.backends.base import AUTO_THINKING, ClientSettings, Endpoint, Prefill
+from klstream.backends.checks import served_elsewhere
 from klstream.backends.prices import Price, Usage
 from klstream.backends.thinking import thinking_choice
 from klstream.backends.transport import Caller, CallStats
+from klstream.errors import ModelSubstituted
 from klstream.scoring.checkpoint import Checkpointer
 from klstream.scoring.options import ScoreOptions
 from klstream.scoring.pool import Probe, StopRun
@@ -58,6 +60,8 @@ class ScoreStats:
     """Set while batch jobs are being waited for."""
     recovered: int = 0
     """Answers a killed run had journaled, stored at the start of this one."""
+    served_elsewhere: Counter[str] = field(default_factory=Counter)
+    """Answers the service says another model gave than the one asked for, by that model."""
     quarantined: list[str] = field(default_factory=list)
     """Damaged parts moved to quarantine at the start: their positions are pending again."""
 
@@ -136,6 +140,19 @@ class Session:
         save_config(self.run, self.options.model2, self.config)
         self.checkpoint.config = result_parameters(self.config)
 
+    def _check_served(self, rows: list[dict[str, Any]]) -> None:
+        """Count the answers another model gave; stop at the first under
+        ``require_model_version``."""
+        answered = rows[0] if rows and rows[0]["status"] == schemas.SCORE_OK else None
+        served = answered["served_model"] if answered else None
+        if served is None or not served_elsewhere(served, self.options.model2):
+            return
+        self.stats.served_elsewhere[served] += 1
+        if self.options.require_model_version:
+            raise ModelSubstituted(
+                f"the service says {served} answered where {self.options.model2} was asked"
+            )
+
     def caller(self, max_concurrent: int | None = None) -> Caller:
         """A caller to the endpoint with the run's retry policy, counted in the run's stats,
         throttled at ``max_concurrent`` (the run's by default)."""
@@ -150,6 +167,7 @@ class Session:
         buffered at once, so they are saved even if the run is cancelled during a flush, and
         the counts must include them. Too many failed positions in a row stop the run."""
         stats = self.stats
+        self._check_served(rows)
         scored = sum(row["status"] == schemas.SCORE_OK for row in rows)
         stats.scored += scored
         stats.failed += len(rows) - scored
