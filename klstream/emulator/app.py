@@ -200,12 +200,9 @@ class Emulator:
         model_name = request.match_info["model"]
         prompt, prefill, fault = "", None, None
         try:
-            config = state.config
-            delay_ms = config.latency_ms
-            if config.jitter_ms:
-                delay_ms += state.rng.uniform(0.0, config.jitter_ms)
-            if delay_ms:
-                await self._sleep(delay_ms / 1000.0)
+            delay = state.latency_s()
+            if delay:
+                await self._sleep(delay)
             body = await request.read()
             req, prompt, prefill = parse_contents(body)
             call = build_call(req, prompt, prefill, model_name, request.match_info["version"])

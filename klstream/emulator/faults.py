@@ -84,6 +84,14 @@ class FaultState:
         self.window: deque[float] = deque()
         self.seen: Counter[bytes] = Counter()
 
+    def latency_s(self) -> float:
+        """How long the next answer takes: the latency, plus its jitter drawn."""
+        config = self.config
+        delay_ms = config.latency_ms
+        if config.jitter_ms:
+            delay_ms += self.rng.uniform(0.0, config.jitter_ms)
+        return delay_ms / 1000.0
+
     def check_quota(self, now: float) -> None:
         limit, span = self.config.quota_per_minute, self.config.quota_window_s
         if not limit:

@@ -418,14 +418,11 @@ class Routes:
         (``rate_no_logprobs``), ``error`` writes an error in the server's format."""
         arrived = time.monotonic()
         state = self._state()
-        config = state.config
         model_name, prompt, prefill, fault = "", "", None, None
         try:
-            delay_ms = config.latency_ms
-            if config.jitter_ms:
-                delay_ms += state.rng.uniform(0.0, config.jitter_ms)
-            if delay_ms:
-                await self._sleep(delay_ms / 1000.0)
+            delay = state.latency_s()
+            if delay:
+                await self._sleep(delay)
             raw = await request.read()
             try:
                 body = json.loads(raw)

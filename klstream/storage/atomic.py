@@ -44,9 +44,10 @@ def sweep_stale_temporaries(directory: Path) -> list[Path]:
     return removed
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a rename durable: without this a power loss may forget it."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Make a file's content, or a rename in a directory, durable: without this a power loss
+    may forget it."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -58,7 +59,7 @@ def commit(tmp: Path, final: Path) -> None:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
-    fsync_directory(final.parent)
+    fsync_path(final.parent)
 
 
 @contextlib.contextmanager

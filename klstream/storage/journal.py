@@ -111,7 +111,7 @@ from typing import Any
 import pyarrow as pa
 
 from klstream.errors import RunDirError
-from klstream.storage.atomic import fsync_directory
+from klstream.storage.atomic import fsync_path
 from klstream.storage.rundir import RunDir
 from klstream.storage.schemas import SCORES
 
@@ -376,8 +376,8 @@ class AnswerJournal:
             os.close(descriptor)
         for path in sealed:
             with contextlib.suppress(FileNotFoundError):  # discarded: its part is durable
-                _fsync_file(path)
-        fsync_directory(current.path.parent)
+                fsync_path(path)
+        fsync_path(current.path.parent)
 
     def is_compacted(self, segment: Segment) -> bool:
         """Whether the segment's part exists, so its records are stored and it can go."""
@@ -417,14 +417,6 @@ def _truncate_torn_tail(path: Path) -> SegmentReplay:
     if found.dropped_bytes:
         os.truncate(path, found.valid_bytes)
     return found
-
-
-def _fsync_file(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def holds_records(run: RunDir, model2: str) -> bool:
