@@ -9,12 +9,19 @@ one the HTTP emulator gives for the same request (the same toy model call,
 typed faults a real backend raises for the emulator's answers. Batch jobs move one step per
 ``get``, not by a clock.
 
+Time on the wire is virtual: nothing here sleeps. ``latency_ms`` and ``jitter_ms`` pass at
+once (the jitter is still drawn, so the faults after it are the emulator's), and a ``hang``
+of ``hang_seconds`` at or beyond the endpoint's timeout raises at once the time-out a real
+backend raises when the timeout passes; a shorter hang is answered as usual. Only the quota
+window keeps to the clock, as the retries that wait it out do.
+
 A test picks a service by its address: ``with ToyService(faults) as service:`` registers a
 service under a fresh name, and ``service.endpoint()`` (``toy://NAME``) points a run at it.
 The test then reads its request log (``requests``), switches its faults (``set_faults``),
-service behaviour (``set_service``) and batch behaviour (``set_batch``), and counts the keys
-its jobs were given (``submitted_keys``). Without a base URL, or with ``toy://default``, a run
-goes to one fault-free service shared by the whole process. No key is needed.
+service behaviour (``set_service``) and batch behaviour (``set_batch``), lists its jobs
+(``jobs``) and counts the keys they were given (``submitted_keys``). Without a base URL, or
+with ``toy://default``, a run goes to one fault-free service shared by the whole process. No
+key is needed.
 """
 
 from __future__ import annotations
@@ -88,6 +95,8 @@ DEFAULT_URL = SCHEME + DEFAULT_NAME
 """The process-wide fault-free service, which a run without a base URL uses."""
 GEMINI_VERSION = "v1beta"
 """The API version that calls are validated as (the emulator's 404 names it)."""
+TIMED_OUT = "timeout: no answer within the request timeout"
+"""What a real backend raises when the request's timeout passes without an answer."""
 LOG_LIMIT = 50_000
 """Requests the log keeps, the latest, as the HTTP emulator's does."""
 RequestKind = Literal["generate", "tokenize", "prompt_logprobs", "batch"]
@@ -394,6 +403,11 @@ class ToyService:
         """The files held: uploaded inputs and the jobs' outputs."""
         return sorted(self._files)
 
+    def jobs(self) -> list[RemoteJob]:
+        """Every job created and not forgotten, oldest first, as it is (looking does not move
+        it): what the service holds, for a test to match against what a run recorded."""
+        return [job.remote() for job in self._jobs.values()]
+
     def forget_job(self, name: str) -> None:
         """Drop a job, as a service that deletes old jobs does: ``get`` then finds nothing."""
         self._jobs.pop(name, None)
@@ -426,35 +440,37 @@ class ToyService:
             self._log.append(record)
 
     async def _arrive(self) -> FaultState:
-        """The fault state a request meets (a later switch leaves it alone), after the
-        configured latency."""
+        """The fault state a request meets (a later switch leaves it alone). The latency passes
+        in virtual time, the jitter drawn as the emulator draws it; the one yield lets the
+        other requests in flight be sent meanwhile, as on a wire."""
         state = self._state
-        config = state.config
-        delay_ms = config.latency_ms
-        if config.jitter_ms:
-            delay_ms += state.rng.uniform(0.0, config.jitter_ms)
-        if delay_ms:
-            await asyncio.sleep(delay_ms / 1000.0)
+        if state.config.jitter_ms:
+            state.rng.uniform(0.0, state.config.jitter_ms)
+        await asyncio.sleep(0)
         return state
 
     @staticmethod
-    async def _admit(state: FaultState, model: str, body: bytes) -> str | None:
+    def _admit(
+        attempt: _Attempt, state: FaultState, model: str, body: bytes, timeout_s: float
+    ) -> None:
         """The emulator's faults ahead of an answer, in its order: the quota, the first copies
-        of a request, then one draw among the exclusive faults (a hang only delays the
-        answer). Returns the fault drawn."""
+        of a request, then one draw among the exclusive faults (kept in ``attempt``). A hang
+        the request's timeout would cut short is that time-out, at once; a shorter one is
+        answered."""
         state.check_quota(time.monotonic())
         state.check_fail_first(model, body)
-        fault = state.draw_exclusive()
+        fault = attempt.fault = state.draw_exclusive()
         config = state.config
         if fault is not None and fault in _ERROR_FAULTS:
             code, message = _ERROR_FAULTS[fault]
             delay = config.retry_delay_s if code == 429 else None
             raise ApiError(code, message, fault=fault, retry_delay_s=delay)
-        if fault == "hang":
-            await asyncio.sleep(config.hang_seconds)
-        return fault
+        if fault == "hang" and config.hang_seconds >= timeout_s:
+            raise TransientFault(TIMED_OUT)
 
-    async def generate(self, settings: ClientSettings, request: PrefillRequest) -> Answer:
+    async def generate(
+        self, settings: ClientSettings, request: PrefillRequest, timeout_s: float
+    ) -> Answer:
         """Answer as the HTTP emulator's Gemini route answers the Gemini backend."""
         with self._request(
             "generate", settings.model, request.prompt, request.prefill, request.max_tokens
@@ -463,7 +479,7 @@ class ToyService:
             config = _generation_config(request, settings.thinking_budget)
             call = _call(settings.model, request, config)
             body = _canonical("generate", prompt=call.prompt, prefill=call.prefill, config=config)
-            attempt.fault = await self._admit(state, call.model.name, body)
+            self._admit(attempt, state, call.model.name, body, timeout_s)
             input_ids = [*prompt_ids(call.prompt), *encode(call.prefill or "")]
             cached = self._cache.send(call.model.name, input_ids, time.monotonic())
             dropped = state.draw_no_logprobs()
@@ -473,25 +489,26 @@ class ToyService:
             with_logprobs = not (call.model.nologprobs or dropped)
             return _answer(call, self._service.scaled_logprobs, cached, with_logprobs)
 
-    async def _tokenize(self, model: str, prompt: str, text: str) -> Tokenized:
+    async def _tokenize(self, model: str, prompt: str, text: str, timeout_s: float) -> Tokenized:
         """vLLM's ``/tokenize`` of ``text`` as the emulator answers it; ``prompt`` is what the
         log shows."""
         with self._request("tokenize", model, prompt, None) as attempt:
             state = await self._arrive()
-            attempt.fault = await self._admit(state, model, _canonical("tokenize", text=text))
+            body = _canonical("tokenize", text=text)
+            self._admit(attempt, state, model, body, timeout_s)
             limit = max_model_len(openai_routes.served_model(model).name)
             _readable(attempt.fault)
             return Tokenized(encode(text), limit)
 
-    async def template_tokens(self, model: str, prompt: str) -> Tokenized:
+    async def template_tokens(self, model: str, prompt: str, timeout_s: float) -> Tokenized:
         """The toy chat template's tokens for ``prompt``, up to where the answer starts."""
-        return await self._tokenize(model, prompt, render_chat(prompt, ""))
+        return await self._tokenize(model, prompt, render_chat(prompt, ""), timeout_s)
 
-    async def text_tokens(self, model: str, text: str) -> Tokenized:
-        return await self._tokenize(model, text, text)
+    async def text_tokens(self, model: str, text: str, timeout_s: float) -> Tokenized:
+        return await self._tokenize(model, text, text, timeout_s)
 
     async def prompt_logprobs(
-        self, model_name: str, ids: list[int], top_logprobs: int, start: int
+        self, model_name: str, ids: list[int], top_logprobs: int, start: int, timeout_s: float
     ) -> PromptScores:
         """What the OpenAI backend reads from the emulator's ``/v1/completions`` with
         ``prompt_logprobs``: the top-k at every prompt token from ``start`` on, and after the
@@ -503,7 +520,7 @@ class ToyService:
         ) as attempt:
             state = await self._arrive()
             body = _canonical("prompt_logprobs", ids=ids, top_logprobs=top_logprobs)
-            attempt.fault = await self._admit(state, model_name, body)
+            self._admit(attempt, state, model_name, body, timeout_s)
             model = openai_routes.served_model(model_name)
             openai_routes.check_context(model.name, len(ids), 1)
             short = not model.nologprobs and state.draw_short_prompt_logprobs()
@@ -654,24 +671,27 @@ class ToyService:
 class ToyClient:
     """One model on a toy service: generation with logprobs (a
     :class:`~klstream.backends.base.Prefill`) and prompt logprobs (a
-    :class:`~klstream.backends.base.PromptScoring`)."""
+    :class:`~klstream.backends.base.PromptScoring`), with its endpoint's request timeout."""
 
-    def __init__(self, toy: ToyService, settings: ClientSettings) -> None:
-        self.toy, self.settings = toy, settings
+    def __init__(self, toy: ToyService, settings: ClientSettings, timeout_s: float) -> None:
+        self.toy, self.settings, self.timeout_s = toy, settings, timeout_s
 
     async def generate(self, request: PrefillRequest) -> Answer:
-        return await self.toy.generate(self.settings, request)
+        return await self.toy.generate(self.settings, request, self.timeout_s)
 
     async def template_tokens(self, prompt: str) -> Tokenized:
-        return await self.toy.template_tokens(self.settings.model, prompt)
+        return await self.toy.template_tokens(self.settings.model, prompt, self.timeout_s)
 
     async def text_tokens(self, text: str) -> Tokenized:
-        return await self.toy.text_tokens(self.settings.model, text)
+        return await self.toy.text_tokens(self.settings.model, text, self.timeout_s)
 
     async def prompt_logprobs(
         self, prompt_ids: list[int], top_logprobs: int, start: int
     ) -> PromptScores:
-        return await self.toy.prompt_logprobs(self.settings.model, prompt_ids, top_logprobs, start)
+        model = self.settings.model
+        return await self.toy.prompt_logprobs(
+            model, prompt_ids, top_logprobs, start, self.timeout_s
+        )
 
 
 class ToyBatchJobs:
@@ -781,7 +801,7 @@ def toy_endpoint(where: Where) -> Endpoint:
 @contextlib.asynccontextmanager
 async def open_client(endpoint: Endpoint, settings: ClientSettings) -> AsyncIterator[ToyClient]:
     """The model on the endpoint's service; there is nothing to open or close."""
-    yield ToyClient(service_at(endpoint.base_url), settings)
+    yield ToyClient(service_at(endpoint.base_url), settings, endpoint.timeout_s)
 
 
 def toy_batch_jobs(endpoint: Endpoint, settings: ClientSettings, bucket: str | None) -> BatchJobs:
