@@ -20,7 +20,7 @@ from click.core import ParameterSource
 
 from klstream import __version__
 from klstream import errors as E
-from klstream.backends import BACKENDS, PROMPT_LOGPROBS, dialects, online_methods
+from klstream.backends import BACKENDS, PROMPT_LOGPROBS, dialect_names, online_methods
 from klstream.backends.base import AUTO_THINKING, ThinkingBudget
 from klstream.storage.rundir import INPUTS_FILE
 
@@ -474,7 +474,7 @@ def _api_options(function: Any) -> Any:
             ),
             click.option(
                 "--dialect",
-                type=click.Choice(dialects()),
+                type=click.Choice(dialect_names()),
                 default="auto",
                 show_default=True,
                 help="With --backend openai and --method prompt-logprobs: how the server is "

@@ -16,9 +16,24 @@ SELECT * FROM read_parquet(getvariable('responses_file'));
 CREATE OR REPLACE VIEW skipped AS
 SELECT * FROM read_parquet(getvariable('skipped_file'));
 
--- Every Model 2 request outcome, all models, all checkpoint parts (a key may repeat).
+-- Every Model 2 request outcome, all models, all checkpoint parts (a key may repeat). Columns
+-- added by later releases read as null in parts written before them.
 CREATE OR REPLACE VIEW scores AS
-SELECT * FROM read_parquet(getvariable('scores_files'), union_by_name = true);
+SELECT * FROM read_parquet(getvariable('scores_files'), union_by_name = true)
+UNION ALL BY NAME
+SELECT
+    NULL::VARCHAR AS source,
+    NULL::VARCHAR AS request_id,
+    NULL::INTEGER AS step,
+    NULL::INTEGER AS lookahead,
+    NULL::VARCHAR AS decoding,
+    NULL::BIGINT AS prompt_token_count,
+    NULL::BIGINT AS cached_content_token_count,
+    NULL::BIGINT AS candidates_token_count,
+    NULL::BIGINT AS thoughts_token_count,
+    NULL::VARCHAR AS served_model,
+    NULL::INTEGER AS dropped_logprobs
+WHERE false;
 
 -- The outcome that counts for each (model2, key): its newest success, else its newest failure.
 CREATE OR REPLACE VIEW scores_resolved AS
@@ -101,10 +116,11 @@ WITH answers AS (
             AS answers,
         count(DISTINCT (stem, response_index, position))
             FILTER (WHERE status = getvariable('score_ok')) AS positions,
-        coalesce(sum(prompt_token_count), 0)::BIGINT AS prompt_tokens,
-        coalesce(sum(cached_content_token_count), 0)::BIGINT AS cached_tokens,
-        coalesce(sum(candidates_token_count), 0)::BIGINT AS candidates_tokens,
-        coalesce(sum(thoughts_token_count), 0)::BIGINT AS thoughts_tokens
+        -- Null where no answer recorded its usage (parts written before it was recorded).
+        sum(prompt_token_count)::BIGINT AS prompt_tokens,
+        sum(cached_content_token_count)::BIGINT AS cached_tokens,
+        sum(candidates_token_count)::BIGINT AS candidates_tokens,
+        sum(thoughts_token_count)::BIGINT AS thoughts_tokens
     FROM scores
     GROUP BY model2
 ),

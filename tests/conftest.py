@@ -1,4 +1,5 @@
-"""Shared fixtures: a running Gemini emulator, and Model 1 inputs sampled from the toy model."""
+"""Shared fixtures: a running Gemini emulator, an in-process toy service, and Model 1 inputs
+sampled from the toy model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from inputs import Token, make_input, write_input
 
+from klstream.backends.toy import ToyService
 from klstream.emulator import EmulatorServer, ToyModel
 from klstream.emulator.toymodel import EOS_ID
 from klstream.input.explode import explode
@@ -41,6 +43,15 @@ def emulator() -> Iterator[EmulatorServer]:
     """A fault-free emulator on a free port; tests switch faults with ``set_faults``."""
     with EmulatorServer() as server:
         yield server
+
+
+@pytest.fixture
+def toy() -> Iterator[ToyService]:
+    """A fresh fault-free toy service in this process (``toy.endpoint()``, or ``--backend toy
+    --base-url toy.url`` through ``cli.invoke``): the scheduler tests' service, with no HTTP
+    and no waiting."""
+    with ToyService() as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

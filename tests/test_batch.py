@@ -1,8 +1,10 @@
-"""`score --batch` and `run --batch` through the real google-genai and google-cloud-storage
-clients, over real HTTP to the emulator's batch side, including SIGKILL at every step.
+"""`score --batch` and `run --batch`. The job mechanics (end states, resume, fallback, status,
+cancel, lost replies, rounds) run on the toy backend's jobs in process, which move one step
+per look; the requests, the output files and SIGKILL at every step go through the real
+google-genai and google-cloud-storage clients, over real HTTP to the emulator's batch side.
 
-The emulator logs every job it creates with the keys of its lines
-(``BatchService.submitted_keys``): a key submitted twice is a position paid for twice.
+Both services count the keys of every job they create (``submitted_keys``): a key submitted
+twice is a position paid for twice.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import pytest
 from aiohttp import web
 from cli import invoke, start_process
 from conftest import ToyInputs
+from test_score import Service, score_cli, service_flags
 
 from klstream.backends import batch_jobs
 from klstream.backends.base import ClientSettings, Endpoint, PrefillRequest
 from klstream.backends.gemini import generation_config, make_client, prefill_contents
+from klstream.backends.toy import ToyBatchConfig, ToyService
 from klstream.emulator import EmulatorServer
 from klstream.emulator.batch import BatchConfig, BatchEvent, EndState
 from klstream.input.explode import explode
@@ -37,6 +41,8 @@ MODEL2 = "toy-d0.5"
 BACKENDS: list[str] = ["gemini", "vertex"]
 PER_JOB = 60
 """Requests per job in these tests: the 210 toy positions make four jobs."""
+LIVE = 1_000
+"""Looks a toy job takes to end: jobs that stay live through a test."""
 
 
 def backend_flags(backend: str) -> list[str]:
@@ -46,28 +52,38 @@ def backend_flags(backend: str) -> list[str]:
 
 
 def batch_flags(
-    server: EmulatorServer, backend: str, lookahead_flags: tuple[str, ...] = ("--lookahead", "1")
+    server: Service,
+    backend: str = "gemini",
+    lookahead_flags: tuple[str, ...] = ("--lookahead", "1"),
 ) -> list[str]:
-    """The job mechanics are tested one position per line (``--lookahead 1``)."""
+    """The job mechanics are tested one position per line (``--lookahead 1``); ``backend``
+    is the one that speaks HTTP to the emulator. Toy jobs end by looks, not by time, so they
+    are looked at as often as the CLI allows."""
+    toy = isinstance(server, ToyService)
     return [
         "--model2",
         MODEL2,
-        "--base-url",
-        server.base_url,
+        *service_flags(server),
         "--batch",
         "--batch-max-requests",
         str(PER_JOB),
         "--batch-poll-seconds",
-        "0.05",
+        "0.01" if toy else "0.05",
         "--batch-settle-seconds",
         "0.5",
-        *backend_flags(backend),
+        *([] if toy else backend_flags(backend)),
         *lookahead_flags,
     ]
 
 
-def score_batch(run_dir: Path, server: EmulatorServer, backend: str, *extra: str) -> Any:
+def score_batch(run_dir: Path, server: Service, *extra: str, backend: str = "gemini") -> Any:
     return invoke("score", run_dir, *batch_flags(server, backend), *extra)
+
+
+def submitted_keys(server: Service) -> Counter[str]:
+    if isinstance(server, ToyService):
+        return server.submitted_keys()
+    return server.batch.submitted_keys()
 
 
 def all_keys(run_dir: Path) -> set[str]:
@@ -88,10 +104,10 @@ def key_of(row: dict[str, Any]) -> str:
     return f"{row['stem']}#{row['response_index']}#{row['position']}"
 
 
-def assert_scored_once_each(run_dir: Path, server: EmulatorServer) -> None:
+def assert_scored_once_each(run_dir: Path, server: Service) -> None:
     """Every position has a result; every batch submission is of a distinct position, and the
     positions not submitted in batch were answered online (the probe)."""
-    submitted = server.batch.submitted_keys()
+    submitted = submitted_keys(server)
     assert submitted, "no batch job was created"
     assert max(submitted.values()) == 1, Counter(submitted).most_common(3)
     rows = resolved(run_dir)
@@ -208,7 +224,7 @@ def test_run_batch_writes_the_same_kl_files_as_an_online_run(
 
 
 def test_keep_batch_files_leaves_inputs_and_outputs(server: EmulatorServer, run_dir: Path) -> None:
-    result = score_batch(run_dir, server, "gemini", "--keep-batch-files")
+    result = score_batch(run_dir, server, "--keep-batch-files")
     assert result.exit_code == 0, result.output
     names = server.batch.file_names()
     assert sum(name.startswith("files/klstream-") for name in names) == 4
@@ -218,11 +234,19 @@ def test_keep_batch_files_leaves_inputs_and_outputs(server: EmulatorServer, run_
 # --- per-line errors, end states, fallback -----------------------------------------------------
 
 
+def configure(server: Service, **config: Any) -> None:
+    """The same batch behaviour on either service."""
+    if isinstance(server, ToyService):
+        server.set_batch(ToyBatchConfig(**config))
+    else:
+        server.batch.configure(BatchConfig(**config))
+
+
 def test_line_errors_are_failures_and_resume_submits_only_them(
-    server: EmulatorServer, run_dir: Path
+    toy: ToyService, run_dir: Path
 ) -> None:
-    server.batch.configure(BatchConfig(line_error_rate=0.2, seed=3, shuffle_output=True))
-    first = score_batch(run_dir, server, "gemini")
+    toy.set_batch(ToyBatchConfig(line_error_rate=0.2, seed=3))
+    first = score_batch(run_dir, toy)
     assert first.exit_code == 6, first.output
     failed = {key_of(row) for row in resolved(run_dir) if row["status"] == "error"}
     assert failed
@@ -231,111 +255,117 @@ def test_line_errors_are_failures_and_resume_submits_only_them(
         for row in resolved(run_dir)
         if row["status"] == "error"
     )
-    before = server.batch.submitted_keys()
-    second = score_batch(run_dir, server, "gemini", "--resume")
+    before = toy.submitted_keys()
+    second = score_batch(run_dir, toy, "--resume")
     assert second.exit_code == 0, second.output
-    again = server.batch.submitted_keys() - before
+    again = toy.submitted_keys() - before
     # The resumed round's probe answers one of them online; the rest go in a batch job.
     assert set(again) < failed and len(again) == len(failed) - 1
     assert {row["status"] for row in resolved(run_dir)} == {"ok"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("end_state", ["FAILED", "EXPIRED"])
+@pytest.mark.parametrize(
+    ("backend", "end_state"),
+    [
+        ("toy", "FAILED"),
+        ("toy", "EXPIRED"),
+        # Each Google backend reads an unsuccessful job's state and partial output on the wire.
+        ("gemini", "EXPIRED"),
+        ("vertex", "FAILED"),
+    ],
+)
 def test_a_job_that_fails_or_expires_keeps_its_answers_and_resume_resubmits_the_rest(
-    backend: str, end_state: EndState, server: EmulatorServer, run_dir: Path
+    backend: str, end_state: EndState, request: pytest.FixtureRequest, run_dir: Path
 ) -> None:
-    server.batch.configure(BatchConfig(end_states=("SUCCEEDED", end_state), partial_fraction=0.5))
-    first = score_batch(run_dir, server, backend)
+    server: Service = request.getfixturevalue("toy" if backend == "toy" else "server")
+    configure(server, end_states=("SUCCEEDED", end_state), partial_fraction=0.5)
+    first = score_batch(run_dir, server, backend=backend)
     assert first.exit_code == 6, first.output
     unscored = [row for row in resolved(run_dir) if row["status"] == "error"]
     assert len(unscored) == PER_JOB // 2
     assert all(f"ended {end_state}" in row["error"] for row in unscored)
-    second = score_batch(run_dir, server, backend, "--resume")
+    second = score_batch(run_dir, server, "--resume", backend=backend)
     assert second.exit_code == 0, second.output
-    resubmitted = server.batch.submitted_keys()
+    resubmitted = submitted_keys(server)
     assert {key for key, count in resubmitted.items() if count == 2} | {
         key_of(row) for row in resolved(run_dir) if row["source"] == "online"
     } >= {key_of(row) for row in unscored}
     assert sum(count == 2 for count in resubmitted.values()) == len(unscored) - 1
 
 
-def test_batch_fallback_online_scores_what_the_jobs_left(
-    server: EmulatorServer, run_dir: Path
-) -> None:
-    server.batch.configure(BatchConfig(end_states=("EXPIRED",), partial_fraction=0.25))
-    result = score_batch(run_dir, server, "gemini", "--batch-fallback", "online")
+def test_batch_fallback_online_scores_what_the_jobs_left(toy: ToyService, run_dir: Path) -> None:
+    toy.set_batch(ToyBatchConfig(end_states=("EXPIRED",), partial_fraction=0.25))
+    result = score_batch(run_dir, toy, "--batch-fallback", "online")
     assert result.exit_code == 0, result.output
     sources = Counter(row["source"] for row in resolved(run_dir))
     assert sources == {"batch": 209 - (PER_JOB - PER_JOB // 4), "online": 1 + PER_JOB * 3 // 4}
-    assert max(server.batch.submitted_keys().values()) == 1
+    assert max(toy.submitted_keys().values()) == 1
 
 
-def test_no_wait_then_status_cancel_and_resume(server: EmulatorServer, run_dir: Path) -> None:
-    server.batch.configure(BatchConfig(pending_s=0.3, running_s=30.0))
-    submitted = score_batch(run_dir, server, "gemini", "--no-wait")
+def test_no_wait_then_status_cancel_and_resume(toy: ToyService, run_dir: Path) -> None:
+    toy.set_batch(ToyBatchConfig(polls=LIVE))
+    submitted = score_batch(run_dir, toy, "--no-wait")
     assert submitted.exit_code == 0, submitted.output
     assert "batch jobs submitted; collect their results with:" in submitted.output
     assert "--no-wait" not in submitted.output.splitlines()[-1]
     assert "--resume" in submitted.output
     assert {m.stage for m in manifests(run_dir)} == {"submitted"}
 
-    status = invoke("batch", "status", run_dir, "--base-url", server.base_url)
+    # The state recorded at the create, then the state the service gives when asked.
+    offline = invoke("batch", "status", run_dir, "--offline")
+    assert offline.exit_code == 0, offline.output
+    assert offline.output.count("klstream-") == offline.output.count("PENDING") == 4
+    status = invoke("batch", "status", run_dir, *service_flags(toy))
     assert status.exit_code == 0, status.output
-    assert status.output.count("klstream-") == 4
-    time.sleep(0.6)
-    status = invoke("batch", "status", run_dir, "--base-url", server.base_url)
-    assert status.output.count("RUNNING") == 4, status.output
+    assert status.output.count("klstream-") == status.output.count("RUNNING") == 4
 
-    cancelled = invoke("batch", "cancel", run_dir, "--base-url", server.base_url)
+    cancelled = invoke("batch", "cancel", run_dir, *service_flags(toy))
     assert cancelled.exit_code == 0, cancelled.output
     assert "cancelled 4 batch jobs" in cancelled.output
-    assert len(events(server, "cancelled")) == 4
+    assert [job.state for job in toy.jobs()] == ["CANCELLED"] * 4
 
     # One resume collects what the cancelled jobs answered and submits the rest again.
-    status = invoke("batch", "status", run_dir, "--base-url", server.base_url)
-    assert status.output.count("CANCELLED") == 4, status.output
-    server.batch.configure(BatchConfig())
-    finished = score_batch(run_dir, server, "gemini", "--resume")
+    toy.set_batch(ToyBatchConfig())
+    finished = score_batch(run_dir, toy, "--resume")
     assert finished.exit_code == 0, finished.output
     assert {row["status"] for row in resolved(run_dir)} == {"ok"}
     with connect(run_dir) as con:
         failures = con.sql("SELECT error FROM scores WHERE status = 'error'").fetchall()
     assert failures and all("ended CANCELLED" in error for (error,) in failures)
-    counts = server.batch.submitted_keys()
+    counts = toy.submitted_keys()
     # The new round's first position goes online, as its probe.
     assert sum(count == 2 for count in counts.values()) == len(failures) - 1
     assert max(counts.values()) == 2
 
 
 def test_no_wait_then_resume_collects_without_submitting_again(
-    server: EmulatorServer, run_dir: Path
+    toy: ToyService, run_dir: Path
 ) -> None:
-    server.batch.configure(BatchConfig(pending_s=0.2, running_s=0.3))
-    assert score_batch(run_dir, server, "vertex", "--no-wait").exit_code == 0
-    result = score_batch(run_dir, server, "vertex", "--resume")
+    assert score_batch(run_dir, toy, "--no-wait").exit_code == 0
+    result = score_batch(run_dir, toy, "--resume")
     assert result.exit_code == 0, result.output
-    assert_scored_once_each(run_dir, server)
+    assert_scored_once_each(run_dir, toy)
 
 
 def test_vertex_output_without_keys_is_matched_by_the_request_label(
     server: EmulatorServer, run_dir: Path
 ) -> None:
     server.batch.configure(BatchConfig(echo_custom_fields=False))
-    result = score_batch(run_dir, server, "vertex")
+    result = score_batch(run_dir, server, backend="vertex")
     assert result.exit_code == 0, result.output
     assert_scored_once_each(run_dir, server)
 
 
-def test_a_lost_create_reply_is_resolved_by_display_name(
-    server: EmulatorServer, run_dir: Path
-) -> None:
-    server.batch.configure(BatchConfig(lost_create_replies=2))
-    result = score_batch(run_dir, server, "gemini")
+def test_a_lost_create_reply_is_resolved_by_display_name(toy: ToyService, run_dir: Path) -> None:
+    toy.set_batch(ToyBatchConfig(lost_create_replies=2))
+    result = score_batch(run_dir, toy)
     assert result.exit_code == 0, result.output
-    assert len(events(server, "create_reply_lost")) == 2
-    assert len(events(server, "created")) == 4
-    assert_scored_once_each(run_dir, server)
+    # Four jobs, the two whose reply was lost among them, each found and recorded once.
+    assert sorted(m.job_name or "" for m in manifests(run_dir)) == sorted(
+        job.name for job in toy.jobs()
+    )
+    assert len(toy.jobs()) == 4
+    assert_scored_once_each(run_dir, toy)
 
 
 # --- refusals ---------------------------------------------------------------------------------
@@ -343,7 +373,7 @@ def test_a_lost_create_reply_is_resolved_by_display_name(
 
 def test_a_region_without_batch_is_a_clear_error(server: EmulatorServer, run_dir: Path) -> None:
     server.batch.configure(BatchConfig(unsupported_locations=frozenset({"us-central1"})))
-    result = score_batch(run_dir, server, "vertex")
+    result = score_batch(run_dir, server, backend="vertex")
     assert result.exit_code == 5
     assert "batch prediction is not available in location 'us-central1'" in result.output
     assert "--location" in result.output
@@ -351,18 +381,18 @@ def test_a_region_without_batch_is_a_clear_error(server: EmulatorServer, run_dir
 
 
 def test_existing_jobs_need_resume_and_live_jobs_block_overwrite(
-    server: EmulatorServer, run_dir: Path
+    toy: ToyService, run_dir: Path
 ) -> None:
-    server.batch.configure(BatchConfig(running_s=30.0))
-    assert score_batch(run_dir, server, "gemini", "--no-wait").exit_code == 0
-    again = score_batch(run_dir, server, "gemini")
+    toy.set_batch(ToyBatchConfig(polls=LIVE))
+    assert score_batch(run_dir, toy, "--no-wait").exit_code == 0
+    again = score_batch(run_dir, toy)
     assert again.exit_code == 4 and "--resume" in again.output
-    overwrite = score_batch(run_dir, server, "gemini", "--overwrite")
+    overwrite = score_batch(run_dir, toy, "--overwrite")
     assert overwrite.exit_code == 4 and "klstream batch cancel" in overwrite.output
 
 
-def test_a_planning_round_cut_short_is_discarded(server: EmulatorServer, run_dir: Path) -> None:
-    assert score_batch(run_dir, server, "gemini", "--no-wait").exit_code == 0
+def test_a_planning_round_cut_short_is_discarded(toy: ToyService, run_dir: Path) -> None:
+    assert score_batch(run_dir, toy, "--no-wait").exit_code == 0
     run = RunDir(run_dir)
     manifest = manifests(run_dir)[0]
     orphan = JobManifest(**{**manifest.__dict__, "job_id": "ffffffff0000-0000", "plan": "cut",
@@ -431,7 +461,7 @@ def test_sigkill_at_any_step_then_resume_never_submits_a_position_twice(
     if point == "between upload and create":
         assert manifests(run_dir)[0].stage == "uploaded"
     server.batch.configure(BatchConfig())
-    result = score_batch(run_dir, server, backend, "--resume")
+    result = score_batch(run_dir, server, "--resume", backend=backend)
     assert result.exit_code == 0, result.output
     assert_scored_once_each(run_dir, server)
     assert all(m.stage == "collected" for m in manifests(run_dir))
@@ -452,25 +482,23 @@ def top_lists(run_dir: Path) -> dict[str, tuple[list[str], list[float]]]:
         }
 
 
-def score_lookahead(run_dir: Path, server: EmulatorServer, *extra: str) -> Any:
-    flags = batch_flags(server, "gemini", ("--lookahead", "4"))
+def score_lookahead(run_dir: Path, toy: ToyService, *extra: str) -> Any:
+    flags = batch_flags(toy, lookahead_flags=("--lookahead", "4"))
     return invoke("score", run_dir, *flags, *extra)
 
 
 def test_batch_lookahead_gives_the_online_one_token_results_in_fewer_requests_over_rounds(
-    server: EmulatorServer, run_dir: Path, toy_inputs: ToyInputs, tmp_path: Path
+    toy: ToyService, run_dir: Path, toy_inputs: ToyInputs, tmp_path: Path
 ) -> None:
     online_dir = tmp_path / "online"
     explode(toy_inputs.directory, online_dir)
-    online = invoke(
-        "score", online_dir, "--model2", MODEL2, "--base-url", server.base_url, "--lookahead", "1"
-    )
+    online = score_cli(online_dir, toy, MODEL2, "--lookahead", "1")
     assert online.exit_code == 0, online.output
-    batch = score_lookahead(run_dir, server)
+    batch = score_lookahead(run_dir, toy)
     assert batch.exit_code == 0, batch.output
     expected = top_lists(online_dir)
     assert top_lists(run_dir) == expected and len(expected) == len(all_keys(run_dir))
-    lines = server.batch.submitted_keys()
+    lines = toy.submitted_keys()
     assert max(lines.values()) == 1
     assert sum(lines.values()) + 1 < len(expected)  # + 1: the probe, online
     plans = {manifest.plan for manifest in manifests(run_dir)}
@@ -485,17 +513,15 @@ def test_batch_lookahead_gives_the_online_one_token_results_in_fewer_requests_ov
     assert any(row["step"] > 0 for row in lookaheads)
 
 
-def test_max_rounds_leaves_uncovered_positions_for_resume(
-    server: EmulatorServer, run_dir: Path
-) -> None:
-    first = score_lookahead(run_dir, server, "--max-rounds", "1")
+def test_max_rounds_leaves_uncovered_positions_for_resume(toy: ToyService, run_dir: Path) -> None:
+    first = score_lookahead(run_dir, toy, "--max-rounds", "1")
     assert first.exit_code == 6, first.output
     assert "still uncovered after 1 rounds of batch jobs" in first.output
     assert len({manifest.plan for manifest in manifests(run_dir)}) == 1
     scored = set(top_lists(run_dir))
     assert scored < all_keys(run_dir)
     assert {row["status"] for row in resolved(run_dir)} == {"ok"}
-    second = score_lookahead(run_dir, server, "--resume")
+    second = score_lookahead(run_dir, toy, "--resume")
     assert second.exit_code == 0, second.output
     assert set(top_lists(run_dir)) == all_keys(run_dir)
-    assert max(server.batch.submitted_keys().values()) == 1
+    assert max(toy.submitted_keys().values()) == 1

@@ -1,6 +1,7 @@
 """--dry-run on the demo's data (examples/prompts.txt sampled from `toy` as `make demo` does):
 its request and token counts are what a --lookahead 1 run then reports, exactly once the service
-has counted the prompts (--calibrate), within the documented approximation before."""
+has counted the prompts (--calibrate), within the documented approximation before. The service
+is the toy backend in process: these are counts, not wire formats."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 from cli import invoke
 
 import klstream
-from klstream.backends.base import Endpoint
-from klstream.emulator import EmulatorServer, encode
+from klstream.backends.toy import ToyService
+from klstream.emulator import encode
 from klstream.input.sample import SampleOptions, sample
 from klstream.scoring.dryrun import DryRunOptions, DryRunReport, dry_run
 from klstream.scoring.options import ScoreOptions
@@ -25,22 +26,19 @@ MODEL2 = "toy-d0.5"
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[EmulatorServer]:
-    with EmulatorServer() as emulator:
-        yield emulator
+def server() -> Iterator[ToyService]:
+    """One service for the module, which its demo inputs are sampled from."""
+    with ToyService() as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
-def demo_inputs(server: EmulatorServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_inputs(server: ToyService, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's Model 1 responses: every bundled prompt, 3 samples of up to 60 tokens."""
     directory = tmp_path_factory.mktemp("demo") / "responses"
     options = SampleOptions("toy", num_samples=3, max_tokens=60, seed=1)
-    sample(ROOT / "examples" / "prompts.txt", directory, options, endpoint(server))
+    sample(ROOT / "examples" / "prompts.txt", directory, options, server.endpoint())
     return directory
-
-
-def endpoint(server: EmulatorServer) -> Endpoint:
-    return Endpoint("gemini", "test-key", base_url=server.base_url)
 
 
 @pytest.fixture
@@ -66,17 +64,18 @@ def prompt_part(run_dir: Path) -> int:
 
 
 def test_dry_run_counts_are_what_a_one_token_run_then_reports(
-    demo_run: Path, server: EmulatorServer
+    demo_run: Path, server: ToyService
 ) -> None:
     options = ScoreOptions(MODEL2, lookahead=1)
-    before, requests_before = snapshot(demo_run), server.stats()["total"]
+    before, requests_before = snapshot(demo_run), len(server.requests)
     guessed = dry_run(demo_run, options, DryRunOptions())
-    assert snapshot(demo_run) == before and server.stats()["total"] == requests_before
-    calibrated = dry_run(demo_run, options, DryRunOptions(calibrate=5), endpoint(server))
+    assert snapshot(demo_run) == before and len(server.requests) == requests_before
+    calibrated = dry_run(demo_run, options, DryRunOptions(calibrate=5), server.endpoint())
     assert calibrated.calibration_requests == 5 and calibrated.counted_prompts == 5
+    assert len(server.requests) == requests_before + 5
     assert snapshot(demo_run) == before
 
-    report = klstream.score(demo_run, options, endpoint(server))
+    report = klstream.score(demo_run, options, server.endpoint())
     stats = report.stats
     for estimate in (guessed.one_token, calibrated.one_token):
         assert estimate.requests == stats.calls.requests == stats.total
@@ -90,11 +89,11 @@ def test_dry_run_counts_are_what_a_one_token_run_then_reports(
 
 
 def test_the_lookahead_estimate_lies_between_its_bounds(
-    demo_run: Path, server: EmulatorServer, tmp_path: Path
+    demo_run: Path, server: ToyService, tmp_path: Path
 ) -> None:
     options = ScoreOptions(MODEL2, decoding="sample")
     report: DryRunReport = dry_run(
-        demo_run, options, DryRunOptions(calibrate=15, rpm=600.0), endpoint(server)
+        demo_run, options, DryRunOptions(calibrate=15, rpm=600.0), server.endpoint()
     )
     assert 0.3 < report.acceptance < 0.95 and report.measured_acceptance
     one, ahead = report.one_token, report.lookahead
@@ -103,7 +102,7 @@ def test_the_lookahead_estimate_lies_between_its_bounds(
     assert one.output_tokens < ahead.output_tokens <= ahead.requests * 32
     assert one.minutes == pytest.approx(one.requests / 600.0)
 
-    scored = klstream.score(demo_run, options, endpoint(server))
+    scored = klstream.score(demo_run, options, server.endpoint())
     assert scored.stats.answers < one.requests
     assert scored.stats.answers == pytest.approx(ahead.requests, rel=0.25)
 

@@ -1,6 +1,7 @@
-"""Speculative lookahead end to end: real HTTP to the emulator, real Parquet, real DuckDB, the CLI
-in process and as a subprocess. The emulator is deterministic given the prefix, so a stored step
-must equal what a one-token request at its position gives, whatever the sampling."""
+"""Speculative lookahead end to end: the toy backend in process (real HTTP to the emulator where a
+real process is killed), real Parquet, real DuckDB, the CLI in process and as a subprocess. Both
+answer deterministically given the prefix, so a stored step must equal what a one-token request
+at its position gives, whatever the sampling."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ from test_score import (
     requested,
     resolved,
     score,
+    score_cli,
     score_rows,
     wait_until,
 )
 
 import klstream
 from klstream.backends.prices import Usage, load_prices
+from klstream.backends.toy import ToyService
 from klstream.emulator import EmulatorServer, FaultConfig, encode
 from klstream.emulator.service import ServiceConfig
 from klstream.input.explode import explode
@@ -108,14 +111,14 @@ def test_lookahead_results_are_the_one_token_results(
     tmp_path: Path,
     run_dir: Path,
     toy_inputs: ToyInputs,
-    emulator: EmulatorServer,
+    toy: ToyService,
     model2: str,
     lookahead: int | str,
 ) -> None:
     one_token = tmp_path / "one-token"
     explode(toy_inputs.directory, one_token)
-    baseline = score(one_token, emulator, model2, lookahead=1)
-    report = score(run_dir, emulator, model2, lookahead=lookahead, max_concurrent=4)
+    baseline = score(one_token, toy, model2, lookahead=1)
+    report = score(run_dir, toy, model2, lookahead=lookahead, max_concurrent=4)
 
     assert report.remaining == 0
     assert_complete_once(run_dir, model2, toy_inputs)
@@ -137,9 +140,9 @@ def test_lookahead_results_are_the_one_token_results(
 
 
 def test_auto_on_a_pair_that_never_agrees_costs_little_more_than_one_token(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    report = score(run_dir, emulator, FAR, lookahead="auto", decoding="sample")
+    report = score(run_dir, toy, FAR, lookahead="auto", decoding="sample")
     positions = toy_inputs.positions.values()
     one_token = Usage(
         sum(len(encode(p.prompt)) + len(encode(p.prefill)) for p in positions), 0, len(positions)
@@ -152,12 +155,12 @@ def test_auto_on_a_pair_that_never_agrees_costs_little_more_than_one_token(
 
 
 def test_thinking_tokens_are_not_taken_as_steps(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
     one_token = run_dir.parent / "one-token"
     explode(toy_inputs.directory, one_token)
-    score(one_token, emulator, "toy-thinking", lookahead=1)
-    report = score(run_dir, emulator, "toy-thinking", lookahead=6, thinking_budget=2)
+    score(one_token, toy, "toy-thinking", lookahead=1)
+    report = score(run_dir, toy, "toy-thinking", lookahead=6, thinking_budget=2)
 
     assert report.remaining == 0
     assert report.stats.usage.thoughts_tokens == 2 * report.stats.calls.requests
@@ -172,7 +175,7 @@ def test_thinking_tokens_are_not_taken_as_steps(
 
 
 def test_sigkill_with_lookahead_then_resume_repeats_no_stored_position(
-    tmp_path: Path, run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    tmp_path: Path, run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer, toy: ToyService
 ) -> None:
     emulator.set_faults(FaultConfig(latency_ms=20))
     command = [
@@ -205,7 +208,7 @@ def test_sigkill_with_lookahead_then_resume_repeats_no_stored_position(
             process.kill()
             _, stderr = process.communicate()
             assert process.returncode == -signal.SIGKILL, f"ended before the kill: {stderr}"
-        asked = requested(emulator, since=started)
+        asked = requested(r for r in emulator.requests if r.time >= started)
         asked.pop(("", ""), None)
         assert set(asked) <= set(not_flushed)
         assert_parts_intact(run_dir)
@@ -221,7 +224,7 @@ def test_sigkill_with_lookahead_then_resume_repeats_no_stored_position(
     assert_complete_once(run_dir, MODEL2, toy_inputs)
     one_token = tmp_path / "one-token"
     explode(toy_inputs.directory, one_token)
-    score(one_token, emulator)
+    score(one_token, toy)  # the same answers, sooner
     expected, got = resolved(one_token), resolved(run_dir)
     assert all(got[k]["top_logprobs"] == expected[k]["top_logprobs"] for k in expected)
 
@@ -230,9 +233,9 @@ def test_sigkill_with_lookahead_then_resume_repeats_no_stored_position(
 
 
 def test_auto_decoding_probes_once_and_goes_greedy_on_a_consistent_service(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    first = score(run_dir, emulator, NEAR, lookahead="auto", max_consecutive_failures=50)
+    first = score(run_dir, toy, NEAR, lookahead="auto", max_consecutive_failures=50)
     config = json.loads(RunDir(run_dir).run_config(NEAR).read_text(encoding="utf-8"))
     probe = config["greedy_probe"]
     assert probe["decoding"] == "greedy" and probe["median_deviation"] == 0.0
@@ -245,18 +248,17 @@ def test_auto_decoding_probes_once_and_goes_greedy_on_a_consistent_service(
     # The probe is not run again for this model2 and run directory.
     dropped = parquet_files(run_dir, NEAR)[-1]
     dropped.unlink()
-    again = score(run_dir, emulator, NEAR, lookahead="auto", resume=True)
+    again = score(run_dir, toy, NEAR, lookahead="auto", resume=True)
     assert again.decoding == "greedy" and again.remaining == 0
     assert again.stats.calls.requests == again.stats.answers
     assert_complete_once(run_dir, NEAR, toy_inputs)
 
 
 def test_greedy_is_refused_when_the_logprobs_follow_the_temperature(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    emulator.set_service(ServiceConfig(scaled_logprobs=True))
-    args = ["score", run_dir, "--model2", NEAR, "--base-url", emulator.base_url]
-    refused = invoke(*args, "--lookahead-decoding", "greedy")
+    toy.set_service(ServiceConfig(scaled_logprobs=True))
+    refused = score_cli(run_dir, toy, NEAR, "--lookahead-decoding", "greedy")
     assert refused.exit_code == 5
     assert "do not depend on the sampling temperature" in refused.stderr
     assert "--lookahead-decoding sample" in refused.stderr
@@ -264,7 +266,7 @@ def test_greedy_is_refused_when_the_logprobs_follow_the_temperature(
     assert config["greedy_probe"]["decoding"] == "sample"
     assert config["greedy_probe"]["median_deviation"] is None  # greedy lists only its token
 
-    fallback = invoke(*args, "--resume")
+    fallback = score_cli(run_dir, toy, NEAR, "--resume")
     assert fallback.exit_code == 0, fallback.output
     assert "sample decoding" in fallback.output
     assert {r["decoding"] for r in score_rows(run_dir, NEAR)} == {"sample"}
@@ -275,13 +277,10 @@ def test_greedy_is_refused_when_the_logprobs_follow_the_temperature(
 
 
 def test_costs_add_up_from_every_answers_usage(
-    tmp_path: Path, run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    tmp_path: Path, run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    emulator.set_service(ServiceConfig(cache_min_tokens=12))
-    prices = toy_prices(tmp_path)
-    result = invoke(
-        "score", run_dir, "--model2", NEAR, "--base-url", emulator.base_url, "--prices", prices
-    )
+    toy.set_service(ServiceConfig(cache_min_tokens=12))
+    result = score_cli(run_dir, toy, NEAR, "--prices", toy_prices(tmp_path))
     assert result.exit_code == 0, result.output
     assert "per position" in result.output and "toy's list prices of 2025-10-01" in result.output
 
@@ -319,7 +318,7 @@ def test_costs_add_up_from_every_answers_usage(
 
 
 def test_steps_in_responses_whose_tokens_miss_their_text_are_flagged(
-    tmp_path: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    tmp_path: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
     inputs = tmp_path / "inputs"
     shutil.copytree(toy_inputs.directory, inputs)
@@ -328,7 +327,7 @@ def test_steps_in_responses_whose_tokens_miss_their_text_are_flagged(
     (inputs / "story-0.json").write_text(json.dumps(document), encoding="utf-8")
     run_dir = tmp_path / "run"
     explode(inputs, run_dir)
-    score(run_dir, emulator, NEAR, lookahead=8, decoding="sample")
+    score(run_dir, toy, NEAR, lookahead=8, decoding="sample")
 
     steps = {
         key_of(r)
@@ -343,9 +342,9 @@ def test_steps_in_responses_whose_tokens_miss_their_text_are_flagged(
 
 
 def test_parts_written_before_usage_was_recorded_still_export(
-    tmp_path: Path, run_dir: Path, emulator: EmulatorServer
+    tmp_path: Path, run_dir: Path, toy: ToyService
 ) -> None:
-    score(run_dir, emulator, NEAR)
+    score(run_dir, toy, NEAR)
     added = {"request_id", "step", "lookahead", "decoding", *USAGE_COLUMNS}
     older = [field.name for field in schemas.SCORES if field.name not in added]
     for part in parquet_files(run_dir, NEAR):

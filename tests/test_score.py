@@ -1,8 +1,10 @@
-"""The Model 2 stage end to end: real HTTP to the emulator through the real google-genai SDK, real
-Parquet parts, real DuckDB, and the CLI in process or as a subprocess (``cli.py``).
+"""The Model 2 stage end to end: real Parquet parts, real DuckDB, and the CLI in process or as a
+subprocess (``cli.py``). The scheduling, checkpoint, resume and accounting tests ask the toy
+backend in process (the ``toy`` fixture); real processes, the key, the Vertex AI path and the
+Gemini backend's wording go over real HTTP to the emulator through the real google-genai SDK.
 
-The emulator answers from toy models whose exact distributions the tests recompute, so every
-value written can be checked against what the server's model really is, not only against itself.
+Both answer from toy models whose exact distributions the tests recompute, so every value
+written can be checked against what the server's model really is, not only against itself.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow.parquet as pq
 import pytest
 from cli import CREDENTIAL_VARIABLES, invoke, start_process
 from click.testing import Result
+from toylog import tally
 
 from klstream.backends import endpoint_from_environment, open_prefill
 from klstream.backends.base import ClientSettings, Endpoint, PrefillRequest
 from klstream.backends.throttle import AdaptiveLimiter
+from klstream.backends.toy import ToyService
 from klstream.backends.transport import Caller, CallStats, RetryPolicy
 from klstream.emulator import EmulatorServer, FaultConfig, ToyModel, encode
 from klstream.emulator.toymodel import Candidate, top_k
@@ -49,18 +53,29 @@ Key = tuple[str, int, int]
 MODEL2 = "toy-d0.5"
 FAST = RetryPolicy(max_retries=8, backoff_initial_s=0.01, backoff_max_s=0.05)
 PART_NAME = re.compile(r"part-\d{20}-(\d+-\d{6}|seg-\d{8}-[0-9a-f]{16})\.parquet")
+Service = EmulatorServer | ToyService
+"""What a run asks: the HTTP emulator through the Gemini backend, or the toy backend."""
 
 
 # --- running the stage ---------------------------------------------------------------------
 
 
-def endpoint(server: EmulatorServer, timeout_s: float = 5.0) -> Endpoint:
+def endpoint(server: Service, timeout_s: float = 5.0) -> Endpoint:
+    if isinstance(server, ToyService):
+        return server.endpoint(timeout_s)
     return Endpoint("gemini", "test-key", base_url=server.base_url, timeout_s=timeout_s)
+
+
+def service_flags(server: Service) -> list[str]:
+    """The CLI's flags that point a run at ``server``."""
+    if isinstance(server, ToyService):
+        return ["--backend", "toy", "--base-url", server.url]
+    return ["--base-url", server.base_url]
 
 
 def score(
     run_dir: Path,
-    server: EmulatorServer,
+    server: Service,
     model2: str = MODEL2,
     *,
     timeout_s: float = 5.0,
@@ -76,8 +91,8 @@ def score(
     )
 
 
-def score_cli(run_dir: Path, server: EmulatorServer, model2: str = MODEL2, *args: object) -> Result:
-    return invoke("score", run_dir, "--model2", model2, "--base-url", server.base_url, *args)
+def score_cli(run_dir: Path, server: Service, model2: str = MODEL2, *args: object) -> Result:
+    return invoke("score", run_dir, "--model2", model2, *service_flags(server), *args)
 
 
 # --- reading what it wrote -----------------------------------------------------------------
@@ -154,9 +169,19 @@ def assert_failure_rows(rows: list[dict[str, Any]], error: str) -> None:
             assert row[column] is None, column
 
 
-def requested(server: EmulatorServer, since: float = float("-inf")) -> Counter[tuple[str, str]]:
-    """(prompt, prefill) of every request the server answered that arrived at ``since`` or later."""
-    return Counter((r.prompt, r.prefill or "") for r in server.requests if r.time >= since)
+class Logged(Protocol):
+    """A request as the HTTP emulator's and the toy service's logs both keep it."""
+
+    @property
+    def prompt(self) -> str: ...
+
+    @property
+    def prefill(self) -> str | None: ...
+
+
+def requested(log: Iterable[Logged]) -> Counter[tuple[str, str]]:
+    """(prompt, prefill) of every request in a service's log."""
+    return Counter((r.prompt, r.prefill or "") for r in log)
 
 
 def identities(
@@ -180,13 +205,13 @@ def assert_parts_intact(run_dir: Path, model2: str = MODEL2) -> None:
 
 
 def test_scores_are_the_servers_distributions_and_kl_follows_from_them(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    result = score_cli(run_dir, emulator, MODEL2, "--lookahead", "1")
+    result = score_cli(run_dir, toy, MODEL2, "--lookahead", "1")
     assert result.exit_code == 0, result.output
     assert f"{len(toy_inputs.positions)} scored, 0 failed" in result.output
 
-    assert requested(emulator) == identities(toy_inputs)
+    assert requested(toy.requests) == identities(toy_inputs)
     assert_server_values(run_dir, MODEL2, toy_inputs)
     kl = kl_rows(run_dir)
     assert kl.keys() == toy_inputs.positions.keys()
@@ -199,14 +224,14 @@ def test_scores_are_the_servers_distributions_and_kl_follows_from_them(
 
 
 def test_same_model_has_zero_kl_and_the_divergence_dial_orders_mean_kl(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    assert score(run_dir, emulator, "toy").remaining == 0
+    assert score(run_dir, toy, "toy").remaining == 0
     assert all(abs(row["kl_floor"]) < 1e-9 for row in kl_rows(run_dir, "toy").values())
 
     means = []
     for model2 in ("toy-d0.25", "toy-d0.5", "toy-d1"):
-        assert score(run_dir, emulator, model2).remaining == 0
+        assert score(run_dir, toy, model2).remaining == 0
         means.append(statistics.fmean(row["kl_floor"] for row in kl_rows(run_dir, model2).values()))
     assert 0 < means[0] < means[1] < means[2]
 
@@ -241,11 +266,11 @@ def kill_point_reached(run_dir: Path, parts: int) -> Callable[[], bool]:
 
 
 def test_sigkill_at_any_point_then_resume_loses_and_repeats_nothing(
-    tmp_path: Path, run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    tmp_path: Path, run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer, toy: ToyService
 ) -> None:
     uninterrupted = tmp_path / "uninterrupted"
     explode(toy_inputs.directory, uninterrupted)
-    assert score(uninterrupted, emulator).remaining == 0
+    assert score(uninterrupted, toy).remaining == 0  # the same answers, sooner
 
     emulator.set_faults(FaultConfig(latency_ms=20))
     command = [
@@ -281,7 +306,7 @@ def test_sigkill_at_any_point_then_resume_loses_and_repeats_nothing(
         # A resumed run asks only for positions without a flushed ok row at the kill.
         # The killed run's last requests may reach the server's handler only now; those whose
         # body it can no longer read are logged without a prompt (as disconnects).
-        asked = requested(emulator, since=started)
+        asked = requested(r for r in emulator.requests if r.time >= started)
         asked.pop(("", ""), None)
         assert set(asked) <= set(not_flushed)
         assert_parts_intact(run_dir)
@@ -339,39 +364,36 @@ def test_a_signal_stops_the_run_with_everything_it_counted_saved(
 
 
 def test_a_429_storm_is_ridden_out_with_the_fault_free_results(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    emulator.set_faults(FaultConfig(rate_429=0.35, retry_delay_s=0.05, seed=4))
-    report = score(run_dir, emulator, policy=RetryPolicy(20, 0.01, 0.05))
+    toy.set_faults(FaultConfig(rate_429=0.35, retry_delay_s=0.01, seed=4))
+    report = score(run_dir, toy, policy=RetryPolicy(20, 0.01, 0.05))
 
     assert report.remaining == 0 and report.stopped_because is None
     # The fault-free result is the server's own distribution (first test).
     assert_server_values(run_dir, MODEL2, toy_inputs)
-    positions, calls, stats = len(toy_inputs.positions), report.stats.calls, emulator.stats()
-    assert calls.requests == stats["total"] <= 3 * positions
-    assert calls.rate_limited == stats["by_fault"]["429"] > 0
+    positions, calls = len(toy_inputs.positions), report.stats.calls
+    assert calls.requests == len(toy.requests) <= 3 * positions
+    assert calls.rate_limited == tally(toy, "fault")["429"] > 0
     assert calls.retries == calls.requests - positions
     assert sum(row["attempts"] for row in score_rows(run_dir)) == calls.requests
 
 
 def test_a_short_quota_window_is_waited_out(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    emulator.set_faults(FaultConfig(quota_per_minute=40, quota_window_s=0.25))
-    report = score(run_dir, emulator, policy=RetryPolicy(30, 0.01, 0.05))
+    toy.set_faults(FaultConfig(quota_per_minute=40, quota_window_s=0.25))
+    report = score(run_dir, toy, policy=RetryPolicy(30, 0.01, 0.05))
 
     assert report.remaining == 0
     assert_server_values(run_dir, MODEL2, toy_inputs)
-    stats = emulator.stats()
-    assert stats["by_status"]["200"] == len(toy_inputs.positions)
-    assert report.stats.calls.rate_limited == stats["by_fault"]["quota"] > 0
+    assert tally(toy, "outcome")["ok"] == len(toy_inputs.positions)
+    assert report.stats.calls.rate_limited == tally(toy, "fault")["quota"] > 0
 
 
-def test_rate_limits_lower_the_concurrency_and_successes_restore_it(
-    emulator: EmulatorServer,
-) -> None:
-    emulator.set_faults(FaultConfig(rate_429=1.0, retry_delay_s=0.01))
-    target = endpoint(emulator)
+def test_rate_limits_lower_the_concurrency_and_successes_restore_it(toy: ToyService) -> None:
+    toy.set_faults(FaultConfig(rate_429=1.0, retry_delay_s=0.01))
+    target = endpoint(toy)
     request = PrefillRequest("Tell me a story.", " Once", 20)
 
     async def calls() -> tuple[AdaptiveLimiter, float, CallStats]:
@@ -381,7 +403,7 @@ def test_rate_limits_lower_the_concurrency_and_successes_restore_it(
             outcomes = await asyncio.gather(*(caller.generate(model, request) for _ in range(8)))
             assert all(o.value is None and (o.error or "").startswith("429") for o in outcomes)
             lowered = caller.limiter.limit
-            emulator.set_faults(FaultConfig())
+            toy.set_faults(FaultConfig())
             for _ in range(40):
                 assert (await caller.generate(model, request)).value is not None
         return caller.limiter, lowered, stats
@@ -417,9 +439,9 @@ def test_concurrency_halves_on_a_sustained_rejection_rate_not_on_random_rejectio
 
 
 def test_transient_faults_are_retried_to_the_correct_values(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    emulator.set_faults(
+    toy.set_faults(
         FaultConfig(
             rate_500=0.05,
             rate_503=0.05,
@@ -430,38 +452,47 @@ def test_transient_faults_are_retried_to_the_correct_values(
             seed=5,
         )
     )
-    report = score(run_dir, emulator, timeout_s=0.3, policy=RetryPolicy(12, 0.01, 0.05))
+    report = score(run_dir, toy, timeout_s=0.3, policy=RetryPolicy(12, 0.01, 0.05))
 
     assert report.remaining == 0 and report.stats.failed == 0
     assert_server_values(run_dir, MODEL2, toy_inputs)
-    assert {"500", "503", "malformed", "no_logprobs"} <= emulator.stats()["by_fault"].keys()
-    assert report.stats.calls.retries > 0
+    faults = tally(toy, "fault")
+    assert {"500", "503", "hang", "malformed", "no_logprobs"} <= faults.keys()
+    assert report.stats.calls.retries == faults.total() - faults[None] > 0
 
 
 ALWAYS_FAILING = [
-    pytest.param(FaultConfig(rate_500=1.0), "500 INTERNAL", id="500"),
-    pytest.param(FaultConfig(rate_503=1.0), "503 UNAVAILABLE", id="503"),
-    pytest.param(FaultConfig(rate_hang=1.0, hang_seconds=2.0), "timeout", id="hang"),
-    pytest.param(FaultConfig(rate_malformed=1.0), "answer body is not JSON", id="malformed"),
+    pytest.param("toy", FaultConfig(rate_500=1.0), "500 INTERNAL: An internal error", id="500"),
+    pytest.param("toy", FaultConfig(rate_503=1.0), "503 UNAVAILABLE: The model is", id="503"),
+    pytest.param("toy", FaultConfig(rate_hang=1.0, hang_seconds=2.0), "timeout", id="hang"),
+    pytest.param("toy", FaultConfig(rate_malformed=1.0), "answer body is not JSON", id="malformed"),
     pytest.param(
-        FaultConfig(rate_no_logprobs=1.0),
-        "answer without logprobs",
-        id="no-logprobs",
+        "toy", FaultConfig(rate_no_logprobs=1.0), "answer without logprobs", id="no-logprobs"
     ),
+    # The Gemini backend's own words for the API's errors, which the toy's differ from.
+    pytest.param("emulator", FaultConfig(rate_500=1.0), "500 INTERNAL", id="500-gemini"),
+    pytest.param("emulator", FaultConfig(rate_503=1.0), "503 UNAVAILABLE", id="503-gemini"),
 ]
 
 
-@pytest.mark.parametrize(("faults", "error"), ALWAYS_FAILING)
+@pytest.mark.parametrize(("service", "faults", "error"), ALWAYS_FAILING)
 def test_a_model2_that_always_fails_stops_after_the_probes(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer, faults: FaultConfig, error: str
+    run_dir: Path,
+    toy_inputs: ToyInputs,
+    request: pytest.FixtureRequest,
+    service: str,
+    faults: FaultConfig,
+    error: str,
 ) -> None:
-    emulator.set_faults(faults)
-    report = score(run_dir, emulator, timeout_s=0.3, policy=RetryPolicy(2, 0.01, 0.05))
+    server: Service = request.getfixturevalue(service)
+    server.set_faults(faults)
+    report = score(run_dir, server, timeout_s=0.3, policy=RetryPolicy(2, 0.01, 0.05))
 
     # Position 0 (no prefill), then position 1 (the first prefill), each tried 3 times.
     assert report.stopped_because is not None
+    url = re.escape(endpoint(server).url)
     assert re.match(
-        rf"the first 2 requests to {re.escape(emulator.base_url)} failed \(6 attempts in \d+ s\); "
+        rf"the first 2 requests to {url} failed \(6 attempts in \d+ s\); "
         rf"the last said: {re.escape(error)}",
         report.stopped_because,
     ), report.stopped_because
@@ -499,20 +530,20 @@ def test_the_cli_says_why_it_stopped_and_how_to_resume(
 
 
 def test_a_model2_that_starts_failing_stops_after_max_consecutive_failures(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
     failing = FaultConfig(rate_503=1.0)
     switched: list[int] = []
 
     def break_the_server(stats: ScoreStats) -> None:
         if stats.scored >= 20 and not switched:
-            emulator.set_faults(failing)
+            toy.set_faults(failing)
             switched.append(stats.scored)
 
     max_failures, max_concurrent, attempts = 10, 4, 3
     report = score(
         run_dir,
-        emulator,
+        toy,
         max_concurrent=max_concurrent,
         max_consecutive_failures=max_failures,
         on_progress=break_the_server,
@@ -528,7 +559,7 @@ def test_a_model2_that_starts_failing_stops_after_max_consecutive_failures(
     assert stopped, report.stopped_because
     assert max_failures <= int(stopped[1]) <= max_failures + in_progress
     # It failed fast: only the positions in progress besides those in the failing streak.
-    unavailable = emulator.stats()["by_status"]["503"]
+    unavailable = tally(toy, "fault")["503"]
     assert unavailable <= (max_failures + 2 * in_progress) * attempts
     assert max_failures <= report.stats.failed <= max_failures + in_progress
     assert report.remaining > 0
@@ -536,18 +567,18 @@ def test_a_model2_that_starts_failing_stops_after_max_consecutive_failures(
     rows = score_rows(run_dir)
     failures = [r for r in rows if r["status"] == schemas.SCORE_ERROR]
     assert len(failures) == report.stats.failed
-    assert_failure_rows(failures, "503 UNAVAILABLE")
+    assert_failure_rows(failures, "503 UNAVAILABLE: ")
     kl = kl_rows(run_dir)
     failed_keys = {key_of(r) for r in failures}
     for key, row in kl.items():
         if key in failed_keys:
             assert row["status"] == schemas.KL_STATUS_ERROR
-            assert row["error"].startswith("503 UNAVAILABLE")
+            assert row["error"].startswith("503 UNAVAILABLE: ")
         assert (row["kl_floor"] is None) == (row["status"] != schemas.KL_STATUS_SCORED)
 
     # Once the server recovers, --resume retries the failures and completes the run.
-    emulator.set_faults(FaultConfig())
-    report = score(run_dir, emulator, resume=True)
+    toy.set_faults(FaultConfig())
+    report = score(run_dir, toy, resume=True)
     assert report.remaining == 0 and report.stats.failed == 0
     assert_server_values(run_dir, MODEL2, toy_inputs)
     assert {row["status"] for row in kl_rows(run_dir).values()} == {schemas.KL_STATUS_SCORED}
@@ -557,26 +588,24 @@ def test_a_model2_that_starts_failing_stops_after_max_consecutive_failures(
 
 
 def test_a_thinking_model_stops_at_once_without_a_budget_and_scores_with_budget_0(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    result = score_cli(run_dir, emulator, "toy-thinking", "--thinking-budget", "none")
+    result = score_cli(run_dir, toy, "toy-thinking", "--thinking-budget", "none")
     assert result.exit_code == 5
     assert "thinking" in result.stderr and "--thinking-budget 0" in result.stderr
-    assert emulator.stats()["total"] == 1
+    assert len(toy.requests) == 1
     assert parquet_files(run_dir, "toy-thinking") == []
 
-    result = score_cli(run_dir, emulator, "toy-thinking")
+    result = score_cli(run_dir, toy, "toy-thinking")
     assert result.exit_code == 0, result.output
     assert_server_values(run_dir, "toy-thinking", toy_inputs)
 
 
-def test_a_model_that_rejects_prefill_stops_at_once(
-    run_dir: Path, emulator: EmulatorServer
-) -> None:
-    result = score_cli(run_dir, emulator, "toy-noprefill", "--lookahead", "1")
+def test_a_model_that_rejects_prefill_stops_at_once(run_dir: Path, toy: ToyService) -> None:
+    result = score_cli(run_dir, toy, "toy-noprefill", "--lookahead", "1")
     assert result.exit_code == 5
     assert "trailing model turn" in result.stderr and "prefill" in result.stderr
-    assert emulator.stats()["total"] <= 3
+    assert len(toy.requests) <= 3
     assert all(
         r["status"] == schemas.SCORE_OK and r["position"] == 0
         for r in score_rows(run_dir, "toy-noprefill")
@@ -644,32 +673,32 @@ def snapshot(run_dir: Path) -> dict[Path, bytes]:
 
 
 def test_scoring_again_needs_resume_or_overwrite_and_resume_keeps_the_config(
-    run_dir: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:
-    assert score_cli(run_dir, emulator, MODEL2, "--lookahead", "1").exit_code == 0
+    assert score_cli(run_dir, toy, MODEL2, "--lookahead", "1").exit_code == 0
     before = snapshot(run_dir)
-    emulator.reset_log()
+    toy.reset_log()
 
-    again = score_cli(run_dir, emulator)
+    again = score_cli(run_dir, toy)
     assert again.exit_code == 4
     assert "--resume" in again.stderr and "--overwrite" in again.stderr
 
-    other_k = score_cli(run_dir, emulator, MODEL2, "--resume", "--top-logprobs", "5")
+    other_k = score_cli(run_dir, toy, MODEL2, "--resume", "--top-logprobs", "5")
     assert other_k.exit_code == 4
     assert "differs from the one recorded" in other_k.stderr
     assert "top_logprobs: recorded 20, now 5" in other_k.stderr
 
     assert snapshot(run_dir) == before
-    assert emulator.stats()["total"] == 0
+    assert toy.requests == []
 
-    nothing_left = score_cli(run_dir, emulator, MODEL2, "--resume")
+    nothing_left = score_cli(run_dir, toy, MODEL2, "--resume")
     assert nothing_left.exit_code == 0, nothing_left.output
     assert f"0 scored, 0 failed, {len(toy_inputs.positions)} already done" in nothing_left.output
-    assert emulator.stats()["total"] == 0
+    assert toy.requests == []
 
     old_parts = set(parquet_files(run_dir))
     overwrite = score_cli(
-        run_dir, emulator, MODEL2, "--overwrite", "--top-logprobs", "5", "--lookahead", "1"
+        run_dir, toy, MODEL2, "--overwrite", "--top-logprobs", "5", "--lookahead", "1"
     )
     assert overwrite.exit_code == 0, overwrite.output
     assert not old_parts & set(parquet_files(run_dir))
@@ -677,7 +706,7 @@ def test_scoring_again_needs_resume_or_overwrite_and_resume_keeps_the_config(
     assert_server_values(run_dir, MODEL2, toy_inputs, k=5)
     recorded = json.loads((RunDir(run_dir).scores_dir(MODEL2) / "run.json").read_text())
     assert recorded["top_logprobs"] == 5
-    assert emulator.stats()["total"] == len(toy_inputs.positions)
+    assert len(toy.requests) == len(toy_inputs.positions)
 
 
 # --- 9: the Vertex AI request shape ----------------------------------------------------------
@@ -756,12 +785,10 @@ def test_results_reach_disk_every_checkpoint_interval_while_requests_stall(
 
 
 def test_scoring_range_by_range_asks_for_every_position_once(
-    run_dir: Path,
-    emulator: EmulatorServer,
-    toy_inputs: ToyInputs,
+    run_dir: Path, toy: ToyService, toy_inputs: ToyInputs
 ) -> None:
     """Pending positions are read a few responses at a time; none is skipped or repeated."""
-    report = score(run_dir, emulator, max_concurrent=4, range_positions=7)
+    report = score(run_dir, toy, max_concurrent=4, range_positions=7)
     assert report.remaining == 0
-    assert requested(emulator) == identities(toy_inputs)
+    assert requested(toy.requests) == identities(toy_inputs)
     assert_server_values(run_dir, MODEL2, toy_inputs)

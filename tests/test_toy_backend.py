@@ -1,23 +1,23 @@
 """The toy backend (:mod:`klstream.backends.toy`), used through the registry as the schedulers
 use a backend: its answers are the HTTP emulator's for the same requests (checked against the
 emulator through the real Gemini and OpenAI backends), its faults are the emulator's raised as
-typed faults that the transport retries, and its batch jobs move one step per ``get``. Nothing
-here sleeps.
+typed faults that the transport retries, its hangs and latencies pass in virtual time, and its
+batch jobs move one step per ``get``. Nothing here sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import Counter
-from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 
 from klstream import backends
-from klstream.backends import gemini, toy
+from klstream.backends import gemini
 from klstream.backends import openai as openai_backend
 from klstream.backends.base import (
     Answer,
@@ -32,8 +32,8 @@ from klstream.backends.base import (
     Tokenized,
 )
 from klstream.backends.prices import Usage
-from klstream.backends.toy import ToyBatchConfig, ToyService
-from klstream.backends.transport import Caller, CallStats, Outcome, RetryPolicy
+from klstream.backends.toy import TOY, ToyBatchConfig, ToyService
+from klstream.backends.transport import Caller, CallStats, Outcome, RetryPolicy, describe
 from klstream.emulator import EmulatorServer, FaultConfig, ServiceConfig
 from klstream.emulator.batch.common import EndState
 from klstream.errors import (
@@ -57,12 +57,6 @@ MODEL = "toy-d0.5"
 REQUEST = PrefillRequest(PROMPT, "The sea is", 5, max_tokens=2, seed=4)
 NO_WAIT = RetryPolicy(max_retries=2, backoff_initial_s=0, backoff_max_s=0)
 PREFILLS = ["", "The", "The sea", "The sea is blue", "The sea is blue and the cat"]
-
-
-@pytest.fixture
-def service() -> Iterator[ToyService]:
-    with ToyService() as opened:
-        yield opened
 
 
 def generate(
@@ -90,9 +84,9 @@ def emulator_generate(
     return asyncio.run(call())
 
 
-def retried(service: ToyService, request: PrefillRequest = REQUEST) -> Outcome:
+def retried(toy: ToyService, request: PrefillRequest = REQUEST) -> Outcome:
     async def call() -> Outcome:
-        endpoint = service.endpoint()
+        endpoint = toy.endpoint()
         caller = Caller(endpoint, NO_WAIT, 4, CallStats())
         async with backends.open_prefill(endpoint, ClientSettings(MODEL)) as client:
             return await caller.generate(client, request)
@@ -100,16 +94,16 @@ def retried(service: ToyService, request: PrefillRequest = REQUEST) -> Outcome:
     return asyncio.run(call())
 
 
-def test_registered_and_resolved_like_a_real_backend(service: ToyService) -> None:
+def test_registered_and_resolved_like_a_real_backend(toy: ToyService) -> None:
     backend = backends.load_backend("toy")
-    assert backend is toy.TOY
+    assert backend is TOY
     default = backends.endpoint_from_environment("toy")
     assert (default.base_url, default.url, default.api_key) == (None, "toy://default", None)
     assert generate(default, MODEL, REQUEST).steps
-    named = backends.endpoint_from_environment("toy", base_url=service.url, timeout_s=5.0)
-    assert named == service.endpoint(timeout_s=5.0)
+    named = backends.endpoint_from_environment("toy", base_url=toy.url, timeout_s=5.0)
+    assert named == toy.endpoint(timeout_s=5.0)
     assert generate(named, MODEL, REQUEST) == generate(default, MODEL, REQUEST)
-    assert [(r.kind, r.model, r.max_tokens, r.outcome) for r in service.requests] == [
+    assert [(r.kind, r.model, r.max_tokens, r.outcome) for r in toy.requests] == [
         ("generate", MODEL, 2, "ok")
     ]
     assert backends.batch_jobs(named, ClientSettings(MODEL), None).service == "toy"
@@ -142,11 +136,11 @@ def test_prefill_answers_are_the_emulators(
         ("toy-thinking", 4, PrefillRequest(PROMPT, "The", 5, max_tokens=3, seed=9)),
     ]
     emulator.set_service(service_config)
-    with ToyService(service=service_config) as service:
+    with ToyService(service=service_config) as toy:
         for model, budget, request in cases:
             expected = emulator_generate(emulator, model, request, budget)
-            assert generate(service.endpoint(), model, request, budget) == expected
-        answer = generate(service.endpoint(), MODEL, PrefillRequest(PROMPT, "The", 5, seed=1))
+            assert generate(toy.endpoint(), model, request, budget) == expected
+        answer = generate(toy.endpoint(), MODEL, PrefillRequest(PROMPT, "The", 5, seed=1))
         assert answer.usage.cached_tokens > 0
 
 
@@ -162,7 +156,7 @@ def test_prefill_answers_are_the_emulators(
 )
 def test_models_that_cannot_answer_fail_as_with_the_emulator(
     emulator: EmulatorServer,
-    service: ToyService,
+    toy: ToyService,
     model: str,
     budget: int | None,
     request_: PrefillRequest,
@@ -171,19 +165,19 @@ def test_models_that_cannot_answer_fail_as_with_the_emulator(
     with pytest.raises(error) as over_http:
         emulator_generate(emulator, model, request_, budget)
     with pytest.raises(error) as in_process:
-        generate(service.endpoint(), model, request_, budget)
+        generate(toy.endpoint(), model, request_, budget)
     assert type(in_process.value) is type(over_http.value)
     if error in (ThinkingNotDisabled, PrefillRejected, UnusableAnswer):
         assert str(in_process.value) == str(over_http.value)
-    assert [(r.model, r.outcome) for r in service.requests] == [(model, error.__name__)]
+    assert [(r.model, r.outcome) for r in toy.requests] == [(model, error.__name__)]
 
 
-def test_noprefill_and_thinking_models_answer_when_they_can(service: ToyService) -> None:
+def test_noprefill_and_thinking_models_answer_when_they_can(toy: ToyService) -> None:
     at_start = PrefillRequest(PROMPT, "", 5)
-    assert generate(service.endpoint(), "toy-noprefill", at_start).steps
-    answer = generate(service.endpoint(), "toy-thinking", REQUEST, thinking_budget=3)
+    assert generate(toy.endpoint(), "toy-noprefill", at_start).steps
+    answer = generate(toy.endpoint(), "toy-thinking", REQUEST, thinking_budget=3)
     assert (len(answer.steps), answer.usage.thoughts_tokens) == (2, 3)
-    assert generate(service.endpoint(), "toy-thinking", REQUEST).usage.thoughts_tokens == 0
+    assert generate(toy.endpoint(), "toy-thinking", REQUEST).usage.thoughts_tokens == 0
 
 
 @pytest.mark.parametrize(
@@ -198,40 +192,58 @@ def test_noprefill_and_thinking_models_answer_when_they_can(service: ToyService)
     ],
 )
 def test_each_fault_is_a_typed_fault_the_transport_retries(
-    service: ToyService, faults: FaultConfig, fault: type[Exception], name: str
+    toy: ToyService, faults: FaultConfig, fault: type[Exception], name: str
 ) -> None:
-    service.set_faults(faults)
+    toy.set_faults(faults)
     with pytest.raises(fault) as raised:
-        generate(service.endpoint(), MODEL, REQUEST)
+        generate(toy.endpoint(), MODEL, REQUEST)
     assert type(raised.value) is fault
-    outcome = retried(service)
+    outcome = retried(toy)
     assert (outcome.value, outcome.attempts) == (None, NO_WAIT.max_retries + 1)
     assert outcome.error == str(raised.value)
-    assert {(r.fault, r.outcome) for r in service.requests} == {(name, fault.__name__)}
-    assert len(service.requests) == 1 + outcome.attempts
+    assert {(r.fault, r.outcome) for r in toy.requests} == {(name, fault.__name__)}
+    assert len(toy.requests) == 1 + outcome.attempts
 
 
-def test_the_first_copies_of_a_request_fail_then_it_is_answered(service: ToyService) -> None:
-    service.set_faults(FaultConfig(fail_first_n=2))
-    outcome = retried(service)
-    assert outcome.value == generate(service.endpoint(), MODEL, REQUEST)
+def test_the_first_copies_of_a_request_fail_then_it_is_answered(toy: ToyService) -> None:
+    toy.set_faults(FaultConfig(fail_first_n=2))
+    outcome = retried(toy)
+    assert outcome.value == generate(toy.endpoint(), MODEL, REQUEST)
     assert outcome.attempts == 3
-    assert [r.fault for r in service.requests] == ["fail_first_n", "fail_first_n", None, None]
+    assert [r.fault for r in toy.requests] == ["fail_first_n", "fail_first_n", None, None]
     with pytest.raises(Overloaded):
-        generate(service.endpoint(), MODEL, PrefillRequest(PROMPT, "The", 5))
+        generate(toy.endpoint(), MODEL, PrefillRequest(PROMPT, "The", 5))
 
 
-def test_quota_and_hang(service: ToyService) -> None:
-    service.set_faults(FaultConfig(quota_per_minute=1))
-    answer = generate(service.endpoint(), MODEL, REQUEST)
+def test_quota(toy: ToyService) -> None:
+    toy.set_faults(FaultConfig(quota_per_minute=1))
+    generate(toy.endpoint(), MODEL, REQUEST)
     with pytest.raises(RateLimited) as over_quota:
-        generate(service.endpoint(), MODEL, REQUEST)
+        generate(toy.endpoint(), MODEL, REQUEST)
     assert over_quota.value.retry_after is not None and 0 < over_quota.value.retry_after <= 60
-    service.set_faults(FaultConfig(rate_hang=1.0, hang_seconds=0))
-    assert generate(service.endpoint(), MODEL, REQUEST) == answer
-    assert [r.fault for r in service.requests] == [None, "quota", "hang"]
-    service.reset_log()
-    assert service.requests == []
+    assert [r.fault for r in toy.requests] == [None, "quota"]
+    toy.reset_log()
+    assert toy.requests == []
+
+
+def test_hangs_and_latency_pass_in_virtual_time(toy: ToyService) -> None:
+    """A hang the timeout cuts short is the time-out at once, with the real backends' text; a
+    shorter hang, a latency and a jitter delay nothing (a day of them answers at once)."""
+    answer = generate(toy.endpoint(), MODEL, REQUEST)
+    day = 86_400.0
+    toy.set_faults(FaultConfig(rate_hang=1.0, hang_seconds=day))
+    started = time.monotonic()
+    with pytest.raises(TransientFault) as timed_out:
+        generate(toy.endpoint(timeout_s=day), MODEL, REQUEST)
+    assert str(timed_out.value) == describe(TimeoutError())
+    outcome = retried(toy)
+    assert (outcome.error, outcome.attempts) == (describe(TimeoutError()), NO_WAIT.max_retries + 1)
+    assert generate(toy.endpoint(timeout_s=2 * day), MODEL, REQUEST) == answer
+    toy.set_faults(FaultConfig(latency_ms=day * 1000, jitter_ms=day * 1000))
+    assert generate(toy.endpoint(), MODEL, REQUEST) == answer
+    assert time.monotonic() - started < day / 1000
+    hangs = [(r.fault, r.outcome) for r in toy.requests[1:]]
+    assert hangs == [("hang", "TransientFault")] * 4 + [("hang", "ok"), (None, "ok")]
 
 
 def prompt_scores(
@@ -258,11 +270,11 @@ def openai_server(
     return openai_backend.open_server(Endpoint("openai", None, base_url=url), ClientSettings(model))
 
 
-def test_prompt_logprobs_are_the_emulators(emulator: EmulatorServer, service: ToyService) -> None:
+def test_prompt_logprobs_are_the_emulators(emulator: EmulatorServer, toy: ToyService) -> None:
     response = "The sea is blue and the cat likes the light."
     over_http = prompt_scores(openai_server(emulator, MODEL), response, 5)
     in_process = prompt_scores(
-        backends.open_prompt_scoring(service.endpoint(), ClientSettings(MODEL)), response, 5
+        backends.open_prompt_scoring(toy.endpoint(), ClientSettings(MODEL)), response, 5
     )
     assert in_process[:2] == over_http[:2]
     ids = in_process[0].tokens + in_process[1].tokens
@@ -275,9 +287,9 @@ def test_prompt_logprobs_are_the_emulators(emulator: EmulatorServer, service: To
         assert toy_scores.usage == Usage(prompt_tokens=len(ids), candidates_tokens=1)
     assert len(in_process[2].tokens) == len(in_process[1].tokens)
     assert len(in_process[3].tokens) == len(ids) - 1
-    assert [r.kind for r in service.requests] == ["tokenize"] * 2 + ["prompt_logprobs"] * 2
-    assert service.requests[-1].prompt == PROMPT
-    assert service.requests[-1].prefill == response
+    assert [r.kind for r in toy.requests] == ["tokenize"] * 2 + ["prompt_logprobs"] * 2
+    assert toy.requests[-1].prompt == PROMPT
+    assert toy.requests[-1].prefill == response
 
 
 @pytest.mark.parametrize(
@@ -293,19 +305,19 @@ def test_prompt_logprobs_are_the_emulators(emulator: EmulatorServer, service: To
 )
 def test_prompt_logprobs_fail_as_with_the_emulator(
     emulator: EmulatorServer,
-    service: ToyService,
+    toy: ToyService,
     model: str,
     faults: FaultConfig,
     error: type[Exception],
 ) -> None:
     emulator.set_faults(faults)
-    service.set_faults(faults)
+    toy.set_faults(faults)
     response = "The sea is blue and the cat likes the light."
     with pytest.raises(error) as over_http:
         prompt_scores(openai_server(emulator, model), response, 5)
     settings = ClientSettings(model)
     with pytest.raises(error) as in_process:
-        prompt_scores(backends.open_prompt_scoring(service.endpoint(), settings), response, 5)
+        prompt_scores(backends.open_prompt_scoring(toy.endpoint(), settings), response, 5)
     assert type(in_process.value) is type(over_http.value)
     if error in (UnusableAnswer, RequestRejected):
         assert str(in_process.value) == str(over_http.value)
@@ -359,16 +371,12 @@ REQUESTS = {
 }
 
 
-def toy_jobs(service: ToyService, model: str = MODEL, budget: int | None = 0) -> BatchJobs:
-    return backends.batch_jobs(
-        service.endpoint(), ClientSettings(model, thinking_budget=budget), None
-    )
+def toy_jobs(toy: ToyService, model: str = MODEL, budget: int | None = 0) -> BatchJobs:
+    return backends.batch_jobs(toy.endpoint(), ClientSettings(model, thinking_budget=budget), None)
 
 
-def test_a_batch_job_answers_every_line_as_generate_does(
-    service: ToyService, tmp_path: Path
-) -> None:
-    jobs = toy_jobs(service)
+def test_a_batch_job_answers_every_line_as_generate_does(toy: ToyService, tmp_path: Path) -> None:
+    jobs = toy_jobs(toy)
     local = write_input(jobs, tmp_path / "input.jsonl", REQUESTS)
     created = submit(jobs, local, "klstream-job-1")
     states, ended = poll(jobs, created.name)
@@ -380,11 +388,11 @@ def test_a_batch_job_answers_every_line_as_generate_does(
     for line in lines:
         assert line.key is not None and line.error is None
         assert line.index == keys.index(line.key)
-        assert line.answer == generate(service.endpoint(), MODEL, REQUESTS[line.key])
-    assert service.submitted_keys() == Counter(keys)
-    assert Counter(r.kind for r in service.requests) == {"batch": 5, "generate": 5}
+        assert line.answer == generate(toy.endpoint(), MODEL, REQUESTS[line.key])
+    assert toy.submitted_keys() == Counter(keys)
+    assert Counter(r.kind for r in toy.requests) == {"batch": 5, "generate": 5}
     asyncio.run(jobs.remove("toy-files/klstream-job-1", ended, None))
-    assert service.file_names() == []
+    assert toy.file_names() == []
 
 
 @pytest.mark.parametrize(
@@ -392,9 +400,9 @@ def test_a_batch_job_answers_every_line_as_generate_does(
     [("toy-thinking", None, "thinking"), ("toy-noprefill", 0, "trailing model turn")],
 )
 def test_batch_lines_fail_as_online_requests_do(
-    service: ToyService, tmp_path: Path, model: str, budget: int | None, error: str
+    toy: ToyService, tmp_path: Path, model: str, budget: int | None, error: str
 ) -> None:
-    jobs = toy_jobs(service, model, budget)
+    jobs = toy_jobs(toy, model, budget)
     job = submit(jobs, write_input(jobs, tmp_path / "input.jsonl", REQUESTS), "klstream-job-1")
     lines = collect(jobs, poll(jobs, job.name)[1], tmp_path / "output.jsonl")
     assert lines is not None
@@ -403,10 +411,10 @@ def test_batch_lines_fail_as_online_requests_do(
     assert failed == (set(REQUESTS) if model == "toy-thinking" else set(REQUESTS) - {"key-0"})
 
 
-def test_jobs_end_in_the_configured_states(service: ToyService, tmp_path: Path) -> None:
+def test_jobs_end_in_the_configured_states(toy: ToyService, tmp_path: Path) -> None:
     ends: tuple[EndState, ...] = ("FAILED", "EXPIRED", "SUCCEEDED", "CANCELLED")
-    service.set_batch(ToyBatchConfig(polls=3, end_states=ends, partial_fraction=0.4))
-    jobs = toy_jobs(service)
+    toy.set_batch(ToyBatchConfig(polls=3, end_states=ends, partial_fraction=0.4))
+    jobs = toy_jobs(toy)
     local = write_input(jobs, tmp_path / "input.jsonl", REQUESTS)
     for number, end in enumerate(ends):
         states, job = poll(jobs, submit(jobs, local, f"klstream-job-{number}").name)
@@ -416,43 +424,43 @@ def test_jobs_end_in_the_configured_states(service: ToyService, tmp_path: Path) 
         assert (job.error is not None) == (end in ("FAILED", "EXPIRED"))
         lines = collect(jobs, job, tmp_path / "output.jsonl")
         assert lines is not None and len(lines) == answered
-    assert service.submitted_keys() == Counter({key: len(ends) for key in REQUESTS})
+    assert [job.state for job in toy.jobs()] == list(ends)
+    assert toy.submitted_keys() == Counter({key: len(ends) for key in REQUESTS})
 
 
-def test_failed_lines_are_answered_when_submitted_again(
-    service: ToyService, tmp_path: Path
-) -> None:
-    service.set_batch(ToyBatchConfig(polls=1, line_error_rate=1.0))
-    jobs = toy_jobs(service)
+def test_failed_lines_are_answered_when_submitted_again(toy: ToyService, tmp_path: Path) -> None:
+    toy.set_batch(ToyBatchConfig(polls=1, line_error_rate=1.0))
+    jobs = toy_jobs(toy)
     local = write_input(jobs, tmp_path / "input.jsonl", REQUESTS)
     for number, failed in enumerate((len(REQUESTS), 0)):
         states, job = poll(jobs, submit(jobs, local, f"klstream-job-{number}").name)
         assert states == ["SUCCEEDED"] and job.failed == failed
         lines = collect(jobs, job, tmp_path / "output.jsonl")
         assert lines is not None and sum(line.error is not None for line in lines) == failed
-    assert [r.fault for r in service.requests] == ["line_error"] * 5 + [None] * 5
-    assert service.submitted_keys() == Counter({key: 2 for key in REQUESTS})
+    assert [r.fault for r in toy.requests] == ["line_error"] * 5 + [None] * 5
+    assert toy.submitted_keys() == Counter({key: 2 for key in REQUESTS})
 
 
-def test_a_create_whose_reply_is_lost_is_found(service: ToyService, tmp_path: Path) -> None:
-    service.set_batch(ToyBatchConfig(lost_create_replies=1))
-    jobs = toy_jobs(service)
+def test_a_create_whose_reply_is_lost_is_found(toy: ToyService, tmp_path: Path) -> None:
+    toy.set_batch(ToyBatchConfig(lost_create_replies=1))
+    jobs = toy_jobs(toy)
     local = write_input(jobs, tmp_path / "input.jsonl", REQUESTS)
     with pytest.raises(BatchCreateUnknown) as lost:
         submit(jobs, local, "klstream-job-1")
     assert lost.value.replied
     found = asyncio.run(jobs.find("klstream-job-1"))
     assert found is not None and found.state == "PENDING"
+    assert toy.jobs() == [found]
     assert asyncio.run(jobs.find("klstream-job-2")) is None
     assert poll(jobs, found.name)[0] == ["RUNNING", "SUCCEEDED"]
-    assert service.submitted_keys() == Counter(REQUESTS.keys())
+    assert toy.submitted_keys() == Counter(REQUESTS.keys())
     assert submit(jobs, local, "klstream-job-2").state == "PENDING"
 
 
-def test_cancel_forget_and_refusals(service: ToyService, tmp_path: Path) -> None:
+def test_cancel_forget_and_refusals(toy: ToyService, tmp_path: Path) -> None:
     """A job cancelled while pending answers nothing, one cancelled while running part of its
     lines; a job the service forgot is gone; a create without its input is refused."""
-    jobs = toy_jobs(service)
+    jobs = toy_jobs(toy)
     local = write_input(jobs, tmp_path / "input.jsonl", REQUESTS)
     pending = submit(jobs, local, "klstream-job-1")
     asyncio.run(jobs.cancel(pending.name))
@@ -464,7 +472,7 @@ def test_cancel_forget_and_refusals(service: ToyService, tmp_path: Path) -> None
     asyncio.run(jobs.cancel(running.name))
     cancelled = get(jobs, running.name)
     assert (cancelled.state, cancelled.succeeded, cancelled.incomplete) == ("CANCELLED", 2, 3)
-    service.forget_job(running.name)
+    toy.forget_job(running.name)
     assert asyncio.run(jobs.get(running.name)) is None
     with pytest.raises(BatchServiceError):
         asyncio.run(jobs.cancel(running.name))
@@ -478,14 +486,14 @@ def get(jobs: BatchJobs, name: str) -> RemoteJob:
     return job
 
 
-def test_uploads_are_idempotent(service: ToyService, tmp_path: Path) -> None:
-    jobs = toy_jobs(service)
+def test_uploads_are_idempotent(toy: ToyService, tmp_path: Path) -> None:
+    jobs = toy_jobs(toy)
     local = tmp_path / "input.jsonl"
 
     def upload(data: bytes) -> bytes:
         local.write_bytes(data)
         asyncio.run(jobs.upload(local, "toy-files/job", "job"))
-        return service.read_file("toy-files/job")
+        return toy.read_file("toy-files/job")
 
     assert upload(b"first\n") == b"first\n"
     assert upload(b"again\n") == b"first\n"
@@ -504,8 +512,8 @@ def test_uploads_are_idempotent(service: ToyService, tmp_path: Path) -> None:
         b'{"key": "k", "index": 3, "error": "500: it broke"}',
     ],
 )
-def test_malformed_output_lines_are_errors(service: ToyService, raw: bytes) -> None:
-    line = toy_jobs(service).decode_line(raw)
+def test_malformed_output_lines_are_errors(toy: ToyService, raw: bytes) -> None:
+    line = toy_jobs(toy).decode_line(raw)
     assert line.answer is None and line.error
     if raw.startswith(b'{"key"'):
         assert (line.key, line.index) == ("k", 3)

@@ -117,7 +117,7 @@ def load_backend(name: str) -> Backend:
     return backend
 
 
-def dialects() -> list[str]:
+def dialect_names() -> list[str]:
     """Every dialect some registered backend speaks, ``auto`` first."""
     return list(dict.fromkeys(d for spec in BACKENDS.values() for d in spec.dialects))
 

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 from collections.abc import AsyncIterator
 from typing import Any, cast
 from urllib.parse import urlparse
@@ -34,20 +33,16 @@ from klstream.backends.base import (
     Where,
 )
 from klstream.backends.checks import usable_logprob
-from klstream.backends.prices import Usage, price_for, shipped_prices, usage_of
+from klstream.backends.google_errors import (
+    ServiceError,
+    status_fault,
+)
+from klstream.backends.prices import Usage, usage_of
 from klstream.errors import (
-    AuthenticationError,
     CallFault,
     ConnectFailed,
-    LogprobsUnavailable,
     MissingCredentials,
-    ModelNotFound,
-    Overloaded,
-    PrefillRejected,
-    RateLimited,
-    RequestRejected,
     ThinkingNotDisabled,
-    ThinkingRejected,
     TransientFault,
     UnusableAnswer,
 )
@@ -57,7 +52,6 @@ BASE_URL_VARIABLE = "GOOGLE_GEMINI_BASE_URL"
 PROJECT_VARIABLE = "GOOGLE_CLOUD_PROJECT"
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def gemini_endpoint(where: Where) -> Endpoint:
@@ -299,12 +293,6 @@ def parse_answer_body(body: Any, thinking_budget: int | None) -> Answer:
     return Answer(steps, text, finish, usage, served if isinstance(served, str) else None)
 
 
-_LOGPROBS_OFF = re.compile(r"logprobs is not (?:enabled|supported)", re.IGNORECASE)
-"""How both services say a model gives no logprobs: the Developer API "Logprobs is not enabled
-for models/<id>" (also "... for this model", and "Logprobs is not supported for the current
-model."), Vertex AI "Unable to submit request because Logprobs is not supported for this model"."""
-_PREFILL_REJECTED = re.compile(r"model turn|prefill|last turn|ending with", re.IGNORECASE)
-_THINKING_REJECTED = re.compile(r"thinking|budget", re.IGNORECASE)
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     genai_errors.APIError,
     aiohttp.ClientError,
@@ -315,75 +303,26 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
 """The SDK's and its HTTP library's errors: :func:`fault_of` turns each into a fault."""
 
 
-SERVICES = {"gemini": "the Gemini Developer API", "vertex": "Vertex AI"}
-
-
 def api_fault(
     error: genai_errors.APIError,
     thinking_budget: int | None,
     model: str = "",
     backend: str = "gemini",
 ) -> CallFault:
-    """The fault an API error stands for; raises an :class:`~klstream.errors.EndpointError`
-    when no request can succeed (bad key, unknown model, no logprobs, no prefill, thinking config
-    refused)."""
-    code = error.code or 0
-    message = error.message or str(error)
-    text = describe(error)
-    if code == 429:
-        return RateLimited(text, server_retry_delay(error))
-    if code == 503:
-        return Overloaded(text, server_retry_delay(error))
-    if code in RETRIED_STATUS:
-        return TransientFault(text, server_retry_delay(error))
-    if code == 400 and _LOGPROBS_OFF.search(message):
-        raise LogprobsUnavailable(no_logprobs_message(backend, model, text), backend, model)
-    if code == 400 and _PREFILL_REJECTED.search(message):
-        raise PrefillRejected(
-            f"the model rejects a trailing model turn ({code}: {message}). Scoring needs "
-            "prefill: the prompt, then Model 1's tokens so far as the model's own turn. "
-            "Choose a Model 2 that accepts it."
-        )
-    if code == 400 and thinking_budget is not None and _THINKING_REJECTED.search(message):
-        raise ThinkingRejected(
-            f"the model rejects a thinking budget of {thinking_budget} ({code}: {message})",
-            thinking_budget,
-            message,
-        )
-    if code in (401, 403):
-        what = "authentication failed" if code == 401 else "permission denied"
-        raise AuthenticationError(
-            f"{what} ({code} {error.status}: {message}); no request can succeed"
-        )
-    if code == 404:
-        raise ModelNotFound(
-            f"model or endpoint not found ({code} {error.status}: {message}); "
-            f"no request can succeed{retired_note(model)}"
-        )
-    return RequestRejected(text)
-
-
-def no_logprobs_message(backend: str, model: str, reply: str) -> str:
-    """Why a model whose service gives no logprobs cannot be Model 2, and what can."""
-    instead = [
-        "another model family",
-        "an open-weight model on a vLLM server, scored from its prompt logprobs",
-    ]
-    if not (backend == "vertex" and model.removeprefix("models/").startswith("gemini-2.5")):
-        instead.insert(0, "a Gemini 2.5 model on Vertex AI, where projects still got logprobs")
-    return (
-        f"{SERVICES.get(backend, backend)} returns no logprobs for {model or 'this model'} "
-        f"({reply}): Google has switched them off for it, and scoring needs Model 2's top-k "
-        f"logprobs. What works instead (as of 2026-12): {'; '.join(instead)}"
+    """The fault an API error stands for (:func:`klstream.backends.google_errors.status_fault`);
+    raises an :class:`~klstream.errors.EndpointError` when no request can succeed."""
+    return status_fault(
+        ServiceError(
+            error.code or 0,
+            error.status,
+            error.message or str(error),
+            describe(error),
+            server_retry_delay(error),
+        ),
+        thinking_budget,
+        model,
+        backend,
     )
-
-
-def retired_note(model: str) -> str:
-    """``; <model> was retired on <date>`` where the shipped price table knows it was."""
-    price = price_for(model, shipped_prices()) if model else None
-    if price is None or price.retired is None:
-        return ""
-    return f"; {price.model} was retired on {price.retired} (klstream's price table)"
 
 
 def fault_of(

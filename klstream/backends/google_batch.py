@@ -36,7 +36,6 @@ from klstream.backends.base import (
     RemoteJob,
 )
 from klstream.backends.gemini import (
-    RETRIED_STATUS,
     TRANSPORT_ERRORS,
     describe,
     make_client,
@@ -44,6 +43,7 @@ from klstream.backends.gemini import (
     prefill_contents,
     request_template,
 )
+from klstream.backends.google_errors import RETRIED_STATUS
 from klstream.errors import (
     AuthenticationError,
     BatchCreateUnknown,

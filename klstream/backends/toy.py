@@ -9,12 +9,19 @@ one the HTTP emulator gives for the same request (the same toy model call,
 typed faults a real backend raises for the emulator's answers. Batch jobs move one step per
 ``get``, not by a clock.
 
+Time on the wire is virtual: nothing here sleeps. ``latency_ms`` and ``jitter_ms`` pass at
+once (the jitter is still drawn, so the faults after it are the emulator's), and a ``hang``
+of ``hang_seconds`` at or beyond the endpoint's timeout raises at once the time-out a real
+backend raises when the timeout passes; a shorter hang is answered as usual. Only the quota
+window keeps to the clock, as the retries that wait it out do.
+
 A test picks a service by its address: ``with ToyService(faults) as service:`` registers a
 service under a fresh name, and ``service.endpoint()`` (``toy://NAME``) points a run at it.
 The test then reads its request log (``requests``), switches its faults (``set_faults``),
-service behaviour (``set_service``) and batch behaviour (``set_batch``), and counts the keys
-its jobs were given (``submitted_keys``). Without a base URL, or with ``toy://default``, a run
-goes to one fault-free service shared by the whole process. No key is needed.
+service behaviour (``set_service``) and batch behaviour (``set_batch``), lists its jobs
+(``jobs``) and counts the keys they were given (``submitted_keys``). Without a base URL, or
+with ``toy://default``, a run goes to one fault-free service shared by the whole process. No
+key is needed.
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ from klstream.backends.base import (
     Tokenized,
     Where,
 )
+from klstream.backends.checks import usable_logprob
 from klstream.backends.dialects import lacks
+from klstream.backends.google_errors import ServiceError, status_fault
 from klstream.backends.prices import Usage
 from klstream.emulator import openai_routes
 from klstream.emulator.batch.common import END_STATES as CONFIGURABLE_END_STATES
@@ -58,10 +67,12 @@ from klstream.emulator.faults import FaultConfig, FaultState
 from klstream.emulator.openai_routes import PromptSplit, max_model_len, render_chat
 from klstream.emulator.protocol import (
     NOPREFILL_MESSAGE,
+    STATUS_NAMES,
     ApiError,
     Call,
     build_call,
     prompt_ids,
+    refuse_logprobs,
     toy_answer,
 )
 from klstream.emulator.service import PrefixCache, ServiceConfig
@@ -73,11 +84,8 @@ from klstream.errors import (
     CallFault,
     EndpointError,
     EndpointUnreachable,
-    ModelNotFound,
-    Overloaded,
+    KlstreamError,
     PrefillRejected,
-    RateLimited,
-    RequestRejected,
     ThinkingNotDisabled,
     TransientFault,
     UnusableAnswer,
@@ -89,6 +97,8 @@ DEFAULT_URL = SCHEME + DEFAULT_NAME
 """The process-wide fault-free service, which a run without a base URL uses."""
 GEMINI_VERSION = "v1beta"
 """The API version that calls are validated as (the emulator's 404 names it)."""
+TIMED_OUT = "timeout: no answer within the request timeout"
+"""What a real backend raises when the request's timeout passes without an answer."""
 LOG_LIMIT = 50_000
 """Requests the log keeps, the latest, as the HTTP emulator's does."""
 RequestKind = Literal["generate", "tokenize", "prompt_logprobs", "batch"]
@@ -205,19 +215,22 @@ class _Job:
         )
 
 
-def _fault_of(error: ApiError) -> Exception:
-    """What a real backend raises for one of the emulator's error answers: a typed fault, or a
-    run-ending error when no request can succeed."""
-    text = f"{error.code}: {error.message}"
-    if error.code == 404:
-        return ModelNotFound(f"model or endpoint not found ({text}); no request can succeed")
-    if error.code == 429:
-        return RateLimited(text, error.retry_delay_s)
-    if error.code == 503:
-        return Overloaded(text, error.retry_delay_s)
-    if error.code >= 500:
-        return TransientFault(text, error.retry_delay_s)
-    return RequestRejected(text)
+def _fault_of(
+    error: ApiError, kind: RequestKind, model: str, thinking_budget: int | None
+) -> Exception:
+    """What a real backend raises for one of the emulator's error answers: for generation,
+    what the Gemini backend makes of it (the same
+    :func:`~klstream.backends.google_errors.status_fault`); for the vLLM-style requests, the
+    OpenAI backend's wording. A typed fault, or a run-ending error when no request can
+    succeed."""
+    name = STATUS_NAMES[error.code]
+    gemini = kind in ("generate", "batch")
+    text = f"{error.code} {name}: {error.message}" if gemini else f"{error.code}: {error.message}"
+    answer = ServiceError(error.code, name, error.message, text, error.retry_delay_s)
+    try:
+        return status_fault(answer, thinking_budget, model)
+    except KlstreamError as fatal:
+        return fatal
 
 
 def _readable(fault: str | None) -> None:
@@ -282,14 +295,16 @@ def _answer(call: Call, scaled_logprobs: bool, cached: int, with_logprobs: bool)
             f"answer without logprobs (finish reason {generation.finish_reason}); the model may "
             "not support response_logprobs"
         )
-    steps = [
-        Generated(Candidate(*step.chosen), [Candidate(*c) for c in step.top])
-        for step in generation.steps
-    ]
+    steps = []
+    for step in generation.steps:
+        listed = [Candidate(*c) for c in step.top]
+        top = [c for c in listed if usable_logprob(c.logprob)]
+        steps.append(Generated(Candidate(*step.chosen), top, dropped=len(listed) - len(top)))
     if not all(step.top for step in steps):
         raise UnusableAnswer("answer with an empty top-candidates list")
     usage = Usage(answer.prompt_tokens, answer.cached, len(steps), answer.thoughts)
-    return Answer(steps, generation.text, generation.finish_reason, usage)
+    served = call.model.served_name
+    return Answer(steps, generation.text, generation.finish_reason, usage, served)
 
 
 def _answer_from_json(raw: Any) -> Answer:
@@ -300,10 +315,12 @@ def _answer_from_json(raw: Any) -> Answer:
             Candidate(**step["chosen"]),
             [Candidate(**candidate) for candidate in step["top"]],
             bool(step["chosen_reported"]),
+            int(step["dropped"]),
         )
         for step in raw["steps"]
     ]
-    return Answer(steps, str(raw["text"]), raw["finish_reason"], Usage(**raw["usage"]))
+    usage = Usage(**raw["usage"])
+    return Answer(steps, str(raw["text"]), raw["finish_reason"], usage, raw["served_model"])
 
 
 def _input_line(row: bytes) -> dict[str, Any]:
@@ -395,6 +412,11 @@ class ToyService:
         """The files held: uploaded inputs and the jobs' outputs."""
         return sorted(self._files)
 
+    def jobs(self) -> list[RemoteJob]:
+        """Every job created and not forgotten, oldest first, as it is (looking does not move
+        it): what the service holds, for a test to match against what a run recorded."""
+        return [job.remote() for job in self._jobs.values()]
+
     def forget_job(self, name: str) -> None:
         """Drop a job, as a service that deletes old jobs does: ``get`` then finds nothing."""
         self._jobs.pop(name, None)
@@ -407,6 +429,7 @@ class ToyService:
         prompt: str,
         prefill: str | None,
         max_tokens: int | None = None,
+        thinking_budget: int | None = None,
     ) -> Iterator[_Attempt]:
         """One request's bookkeeping: the emulator's error answers become what a real backend
         raises for them, and the request is logged however it ends."""
@@ -416,7 +439,7 @@ class ToyService:
             yield attempt
         except ApiError as error:
             attempt.fault = attempt.fault or error.fault
-            fault = _fault_of(error)
+            fault = _fault_of(error, kind, model, thinking_budget)
             outcome = type(fault).__name__
             raise fault from None
         except BaseException as error:
@@ -427,44 +450,52 @@ class ToyService:
             self._log.append(record)
 
     async def _arrive(self) -> FaultState:
-        """The fault state a request meets (a later switch leaves it alone), after the
-        configured latency."""
+        """The fault state a request meets (a later switch leaves it alone). The latency passes
+        in virtual time, the jitter drawn as the emulator draws it; the one yield lets the
+        other requests in flight be sent meanwhile, as on a wire."""
         state = self._state
-        config = state.config
-        delay_ms = config.latency_ms
-        if config.jitter_ms:
-            delay_ms += state.rng.uniform(0.0, config.jitter_ms)
-        if delay_ms:
-            await asyncio.sleep(delay_ms / 1000.0)
+        if state.config.jitter_ms:
+            state.rng.uniform(0.0, state.config.jitter_ms)
+        await asyncio.sleep(0)
         return state
 
     @staticmethod
-    async def _admit(state: FaultState, model: str, body: bytes) -> str | None:
+    def _admit(
+        attempt: _Attempt, state: FaultState, model: str, body: bytes, timeout_s: float
+    ) -> None:
         """The emulator's faults ahead of an answer, in its order: the quota, the first copies
-        of a request, then one draw among the exclusive faults (a hang only delays the
-        answer). Returns the fault drawn."""
+        of a request, then one draw among the exclusive faults (kept in ``attempt``). A hang
+        the request's timeout would cut short is that time-out, at once; a shorter one is
+        answered."""
         state.check_quota(time.monotonic())
         state.check_fail_first(model, body)
-        fault = state.draw_exclusive()
+        fault = attempt.fault = state.draw_exclusive()
         config = state.config
         if fault is not None and fault in _ERROR_FAULTS:
             code, message = _ERROR_FAULTS[fault]
             delay = config.retry_delay_s if code == 429 else None
             raise ApiError(code, message, fault=fault, retry_delay_s=delay)
-        if fault == "hang":
-            await asyncio.sleep(config.hang_seconds)
-        return fault
+        if fault == "hang" and config.hang_seconds >= timeout_s:
+            raise TransientFault(TIMED_OUT)
 
-    async def generate(self, settings: ClientSettings, request: PrefillRequest) -> Answer:
+    async def generate(
+        self, settings: ClientSettings, request: PrefillRequest, timeout_s: float
+    ) -> Answer:
         """Answer as the HTTP emulator's Gemini route answers the Gemini backend."""
         with self._request(
-            "generate", settings.model, request.prompt, request.prefill, request.max_tokens
+            "generate",
+            settings.model,
+            request.prompt,
+            request.prefill,
+            request.max_tokens,
+            settings.thinking_budget,
         ) as attempt:
             state = await self._arrive()
             config = _generation_config(request, settings.thinking_budget)
             call = _call(settings.model, request, config)
+            refuse_logprobs(call, vertex=False)
             body = _canonical("generate", prompt=call.prompt, prefill=call.prefill, config=config)
-            attempt.fault = await self._admit(state, call.model.name, body)
+            self._admit(attempt, state, call.model.name, body, timeout_s)
             input_ids = [*prompt_ids(call.prompt), *encode(call.prefill or "")]
             cached = self._cache.send(call.model.name, input_ids, time.monotonic())
             dropped = state.draw_no_logprobs()
@@ -474,25 +505,26 @@ class ToyService:
             with_logprobs = not (call.model.nologprobs or dropped)
             return _answer(call, self._service.scaled_logprobs, cached, with_logprobs)
 
-    async def _tokenize(self, model: str, prompt: str, text: str) -> Tokenized:
+    async def _tokenize(self, model: str, prompt: str, text: str, timeout_s: float) -> Tokenized:
         """vLLM's ``/tokenize`` of ``text`` as the emulator answers it; ``prompt`` is what the
         log shows."""
         with self._request("tokenize", model, prompt, None) as attempt:
             state = await self._arrive()
-            attempt.fault = await self._admit(state, model, _canonical("tokenize", text=text))
+            body = _canonical("tokenize", text=text)
+            self._admit(attempt, state, model, body, timeout_s)
             limit = max_model_len(openai_routes.served_model(model).name)
             _readable(attempt.fault)
             return Tokenized(encode(text), limit)
 
-    async def template_tokens(self, model: str, prompt: str) -> Tokenized:
+    async def template_tokens(self, model: str, prompt: str, timeout_s: float) -> Tokenized:
         """The toy chat template's tokens for ``prompt``, up to where the answer starts."""
-        return await self._tokenize(model, prompt, render_chat(prompt, ""))
+        return await self._tokenize(model, prompt, render_chat(prompt, ""), timeout_s)
 
-    async def text_tokens(self, model: str, text: str) -> Tokenized:
-        return await self._tokenize(model, text, text)
+    async def text_tokens(self, model: str, text: str, timeout_s: float) -> Tokenized:
+        return await self._tokenize(model, text, text, timeout_s)
 
     async def prompt_logprobs(
-        self, model_name: str, ids: list[int], top_logprobs: int, start: int
+        self, model_name: str, ids: list[int], top_logprobs: int, start: int, timeout_s: float
     ) -> PromptScores:
         """What the OpenAI backend reads from the emulator's ``/v1/completions`` with
         ``prompt_logprobs``: the top-k at every prompt token from ``start`` on, and after the
@@ -504,7 +536,7 @@ class ToyService:
         ) as attempt:
             state = await self._arrive()
             body = _canonical("prompt_logprobs", ids=ids, top_logprobs=top_logprobs)
-            attempt.fault = await self._admit(state, model_name, body)
+            self._admit(attempt, state, model_name, body, timeout_s)
             model = openai_routes.served_model(model_name)
             openai_routes.check_context(model.name, len(ids), 1)
             short = not model.nologprobs and state.draw_short_prompt_logprobs()
@@ -633,7 +665,12 @@ class ToyService:
             return {**out, "error": "400: the input line is not a toy batch request"}
         try:
             with self._request(
-                "batch", job.model, request.prompt, request.prefill, request.max_tokens
+                "batch",
+                job.model,
+                request.prompt,
+                request.prefill,
+                request.max_tokens,
+                thinking_budget,
             ) as attempt:
                 key = str(out["key"])
                 if key not in self._failed_keys and (
@@ -643,6 +680,7 @@ class ToyService:
                     attempt.fault = "line_error"
                     raise ApiError(500, "An internal error has occurred. (emulated line failure)")
                 call = _call(job.model, request, _generation_config(request, thinking_budget))
+                refuse_logprobs(call, vertex=False)
                 answer = _answer(call, self._service.scaled_logprobs, 0, not call.model.nologprobs)
         except (EndpointError, CallFault) as error:
             return {**out, "error": str(error)}
@@ -652,27 +690,30 @@ class ToyService:
 class ToyClient:
     """One model on a toy service: generation with logprobs (a
     :class:`~klstream.backends.base.Prefill`) and prompt logprobs (a
-    :class:`~klstream.backends.base.PromptScoring`)."""
+    :class:`~klstream.backends.base.PromptScoring`), with its endpoint's request timeout."""
 
     dialect: str | None = None
     """The toy service gives prompt logprobs one way only."""
 
-    def __init__(self, toy: ToyService, settings: ClientSettings) -> None:
-        self.toy, self.settings = toy, settings
+    def __init__(self, toy: ToyService, settings: ClientSettings, timeout_s: float) -> None:
+        self.toy, self.settings, self.timeout_s = toy, settings, timeout_s
 
     async def generate(self, request: PrefillRequest) -> Answer:
-        return await self.toy.generate(self.settings, request)
+        return await self.toy.generate(self.settings, request, self.timeout_s)
 
     async def template_tokens(self, prompt: str) -> Tokenized:
-        return await self.toy.template_tokens(self.settings.model, prompt)
+        return await self.toy.template_tokens(self.settings.model, prompt, self.timeout_s)
 
     async def text_tokens(self, text: str) -> Tokenized:
-        return await self.toy.text_tokens(self.settings.model, text)
+        return await self.toy.text_tokens(self.settings.model, text, self.timeout_s)
 
     async def prompt_logprobs(
         self, prompt_ids: list[int], top_logprobs: int, start: int
     ) -> PromptScores:
-        return await self.toy.prompt_logprobs(self.settings.model, prompt_ids, top_logprobs, start)
+        model = self.settings.model
+        return await self.toy.prompt_logprobs(
+            model, prompt_ids, top_logprobs, start, self.timeout_s
+        )
 
 
 class ToyBatchJobs:
@@ -782,7 +823,7 @@ def toy_endpoint(where: Where) -> Endpoint:
 @contextlib.asynccontextmanager
 async def open_client(endpoint: Endpoint, settings: ClientSettings) -> AsyncIterator[ToyClient]:
     """The model on the endpoint's service; there is nothing to open or close."""
-    yield ToyClient(service_at(endpoint.base_url), settings)
+    yield ToyClient(service_at(endpoint.base_url), settings, endpoint.timeout_s)
 
 
 def toy_batch_jobs(endpoint: Endpoint, settings: ClientSettings, bucket: str | None) -> BatchJobs:

@@ -56,7 +56,7 @@ JUNK = tuple(
 )
 """Filler tokens (Cyrillic letters: fallback ids the toy never predicts)."""
 
-_STATUS_NAMES = {
+STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
     404: "NOT_FOUND",
     409: "ALREADY_EXISTS",
@@ -88,7 +88,7 @@ class ApiError(Exception):
         error: dict[str, Any] = {
             "code": self.code,
             "message": self.message,
-            "status": _STATUS_NAMES[self.code],
+            "status": STATUS_NAMES[self.code],
         }
         headers = dict(JSON_HEADERS)
         if self.retry_delay_s is not None:

@@ -108,7 +108,7 @@ def cost_summary(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any] 
     rows: list[dict[str, Any]] = (
         con.sql(load_sql("cost_summary"), params={"model2": model2}).to_arrow_table().to_pylist()
     )
-    return rows[0] if rows else None
+    return rows[0] if rows and rows[0]["uncached_input_tokens"] is not None else None
 
 
 def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
