@@ -30,10 +30,8 @@ def test_answers_from_another_model_are_reported_or_stop_the_run(
     reported = run(toy_inputs, tmp_path / "out", emulator, "toy-d0.5-rerouted")
     assert reported.exit_code == 0, reported.output
     summary = json.loads(ExportDir(tmp_path / "out").summary.read_text(encoding="utf-8"))
-    assert summary["served_models"] == [
-        {"model": "toy", "answers": summary["answers_from_other_models"]}
-    ]
-    assert summary["answers_from_other_models"] > 0
+    assert summary["served_models"] == [{"model": "toy", "positions": summary["positions"]}]
+    assert summary["positions_from_other_models"] == summary["positions"]
     assert "answers came from another model than toy-d0.5-rerouted: toy" in reported.stderr
     assert "Served by:" in reported.output
 
@@ -46,7 +44,7 @@ def test_answers_from_another_model_are_reported_or_stop_the_run(
     same = run(toy_inputs, tmp_path / "same", emulator, "toy-d0.5", "--require-model-version")
     assert same.exit_code == 0, same.output
     summary = json.loads(ExportDir(tmp_path / "same").summary.read_text(encoding="utf-8"))
-    assert summary["answers_from_other_models"] == 0
+    assert summary["positions_from_other_models"] == 0
     assert [entry["model"] for entry in summary["served_models"]] == ["toy-d0.5"]
 
 

@@ -144,11 +144,11 @@ def _answer_lines(summary: dict[str, Any]) -> list[str]:
             "positions; never taken as values"
         )
     served = summary["served_models"] or []
-    if summary["answers_from_other_models"]:
-        names = ", ".join(f"{entry['model']} ({entry['answers']:,})" for entry in served)
+    if summary["positions_from_other_models"]:
+        names = ", ".join(f"{entry['model']} ({entry['positions']:,})" for entry in served)
         lines.append(
-            f"Served by:         {names}: {summary['answers_from_other_models']:,} answers came "
-            f"from another model than {summary['model2']}"
+            f"Served by:         {names} positions: {summary['positions_from_other_models']:,} "
+            f"results came from another model than {summary['model2']}"
         )
     return lines
 

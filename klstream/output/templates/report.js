@@ -261,7 +261,7 @@ function summaryTable(run) {
     ["Mean entropy, Model 1 / Model 2", (x) => `${num(x.mean_entropy1)} / ${num(x.mean_entropy2)}`],
     ["Requests to Model 2 (retries included)", (x) => count(x.requests)],
     ["Logprobs left out (unusable entries)", (x) => `${count(x.dropped_logprobs)} at ${count(x.positions_with_dropped_logprobs)} positions`],
-    ["Served by (answers)", (x) => (x.served_models || []).map((e) => `${e.model} (${count(e.answers)})`).join(", ") || "not said"],
+    ["Served by (positions)", (x) => (x.served_models || []).map((e) => `${e.model} (${count(e.positions)})`).join(", ") || "not said"],
   ];
   const model1 = [...new Set(s.flatMap((x) => x.model1 || []))].join(", ");
   return h("table", { id: "summary-table" },
