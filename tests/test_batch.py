@@ -48,13 +48,15 @@ def backend_flags(backend: str) -> list[str]:
 def batch_flags(
     server: EmulatorServer, backend: str, lookahead_flags: tuple[str, ...] = ("--lookahead", "1")
 ) -> list[str]:
-    """The job mechanics are tested one position per line (``--lookahead 1``)."""
+    """The job mechanics are tested one position per line (``--lookahead 1``), without the
+    canary job (tests/test_canary.py)."""
     return [
         "--model2",
         MODEL2,
         "--base-url",
         server.base_url,
         "--batch",
+        "--no-canary",
         "--batch-max-requests",
         str(PER_JOB),
         "--batch-poll-seconds",
@@ -90,7 +92,8 @@ def key_of(row: dict[str, Any]) -> str:
 
 def assert_scored_once_each(run_dir: Path, server: EmulatorServer) -> None:
     """Every position has a result; every batch submission is of a distinct position, and the
-    positions not submitted in batch were answered online (the probe)."""
+    positions not submitted in batch were answered online (the probe: until a line with a
+    prefill)."""
     submitted = server.batch.submitted_keys()
     assert submitted, "no batch job was created"
     assert max(submitted.values()) == 1, Counter(submitted).most_common(3)
@@ -199,7 +202,7 @@ def test_run_batch_writes_the_same_kl_files_as_an_online_run(
             assert batch_text == online_text, name
     run_dir = tmp_path / "batch" / "run"
     assert_scored_once_each(run_dir, server)
-    assert Counter(row["source"] for row in resolved(run_dir)) == {"batch": 209, "online": 1}
+    assert Counter(row["source"] for row in resolved(run_dir)) == {"batch": 208, "online": 2}
     assert len(manifests(run_dir)) == 4
     assert all(m.stage == "collected" and m.cleaned for m in manifests(run_dir))
     assert server.batch.file_names() == []
@@ -267,7 +270,7 @@ def test_batch_fallback_online_scores_what_the_jobs_left(
     result = score_batch(run_dir, server, "gemini", "--batch-fallback", "online")
     assert result.exit_code == 0, result.output
     sources = Counter(row["source"] for row in resolved(run_dir))
-    assert sources == {"batch": 209 - (PER_JOB - PER_JOB // 4), "online": 1 + PER_JOB * 3 // 4}
+    assert sources == {"batch": 208 - (PER_JOB - PER_JOB // 4), "online": 2 + PER_JOB * 3 // 4}
     assert max(server.batch.submitted_keys().values()) == 1
 
 
@@ -472,7 +475,7 @@ def test_batch_lookahead_gives_the_online_one_token_results_in_fewer_requests_ov
     assert top_lists(run_dir) == expected and len(expected) == len(all_keys(run_dir))
     lines = server.batch.submitted_keys()
     assert max(lines.values()) == 1
-    assert sum(lines.values()) + 1 < len(expected)  # + 1: the probe, online
+    assert sum(lines.values()) + 2 < len(expected)  # + 2: the probe, online
     plans = {manifest.plan for manifest in manifests(run_dir)}
     assert len(plans) >= 2
     assert f"{len(plans)} rounds" in batch.output

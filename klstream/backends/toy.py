@@ -289,7 +289,7 @@ def _answer(call: Call, scaled_logprobs: bool, cached: int, with_logprobs: bool)
     if not all(step.top for step in steps):
         raise UnusableAnswer("answer with an empty top-candidates list")
     usage = Usage(answer.prompt_tokens, answer.cached, len(steps), answer.thoughts)
-    return Answer(steps, generation.text, generation.finish_reason, usage)
+    return Answer(steps, generation.text, generation.finish_reason, usage, call.model.served_name)
 
 
 def _answer_from_json(raw: Any) -> Answer:
@@ -303,7 +303,14 @@ def _answer_from_json(raw: Any) -> Answer:
         )
         for step in raw["steps"]
     ]
-    return Answer(steps, str(raw["text"]), raw["finish_reason"], Usage(**raw["usage"]))
+    served = raw.get("served_model")
+    return Answer(
+        steps,
+        str(raw["text"]),
+        raw["finish_reason"],
+        Usage(**raw["usage"]),
+        served if isinstance(served, str) else None,
+    )
 
 
 def _input_line(row: bytes) -> dict[str, Any]:
