@@ -8,6 +8,7 @@ The public Python API, the same one the ``klstream`` command line calls::
     klstream.explode(Path("responses"), Path("runs/a"))
     report = klstream.score(Path("runs/a"), klstream.ScoreOptions("toy-d0.5"), endpoint)
     klstream.export(Path("runs/a"), Path("kl_results"))
+    print(klstream.check(endpoint, klstream.CheckOptions("toy-d0.5")).row())  # can it be scored?
     with klstream.connect(Path("runs/a")) as con:
         con.sql("SELECT avg(kl_floor) FROM kl").show()
 
@@ -50,6 +51,11 @@ _EXPORTS: dict[str, str] = {
     "DryRunOptions": "klstream.scoring.dryrun",
     "DryRunReport": "klstream.scoring.dryrun",
     "format_dry_run": "klstream.scoring.dryrun",
+    "check": "klstream.preflight",
+    "check_async": "klstream.preflight",
+    "CheckOptions": "klstream.preflight",
+    "CheckReport": "klstream.preflight",
+    "Capabilities": "klstream.preflight",
     "Price": "klstream.backends.prices",
     "load_prices": "klstream.backends.prices",
     "compute_kl": "klstream.metrics.kl",
@@ -95,6 +101,8 @@ _EXPORTS: dict[str, str] = {
     "ThinkingRejected": "klstream.errors",
     "ThinkingNotDisabled": "klstream.errors",
     "GreedyInconsistent": "klstream.errors",
+    "TopLogprobsShort": "klstream.errors",
+    "BatchCanaryFailed": "klstream.errors",
     "PriceTableError": "klstream.errors",
     "RunIncomplete": "klstream.errors",
     "QueryError": "klstream.errors",
@@ -130,6 +138,11 @@ __all__ = [
     "DryRunOptions",
     "DryRunReport",
     "format_dry_run",
+    "check",
+    "check_async",
+    "CheckOptions",
+    "CheckReport",
+    "Capabilities",
     "Price",
     "load_prices",
     "compute_kl",
@@ -175,6 +188,8 @@ __all__ = [
     "ThinkingRejected",
     "ThinkingNotDisabled",
     "GreedyInconsistent",
+    "TopLogprobsShort",
+    "BatchCanaryFailed",
     "PriceTableError",
     "RunIncomplete",
     "QueryError",
@@ -209,6 +224,7 @@ if TYPE_CHECKING:
         AmbiguousModel2,
         AuthenticationError,
         BackendUnavailable,
+        BatchCanaryFailed,
         BatchJobsActive,
         BatchRejected,
         BatchServiceError,
@@ -243,6 +259,7 @@ if TYPE_CHECKING:
         RunLocked,
         ThinkingNotDisabled,
         ThinkingRejected,
+        TopLogprobsShort,
     )
     from klstream.input.explode import ExplodeReport, explode
     from klstream.input.sample import SampleOptions, SampleReport, sample, sample_async
@@ -257,6 +274,13 @@ if TYPE_CHECKING:
         run_async,
         score,
         score_async,
+    )
+    from klstream.preflight import (
+        Capabilities,
+        CheckOptions,
+        CheckReport,
+        check,
+        check_async,
     )
     from klstream.scoring.batch import batch_cancel, batch_status
     from klstream.scoring.dryrun import (

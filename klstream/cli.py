@@ -26,6 +26,7 @@ from klstream.storage.rundir import INPUTS_FILE
 
 if TYPE_CHECKING:
     from klstream.backends.base import Endpoint
+    from klstream.backends.transport import RetryPolicy
     from klstream.scoring.dryrun import DryRunOptions
     from klstream.scoring.options import BatchOptions, ScoreOptions
     from klstream.scoring.score import ScoreReport
@@ -97,6 +98,14 @@ HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
     ),
     E.BatchJobsActive: lambda e: "run `klstream batch cancel RUN_DIR` first, or --resume",
     E.GreedyInconsistent: lambda e: "use --lookahead-decoding sample (or auto, which falls back)",
+    E.TopLogprobsShort: lambda e: (
+        f"pass --top-logprobs {getattr(e, 'usable', 1) or 1} or less"
+        if getattr(e, "usable", 0)
+        else "choose a Model 2 whose service lists logprobs"
+    ),
+    E.BatchCanaryFailed: lambda e: (
+        "score online (without --batch); `klstream check --batch` shows what batch lines bring back"
+    ),
     E.PriceTableError: lambda e: "fix the file given to --prices",
     E.RunLocked: lambda e: "wait for that process to end, or stop it, then try again",
     E.InputsChanged: lambda e: (
@@ -148,6 +157,7 @@ def _message(error: E.KlstreamError) -> str:
 if TYPE_CHECKING:
     from klstream.output.report import ReportResult
     from klstream.output.top import Score
+    from klstream.preflight import Capabilities, CheckReport
 
 
 class _Group(click.Group):
@@ -510,6 +520,27 @@ def _api_options(function: Any) -> Any:
     )
 
 
+_bucket_option = click.option(
+    "--bucket-name",
+    help="With --batch on Vertex AI: Cloud Storage bucket for the JSONL files "
+    "(default: <project>-klstream-batch, created if missing).",
+)
+_poll_option = click.option(
+    "--batch-poll-seconds",
+    type=click.FloatRange(min=0.01),
+    default=60.0,
+    show_default=True,
+    help="With --batch: longest wait between two looks at the jobs.",
+)
+_model2_option = click.option("--model2", required=True, help="Model 2, e.g. gemini-2.0-flash.")
+_top_logprobs_option = click.option(
+    "--top-logprobs",
+    type=click.IntRange(1, 20),
+    default=20,
+    show_default=True,
+    help="Top-k logprobs to request per position.",
+)
+
 _batch_flags = [
     click.option(
         "--batch",
@@ -519,13 +550,10 @@ _batch_flags = [
     click.option(
         "--no-wait",
         is_flag=True,
-        help="With --batch: submit the jobs and exit; --resume collects the results later.",
+        help="With --batch: submit the jobs and exit (after the canary job: see --no-canary); "
+        "--resume collects the results later.",
     ),
-    click.option(
-        "--bucket-name",
-        help="With --batch on Vertex AI: Cloud Storage bucket for the JSONL files "
-        "(default: <project>-klstream-batch, created if missing).",
-    ),
+    _bucket_option,
     click.option(
         "--keep-batch-files",
         is_flag=True,
@@ -544,12 +572,19 @@ _batch_flags = [
         help="With --batch: requests per job (default 50,000).",
     ),
     click.option(
-        "--batch-poll-seconds",
-        type=click.FloatRange(min=0.01),
-        default=60.0,
-        show_default=True,
-        help="With --batch: longest wait between two looks at the jobs.",
+        "--batch-max-tokens",
+        type=click.IntRange(min=1),
+        help="With --batch: estimated tokens per job, input (at 4 characters a token for the "
+        "prompt, as the dry run) and output (default 20,000,000); a job is cut when it or "
+        "--batch-max-requests is reached.",
     ),
+    click.option(
+        "--no-canary",
+        is_flag=True,
+        help="With --batch: submit the bulk at once, without first proving with a canary job "
+        "of a few lines that batch lines come back with logprobs.",
+    ),
+    _poll_option,
     click.option(
         "--batch-settle-seconds",
         type=click.FloatRange(min=0.0),
@@ -576,14 +611,8 @@ def _score_flags(function: Any) -> Any:
     return _apply(
         _api_options(function),
         [
-            click.option("--model2", required=True, help="Model 2, e.g. gemini-2.0-flash."),
-            click.option(
-                "--top-logprobs",
-                type=click.IntRange(1, 20),
-                default=20,
-                show_default=True,
-                help="Top-k logprobs to request per position.",
-            ),
+            _model2_option,
+            _top_logprobs_option,
             click.option(
                 "--lookahead",
                 default="auto",
@@ -715,6 +744,12 @@ def _dry_run_options(params: dict[str, Any]) -> DryRunOptions | None:
     return DryRunOptions(params["calibrate"] or 0, params["rpm"], params["tpm"])
 
 
+def _retry_policy(params: dict[str, Any]) -> RetryPolicy:
+    from klstream.backends.transport import RetryPolicy
+
+    return RetryPolicy(max_retries=params["max_retries"])
+
+
 def _endpoint(params: dict[str, Any]) -> Endpoint:
     from klstream.backends import endpoint_from_environment
 
@@ -740,6 +775,8 @@ def _batch_options(params: dict[str, Any]) -> BatchOptions | None:
         keep_files=params["keep_batch_files"],
         fallback_online=params["batch_fallback"] == "online",
         max_requests=params["batch_max_requests"],
+        max_tokens=params["batch_max_tokens"],
+        canary=not params["no_canary"],
         max_rounds=params["max_rounds"],
         poll_initial_s=min(5.0, poll_max),
         poll_max_s=poll_max,
@@ -748,7 +785,6 @@ def _batch_options(params: dict[str, Any]) -> BatchOptions | None:
 
 
 def _score_options(params: dict[str, Any]) -> ScoreOptions:
-    from klstream.backends.transport import RetryPolicy
     from klstream.scoring.options import ScoreOptions
 
     if params["resume"] and params["overwrite"]:
@@ -759,7 +795,7 @@ def _score_options(params: dict[str, Any]) -> ScoreOptions:
         model2=params["model2"],
         top_logprobs=params["top_logprobs"],
         max_concurrent=params["max_concurrent"],
-        policy=RetryPolicy(max_retries=params["max_retries"]),
+        policy=_retry_policy(params),
         thinking_budget=_thinking_budget(params["thinking_budget"]),
         checkpoint_rows=params["checkpoint_rows"],
         checkpoint_seconds=params["checkpoint_seconds"],
@@ -808,9 +844,16 @@ def resume_command(ctx: click.Context) -> str:
     return shlex.join([*words, "--resume"])
 
 
+def _warn_about_answers(capabilities: Capabilities | None) -> None:
+    """What the first answer showed that the user should know (another model answered)."""
+    for warning in capabilities.warnings() if capabilities is not None else []:
+        click.echo(f"warning: {warning}", err=True)
+
+
 def _report_score(report: ScoreReport, model2: str) -> None:
     from klstream.backends.prices import cost_line
 
+    _warn_about_answers(report.capabilities)
     stats, calls = report.stats, report.stats.calls
     if report.batch is not None:
         _report_batch(report, model2)
@@ -964,6 +1007,74 @@ def score(run_dir: Path, **params: Any) -> None:
 
 
 @main.command()
+@_model2_option
+@_top_logprobs_option
+@_api_options
+@click.option(
+    "--batch",
+    is_flag=True,
+    help="Also run a canary batch job of a few lines (minutes to hours on a real service).",
+)
+@click.option(
+    "--batch-timeout",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="With --batch: seconds to wait for the canary job before cancelling it.",
+)
+@_bucket_option
+@_poll_option
+def check(**params: Any) -> None:
+    """Can Model 2 be scored here, and how? A few tiny requests, then one row of findings.
+
+    Exit 0 when some method works (the last line says which, with its flags), 5 when none
+    does, with the cause and the fix.
+    """
+    from klstream.preflight import CheckOptions
+    from klstream.preflight import check as check_model
+
+    options = CheckOptions(
+        model2=params["model2"],
+        top_logprobs=params["top_logprobs"],
+        thinking_budget=_thinking_budget(params["thinking_budget"]),
+        batch=params["batch"],
+        batch_timeout_s=params["batch_timeout"],
+        bucket_name=params["bucket_name"],
+        poll_initial_s=min(1.0, params["batch_poll_seconds"]),
+        poll_max_s=params["batch_poll_seconds"],
+        policy=_retry_policy(params),
+    )
+    report = check_model(_endpoint(params), options)
+    click.echo(report.row())
+    for line in report.details():
+        click.echo(f"  {line}")
+    if not report.scorable:
+        causes = "; ".join(f"{method}: {_message(e)}" for method, e in report.causes.items())
+        raise E.ModelCannotScore(
+            f"{report.model2} cannot be scored on the {report.backend} backend at {report.url} "
+            f"by any method klstream has. {causes}"
+        )
+    click.echo(_check_verdict(report))
+
+
+def _check_verdict(report: CheckReport) -> str:
+    """Which methods work, as the flags of `score` and `run` that select them."""
+
+    def flags(options: dict[str, Any]) -> str:
+        words = []
+        for name, value in options.items():
+            flag = "--" + name.replace("_", "-")
+            words += [flag] if value is True else [flag, "none" if value is None else str(value)]
+        return " ".join(words)
+
+    online = [flags(options) for method, options in report.methods.items() if method != "batch"]
+    line = f"{report.model2} can be scored here with " + ", or ".join(online)
+    if "batch" in report.methods:
+        line += f"; in batch jobs with {flags(report.methods['batch'])}"
+    return line
+
+
+@main.command()
 @click.option(
     "--prompts",
     "prompts_path",
@@ -982,7 +1093,6 @@ def score(run_dir: Path, **params: Any) -> None:
 @_api_options
 def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
     """Sample Model 1 responses with logprobs, one spec-format JSON file per prompt."""
-    from klstream.backends.transport import RetryPolicy
     from klstream.input.sample import SampleOptions
     from klstream.input.sample import sample as sample_prompts
 
@@ -995,10 +1105,11 @@ def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
         max_concurrent=params["max_concurrent"],
         seed=params["seed"],
         thinking_budget=_thinking_budget(params["thinking_budget"]),
-        policy=RetryPolicy(max_retries=params["max_retries"]),
+        policy=_retry_policy(params),
         overwrite=params["overwrite"],
     )
     report = sample_prompts(prompts_path, output_dir, options, _endpoint(params))
+    _warn_about_answers(report.capabilities)
     click.echo(
         f"sample {options.model}: wrote {len(report.written)} files to {output_dir} "
         f"({report.skipped_existing} already there); {report.calls.requests} requests, "
@@ -1117,7 +1228,8 @@ def _print_jobs(statuses: list[Any]) -> None:
             counts = f" service: {m.service_succeeded} done, {m.service_failed} failed"
         error = f" ({m.error})" if m.error else ""
         click.echo(
-            f"{m.model2}  {m.display_name}  {m.stage}  {state}  {m.positions} positions"
+            f"{m.model2}  {m.display_name}{' (canary)' if m.canary else ''}  {m.stage}  {state}  "
+            f"{m.positions} positions"
             f"{counts}  {m.job_name or '-'}{error}"
         )
 

@@ -208,6 +208,20 @@ class ThinkingNotDisabled(ModelCannotScore):
         super().__init__(message)
 
 
+class TopLogprobsShort(ModelCannotScore):
+    """The service lists fewer usable logprobs than asked for (``usable`` of them), and they
+    are not the whole distribution: no position could be stored as asked."""
+
+    def __init__(self, message: str, usable: int) -> None:
+        self.usable = usable
+        super().__init__(message)
+
+
+class BatchCanaryFailed(ModelCannotScore):
+    """A batch run's canary job brought none of its lines back with logprobs: the service's
+    batch jobs cannot score this model, so nothing more was submitted."""
+
+
 class ModelSubstituted(EndpointError):
     """The service answered with another model than the one asked for, and the run requires the
     one asked for."""

@@ -10,7 +10,7 @@ served AS (
     SELECT
         served_model AS model,
         count(*) AS positions,
-        any_value(model_name(split_part(served_model, '@', 1)) <> model_name(model2)) AS other
+        any_value(served_elsewhere(served_model, model2)) AS other
     FROM results
     WHERE served_model IS NOT NULL
     GROUP BY served_model

@@ -12,3 +12,16 @@ CREATE OR REPLACE MACRO in_response_range(stem, idx, lo_stem, lo_index, hi_stem,
 -- A model's name as the service spells it either way: without the Developer API's "models/".
 CREATE OR REPLACE MACRO model_name(name) AS
     CASE WHEN starts_with(name, 'models/') THEN name[8:] ELSE name END;
+
+-- Whether the model a service says answered (model, or model@fingerprint) is not the one asked
+-- for: neither its name nor a numbered version of it (gemini-2.5-flash-001 for
+-- gemini-2.5-flash). klstream.backends.checks.served_elsewhere says the same.
+CREATE OR REPLACE MACRO served_elsewhere(served, asked) AS
+    served IS NOT NULL
+    AND model_name(split_part(served, '@', 1)) <> model_name(asked)
+    AND NOT (
+        starts_with(model_name(split_part(served, '@', 1)), model_name(asked) || '-')
+        AND regexp_full_match(
+            model_name(split_part(served, '@', 1))[length(model_name(asked)) + 2:], '[0-9]+'
+        )
+    );

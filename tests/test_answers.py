@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import duckdb
+import pytest
 from cli import invoke
 from click.testing import Result
 from conftest import ToyInputs
 
+from klstream.backends.checks import served_elsewhere
 from klstream.emulator import EmulatorServer
+from klstream.storage.sqlfiles import load_sql
 from klstream.storage.rundir import ExportDir
 
 
@@ -57,3 +61,30 @@ def test_logprobs_left_out_are_counted_in_the_summary(
     assert summary["dropped_logprobs"] > 0 and summary["positions_with_dropped_logprobs"] > 0
     assert "Logprobs left out:" in padded.output
     assert summary["max_kl"] < 100
+
+
+@pytest.mark.parametrize(
+    ("served", "asked", "elsewhere"),
+    [
+        ("gemini-2.5-flash", "gemini-2.5-flash", False),
+        ("models/gemini-2.5-flash", "gemini-2.5-flash", False),
+        ("gemini-2.5-flash-001", "models/gemini-2.5-flash", False),
+        ("Qwen/Qwen3-8B@fp_3f2a", "Qwen/Qwen3-8B", False),
+        ("gemini-2.5-flash-lite", "gemini-2.5-flash", True),
+        ("gemini-2.5-flash-preview-09-2025", "gemini-2.5-flash", True),
+        ("gemini-2.5-pro", "gemini-2.5-flash", True),
+        ("toy-d0.5", "toy", True),
+    ],
+)
+def test_the_check_and_the_sql_agree_on_which_model_answered(
+    served: str, asked: str, elsewhere: bool
+) -> None:
+    """A version of the model asked for is the model asked for; a sibling (flash-lite for
+    flash) is not, though its name starts the same."""
+    con = duckdb.connect()
+    con.execute(load_sql("macros"))
+    row = con.execute(
+        "SELECT served_elsewhere($served, $asked)", {"served": served, "asked": asked}
+    )
+    assert served_elsewhere(served, asked) is elsewhere
+    assert row.fetchone() == (elsewhere,)

@@ -56,15 +56,16 @@ def batch_flags(
     backend: str = "gemini",
     lookahead_flags: tuple[str, ...] = ("--lookahead", "1"),
 ) -> list[str]:
-    """The job mechanics are tested one position per line (``--lookahead 1``); ``backend``
-    is the one that speaks HTTP to the emulator. Toy jobs end by looks, not by time, so they
-    are looked at as often as the CLI allows."""
+    """The job mechanics are tested one position per line (``--lookahead 1``), without the
+    canary job (tests/test_canary.py); ``backend`` is the one that speaks HTTP to the emulator.
+    Toy jobs end by looks, not by time, so they are looked at as often as the CLI allows."""
     toy = isinstance(server, ToyService)
     return [
         "--model2",
         MODEL2,
         *service_flags(server),
         "--batch",
+        "--no-canary",
         "--batch-max-requests",
         str(PER_JOB),
         "--batch-poll-seconds",
@@ -106,7 +107,8 @@ def key_of(row: dict[str, Any]) -> str:
 
 def assert_scored_once_each(run_dir: Path, server: Service) -> None:
     """Every position has a result; every batch submission is of a distinct position, and the
-    positions not submitted in batch were answered online (the probe)."""
+    positions not submitted in batch were answered online (the probe: until a line with a
+    prefill)."""
     submitted = submitted_keys(server)
     assert submitted, "no batch job was created"
     assert max(submitted.values()) == 1, Counter(submitted).most_common(3)
@@ -215,7 +217,7 @@ def test_run_batch_writes_the_same_kl_files_as_an_online_run(
             assert batch_text == online_text, name
     run_dir = tmp_path / "batch" / "run"
     assert_scored_once_each(run_dir, server)
-    assert Counter(row["source"] for row in resolved(run_dir)) == {"batch": 209, "online": 1}
+    assert Counter(row["source"] for row in resolved(run_dir)) == {"batch": 208, "online": 2}
     assert len(manifests(run_dir)) == 4
     assert all(m.stage == "collected" and m.cleaned for m in manifests(run_dir))
     assert server.batch.file_names() == []
@@ -298,7 +300,7 @@ def test_batch_fallback_online_scores_what_the_jobs_left(toy: ToyService, run_di
     result = score_batch(run_dir, toy, "--batch-fallback", "online")
     assert result.exit_code == 0, result.output
     sources = Counter(row["source"] for row in resolved(run_dir))
-    assert sources == {"batch": 209 - (PER_JOB - PER_JOB // 4), "online": 1 + PER_JOB * 3 // 4}
+    assert sources == {"batch": 208 - (PER_JOB - PER_JOB // 4), "online": 2 + PER_JOB * 3 // 4}
     assert max(toy.submitted_keys().values()) == 1
 
 
@@ -500,7 +502,7 @@ def test_batch_lookahead_gives_the_online_one_token_results_in_fewer_requests_ov
     assert top_lists(run_dir) == expected and len(expected) == len(all_keys(run_dir))
     lines = toy.submitted_keys()
     assert max(lines.values()) == 1
-    assert sum(lines.values()) + 1 < len(expected)  # + 1: the probe, online
+    assert sum(lines.values()) + 2 < len(expected)  # + 2: the probe, online
     plans = {manifest.plan for manifest in manifests(run_dir)}
     assert len(plans) >= 2
     assert f"{len(plans)} rounds" in batch.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,8 @@ from google.genai import types
 from hypothesis import given
 from hypothesis import strategies as st
 
+from klstream.backends import checks
+from klstream.backends.base import Candidate
 from klstream.backends.gemini import parse_answer
 from klstream.scoring import lookahead
 from klstream.scoring.lookahead import Acceptance, Token, accept
@@ -162,12 +165,12 @@ def test_the_rate_leans_on_the_prior_until_tokens_are_seen() -> None:
 
 
 def test_deviation_is_the_largest_difference_over_the_reference_top_tokens() -> None:
-    reference = [(WORDS[i], -0.5 * (i + 1)) for i in range(5)]
-    jittered = [(token, logprob + 0.01 * i) for i, (token, logprob) in enumerate(reference)]
-    assert lookahead.deviation(jittered, reference) == pytest.approx(0.04)
-    assert lookahead.deviation(reference[:1], reference) == math.inf
-    sharpened = [(token, 2 * logprob) for token, logprob in reference]
-    assert lookahead.deviation(sharpened, reference) == pytest.approx(2.5)
+    reference = [Candidate(WORDS[i].text, WORDS[i].token_id, -0.5 * (i + 1)) for i in range(5)]
+    jittered = [replace(c, logprob=c.logprob + 0.01 * i) for i, c in enumerate(reference)]
+    assert checks.deviation(jittered, reference) == pytest.approx(0.04)
+    assert checks.deviation(reference[:1], reference) == math.inf
+    sharpened = [replace(c, logprob=2 * c.logprob) for c in reference]
+    assert checks.deviation(sharpened, reference) == pytest.approx(2.5)
 
 
 # --- what the parser keeps -------------------------------------------------------------------

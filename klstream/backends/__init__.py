@@ -56,6 +56,9 @@ class BackendSpec:
     dialects: tuple[str, ...] = ()
     """The ways its servers may be asked for prompt logprobs (``--dialect``), ``auto`` (the
     backend finds out) first; empty when there is only one."""
+    thinking: bool = False
+    """Whether its requests carry a thinking budget (Gemini's ``thinkingConfig``): elsewhere
+    the budget is not sent, and a check has nothing to find out about it."""
 
 
 BACKENDS: dict[str, BackendSpec] = {
@@ -67,8 +70,11 @@ BACKENDS: dict[str, BackendSpec] = {
             "klstream.backends.google",
             "GEMINI",
             batch=True,
+            thinking=True,
         ),
-        BackendSpec("vertex", "Vertex AI", "klstream.backends.google", "VERTEX", batch=True),
+        BackendSpec(
+            "vertex", "Vertex AI", "klstream.backends.google", "VERTEX", batch=True, thinking=True
+        ),
         BackendSpec(
             "openai",
             "an OpenAI-compatible server (vLLM, SGLang, TGI; needs klstream[openai])",
@@ -86,6 +92,7 @@ BACKENDS: dict[str, BackendSpec] = {
             "TOY",
             methods=(PREFILL, PROMPT_LOGPROBS),
             batch=True,
+            thinking=True,
         ),
     )
 }

@@ -13,6 +13,7 @@ persists, recorded as the position's failure with the reason, never as a value.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from klstream.backends.base import Answer, Candidate, Generated, PrefillRequest
 from klstream.errors import UnusableAnswer
@@ -25,6 +26,11 @@ WHOLE_DISTRIBUTION = 1.0 - 1e-5
 """Probability a shorter list must hold to be the whole distribution: one, but for the rounding
 of reported logprobs (float32, under 1e-6 over 20 entries). A list cut short by the service
 holds less; where the part it left out is below this, it changes no estimate measurably."""
+JITTER_NATS = 0.1
+"""Largest deviation (:func:`deviation`, nats) between two answers for the same context that
+still counts as the service's call-to-call jitter."""
+COMPARED_TOP = 5
+"""How many of a reference list's most likely tokens :func:`deviation` compares."""
 
 
 def usable_logprob(value: object) -> bool:
@@ -77,7 +83,38 @@ def as_asked(request: PrefillRequest, answer: Answer) -> Answer:
 
 def served_elsewhere(served: str | None, asked: str) -> bool:
     """Whether the model the service says answered (``model``, ``model@fingerprint``) is not the
-    one asked for; the ``models/`` prefix aside. The ``answers`` SQL counts the same."""
+    one asked for: neither its name nor a numbered version of it (``gemini-2.5-flash-001`` for
+    ``gemini-2.5-flash``, not ``gemini-2.5-flash-lite``); the ``models/`` prefix aside. The
+    ``served_elsewhere`` SQL macro says the same."""
     if served is None:
         return False
-    return served.split("@", 1)[0].removeprefix("models/") != asked.removeprefix("models/")
+    name = served.split("@", 1)[0].removeprefix("models/")
+    wanted = asked.removeprefix("models/")
+    suffix = name.removeprefix(f"{wanted}-")
+    is_version = suffix != name and suffix.isascii() and suffix.isdigit()
+    return name != wanted and not is_version
+
+
+def same_token(text: str, token_id: int | None, other_text: str, other_id: int | None) -> bool:
+    """Two tokens are the same: by id when both carry one, else by exact text."""
+    if token_id is not None and other_id is not None:
+        return token_id == other_id
+    return text == other_text
+
+
+def deviation(probe: Sequence[Candidate], reference: Sequence[Candidate]) -> float:
+    """Largest |logprob difference| over the reference's :data:`COMPARED_TOP` most likely
+    tokens; infinite when one of them is missing from ``probe``. Two answers for the same
+    context (a greedy step and a one-token request, a prefill and the step it continues) agree
+    when it is within :data:`JITTER_NATS`."""
+    worst = 0.0
+    for wanted in sorted(reference, key=lambda c: -c.logprob)[:COMPARED_TOP]:
+        found = [
+            c.logprob
+            for c in probe
+            if same_token(c.token, c.token_id, wanted.token, wanted.token_id)
+        ]
+        if not found:
+            return math.inf
+        worst = max(worst, abs(found[0] - wanted.logprob))
+    return worst

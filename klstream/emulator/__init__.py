@@ -169,7 +169,8 @@ Batch (``klstream.emulator.batch``)
     multipart and resumable uploads, metadata, download, list and delete.
     ``BatchConfig`` sets the schedule (``pending_s``, ``running_s``; CLI
     ``--batch-seconds``), per-line failures (``line_error_rate``;
-    ``--batch-line-error-rate``), end states per job (``end_states``, with
+    ``--batch-line-error-rate``), lines answered without logprobs
+    (``without_logprobs``), end states per job (``end_states``, with
     ``partial_fraction`` of the lines answered), lost create replies, slow
     uploads, creates and downloads, and regions without batch.
     ``EmulatorServer.batch`` (a ``BatchService``) has ``configure()``, the event

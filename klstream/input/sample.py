@@ -22,9 +22,11 @@ from klstream.backends.base import (
     PrefillRequest,
     ThinkingBudget,
 )
+from klstream.backends.thinking import thinking_choice
 from klstream.backends.transport import Caller, CallStats, Outcome, RetryPolicy
 from klstream.errors import InputError, KlstreamError
 from klstream.loop import run_blocking
+from klstream.preflight import Capabilities, answer_capabilities
 from klstream.storage.atomic import write_text_atomic
 from klstream.storage.rundir import model2_dirname
 
@@ -50,6 +52,9 @@ class SampleReport:
     skipped_existing: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     calls: CallStats = field(default_factory=CallStats)
+    capabilities: Capabilities | None = None
+    """What the first answer showed (:func:`~klstream.preflight.answer_capabilities`, the
+    check a scoring run makes of its first answer); not written anywhere."""
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -129,7 +134,14 @@ async def sample_async(
             request = PrefillRequest(
                 prompt, "", options.top_logprobs, options.max_tokens, options.temperature, seed
             )
-            return await caller.generate(model, request)
+            outcome = await caller.generate(model, request)
+            if outcome.value is not None and report.capabilities is None:
+                choice = thinking_choice(model)
+                budget = options.thinking_budget if choice is None else choice.budget
+                report.capabilities = answer_capabilities(
+                    outcome.value, options.top_logprobs, options.model, budget
+                )
+            return outcome
 
         async def prompt_file(index: int, path: Path) -> None:
             prompt = prompts[index]

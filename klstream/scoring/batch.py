@@ -3,9 +3,11 @@
 A run goes through durable steps, each recorded in a job manifest under
 ``RUN_DIR/batch/<model2>/`` (:mod:`klstream.scoring.batch_jobs`) before the next begins:
 
-1. **plan**: the pending positions become JSONL files of at most ``max_requests`` lines and
-   ``max_bytes`` bytes, each with its key list and a manifest naming a unique display name and
-   the remote input; a marker closes the planning round (a round cut short is planned again).
+1. **plan**: the pending positions become JSONL files of at most ``max_requests`` lines,
+   ``max_bytes`` bytes and ``max_tokens`` estimated tokens (a line's input estimated from its
+   characters as the dry run does, plus the tokens it asks for), each with its key list and a
+   manifest naming a unique display name and the remote input; a marker closes the planning
+   round (a round cut short is planned again).
 2. **upload** every input (idempotent: an identical upload already there is kept).
 3. **create** each job. The manifest says ``creating`` before the call and holds the job name
    after it. A create whose outcome is unknown (a lost reply, a time-out, a killed process) is
@@ -27,8 +29,14 @@ at the run's temperature: greedy decoding needs the online probe (``auto`` is N 
 :data:`~klstream.scoring.lookahead.BATCH_AUTO_LOOKAHEAD` here). With N = 1 one round asks for
 every pending position, one token each.
 
-Before anything is uploaded, the first line is asked online, as the run's probe: a model that
-cannot score stops the run there, not after a day in a queue.
+Before anything is uploaded, the first lines are asked online, as the run's probe (until one
+with a prefill has been asked): a model that cannot score stops the run there, not after a day
+in a queue. Then, until a job of the run has brought lines back with logprobs, the next few
+lines go alone as a **canary** job — planned, recorded and collected like any other, its good
+results kept — and the bulk is planned only once it has: a canary none of whose lines came back
+with logprobs (a service whose batch jobs drop them, a prefill its batch side refuses) ends the
+run with the cause (:class:`~klstream.errors.BatchCanaryFailed`), nothing more sent. A resumed
+run finishes a canary it finds before anything else. ``canary=False`` skips it.
 
 Killed at any moment, the next ``--resume`` continues from the manifests and never submits a
 position that a job already holds. Positions that end up without an answer are submitted again
@@ -41,7 +49,7 @@ import asyncio
 import shutil
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,10 +57,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from klstream.backends import batch_jobs, checks, open_prefill
+from klstream.backends import batch_jobs, open_prefill
 from klstream.backends.base import (
     BatchJobs,
-    BatchLine,
     ClientSettings,
     Endpoint,
     PrefillRequest,
@@ -66,9 +73,9 @@ from klstream.errors import (
     BatchServiceError,
     ResultsExist,
     RunConfigMismatch,
-    UnusableAnswer,
 )
 from klstream.loop import run_blocking
+from klstream.preflight import CANARY_LINES, canary_failure, line_outcome
 from klstream.scoring import lookahead
 from klstream.scoring.batch_jobs import (
     JobManifest,
@@ -81,7 +88,7 @@ from klstream.scoring.batch_jobs import (
 from klstream.scoring.checkpoint import write_part
 from klstream.scoring.options import BatchOptions
 from klstream.scoring.pool import StopRun
-from klstream.scoring.prefill import PrefillScheduler
+from klstream.scoring.prefill import FIRST_PROBES, PrefillScheduler
 from klstream.scoring.session import BatchProgress, BatchSummary, Scheduler, Session
 from klstream.scoring.work import chosen_tokens, pending_responses, prefill_request, result_rows
 from klstream.storage import schemas
@@ -90,7 +97,7 @@ from klstream.storage.rundir import RunDir
 
 async def _round_lines(
     run_dir: Path, model2: str, range_positions: int, tokens: int
-) -> AsyncIterator[Line]:
+) -> AsyncGenerator[Line, None]:
     """The lines of a round, in key order: every ``tokens``-th position of each run of pending
     positions, asking for ``tokens`` tokens (fewer at the run's end)."""
     async for response in pending_responses(run_dir, model2, range_positions):
@@ -147,17 +154,6 @@ def observe(run: RunDir, manifest: JobManifest, job: RemoteJob | None) -> None:
     if manifest.stage == "submitted" and (job is None or job.ended):
         manifest.stage = "ended"
     manifest.save(run)
-
-
-def _as_asked(line: Line, decoded: BatchLine, top_logprobs: int, latency: float) -> Outcome:
-    """A line's outcome: its answer when it is what the line asked for, else why not."""
-    if decoded.answer is None:
-        return Outcome(None, decoded.error, 1, latency)
-    request = PrefillRequest(line.item.prompt, "", top_logprobs, line.item.max_tokens)
-    try:
-        return Outcome(checks.as_asked(request, decoded.answer), None, 1, latency)
-    except UnusableAnswer as unusable:
-        return Outcome(None, str(unusable), 1, latency)
 
 
 def _output_lines(output: Path | None) -> Iterator[bytes]:
@@ -223,15 +219,20 @@ class BatchScheduler(Scheduler):
             raise StopRun(str(failing)) from None
 
     async def _rounds(self) -> None:
-        """Continue the jobs an earlier run left (and then plan for what they did not answer,
-        so a resume after a cancel needs no second one), or plan a round; then, with lookahead,
-        a round over each round's gaps."""
+        """Continue the jobs an earlier run left — a canary first, which decides whether
+        anything more is sent — (and then plan for what they did not answer, so a resume after
+        a cancel needs no second one), or plan a round; then, with lookahead, a round over each
+        round's gaps."""
         stats = self.session.stats
         tokens = lookahead.batch_lookahead(self.session.options.lookahead)
-        continuing = any(m.active for m in self.manifests)
-        if not continuing:
-            self.manifests += await self.plan()
         active = [m for m in self.manifests if m.active]
+        canaries = [m for m in active if m.canary]
+        if canaries:
+            await self.prove(canaries)
+            active = [m for m in active if not m.canary]
+        continuing = bool(active)
+        if not continuing:
+            active = await self.plan()
         while True:
             self.rounds += 1
             scored_before = stats.scored
@@ -253,7 +254,6 @@ class BatchScheduler(Scheduler):
             continuing = False
             if not active:
                 break
-            self.manifests += active
         if stats.remaining and self.batch.fallback_online:
             await PrefillScheduler(self.session).run()
 
@@ -274,33 +274,49 @@ class BatchScheduler(Scheduler):
             self.session.on_progress(stats)
 
     async def probe(self, lines: AsyncIterator[Line]) -> None:
-        """One line online before anything is uploaded: a model that cannot score (no
-        prefill, wrong key, unknown model) stops the run here, not after a day in a queue. Its
-        result is kept like any online result."""
-        first = await anext(lines, None)
-        if first is None:
-            return
+        """Lines online, one at a time, before anything is uploaded, as an online run probes:
+        until one with a prefill has been asked, or :data:`~klstream.scoring.prefill.
+        FIRST_PROBES` have. A model that cannot score (no
+        prefill, no logprobs, wrong key or model) stops the run here, not after a day in a
+        queue. Their results are kept like any online result."""
         session = self.session
-        options = session.options
+        probe = session.probe
         settings = replace(session.settings, max_concurrent=1)
+        tried = False
         async with open_prefill(session.endpoint, settings) as prefill:
-            request = prefill_request(options, first.item)
-            outcome = await session.caller(1).generate(prefill, request, session.probe.deadline)
-            if outcome.value is not None:
-                session.thinking_found(prefill)
-        rows = result_rows(first.item, self.model2, outcome, accepted_steps(first, outcome))
-        answer = outcome.value
-        await session.record(
-            rows, answered=answer is not None, usage=answer.usage if answer else None
-        )
+            for _ in range(FIRST_PROBES):
+                line = await anext(lines, None)
+                if line is None:
+                    break
+                tried = True
+                request = prefill_request(session.options, line.item)
+                outcome = await session.caller(1).generate(prefill, request, probe.deadline)
+                answer = outcome.value
+                if answer is not None:
+                    session.answered(prefill, answer)
+                rows = result_rows(line.item, self.model2, outcome, accepted_steps(line, outcome))
+                await session.record(
+                    rows, answered=answer is not None, usage=answer.usage if answer else None
+                )
+                probe.saw(outcome.error if answer is None else None)
+                if line.item.prefill:
+                    break
         await session.checkpoint.flush()
-        session.probe.saw(outcome.error if outcome.value is None else None)
-        if not session.probe.succeeded:
-            raise session.probe.failure()
+        if tried and not probe.succeeded:
+            raise probe.failure()
+
+    @property
+    def proven(self) -> bool:
+        """Whether batch lines are known to come back with logprobs: a job of this run has
+        brought some back (or the canary is off)."""
+        collected = (m for m in self.manifests if m.stage == "collected")
+        return not self.batch.canary or any(m.scored for m in collected)
 
     async def plan(self, probe: bool = True) -> list[JobManifest]:
         """Write the job files and manifests of a round's lines over the pending positions,
-        after probing with the first (``probe``)."""
+        after probing online with the first (``probe``). Until a job has brought lines back
+        with logprobs, the first few lines go alone as a canary job (:meth:`prove`) and the
+        rest is planned after it. Returns the jobs planned for the round's bulk."""
         options = self.session.options
         tokens = lookahead.batch_lookahead(options.lookahead)
         lines = _round_lines(self.run_dir.root, self.model2, options.range_positions, tokens)
@@ -308,17 +324,43 @@ class BatchScheduler(Scheduler):
             await self.probe(lines)
         # Lines send the thinking budget the probe settled on.
         self.jobs = batch_jobs(self.session.endpoint, self.session.settings, self.batch.bucket_name)
+        if not self.proven:
+            canary = await self.write(lines, CANARY_LINES)
+            await lines.aclose()
+            await self.prove(canary)
+            lines = _round_lines(self.run_dir.root, self.model2, options.range_positions, tokens)
+        return await self.write(lines)
+
+    async def write(self, lines: AsyncIterator[Line], canary: int = 0) -> list[JobManifest]:
+        """Plan ``lines`` into jobs — or, with ``canary`` lines, their first ones into a canary
+        job — and add them to the run's."""
+        batch = self.batch
         writer = JobWriter(
             self.run_dir,
             self.model2,
             self.jobs,
             self.session.endpoint,
-            self.batch.max_requests,
-            self.batch.max_bytes,
+            canary or batch.max_requests,
+            batch.max_bytes,
+            batch.max_tokens,
+            canary=bool(canary),
         )
+        written = 0
         async for line in lines:
-            writer.add(line, prefill_request(options, line.item))
-        return writer.finish()
+            writer.add(line, prefill_request(self.session.options, line.item))
+            written += 1
+            if written == canary:
+                break
+        planned = writer.finish()
+        self.manifests += planned
+        return planned
+
+    async def prove(self, canaries: list[JobManifest]) -> None:
+        """Submit a canary job, wait for it — even when the bulk will not be waited for — and
+        collect it: a canary none of whose lines came back with logprobs ends the run
+        (:class:`~klstream.errors.BatchCanaryFailed`), with nothing more sent."""
+        await self.submit(canaries)
+        await self.wait(canaries)
 
     async def submit(self, manifests: list[JobManifest]) -> None:
         """Upload every input not on the service yet, then create every job not created yet."""
@@ -407,7 +449,8 @@ class BatchScheduler(Scheduler):
             interval = min(interval * 1.5, self.batch.poll_max_s)
 
     async def collect(self, manifest: JobManifest, job: RemoteJob | None) -> None:
-        """The job's results into the scores table, once; then its remote files away."""
+        """The job's results into the scores table, once; then its remote files away. A
+        canary that brought no line back with logprobs then ends the run."""
         run, model2, job_id = self.run_dir, self.model2, manifest.job_id
         stats = self.session.stats
         if job is None and manifest.job_name is not None and manifest.state != "MISSING":
@@ -421,21 +464,29 @@ class BatchScheduler(Scheduler):
             table = await asyncio.to_thread(self._results, manifest, output if has_output else None)
             write_part(run.new_batch_part(model2, job_id), table, self.session.checkpoint.config)
             output.unlink(missing_ok=True)
-            manifest.scored = pc.sum(pc.equal(table["status"], schemas.SCORE_OK)).as_py() or 0
-            manifest.failed = table.num_rows - manifest.scored
-            stats.scored += manifest.scored
-            stats.failed += manifest.failed
+            outcomes = table.select(["status", "error"])
         else:
             # Written by a process that died before saying so: counted as already done.
-            status = pq.read_table(written, columns=["status"])["status"]
-            manifest.scored = pc.sum(pc.equal(status, schemas.SCORE_OK)).as_py() or 0
-            manifest.failed = len(status) - manifest.scored
+            outcomes = pq.read_table(written, columns=["status", "error"])
+        manifest.scored = pc.sum(pc.equal(outcomes["status"], schemas.SCORE_OK)).as_py() or 0
+        manifest.failed = outcomes.num_rows - manifest.scored
+        if written is None:
+            stats.scored += manifest.scored
+            stats.failed += manifest.failed
         manifest.stage = "collected"
         manifest.save(run)
         if not self.batch.keep_files and not manifest.cleaned:
             await self.jobs.remove(manifest.remote_input, job, manifest.remote_output)
             manifest.cleaned = True
             manifest.save(run)
+        if manifest.canary:
+            errors = outcomes["error"].drop_null()
+            first_error = errors[0].as_py() if len(errors) else None
+            name = manifest.job_name or manifest.display_name
+            lines, answered = manifest.positions, manifest.scored > 0
+            failure = canary_failure(name, lines, answered, first_error, model2)
+            if failure is not None:
+                raise failure
 
     def _results(self, manifest: JobManifest, output: Path | None) -> pa.Table:
         """One scores row per position of the job: its answer, its line's error, or why it has
@@ -452,7 +503,9 @@ class BatchScheduler(Scheduler):
                 index = decoded.index
             if index is None:
                 continue
-            outcomes[index] = _as_asked(lines[index], decoded, top_logprobs, latency)
+            item = lines[index].item
+            request = PrefillRequest(item.prompt, "", top_logprobs, item.max_tokens)
+            outcomes[index] = line_outcome(decoded, request, latency)
         if manifest.state == "SUCCEEDED":
             missing = f"batch job {manifest.job_name} succeeded without an answer for this position"
         else:

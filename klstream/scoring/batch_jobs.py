@@ -10,6 +10,7 @@ closing each planning round (a round cut short is discarded and planned again).
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +28,11 @@ from klstream.storage.atomic import atomic_path, commit, temporary_sibling, writ
 from klstream.storage.rundir import RunDir
 
 MANIFEST_FORMAT = 1
+JOB_TOKENS = 20_000_000
+"""Estimated tokens per batch job by default: some 50,000 lines (the services' own cap) of 400
+tokens. A line holds the prompt and Model 1's tokens before its position, so long responses make
+long lines, and a job counted in lines alone could hold more tokens than a project may have
+waiting in batch jobs, or than one failed job should cost."""
 Stage = Literal["planned", "uploaded", "creating", "submitted", "ended", "collected"]
 
 
@@ -58,6 +64,10 @@ class JobManifest:
     scored: int = 0
     failed: int = 0
     cleaned: bool = False
+    canary: bool = False
+    """A canary job: its lines must come back with logprobs before the bulk is submitted."""
+    estimated_tokens: int = 0
+    """Its lines' estimated tokens (:func:`line_tokens`)."""
     format: int = MANIFEST_FORMAT
 
     def save(self, run: RunDir) -> None:
@@ -87,6 +97,12 @@ class Line:
     model1: list[lookahead.Token]
 
 
+def line_tokens(item: WorkItem) -> int:
+    """A line's estimated tokens, as the dry run estimates them: its input
+    (:func:`~klstream.scoring.lookahead.estimated_input_tokens`) and the tokens it asks for."""
+    return math.ceil(lookahead.estimated_input_tokens(item.prompt, item.position)) + item.max_tokens
+
+
 def line_key(item: WorkItem) -> str:
     """A position's key in the JSONL files: readable, and unambiguous with any stem."""
     return f"{item.stem}#{item.response_index}#{item.position}"
@@ -111,6 +127,22 @@ def load_manifests(run: RunDir, model2: str) -> list[JobManifest]:
     return kept
 
 
+PLAN_CLOCK_DIGITS = 11
+"""A plan's name starts with milliseconds since the epoch in this many hex digits."""
+
+
+def new_plan_name(run: RunDir, model2: str) -> str:
+    """A new planning round's name: its clock is now, in milliseconds, but past every earlier
+    round's, so two rounds planned within one millisecond (a canary, then the bulk) still list
+    in order."""
+    clock = time.time_ns() // 1_000_000
+    for path in run.batch_manifests(model2):
+        earlier = path.name.removeprefix("job-")[:PLAN_CLOCK_DIGITS]
+        if all(digit in "0123456789abcdef" for digit in earlier):
+            clock = max(clock, int(earlier, 16) + 1)
+    return f"{clock:0{PLAN_CLOCK_DIGITS}x}{secrets.token_hex(2)}"
+
+
 def job_lines(run: RunDir, model2: str, job_id: str) -> list[Line]:
     """The lines of a job, from its key list, in line order."""
     return [
@@ -128,8 +160,8 @@ def job_lines(run: RunDir, model2: str, job_id: str) -> list[Line]:
 
 
 class JobWriter:
-    """Cuts a round's stream of lines into job files within the size limits, each closed
-    atomically with its key list and manifest."""
+    """Cuts a round's stream of lines into job files within the limits — lines, bytes and
+    estimated tokens per job — each closed atomically with its key list and manifest."""
 
     def __init__(
         self,
@@ -139,16 +171,22 @@ class JobWriter:
         endpoint: Endpoint,
         max_requests: int | None,
         max_bytes: int | None,
+        max_tokens: int | None,
+        canary: bool = False,
     ) -> None:
         self.run, self.model2, self.jobs, self.endpoint = run, model2, jobs, endpoint
         self.max_requests = max_requests or jobs.max_requests
         self.max_bytes = max_bytes or jobs.max_bytes
-        self.plan = f"{int(time.time()):08x}{secrets.token_hex(2)}"
-        """The planning round: its jobs' names sort by the time they were planned."""
+        self.max_tokens = max_tokens or JOB_TOKENS
+        self.canary = canary
+        """Its jobs are canaries."""
+        self.plan = new_plan_name(run, model2)
+        """The planning round: its jobs' names sort in the order rounds were planned."""
         self.manifests: list[JobManifest] = []
         self.handle: IO[bytes] | None = None
         self.keys: list[dict[str, Any]] = []
         self.size = 0
+        self.tokens = 0
 
     @property
     def job_id(self) -> str:
@@ -157,7 +195,12 @@ class JobWriter:
     def add(self, line: Line, request: PrefillRequest) -> None:
         item = line.item
         data = self.jobs.encode_line(line_key(item), len(self.keys), request)
-        full = len(self.keys) >= self.max_requests or self.size + len(data) > self.max_bytes
+        tokens = line_tokens(item)
+        full = (
+            len(self.keys) >= self.max_requests
+            or self.size + len(data) > self.max_bytes
+            or self.tokens + tokens > self.max_tokens
+        )
         if self.keys and full:
             self.close_job()
             data = self.jobs.encode_line(line_key(item), 0, request)
@@ -167,6 +210,7 @@ class JobWriter:
             self.handle = temporary_sibling(path).open("wb")
         self.handle.write(data)
         self.size += len(data)
+        self.tokens += tokens
         self.keys.append(
             {
                 "stem": item.stem,
@@ -202,10 +246,12 @@ class JobWriter:
             input_bytes=self.size,
             remote_input=remote_input,
             remote_output=remote_output,
+            canary=self.canary,
+            estimated_tokens=self.tokens,
         )
         manifest.save(self.run)
         self.manifests.append(manifest)
-        self.handle, self.keys, self.size = None, [], 0
+        self.handle, self.keys, self.size, self.tokens = None, [], 0, 0
 
     def finish(self) -> list[JobManifest]:
         self.close_job()

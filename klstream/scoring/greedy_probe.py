@@ -16,10 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from klstream.backends.base import Candidate
 from klstream.backends.prices import Usage
-from klstream.scoring.lookahead import Token
-
-Listed = tuple[Token, float]
 
 
 @dataclass
@@ -44,8 +42,8 @@ class ProbeSite:
         """The position whose one-token answer is compared next."""
         return self.position + len(self.deviations)
 
-    def top(self, step: int) -> list[Listed]:
-        return [(Token(token, token_id), logprob) for token, token_id, logprob in self.greedy[step]]
+    def top(self, step: int) -> list[Candidate]:
+        return [Candidate(*entry) for entry in self.greedy[step]]
 
 
 class GreedyProbeLog:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klstream.backends import checks
+
 CHARS_PER_TOKEN = 4.0
 """Characters per token where no tokenizer is at hand (Google's rule of thumb for English): what
 input tokens are estimated from before the service has counted them."""
@@ -34,11 +36,6 @@ of requests starts before any acceptance is known, and must not waste much on a 
 never agrees."""
 PRIOR_WEIGHT = 8.0
 """How many observed tokens the run-wide acceptance rate counts for in one response's estimate."""
-GREEDY_TOLERANCE = 0.1
-"""Largest median deviation (nats) between greedy steps' logprobs and one-token answers' at the
-same prefixes that still counts as the service's call-to-call jitter."""
-COMPARED_TOP = 5
-"""How many of a one-token answer's most likely tokens the greedy probe compares."""
 BATCH_AUTO_LOOKAHEAD = 4
 """The lookahead a batch run uses for ``auto``: a round cannot learn from its own answers, so a
 fixed N that pays off from an acceptance of about one half on."""
@@ -47,6 +44,13 @@ fixed N that pays off from an acceptance of about one half on."""
 def batch_lookahead(setting: int | str) -> int:
     """Tokens each batch line asks for under the lookahead ``setting`` (an int, or ``auto``)."""
     return BATCH_AUTO_LOOKAHEAD if setting == "auto" else int(setting)
+
+
+def estimated_input_tokens(prompt: str, position: int) -> float:
+    """Input tokens of a request at ``position`` before the service has counted any: the
+    prompt's characters over :data:`CHARS_PER_TOKEN`, then Model 1's tokens before the
+    position, one each."""
+    return len(prompt) / CHARS_PER_TOKEN + position
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,7 @@ class Token:
 
 def same_token(generated: Token, model1: Token) -> bool:
     """Equal by id when both sides have one, else by exact text."""
-    if generated.token_id is not None and model1.token_id is not None:
-        return generated.token_id == model1.token_id
-    return generated.text == model1.text
+    return checks.same_token(generated.text, generated.token_id, model1.text, model1.token_id)
 
 
 @dataclass(frozen=True)
@@ -162,20 +164,6 @@ def segments(pending: Sequence[bool], cap: int) -> list[tuple[int, int]]:
     for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
         pieces.extend((lo, min(lo + cap, end)) for lo in range(start, end, cap))
     return pieces
-
-
-def deviation(
-    probe: Sequence[tuple[Token, float]], reference: Sequence[tuple[Token, float]]
-) -> float:
-    """Largest |logprob difference| over the reference's :data:`COMPARED_TOP` most likely
-    tokens; infinite when one of them is missing from ``probe`` (filtered logprobs)."""
-    worst = 0.0
-    for token, logprob in sorted(reference, key=lambda entry: -entry[1])[:COMPARED_TOP]:
-        found = [lp for other, lp in probe if same_token(other, token)]
-        if not found:
-            return math.inf
-        worst = max(worst, abs(found[0] - logprob))
-    return worst
 
 
 @dataclass(frozen=True)

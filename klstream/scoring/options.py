@@ -38,6 +38,13 @@ class BatchOptions:
     """Requests per job (default: the backend's)."""
     max_bytes: int | None = None
     """Input bytes per job (default: the backend's)."""
+    max_tokens: int | None = None
+    """Estimated tokens per job (:func:`~klstream.scoring.batch_jobs.line_tokens`; default
+    :data:`~klstream.scoring.batch_jobs.JOB_TOKENS`): a job is cut when it or ``max_requests``
+    is reached."""
+    canary: bool = True
+    """Before the bulk of a run is submitted, a canary job of a few lines must bring them back
+    with logprobs (:mod:`klstream.scoring.batch`)."""
     poll_initial_s: float = 5.0
     poll_max_s: float = 60.0
     create_settle_s: float = 60.0

@@ -19,14 +19,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from klstream.backends import open_prefill
-from klstream.backends.base import Answer, Generated, Prefill
+from klstream.backends import checks, open_prefill
+from klstream.backends.base import Answer, Prefill
 from klstream.backends.prices import USAGE_FIELDS, Price
 from klstream.backends.transport import Caller
 from klstream.errors import GreedyInconsistent
 from klstream.scoring import lookahead
 from klstream.scoring.greedy_probe import GreedyProbeLog, ProbeSite
-from klstream.scoring.lookahead import AcceptanceCounts, Token
+from klstream.scoring.lookahead import AcceptanceCounts
 from klstream.scoring.pool import work_through
 from klstream.scoring.runconfig import save_config
 from klstream.scoring.session import Scheduler, Session
@@ -75,10 +75,6 @@ async def pending_chains(responses: AsyncIterator[Response], cap: int) -> AsyncI
     async for response in responses:
         for start, end in lookahead.segments(response.pending, cap):
             yield Chain(response, start, end)
-
-
-def _top(step: Generated) -> list[tuple[Token, float]]:
-    return [(Token(c.token, c.token_id), c.logprob) for c in step.top]
 
 
 class PrefillScheduler(Scheduler):
@@ -147,7 +143,7 @@ class PrefillScheduler(Scheduler):
         answer = outcome.value
         covered = 1
         if answer:
-            session.thinking_found(prefill)
+            session.answered(prefill, answer)
             acceptance = lookahead.accept(
                 len(answer.steps), chosen_tokens(answer), response.tokens, item.position, tokens
             )
@@ -251,7 +247,7 @@ class PrefillScheduler(Scheduler):
         """At the next position of each chain in ``sites``, a greedy request, then one-token
         requests at the run's temperature at its accepted steps' positions (stored as those
         positions' results, as any one-token answer). Greedy passes when the median deviation
-        of their logprobs (:func:`~klstream.scoring.lookahead.deviation`) is within the
+        of their logprobs (:func:`~klstream.backends.checks.deviation`) is within the
         tolerance. Only the greedy requests are spent on the probe alone, and each is paid
         once: the answers and comparisons a killed probe made (``log``) are taken up where they
         were (a site whose chain has moved on keeps the comparisons it has)."""
@@ -281,7 +277,7 @@ class PrefillScheduler(Scheduler):
                 if single is None:
                     failed = True
                     return
-                log.add_deviation(site, lookahead.deviation(site.top(step), _top(single.steps[0])))
+                log.add_deviation(site, checks.deviation(site.top(step), single.steps[0].top))
 
         await asyncio.gather(*(compare(chain, site) for chain, site in plan))
         usage = log.usage()
@@ -290,7 +286,7 @@ class PrefillScheduler(Scheduler):
             "decoding": None,
             "compared": len(deviations),
             "median_deviation": None,
-            "tolerance": lookahead.GREEDY_TOLERANCE,
+            "tolerance": checks.JITTER_NATS,
             "requests": sum(site.attempts for site in log.sites.values()),
             "prompt_token_count": usage.prompt_tokens,
             "cached_content_token_count": usage.cached_tokens,
@@ -303,14 +299,14 @@ class PrefillScheduler(Scheduler):
         median = statistics.median(deviations)
         missing = sum(d == math.inf for d in deviations)
         record.update(
-            decoding="greedy" if median <= lookahead.GREEDY_TOLERANCE else "sample",
+            decoding="greedy" if median <= checks.JITTER_NATS else "sample",
             median_deviation=None if median == math.inf else median,
             finding=(
                 f"the one-token answers' top tokens are missing from the greedy answers' "
                 f"logprobs at {missing} of {len(deviations)} positions"
                 if median == math.inf
                 else f"the median largest deviation is {median:.3g} nats over "
-                f"{len(deviations)} positions (tolerance {lookahead.GREEDY_TOLERANCE:g})"
+                f"{len(deviations)} positions (tolerance {checks.JITTER_NATS:g})"
             ),
         )
         return record

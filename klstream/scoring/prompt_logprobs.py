@@ -28,7 +28,9 @@ the prefill method's (:func:`klstream.scoring.work.result_rows`); ``attempts`` a
 ``latency_ms`` are those of the response's request, ``chosen_*`` is Model 2's most likely token
 there (nothing is generated at that position) and ``finish_reason`` is null; the request's
 usage is on the first of its rows. The server's dialect (how it is asked,
-:mod:`klstream.backends.dialects`) is recorded in ``run.json`` once the first response is in.
+:mod:`klstream.backends.dialects`) and what the first answer showed
+(:func:`~klstream.preflight.scores_capabilities`) are recorded in ``run.json`` once the first
+response is in.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from klstream.backends import checks, open_prompt_scoring
 from klstream.backends.base import Answer, Generated, PromptScores, PromptScoring, Tokenized
 from klstream.backends.prices import Usage
 from klstream.backends.transport import Caller, Outcome, Retried
+from klstream.preflight import scores_capabilities
 from klstream.scoring.pool import work_through
 from klstream.scoring.runconfig import save_config
 from klstream.scoring.session import Scheduler, Session
@@ -267,6 +270,12 @@ class PromptLogprobsScheduler(Scheduler):
         )
         if answer.value is None:
             return await self._fail(response, answer)
+        if self.session.capabilities is None:
+            options = self.session.options
+            found = scores_capabilities(
+                answer.value, options.top_logprobs, options.model2, server.dialect
+            )
+            self.session.judged(found)
         if own_ids:
             alignment = Alignment.identical(tokens)
         else:

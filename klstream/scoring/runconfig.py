@@ -2,10 +2,12 @@
 
 It records the parameters that change results (:data:`RESULT_PARAMETERS`), the klstream version
 that wrote it (never compared, so a run survives an upgrade), the lookahead settings, the price
-entry the run's costs are reckoned with, and the greedy consistency probe's outcome (the probe
-runs once per Model 2 and run directory). Every part records the result parameters too, so the
-configuration is checked against the data, not only against ``run.json``, and a lost
-``run.json`` is rebuilt from the parts — or the run is refused when they cannot tell.
+entry the run's costs are reckoned with, the greedy consistency probe's outcome (the probe
+runs once per Model 2 and run directory), and what the run's first answer showed
+(``capabilities``: :class:`~klstream.preflight.Capabilities`). Every part records the result
+parameters too, so the configuration is checked against the data, not only against
+``run.json``, and a lost ``run.json`` is rebuilt from the parts — or the run is refused when
+they cannot tell.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def recorded(options: ScoreOptions, endpoint: Endpoint, price: Price | None) -> 
         "prices": price.recorded() if price else None,
         "greedy_probe": None,
         "thinking": None,
+        "capabilities": None,
     }
 
 
@@ -117,6 +120,13 @@ def _differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     ]
 
 
+def _carry_probes(earlier: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """What earlier runs of the same configuration found out: the greedy probe's outcome, and
+    what their first answer showed (until this run's first answer says it again)."""
+    for key in ("greedy_probe", "capabilities"):
+        wanted[key] = earlier.get(key)
+
+
 def check_run_config(
     run: RunDir,
     options: ScoreOptions,
@@ -128,8 +138,8 @@ def check_run_config(
     against ``run.json`` and against the configuration every part records; rebuild a lost
     ``run.json`` from the parts when they agree, else refuse. Under ``overwrite`` the existing
     results are set aside (:mod:`klstream.storage.replacement`), not deleted. Return what
-    ``run.json`` now says, with the greedy probe's outcome of an earlier run of the same
-    configuration kept."""
+    ``run.json`` now says, with what an earlier run of the same configuration found out kept
+    (:func:`_carry_probes`)."""
     model2 = options.model2
     reconcile(run, model2)
     scan = scan_parts(run, model2)
@@ -175,9 +185,9 @@ def check_run_config(
                 raise RunConfigMismatch(
                     run.scores_dir(model2), [f"the parts record another configuration ({found[0]})"]
                 )
-        wanted["greedy_probe"] = earlier.get("greedy_probe")
+        _carry_probes(earlier, wanted)
     elif earlier is not None and not _differences(earlier, wanted):
-        wanted["greedy_probe"] = earlier.get("greedy_probe")
+        _carry_probes(earlier, wanted)
     run.scores_dir(model2).mkdir(parents=True, exist_ok=True)
     save_config(run, model2, wanted)
     return ConfigCheck(wanted, replacement, scan.quarantined, recovered_config)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from klstream.backends.base import Endpoint
 from klstream.backends.prices import Price, load_prices, price_for
+from klstream.preflight import Capabilities
 from klstream.scoring.batch import BatchScheduler
 from klstream.scoring.options import ScoreOptions
 from klstream.scoring.pool import StopRun, stopping_on_signals
@@ -62,6 +63,9 @@ class ScoreReport:
     """The price entry the run's costs are reckoned with (None: Model 2 has none)."""
     decoding: str = "sample"
     """How lookahead tokens were generated: ``sample`` or ``greedy``."""
+    capabilities: Capabilities | None = None
+    """What the run's first answer showed (None when it made no request); ``run.json`` keeps
+    it under ``capabilities``."""
 
 
 def scheduler_for(options: ScoreOptions) -> Callable[[Session], Scheduler]:
@@ -133,4 +137,5 @@ async def _score_locked(
         batch=scheduler.batch_summary(),
         price=price,
         decoding=scheduler.decoding,
+        capabilities=session.capabilities,
     )

@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from klstream.backends.base import AUTO_THINKING, ClientSettings, Endpoint, Prefill
+from klstream.backends.base import AUTO_THINKING, Answer, ClientSettings, Endpoint, Prefill
 from klstream.backends.checks import served_elsewhere
 from klstream.backends.prices import Price, Usage
 from klstream.backends.thinking import thinking_choice
 from klstream.backends.transport import Caller, CallStats
 from klstream.errors import ModelSubstituted
+from klstream.preflight import Capabilities, answer_capabilities
 from klstream.scoring.checkpoint import Checkpointer
 from klstream.scoring.options import ScoreOptions
 from klstream.scoring.pool import Probe, StopRun
@@ -107,7 +108,8 @@ class Session:
     ) -> None:
         self.run, self.options, self.endpoint, self.stats = run, options, endpoint, stats
         self.config = config
-        """What ``run.json`` says; the greedy probe's outcome is added to it."""
+        """What ``run.json`` says; the greedy probe's outcome and what the first answer showed
+        are added to it."""
         self.prices, self.price = prices, price
         self.on_progress = on_progress
         self.checkpoint = Checkpointer(
@@ -118,6 +120,8 @@ class Session:
         """An overwrite in progress, committed at the run's first answer."""
         self.consecutive_failures = 0
         self.last_error: str | None = None
+        self.capabilities: Capabilities | None = None
+        """What this run's first answer showed, once it has come."""
 
     @property
     def settings(self) -> ClientSettings:
@@ -127,18 +131,26 @@ class Session:
         budget = self.config.get("thinking_budget", options.thinking_budget)
         return ClientSettings.of(options.model2, options.max_concurrent, budget)
 
-    def thinking_found(self, prefill: Prefill) -> None:
-        """Record the budget ``auto`` settled on the moment the first answer shows it: in
-        ``run.json``, and in every part from then on."""
-        if self.config.get("thinking_budget") != AUTO_THINKING:
+    def answered(self, prefill: Prefill, answer: Answer) -> None:
+        """After an answer by prefill: at the run's first, the budget ``auto`` settled on (into
+        ``run.json`` and every part from then on) and what the answer shows
+        (:func:`~klstream.preflight.answer_capabilities`, the check's own judgement)."""
+        if self.capabilities is not None:
             return
         choice = thinking_choice(prefill)
-        if choice is None:
-            return
-        self.config["thinking_budget"] = choice.budget
-        self.config["thinking"] = choice.recorded()
+        if self.config.get("thinking_budget") == AUTO_THINKING and choice is not None:
+            self.config["thinking_budget"] = choice.budget
+            self.config["thinking"] = choice.recorded()
+            self.checkpoint.config = result_parameters(self.config)
+        budget = self.config.get("thinking_budget", self.options.thinking_budget)
+        options = self.options
+        self.judged(answer_capabilities(answer, options.top_logprobs, options.model2, budget))
+
+    def judged(self, capabilities: Capabilities) -> None:
+        """The run's first answer, judged: recorded in ``run.json`` under ``capabilities``."""
+        self.capabilities = capabilities
+        self.config["capabilities"] = capabilities.recorded()
         save_config(self.run, self.options.model2, self.config)
-        self.checkpoint.config = result_parameters(self.config)
 
     def _check_served(self, rows: list[dict[str, Any]]) -> None:
         """Count the answers another model gave; stop at the first under

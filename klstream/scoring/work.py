@@ -96,7 +96,7 @@ class Response:
         if self.measured is not None:
             at, tokens = self.measured
             return float(tokens + position - at)
-        return len(self.prompt) / lookahead.CHARS_PER_TOKEN + position
+        return lookahead.estimated_input_tokens(self.prompt, position)
 
 
 async def pending_responses(

@@ -65,6 +65,9 @@ class BatchConfig:
     echo_custom_fields: bool = True
     """Vertex AI: echo an input line's own fields (such as ``key``) in its output line; False
     leaves only the request (labels included), the response and the status."""
+    without_logprobs: bool = False
+    """Answer every line without ``logprobsResult``, as a batch service that does not carry
+    logprobs through although its online requests do (what a batch run's canary is for)."""
     unsupported_locations: frozenset[str] = frozenset()
     """Vertex AI locations answering a create with 400, as regions without batch do."""
     seed: int = 0

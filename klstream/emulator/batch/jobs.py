@@ -307,4 +307,5 @@ class JobService(ABC):
         call = build_call(req, prompt, prefill, job.model.rsplit("/", 1)[-1], job.version)
         if call.model.noprefill and call.prefill is not None:
             raise ApiError(400, NOPREFILL_MESSAGE)
-        return answer_body(call, not call.model.nologprobs, self.vertex)
+        with_logprobs = not (call.model.nologprobs or self._context.config.without_logprobs)
+        return answer_body(call, with_logprobs, self.vertex)
