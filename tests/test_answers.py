@@ -15,8 +15,8 @@ from conftest import ToyInputs
 
 from klstream.backends.checks import served_elsewhere
 from klstream.emulator import EmulatorServer
-from klstream.storage.sqlfiles import load_sql
 from klstream.storage.rundir import ExportDir
+from klstream.storage.sqlfiles import load_sql
 
 
 def run(
