@@ -532,7 +532,7 @@ _poll_option = click.option(
     show_default=True,
     help="With --batch: longest wait between two looks at the jobs.",
 )
-_model2_option = click.option("--model2", required=True, help="Model 2, e.g. gemini-2.0-flash.")
+_model2_option = click.option("--model2", required=True, help="Model 2, e.g. gemini-2.5-flash.")
 _top_logprobs_option = click.option(
     "--top-logprobs",
     type=click.IntRange(1, 20),
