@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from klstream.storage import schemas
 from klstream.storage.atomic import atomic_path
-from klstream.storage.journal import AnswerJournal, Segment, read_segment
+from klstream.storage.journal import AnswerJournal, Segment
 from klstream.storage.rundir import RunDir
 
 
@@ -66,16 +66,13 @@ class Checkpointer:
             await asyncio.to_thread(self._compact, found.segment, rows)
         return len(journal.recovered.records)
 
-    def _compact(self, segment: Segment, rows: list[dict[str, Any]] | None) -> None:
+    def _compact(self, segment: Segment, rows: list[dict[str, Any]]) -> None:
         """Store a sealed segment's rows as its part (unless a crash left it done), then delete
         the segment. Runs in a worker thread."""
         journal = self._journal()
-        if not journal.is_compacted(segment):
-            if rows is None:
-                rows = [row for record in read_segment(segment.path).records for row in record]
-            if rows:
-                table = pa.Table.from_pylist(rows, schemas.SCORES)
-                write_part(journal.part_path(segment), table, self.config)
+        if rows and not journal.is_compacted(segment):
+            table = pa.Table.from_pylist(rows, schemas.SCORES)
+            write_part(journal.part_path(segment), table, self.config)
         journal.discard(segment)
 
     def _journal(self) -> AnswerJournal:

@@ -37,6 +37,7 @@ from klstream.scoring.work import (
     pending_responses,
     prefill_request,
     result_rows,
+    usage_columns,
 )
 
 AUTO_PRICES_FALLBACK = "gemini-2.5-flash"
@@ -280,7 +281,6 @@ class PrefillScheduler(Scheduler):
                 log.add_deviation(site, checks.deviation(site.top(step), single.steps[0].top))
 
         await asyncio.gather(*(compare(chain, site) for chain, site in plan))
-        usage = log.usage()
         deviations = [value for site in log.sites.values() for value in site.deviations]
         record: dict[str, Any] = {
             "decoding": None,
@@ -288,10 +288,7 @@ class PrefillScheduler(Scheduler):
             "median_deviation": None,
             "tolerance": checks.JITTER_NATS,
             "requests": sum(site.attempts for site in log.sites.values()),
-            "prompt_token_count": usage.prompt_tokens,
-            "cached_content_token_count": usage.cached_tokens,
-            "candidates_token_count": usage.candidates_tokens,
-            "thoughts_token_count": usage.thoughts_tokens,
+            **usage_columns(log.usage()),
         }
         if failed or not deviations:
             record["finding"] = "the probe's requests failed, so nothing could be compared"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from klstream.backends.base import Answer, Generated, PrefillRequest
+from klstream.backends.prices import Usage
 from klstream.backends.transport import Outcome
 from klstream.scoring import lookahead
 from klstream.scoring.lookahead import AcceptanceCounts, Token
@@ -169,8 +170,8 @@ def _lists(step: Generated) -> dict[str, Any]:
     }
 
 
-def _usage_columns(answer: Answer | None) -> dict[str, int | None]:
-    usage = answer.usage if answer else None
+def usage_columns(usage: Usage | None) -> dict[str, int | None]:
+    """``usage`` as the scores table's (and ``run.json``'s greedy probe's) token columns."""
     return {
         "prompt_token_count": usage.prompt_tokens if usage else None,
         "cached_content_token_count": usage.cached_tokens if usage else None,
@@ -190,7 +191,7 @@ _NO_LISTS = dict.fromkeys(
         "dropped_logprobs",
     )
 )
-_NO_USAGE = _usage_columns(None)
+_NO_USAGE = usage_columns(None)
 
 
 def result_rows(
@@ -226,7 +227,7 @@ def result_rows(
         {
             **shared,
             **_lists(answer.steps[step]),
-            **(_usage_columns(answer) if step == 0 else _NO_USAGE),
+            **(usage_columns(answer.usage) if step == 0 else _NO_USAGE),
             "position": item.position + step,
             "step": step,
         }
