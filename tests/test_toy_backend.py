@@ -11,6 +11,7 @@ import asyncio
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from klstream.backends.toy import TOY, ToyBatchConfig, ToyService
 from klstream.backends.transport import Caller, CallStats, Outcome, RetryPolicy, describe
 from klstream.emulator import EmulatorServer, FaultConfig, ServiceConfig
 from klstream.emulator.batch.common import EndState
+from klstream.emulator.faults import SHORT_TOPK
 from klstream.errors import (
     BatchCreateUnknown,
     BatchRejected,
@@ -203,6 +205,31 @@ def test_each_fault_is_a_typed_fault_the_transport_retries(
     assert outcome.error == str(raised.value)
     assert {(r.fault, r.outcome) for r in toy.requests} == {(name, fault.__name__)}
     assert len(toy.requests) == 1 + outcome.attempts
+
+
+def answer_or_error(call: Callable[[], Answer]) -> Answer | str:
+    try:
+        return call()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [FaultConfig(rate_short_topk=1.0), FaultConfig(rate_503=1.0), FaultConfig(rate_429=1.0)],
+    ids=["short_topk", "503", "429"],
+)
+def test_faults_answer_as_the_emulators_word_for_word(
+    emulator: EmulatorServer, toy: ToyService, faults: FaultConfig
+) -> None:
+    """The toy once ignored ``rate_short_topk`` and worded its 503 otherwise."""
+    emulator.set_faults(faults)
+    toy.set_faults(faults)
+    over_http = answer_or_error(lambda: emulator_generate(emulator, MODEL, REQUEST))
+    in_process = answer_or_error(lambda: generate(toy.endpoint(), MODEL, REQUEST))
+    assert in_process == over_http
+    if isinstance(in_process, Answer):
+        assert {len(step.top) for step in in_process.steps} == {SHORT_TOPK}
 
 
 def test_the_first_copies_of_a_request_fail_then_it_is_answered(toy: ToyService) -> None:

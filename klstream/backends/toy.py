@@ -56,24 +56,24 @@ from klstream.backends.base import (
     Tokenized,
     Where,
 )
-from klstream.backends.checks import usable_logprob
 from klstream.backends.dialects import lacks
+from klstream.backends.gemini import parse_answer_body
 from klstream.backends.google_errors import ServiceError, status_fault
 from klstream.backends.prices import Usage
 from klstream.emulator import openai_routes
 from klstream.emulator.batch.common import END_STATES as CONFIGURABLE_END_STATES
 from klstream.emulator.batch.common import EndState
-from klstream.emulator.faults import FaultConfig, FaultState
+from klstream.emulator.faults import SHORT_TOPK, FaultConfig, FaultState
 from klstream.emulator.openai_routes import PromptSplit, max_model_len, render_chat
 from klstream.emulator.protocol import (
-    NOPREFILL_MESSAGE,
     STATUS_NAMES,
     ApiError,
     Call,
+    answer_body,
     build_call,
+    cut_top_candidates,
     prompt_ids,
-    refuse_logprobs,
-    toy_answer,
+    refuse_call,
 )
 from klstream.emulator.service import PrefixCache, ServiceConfig
 from klstream.emulator.toymodel import decode, encode, top_k
@@ -85,8 +85,6 @@ from klstream.errors import (
     EndpointError,
     EndpointUnreachable,
     KlstreamError,
-    PrefillRejected,
-    ThinkingNotDisabled,
     TransientFault,
     UnusableAnswer,
 )
@@ -103,12 +101,6 @@ LOG_LIMIT = 50_000
 """Requests the log keeps, the latest, as the HTTP emulator's does."""
 RequestKind = Literal["generate", "tokenize", "prompt_logprobs", "batch"]
 
-_ERROR_FAULTS = {
-    "429": (429, "Resource has been exhausted (e.g. check quota). (emulated fault)"),
-    "500": (500, "An internal error has occurred. (emulated fault)"),
-    "503": (503, "The model is overloaded. Please try again later. (emulated fault)"),
-}
-"""The emulator's error answers for the exclusive faults that are errors, by fault name."""
 _NOT_JSON = {
     "malformed": "answer body is not JSON: the body was cut short (emulated fault)",
     "html": "answer body is not JSON (text/html): a gateway's error page (emulated fault)",
@@ -265,46 +257,24 @@ def _generation_config(request: PrefillRequest, thinking_budget: int | None) -> 
 
 
 def _call(model: str, request: PrefillRequest, config: dict[str, Any]) -> Call:
-    """The emulator's validated call for ``request`` (its 400s and 404s as ``ApiError``); a
-    model that takes no prefill refuses one."""
+    """The emulator's validated call for ``request``, refused as the emulator refuses it (its
+    400s and 404s as ``ApiError``)."""
     prefill = request.prefill or None
     call = build_call({"generationConfig": config}, request.prompt, prefill, model, GEMINI_VERSION)
-    if call.model.noprefill and prefill is not None:
-        raise PrefillRejected(
-            f"the model rejects a trailing model turn (400: {NOPREFILL_MESSAGE}). Scoring needs "
-            "prefill: the prompt, then Model 1's tokens so far as the model's own turn. "
-            "Choose a Model 2 that accepts it."
-        )
+    refuse_call(call, vertex=False)
     return call
 
 
-def _answer(call: Call, scaled_logprobs: bool, cached: int, with_logprobs: bool) -> Answer:
-    """The toy model's answer to ``call`` as the Gemini backend reads the emulator's: thinking
-    left out, or an error when there are no logprobs to read."""
-    answer = toy_answer(call, scaled_logprobs, cached)
-    generation = answer.generation
-    if generation is None:
-        raise ThinkingNotDisabled(
-            f"the model spent its output tokens on thinking ({answer.thoughts} thought tokens, "
-            "finish reason MAX_TOKENS) and returned no logprobs with a thinking budget of "
-            f"{call.thinking_budget}",
-            call.thinking_budget,
-        )
-    if not with_logprobs:
-        raise UnusableAnswer(
-            f"answer without logprobs (finish reason {generation.finish_reason}); the model may "
-            "not support response_logprobs"
-        )
-    steps = []
-    for step in generation.steps:
-        listed = [Candidate(*c) for c in step.top]
-        top = [c for c in listed if usable_logprob(c.logprob)]
-        steps.append(Generated(Candidate(*step.chosen), top, dropped=len(listed) - len(top)))
-    if not all(step.top for step in steps):
-        raise UnusableAnswer("answer with an empty top-candidates list")
-    usage = Usage(answer.prompt_tokens, answer.cached, len(steps), answer.thoughts)
-    served = call.model.served_name
-    return Answer(steps, generation.text, generation.finish_reason, usage, served)
+def _answer(
+    call: Call, scaled_logprobs: bool, cached: int, with_logprobs: bool, short_topk: bool = False
+) -> Answer:
+    """The toy model's answer to ``call``: the emulator's answer body (its top-k lists cut to
+    :data:`~klstream.emulator.faults.SHORT_TOPK` with ``short_topk``), read as the Gemini
+    backend reads it."""
+    body = answer_body(call, with_logprobs, False, scaled_logprobs, cached)
+    if short_topk:
+        body = cut_top_candidates(body, SHORT_TOPK)
+    return parse_answer_body(body, call.thinking_budget)
 
 
 def _answer_from_json(raw: Any) -> Answer:
@@ -454,8 +424,7 @@ class ToyService:
         in virtual time, the jitter drawn as the emulator draws it; the one yield lets the
         other requests in flight be sent meanwhile, as on a wire."""
         state = self._state
-        if state.config.jitter_ms:
-            state.rng.uniform(0.0, state.config.jitter_ms)
+        state.latency_s()
         await asyncio.sleep(0)
         return state
 
@@ -470,12 +439,8 @@ class ToyService:
         state.check_quota(time.monotonic())
         state.check_fail_first(model, body)
         fault = attempt.fault = state.draw_exclusive()
-        config = state.config
-        if fault is not None and fault in _ERROR_FAULTS:
-            code, message = _ERROR_FAULTS[fault]
-            delay = config.retry_delay_s if code == 429 else None
-            raise ApiError(code, message, fault=fault, retry_delay_s=delay)
-        if fault == "hang" and config.hang_seconds >= timeout_s:
+        state.raise_error_answer(fault)
+        if fault == "hang" and state.config.hang_seconds >= timeout_s:
             raise TransientFault(TIMED_OUT)
 
     async def generate(
@@ -493,7 +458,6 @@ class ToyService:
             state = await self._arrive()
             config = _generation_config(request, settings.thinking_budget)
             call = _call(settings.model, request, config)
-            refuse_logprobs(call, vertex=False)
             body = _canonical("generate", prompt=call.prompt, prefill=call.prefill, config=config)
             self._admit(attempt, state, call.model.name, body, timeout_s)
             input_ids = [*prompt_ids(call.prompt), *encode(call.prefill or "")]
@@ -501,9 +465,12 @@ class ToyService:
             dropped = state.draw_no_logprobs()
             if dropped:
                 attempt.fault = attempt.fault or "no_logprobs"
+            short = state.draw_short_topk()
+            if short:
+                attempt.fault = attempt.fault or "short_topk"
             _readable(attempt.fault)
             with_logprobs = not (call.model.nologprobs or dropped)
-            return _answer(call, self._service.scaled_logprobs, cached, with_logprobs)
+            return _answer(call, self._service.scaled_logprobs, cached, with_logprobs, short)
 
     async def _tokenize(self, model: str, prompt: str, text: str, timeout_s: float) -> Tokenized:
         """vLLM's ``/tokenize`` of ``text`` as the emulator answers it; ``prompt`` is what the
@@ -680,7 +647,6 @@ class ToyService:
                     attempt.fault = "line_error"
                     raise ApiError(500, "An internal error has occurred. (emulated line failure)")
                 call = _call(job.model, request, _generation_config(request, thinking_budget))
-                refuse_logprobs(call, vertex=False)
                 answer = _answer(call, self._service.scaled_logprobs, 0, not call.model.nologprobs)
         except (EndpointError, CallFault) as error:
             return {**out, "error": str(error)}

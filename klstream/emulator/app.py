@@ -28,15 +28,15 @@ from klstream.emulator.faults import SHORT_TOPK, FaultConfig, FaultState
 from klstream.emulator.openai_routes import HTML_PAGE
 from klstream.emulator.protocol import (
     JSON_HEADERS,
-    NOPREFILL_MESSAGE,
     ApiError,
     Call,
     answer_body,
     build_call,
+    client_gone,
     cut_top_candidates,
     parse_contents,
     prompt_ids,
-    refuse_logprobs,
+    refuse_call,
 )
 from klstream.emulator.servers import register_servers
 from klstream.emulator.service import PrefixCache, ServiceConfig
@@ -183,7 +183,7 @@ class Emulator:
         response: web.Response,
         fault: str | None,
     ) -> None:
-        status: RequestStatus = DISCONNECT if _client_gone(request) else response.status
+        status: RequestStatus = DISCONNECT if client_gone(request) else response.status
         self._record(RequestRecord(arrived, request.path, model, prompt, prefill, status, fault))
 
     async def _sleep(self, seconds: float) -> None:
@@ -214,7 +214,7 @@ class Emulator:
         except Exception as exc:  # a bug: still answer in the API's format
             response = ApiError(500, f"Internal error in the emulator: {exc!r}").response()
             fault = "emulator_bug"
-        status: RequestStatus = DISCONNECT if _client_gone(request) else response.status
+        status: RequestStatus = DISCONNECT if client_gone(request) else response.status
         self._record(
             RequestRecord(arrived, request.path, model_name, prompt, prefill, status, fault)
         )
@@ -226,23 +226,11 @@ class Emulator:
         config = state.config
         model = call.model
         vertex = "publisher" in request.match_info
-        refuse_logprobs(call, vertex)
-        if model.noprefill and call.prefill is not None:
-            raise ApiError(400, NOPREFILL_MESSAGE)
+        refuse_call(call, vertex)
         state.check_quota(time.monotonic())
         state.check_fail_first(model.name, body)
         fault = state.draw_exclusive()
-        if fault == "429":
-            raise ApiError(
-                429,
-                "Resource has been exhausted (e.g. check quota). (emulated fault)",
-                fault=fault,
-                retry_delay_s=config.retry_delay_s,
-            )
-        if fault == "500":
-            raise ApiError(500, "An internal error has occurred. (emulated fault)", fault=fault)
-        if fault == "503":
-            raise ApiError(503, "The model is overloaded. Please try again later.", fault=fault)
+        state.raise_error_answer(fault)
         if fault == "hang":
             await self._sleep(config.hang_seconds)
 
@@ -262,12 +250,6 @@ class Emulator:
         if fault == "html":
             return web.Response(body=HTML_PAGE, content_type="text/html"), fault
         return web.Response(body=payload, headers=JSON_HEADERS), fault
-
-
-def _client_gone(request: web.Request) -> bool:
-    """Whether the client closed its connection, so no answer can reach it."""
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 def _url(host: str, port: int) -> str:

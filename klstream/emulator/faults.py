@@ -14,6 +14,14 @@ SHORT_TOPK = 3
 """Candidates a ``rate_short_topk`` answer lists at each step."""
 
 
+ERROR_ANSWERS = {
+    "429": (429, "Resource has been exhausted (e.g. check quota). (emulated fault)"),
+    "500": (500, "An internal error has occurred. (emulated fault)"),
+    "503": (503, "The model is overloaded. Please try again later."),
+}
+"""The exclusive faults that are error answers: their status and message."""
+
+
 @dataclass(frozen=True)
 class FaultConfig:
     """Which failures to inject; everything is off by default.
@@ -36,10 +44,10 @@ class FaultConfig:
     """200 answers whose body is an HTML page (a proxy's or gateway's) instead of JSON."""
     rate_no_logprobs: float = 0.0
     rate_short_prompt_logprobs: float = 0.0
+    """OpenAI completions answers whose ``prompt_logprobs`` lack their last entries."""
     rate_short_topk: float = 0.0
     """Gemini answers whose top-k lists hold only :data:`SHORT_TOPK` candidates, whatever was
     asked: an answer that is not what was asked."""
-    """OpenAI completions answers whose ``prompt_logprobs`` lack their last entries."""
     quota_per_minute: int = 0
     """Requests allowed per rolling window; 0 means unlimited."""
     quota_window_s: float = 60.0
@@ -135,6 +143,15 @@ class FaultState:
                 return name
             u -= rate
         return None
+
+    def raise_error_answer(self, fault: str | None) -> None:
+        """Raise the error answer ``fault`` (of :meth:`draw_exclusive`) stands for, if it is
+        one of :data:`ERROR_ANSWERS`."""
+        if fault is None or fault not in ERROR_ANSWERS:
+            return
+        code, message = ERROR_ANSWERS[fault]
+        delay = self.config.retry_delay_s if code == 429 else None
+        raise ApiError(code, message, fault=fault, retry_delay_s=delay)
 
     def draw_no_logprobs(self) -> bool:
         rate = self.config.rate_no_logprobs

@@ -122,6 +122,12 @@ def normalize_keys(obj: Any) -> Any:
     return obj
 
 
+def client_gone(request: web.Request) -> bool:
+    """Whether the client closed its connection, so no answer can reach it."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @dataclass(frozen=True)
 class Call:
     """A validated generateContent request."""
@@ -255,6 +261,20 @@ def refuse_logprobs(call: Call, vertex: bool) -> None:
             else NO_LOGPROBS_MESSAGE.format(model=call.model.name)
         )
         raise ApiError(400, message)
+
+
+def refuse_prefill(call: Call) -> None:
+    """Raise the service's 400 when ``call`` gives a ``noprefill`` model a prefill."""
+    if call.model.noprefill and call.prefill is not None:
+        raise ApiError(400, NOPREFILL_MESSAGE)
+
+
+def refuse_call(call: Call, vertex: bool) -> None:
+    """The 400s of generateContent for a call the model refuses, in the service's order:
+    logprobs from a ``logprobsoff`` model (:func:`refuse_logprobs`), then a prefill
+    (:func:`refuse_prefill`)."""
+    refuse_logprobs(call, vertex)
+    refuse_prefill(call)
 
 
 @lru_cache(maxsize=4096)

@@ -25,11 +25,10 @@ from klstream.emulator.batch.common import (
     BatchContext,
     Route,
     Upload,
-    client_gone,
     json_reply,
     now_iso,
 )
-from klstream.emulator.protocol import ApiError
+from klstream.emulator.protocol import ApiError, client_gone
 
 
 @dataclass
@@ -217,9 +216,7 @@ class CloudStorage:
 
     async def _object_upload_chunk(self, request: web.Request) -> web.Response:
         upload_id = request.query.get("upload_id", "")
-        upload = self._uploads.get(upload_id)
-        if upload is None:
-            raise ApiError(404, "Upload session not found.")
+        upload = self._context.lookup(self._uploads, upload_id, "Upload session not found.")
         chunk = await request.read()
         target = upload.target
         await self._context.chunk_received(f"gs://{target['bucket']}/{target['name']}")

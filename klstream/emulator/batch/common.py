@@ -197,9 +197,3 @@ def json_reply(body: Any, status: int = 200, headers: dict[str, str] | None = No
         body=json.dumps(body, separators=(",", ":")).encode(),
         headers={**JSON_HEADERS, **(headers or {})},
     )
-
-
-def client_gone(request: web.Request) -> bool:
-    """Whether the client closed its connection, so no answer can reach it."""
-    transport = request.transport
-    return transport is None or transport.is_closing()

@@ -20,11 +20,10 @@ from klstream.emulator.batch.common import (
     BatchContext,
     Route,
     Upload,
-    client_gone,
     json_reply,
     now_iso,
 )
-from klstream.emulator.protocol import ApiError
+from klstream.emulator.protocol import ApiError, client_gone
 
 
 @dataclass

@@ -32,16 +32,16 @@ from klstream.emulator.batch.common import (
     BatchContext,
     EndState,
     Route,
-    client_gone,
     json_reply,
     now_iso,
 )
 from klstream.emulator.protocol import (
-    NOPREFILL_MESSAGE,
     ApiError,
     answer_body,
     build_call,
+    client_gone,
     parse_contents,
+    refuse_prefill,
 )
 
 
@@ -305,7 +305,6 @@ class JobService(ABC):
         """The toy model's answer to one line's request, as generateContent would give it."""
         req, prompt, prefill = parse_contents(json.dumps(request).encode())
         call = build_call(req, prompt, prefill, job.model.rsplit("/", 1)[-1], job.version)
-        if call.model.noprefill and call.prefill is not None:
-            raise ApiError(400, NOPREFILL_MESSAGE)
+        refuse_prefill(call)
         with_logprobs = not (call.model.nologprobs or self._context.config.without_logprobs)
         return answer_body(call, with_logprobs, self.vertex)
