@@ -19,7 +19,7 @@ from pathlib import Path
 
 from klstream.backends.base import Endpoint
 from klstream.errors import ExportFailed, OutputError, RunExists, describe_os_error
-from klstream.input.explode import ExplodeReport, explode, inputs_changed
+from klstream.input.explode import ExplodeReport, explode, inputs_changed, inputs_current
 from klstream.loop import run_blocking
 from klstream.metrics.kl import compute_kl
 from klstream.output.export import ExportReport, export
@@ -146,7 +146,9 @@ async def _explode_unless_current(
         )
         if changes is not None and not score.overwrite:
             raise changes
-        same = changes is None and run.inputs_manifest.is_file()
+        same = changes is None and await asyncio.to_thread(
+            inputs_current, input_dir, run.root, options.pattern, options.max_files
+        )
         if same or not score.overwrite:
             if damaged_positions(run) is None:
                 return None

@@ -344,6 +344,34 @@ def test_damaged_derived_data_is_rebuilt_and_damaged_inputs_say_how_to_rebuild(
     assert f"{run.inputs_manifest} is damaged" in refused.stderr
 
 
+def test_run_resume_rebuilds_damaged_positions_only_from_the_inputs_it_recorded(
+    tmp_path: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    """The same files chosen by another --pattern are not what the run recorded: the damaged
+    positions are then said to be damaged, with the command that rebuilds them (the run once
+    re-exploded them, and explode refused, saying the inputs were other files)."""
+    output = tmp_path / "out"
+    common = ["--input-dir", toy_inputs.directory, "--output-dir", output, "--model2", MODEL2]
+    first = invoke("run", *common, "--base-url", emulator.base_url)
+    assert first.exit_code == 0, first.output
+    run = ExportDir(output).workspace
+    requests = len(emulator.requests)
+
+    _cut(run.positions)
+    resumed = invoke("run", *common, "--base-url", emulator.base_url, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert pq.read_metadata(run.positions).num_rows == len(toy_inputs.positions)
+    assert len(emulator.requests) == requests
+
+    _cut(run.positions)
+    other = invoke(
+        "run", *common, "--base-url", emulator.base_url, "--resume", "--pattern", "*.jso[n]"
+    )
+    assert other.exit_code == 4
+    assert f"{run.positions} is damaged" in other.stderr
+    assert len(emulator.requests) == requests
+
+
 # --- 7: every response counts ------------------------------------------------------------------
 
 

@@ -132,7 +132,7 @@ def _explode_locked(
     if positions_path.exists() and not overwrite:
         raise PositionsExist(f"{positions_path} already exists")
     later_stages = [stage for stage in run.stage_dirs if stage.is_dir()]
-    if any(any(stage.iterdir()) for stage in later_stages) and not _same_inputs(
+    if any(any(stage.iterdir()) for stage in later_stages) and not same_inputs(
         run, input_dir, files, pattern, max_files
     ):
         raise RunDirError(
@@ -161,7 +161,7 @@ def _explode_locked(
     return totals
 
 
-def _same_inputs(
+def same_inputs(
     run: RunDir, input_dir: Path, files: list[Path], pattern: str, max_files: int | None
 ) -> bool:
     """Whether the run's record says its positions were built from these very files, the same
@@ -183,6 +183,15 @@ def inputs_changed(
     from; None when they are the same, or when the run records no inputs (older releases)."""
     files = input_files(input_dir, pattern, max_files)
     return input_changes(RunDir(run_dir), input_dir, files)
+
+
+def inputs_current(
+    input_dir: Path, run_dir: Path, pattern: str = "*.json", max_files: int | None = None
+) -> bool:
+    """Whether ``run_dir``'s positions were built from the files explode would read now, the
+    same way (:func:`same_inputs`): exploding them again keeps the results keyed to them."""
+    files = input_files(input_dir, pattern, max_files)
+    return same_inputs(RunDir(run_dir), input_dir, files, pattern, max_files)
 
 
 def input_files(input_dir: Path, pattern: str, max_files: int | None) -> list[Path]:
