@@ -74,8 +74,8 @@ from klstream.backends.base import (
     RemoteJob,
     ThinkingBudget,
 )
-from klstream.backends.prices import entry_warnings, load_prices, price_for
-from klstream.backends.thinking import ThinkingChoice, thinking_choice
+from klstream.backends.prices import entry_warnings, load_prices, price_for, unpriced
+from klstream.backends.thinking import ThinkingChoice, sent_budget, thinking_choice
 from klstream.backends.transport import Caller, CallStats, Outcome, RetryPolicy
 from klstream.errors import (
     BatchCanaryFailed,
@@ -383,7 +383,7 @@ class _Check:
                     CHECK_PROMPT, "", options.top_logprobs, 1, options.temperature, token_ids=True
                 )
                 first = await self.ask(lambda: model.generate(request), "the first request")
-                self.first_answer(model, first)
+                self.first_answer(model, first, settings)
                 await self.continuation(model)
         except KlstreamError as error:
             self.cannot(PREFILL, error)
@@ -416,11 +416,10 @@ class _Check:
         if isinstance(error, PrefillRejected):
             self.put("prefill", "refused", "fail", str(error))
 
-    def first_answer(self, model: Prefill, answer: Answer) -> None:
+    def first_answer(self, model: Prefill, answer: Answer, settings: ClientSettings) -> None:
         """The first answer's findings: logprobs, k, ids, thinking, served model."""
         options = self.options
-        choice = thinking_choice(model)
-        self.budget = choice.budget if choice is not None else settings_budget(options)
+        self.budget = sent_budget(model, settings)
         found = answer_capabilities(answer, options.top_logprobs, options.model2, self.budget)
         self.capabilities = found
         self.canary.append(self.line(""))
@@ -428,7 +427,7 @@ class _Check:
         self.put_topk(found, "in the first answer")
         self.put_ids(found)
         if self.spec.thinking:
-            self.put_thinking(choice)
+            self.put_thinking(thinking_choice(model))
         if found.served_model is None:
             self.put("served", "?", "warn", "the answer does not say which model answered")
         elif found.substituted:
@@ -684,19 +683,12 @@ class _Check:
         model2 = self.options.model2
         entry = price_for(model2, load_prices())
         if entry is None:
-            self.put("price", "unknown", "warn", f"no entry matches {model2}: a run counts its "
-                     "tokens but shows no USD")  # fmt: skip
+            self.put("price", "unknown", "warn", unpriced(model2))
             return
         warnings = entry_warnings(entry, date.today())
         value = f"retired {entry.retired}" if entry.retired else entry.date
         detail = f"{entry.model}'s prices of {entry.date} ({entry.source})"
         self.put("price", value, "warn" if warnings else "ok", "; ".join([detail, *warnings]))
-
-
-def settings_budget(options: CheckOptions) -> int | None:
-    """The budget given (``auto`` sends 0 until its search says otherwise)."""
-    budget = options.thinking_budget
-    return 0 if budget == AUTO_THINKING else budget
 
 
 async def check_async(endpoint: Endpoint, options: CheckOptions) -> CheckReport:

@@ -268,6 +268,11 @@ def age_days(price: Price, today: date) -> int | None:
         return None
 
 
+def unpriced(model: str) -> str:
+    """What a run of ``model`` without a price entry shows instead of USD."""
+    return f"no price entry matches {model}: a run counts its tokens but shows no USD"
+
+
 def entry_warnings(price: Price, today: date) -> list[str]:
     """Why the entry may not be what a run costs today: its model retired, its prices past
     their announced end, or read too long ago."""

@@ -21,7 +21,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from klstream.backends.base import Answer, Prefill, PrefillRequest
+from klstream.backends.base import Answer, ClientSettings, Prefill, PrefillRequest
 from klstream.errors import ThinkingNotDisabled, ThinkingRejected
 
 THINKING_DOC = "https://ai.google.dev/gemini-api/docs/thinking, as of 2026-12-07"
@@ -209,3 +209,10 @@ def thinking_choice(prefill: Prefill) -> ThinkingChoice | None:
     """The budget a searching prefill found (None before its first answer, and for a run that
     was given its budget)."""
     return prefill.choice if isinstance(prefill, ThinkingSearch) else None
+
+
+def sent_budget(prefill: Prefill, settings: ClientSettings) -> int | None:
+    """The thinking budget ``prefill``'s requests send: the one its search found, else the
+    settings' (``auto`` sends 0 until its search says otherwise)."""
+    choice = thinking_choice(prefill)
+    return choice.budget if choice is not None else settings.thinking_budget

@@ -22,7 +22,7 @@ from klstream.backends.base import (
     PrefillRequest,
     ThinkingBudget,
 )
-from klstream.backends.thinking import thinking_choice
+from klstream.backends.thinking import sent_budget
 from klstream.backends.transport import Caller, CallStats, Outcome, RetryPolicy
 from klstream.errors import InputError, KlstreamError
 from klstream.loop import run_blocking
@@ -136,8 +136,7 @@ async def sample_async(
             )
             outcome = await caller.generate(model, request)
             if outcome.value is not None and report.capabilities is None:
-                choice = thinking_choice(model)
-                budget = options.thinking_budget if choice is None else choice.budget
+                budget = sent_budget(model, settings)
                 report.capabilities = answer_capabilities(
                     outcome.value, options.top_logprobs, options.model, budget
                 )
