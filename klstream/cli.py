@@ -21,11 +21,9 @@ from click.core import ParameterSource
 from klstream import __version__
 from klstream import errors as E
 from klstream.backends import BACKENDS, PROMPT_LOGPROBS, dialect_names, online_methods
-from klstream.backends.base import AUTO_THINKING, ThinkingBudget
-from klstream.storage.rundir import INPUTS_FILE
 
 if TYPE_CHECKING:
-    from klstream.backends.base import Endpoint
+    from klstream.backends.base import Endpoint, ThinkingBudget
     from klstream.backends.transport import RetryPolicy
     from klstream.scoring.dryrun import DryRunOptions
     from klstream.scoring.options import BatchOptions, ScoreOptions
@@ -125,6 +123,8 @@ HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
 
 def _rebuild_hint(error: E.KlstreamError) -> str:
     """How to rebuild what a damaged file of the run's inputs spoils."""
+    from klstream.storage.rundir import INPUTS_FILE
+
     path, run_dir = Path(str(getattr(error, "path", ""))), getattr(error, "run_dir", "")
     input_dir = getattr(error, "input_dir", None)
     if path.name == INPUTS_FILE:
@@ -707,6 +707,8 @@ def _score_flags(function: Any) -> Any:
 
 
 def _thinking_budget(value: str) -> ThinkingBudget:
+    from klstream.backends.base import AUTO_THINKING
+
     word = value.lower()
     if word == AUTO_THINKING:
         return AUTO_THINKING
@@ -956,6 +958,7 @@ def prices(model: str | None, prices_path: Path | None) -> None:
         load_prices,
         price_for,
         shipped_prices,
+        unpriced,
     )
 
     table, today = load_prices(prices_path), date.today()
@@ -966,7 +969,7 @@ def prices(model: str | None, prices_path: Path | None) -> None:
         return
     found = price_for(model, table)
     if found is None:
-        click.echo(f"no price entry matches {model}: a run counts its tokens but shows no USD")
+        click.echo(unpriced(model))
         return
     origin = SHIPPED if shipped_prices().get(found.model) is found else prices_path
     click.echo(f"{model} is priced by the entry {found.model} of {origin}")

@@ -16,17 +16,19 @@ from __future__ import annotations
 import importlib
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from klstream.backends.base import (
-    Backend,
-    BatchJobs,
-    ClientSettings,
-    Endpoint,
-    Prefill,
-    PromptScoring,
-    Where,
-)
 from klstream.errors import BackendUnavailable, MethodUnsupported
+
+if TYPE_CHECKING:
+    from klstream.backends.base import (
+        Backend,
+        BatchJobs,
+        ClientSettings,
+        Endpoint,
+        Prefill,
+        PromptScoring,
+    )
 
 PREFILL = "prefill"
 """The method that asks for each position with Model 1's tokens so far as the model's own turn
@@ -145,6 +147,8 @@ def endpoint_from_environment(
             f"the {backend} backend has no dialect {dialect!r}; dialects are the ways of asking "
             f"{' or '.join(speakers) or 'no backend'}'s servers for prompt logprobs"
         )
+    from klstream.backends.base import Where
+
     where = Where(project_id, location, base_url, timeout_s, dialect)
     return load_backend(backend).endpoint(where)
 
