@@ -47,6 +47,8 @@ from klstream.scoring.options import ScoreOptions
 from klstream.scoring.prompt_logprobs import Alignment
 from klstream.scoring.score import ScoreReport
 from klstream.storage import schemas
+from klstream.storage.journal import replay
+from klstream.storage.rundir import RunDir
 
 if TYPE_CHECKING:
     from conftest import ToyInputs
@@ -249,6 +251,9 @@ def test_sigkill_then_resume_completes_with_each_method_asking_only_what_is_miss
     assert_parts_intact(run_dir)
     flushed = {key_of(r) for r in score_rows(run_dir) if r["status"] == schemas.SCORE_OK}
     assert 0 < len(flushed) < len(toy_inputs.positions)
+    # Answers journaled after the last part are the resumed run's too: it asks for neither.
+    journaled = replay(RunDir(run_dir), MODEL2).records
+    flushed |= {key_of(r) for a in journaled for r in a if r["status"] == schemas.SCORE_OK}
 
     emulator.set_faults(FaultConfig())
     emulator.reset_log()
