@@ -267,6 +267,10 @@ class CallFault(Exception):
     recorded as the position's failure, or becomes an :class:`EndpointError`."""
 
 
+TIMED_OUT = "timeout: no answer within the request timeout"
+"""What the error column says of a request whose timeout passed without an answer."""
+
+
 class TransientFault(CallFault):
     """Worth another attempt (408, 5xx, a time-out, a dropped connection, a malformed body),
     no sooner than ``retry_after`` seconds when the server says."""

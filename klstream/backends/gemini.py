@@ -39,6 +39,7 @@ from klstream.backends.google_errors import (
 )
 from klstream.backends.prices import Usage, usage_of
 from klstream.errors import (
+    TIMED_OUT,
     CallFault,
     ConnectFailed,
     MissingCredentials,
@@ -380,7 +381,7 @@ def describe(error: BaseException) -> str:
     if isinstance(error, genai_errors.APIError):
         return f"{error.code} {error.status}: {error.message or ''}".strip()
     if isinstance(error, TimeoutError):
-        return "timeout: no answer within the request timeout"
+        return TIMED_OUT
     return f"{type(error).__name__}: {error}"
 
 

@@ -78,6 +78,7 @@ from klstream.backends.dialects import (
     tgi_refusal,
 )
 from klstream.errors import (
+    TIMED_OUT,
     AuthenticationError,
     BackendUnavailable,
     CallFault,
@@ -208,7 +209,7 @@ def describe(error: BaseException) -> str:
     if isinstance(error, openai.APIStatusError):
         return f"{error.status_code}: {_error_detail(error)}"
     if isinstance(error, openai.APITimeoutError):
-        return "timeout: no answer within the request timeout"
+        return TIMED_OUT
     if isinstance(error, openai.APIConnectionError):
         cause = error.__cause__
         return f"connection error: {cause or error.message}"

@@ -78,6 +78,7 @@ from klstream.emulator.protocol import (
 from klstream.emulator.service import PrefixCache, ServiceConfig
 from klstream.emulator.toymodel import decode, encode, top_k
 from klstream.errors import (
+    TIMED_OUT,
     BatchCreateUnknown,
     BatchRejected,
     BatchServiceError,
@@ -95,8 +96,6 @@ DEFAULT_URL = SCHEME + DEFAULT_NAME
 """The process-wide fault-free service, which a run without a base URL uses."""
 GEMINI_VERSION = "v1beta"
 """The API version that calls are validated as (the emulator's 404 names it)."""
-TIMED_OUT = "timeout: no answer within the request timeout"
-"""What a real backend raises when the request's timeout passes without an answer."""
 LOG_LIMIT = 50_000
 """Requests the log keeps, the latest, as the HTTP emulator's does."""
 RequestKind = Literal["generate", "tokenize", "prompt_logprobs", "batch"]

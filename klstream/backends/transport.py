@@ -32,6 +32,7 @@ from klstream.backends import checks
 from klstream.backends.base import Answer, Endpoint, Prefill, PrefillRequest
 from klstream.backends.throttle import AdaptiveLimiter
 from klstream.errors import (
+    TIMED_OUT,
     CallFault,
     ConnectFailed,
     EndpointUnreachable,
@@ -116,7 +117,7 @@ Outcome = Retried[Answer]
 def describe(fault: BaseException) -> str:
     """The error column's text for a fault that ended a call."""
     if isinstance(fault, TimeoutError):
-        return "timeout: no answer within the request timeout"
+        return TIMED_OUT
     return str(fault)
 
 
