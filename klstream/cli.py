@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
+import cloup
 from click.core import ParameterSource
 
 from klstream import __version__
@@ -160,22 +161,73 @@ if TYPE_CHECKING:
     from klstream.preflight import Capabilities, CheckReport
 
 
-class _Group(click.Group):
-    """Turns a :class:`KlstreamError` (or a file-system error no stage anticipated) into one
-    clear line on stderr and its exit status, and imports the emulator (numpy, aiohttp, its toy
-    vocabulary) only when it is asked for."""
+class _WholeSummary(click.Command):
+    """A command whose line in its group's list is its whole first paragraph, wrapped instead
+    of cut off at the terminal's width."""
 
-    lazy_commands = {"emulate": ("klstream.emulator.command", "emulate_command")}
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return self.short_help or (self.help or "").split("\n\n")[0].replace("\n", " ").strip()
+
+
+class _Command(_WholeSummary, cloup.Command):
+    pass
+
+
+class _Subgroup(_WholeSummary, cloup.Group):
+    command_class = _Command
+
+
+COMMAND_SECTIONS = {
+    "Score a run": ("run", "explode", "score", "kl", "export"),
+    "Look at the results": ("top", "report", "query", "views"),
+    "Models, prices and a local server": ("check", "sample", "prices", "emulate"),
+    "Batch jobs": ("batch",),
+}
+"""The top-level help's sections, in order; every command is in one (tests/test_cli_help.py)."""
+
+
+class _Group(cloup.Group):
+    """Turns a :class:`KlstreamError` (or a file-system error no stage anticipated) into one
+    clear line on stderr and its exit status, imports the emulator (numpy, aiohttp, its toy
+    vocabulary) only when it is asked for, and lists the commands in :data:`COMMAND_SECTIONS`."""
+
+    command_class = _Command
+    group_class = _Subgroup
+    lazy_commands = {
+        "emulate": (
+            "klstream.emulator.command",
+            "emulate_command",
+            "A local server speaking the Gemini and OpenAI-compatible protocols, with toy models "
+            "and injected faults: everything works offline against it.",
+        )
+    }
+    """Commands imported when run; listed in the help by their summary alone."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy_commands])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy_commands:
-            module, attribute = self.lazy_commands[name]
+            module, attribute, _ = self.lazy_commands[name]
             command: click.Command = getattr(importlib.import_module(module), attribute)
             return command
         return super().get_command(ctx, name)
+
+    def list_sections(
+        self, ctx: click.Context, include_default_section: bool = True
+    ) -> list[cloup.Section]:
+        return [
+            cloup.Section(title, [self._listed(ctx, name) for name in names])
+            for title, names in COMMAND_SECTIONS.items()
+        ]
+
+    def _listed(self, ctx: click.Context, name: str) -> click.Command:
+        if name in self.lazy_commands:
+            return _Command(name, short_help=self.lazy_commands[name][2])
+        command = self.get_command(ctx, name)
+        if command is None:
+            raise LookupError(f"COMMAND_SECTIONS names {name!r}, which is no command")
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -188,12 +240,13 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
-@click.group(cls=_Group)
+@cloup.group(cls=_Group)
 @click.version_option(__version__, prog_name="klstream")
 def main() -> None:
     """Where, and by how much, do two language models' next-token distributions disagree?
 
-    The dataflow: explode → score → kl → export; query runs SQL over any stage's output.
+    `run` does it all (explode → score → export → report); the stages run alone too, and
+    `top`, `report` and `query` look at any run. `klstream COMMAND --help` tells more.
     """
 
 
@@ -204,7 +257,7 @@ run_dir_argument = click.argument("run_dir", type=click.Path(file_okay=False, pa
 @click.argument("input_dir", type=click.Path(path_type=Path))
 @click.option(
     "-o",
-    "--output",
+    "--output-dir",
     "run_dir",
     required=True,
     type=click.Path(path_type=Path),
@@ -299,6 +352,7 @@ def export(run_dir: Path, output_dir: Path, model2: str | None) -> None:
     default="table",
     show_default=True,
     type=click.Choice(["table", "csv", "json", "parquet"]),
+    help="How to print the result (parquet needs -o).",
 )
 @click.option(
     "-o",
@@ -450,13 +504,13 @@ def _apply(function: Any, decorators: list[Callable[[Any], Any]]) -> Any:
 
 
 _where_options = [
-    click.option("--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."),
-    click.option("--location", default="global", show_default=True, help="Vertex AI region."),
     click.option(
         "--base-url",
         help="Another endpoint, such as `klstream emulate`'s (default: "
         "$GOOGLE_GEMINI_BASE_URL, or $OPENAI_BASE_URL with --backend openai).",
     ),
+    click.option("--project-id", help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."),
+    click.option("--location", default="global", show_default=True, help="Vertex AI region."),
 ]
 """Where the service is, beyond the backend: shared by every command that reaches one."""
 _timeout_option = click.option(
@@ -466,60 +520,54 @@ _timeout_option = click.option(
     show_default=True,
     help="Seconds before a request counts as failed.",
 )
-
-
-def _api_options(function: Any) -> Any:
-    """Where Model 2 (or Model 1, for `sample`) is and how to call it."""
-    return _apply(
-        function,
-        [
-            click.option(
-                "--backend",
-                type=click.Choice(list(BACKENDS)),
-                default="gemini",
-                show_default=True,
-                help="Where Model 2 is: "
-                + "; ".join(f"{name}, {spec.summary}" for name, spec in BACKENDS.items())
-                + ".",
-            ),
-            click.option(
-                "--dialect",
-                type=click.Choice(dialect_names()),
-                default="auto",
-                show_default=True,
-                help="With --backend openai and --method prompt-logprobs: how the server is "
-                "asked for prompt logprobs. auto finds out with a small request or two; vllm "
-                "(prompt_logprobs), echo (the legacy completions echo), sglang (its /generate); "
-                "tgi is recognised and refused (no top-k for prompt tokens).",
-            ),
-            *_where_options,
-            click.option(
-                "--max-concurrent",
-                type=click.IntRange(min=1),
-                default=16,
-                show_default=True,
-                help="Requests in flight at most, across all files.",
-            ),
-            _timeout_option,
-            click.option(
-                "--max-retries",
-                type=click.IntRange(min=0),
-                default=12,
-                show_default=True,
-                help="Retries on 429, 5xx, time-outs and answers without logprobs.",
-            ),
-            click.option(
-                "--thinking-budget",
-                default="auto",
-                show_default=True,
-                metavar="N|none|auto",
-                help="Thinking budget to send; `none` sends no thinking config; `auto` sends 0, "
-                "or the least budget the model accepts when it cannot stop thinking.",
-            ),
-        ],
-    )
-
-
+_endpoint_options = [
+    click.option(
+        "--backend",
+        type=click.Choice(list(BACKENDS)),
+        default="gemini",
+        show_default=True,
+        help="Where the model is: "
+        + "; ".join(f"{name}, {spec.summary}" for name, spec in BACKENDS.items())
+        + ".",
+    ),
+    *_where_options,
+    click.option(
+        "--dialect",
+        type=click.Choice(dialect_names()),
+        default="auto",
+        show_default=True,
+        help="With --backend openai and --method prompt-logprobs: how the server is asked for "
+        "prompt logprobs. auto finds out with a small request or two; vllm (prompt_logprobs), "
+        "echo (the legacy completions echo), sglang (its /generate); tgi is recognised and "
+        "refused (no top-k for prompt tokens).",
+    ),
+    _timeout_option,
+]
+"""Where the model is and how to reach it."""
+_retry_options = [
+    click.option(
+        "--max-concurrent",
+        type=click.IntRange(min=1),
+        default=16,
+        show_default=True,
+        help="Requests in flight at most, across all files.",
+    ),
+    click.option(
+        "--max-retries",
+        type=click.IntRange(min=0),
+        default=12,
+        show_default=True,
+        help="Retries on 429, 5xx, time-outs and answers without logprobs.",
+    ),
+]
+_thinking_option = click.option(
+    "--thinking-budget",
+    default="auto",
+    show_default=True,
+    metavar="N|none|auto",
+    help="Thinking budget to send; `none` sends no thinking config; `auto` sends 0, or the "
+    "least budget the model accepts when it cannot stop thinking.",
+)
 _bucket_option = click.option(
     "--bucket-name",
     help="With --batch on Vertex AI: Cloud Storage bucket for the JSONL files "
@@ -541,7 +589,95 @@ _top_logprobs_option = click.option(
     help="Top-k logprobs to request per position.",
 )
 
-_batch_flags = [
+
+def _endpoint_groups(function: Any) -> Any:
+    """The endpoint and the retries, for the commands that reach a model (`sample`, `check`)."""
+    return _apply(
+        function,
+        [
+            cloup.option_group("Endpoint", *_endpoint_options),
+            cloup.option_group("Retries and concurrency", *_retry_options),
+        ],
+    )
+
+
+_ask_options = [
+    _model2_option,
+    click.option(
+        "--method",
+        type=click.Choice(online_methods()),
+        default="prefill",
+        show_default=True,
+        help="One request per position (any backend), or one per response from an open-weight "
+        "server's prompt logprobs (--backend openai: vLLM, SGLang; see --dialect).",
+    ),
+    _top_logprobs_option,
+    click.option(
+        "--lookahead",
+        default="auto",
+        show_default=True,
+        metavar="N|auto",
+        help="Tokens each request asks for; the steps that follow Model 1's tokens are stored "
+        "too. `auto` picks per response the number with the least expected cost per position.",
+    ),
+    click.option(
+        "--lookahead-decoding",
+        type=click.Choice(["auto", "greedy", "sample"]),
+        default="auto",
+        show_default=True,
+        help="How lookahead tokens are generated: sample at --temperature, greedy (refused "
+        "unless a consistency probe finds the logprobs independent of the sampling settings), "
+        "or auto (greedy when the probe passes).",
+    ),
+    click.option(
+        "--temperature",
+        type=click.FloatRange(0.0, 2.0),
+        default=1.0,
+        show_default=True,
+        help="Sampling temperature of every request but greedy lookahead's.",
+    ),
+    _thinking_option,
+    click.option(
+        "--require-model-version",
+        is_flag=True,
+        help="Stop when the service says another model answered than --model2 (an alias "
+        "moved, a retired model rerouted) instead of reporting it at the end.",
+    ),
+]
+"""What Model 2 is asked."""
+_cost_options = [
+    click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Send nothing: print the requests, tokens, USD (online and batch) and time the "
+        "scoring would take, from one token per request to the lookahead's estimate.",
+    ),
+    click.option(
+        "--calibrate",
+        type=click.IntRange(min=1),
+        metavar="K",
+        help="With --dry-run: send K real requests to count prompt tokens and measure how "
+        "often Model 2's tokens are Model 1's.",
+    ),
+    click.option(
+        "--rpm",
+        type=click.FloatRange(min=0, min_open=True),
+        help="With --dry-run: requests per minute the quota allows.",
+    ),
+    click.option(
+        "--tpm",
+        type=click.FloatRange(min=0, min_open=True),
+        help="With --dry-run: tokens per minute the quota allows.",
+    ),
+    click.option(
+        "--prices",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A price table (JSON, the layout of klstream/backends/prices.json) whose models "
+        "replace or add to the shipped ones.",
+    ),
+]
+"""What a run will cost, and at which prices."""
+_batch_options_list = [
     click.option(
         "--batch",
         is_flag=True,
@@ -604,106 +740,49 @@ _batch_flags = [
     ),
 ]
 """The options of batch mode, shared by `score` and `run`."""
+_results_options = [
+    click.option(
+        "--resume",
+        is_flag=True,
+        help="Continue a run: skip what is scored, retry what failed.",
+    ),
+    click.option("--overwrite", is_flag=True, help="Discard this Model 2's results first."),
+    click.option(
+        "--checkpoint-rows",
+        type=click.IntRange(min=1),
+        default=256,
+        show_default=True,
+        help="Write a checkpoint part every N results...",
+    ),
+    click.option(
+        "--checkpoint-seconds",
+        type=click.FloatRange(min=0.1),
+        default=10.0,
+        show_default=True,
+        help="...or every T seconds.",
+    ),
+]
+"""Where results go and what happens to the ones already there."""
 
 
-def _score_flags(function: Any) -> Any:
-    """The options of `score` and `run` beyond the API's, in the spec's names where it has them."""
-    return _apply(
-        _api_options(function),
-        [
-            _model2_option,
-            _top_logprobs_option,
-            click.option(
-                "--lookahead",
-                default="auto",
-                show_default=True,
-                metavar="N|auto",
-                help="Tokens each request asks for; the steps that follow Model 1's tokens are "
-                "stored too. `auto` picks per response the number with the least expected cost "
-                "per position.",
-            ),
-            click.option(
-                "--lookahead-decoding",
-                type=click.Choice(["auto", "greedy", "sample"]),
-                default="auto",
-                show_default=True,
-                help="How lookahead tokens are generated: sample at --temperature, greedy "
-                "(refused unless a consistency probe finds the logprobs independent of the "
-                "sampling settings), or auto (greedy when the probe passes).",
-            ),
-            click.option(
-                "--temperature",
-                type=click.FloatRange(0.0, 2.0),
-                default=1.0,
-                show_default=True,
-                help="Sampling temperature of every request but greedy lookahead's.",
-            ),
-            click.option(
-                "--prices",
-                type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                help="A price table (JSON, the layout of klstream/backends/prices.json) whose "
-                "models replace or add to the shipped ones.",
-            ),
-            click.option(
-                "--require-model-version",
-                is_flag=True,
-                help="Stop when the service says another model answered than --model2 (an alias "
-                "moved, a retired model rerouted) instead of reporting it at the end.",
-            ),
-            click.option(
-                "--dry-run",
-                is_flag=True,
-                help="Send nothing: print the requests, tokens, USD (online and batch) and time "
-                "the scoring would take, from one token per request to the lookahead's estimate.",
-            ),
-            click.option(
-                "--calibrate",
-                type=click.IntRange(min=1),
-                help="With --dry-run: send K real requests to count prompt tokens and measure "
-                "how often Model 2's tokens are Model 1's.",
-            ),
-            click.option(
-                "--rpm",
-                type=click.FloatRange(min=0, min_open=True),
-                help="With --dry-run: requests per minute the quota allows.",
-            ),
-            click.option(
-                "--tpm",
-                type=click.FloatRange(min=0, min_open=True),
-                help="With --dry-run: tokens per minute the quota allows.",
-            ),
-            click.option(
-                "--resume",
-                is_flag=True,
-                help="Continue a run: skip what is scored, retry what failed.",
-            ),
-            click.option("--overwrite", is_flag=True, help="Discard this model2's results first."),
-            click.option(
-                "--method",
-                type=click.Choice(online_methods()),
-                default="prefill",
-                show_default=True,
-                help="One request per position (any backend), or one per response from an "
-                "open-weight server's prompt logprobs (--backend openai: vLLM, SGLang; see "
-                "--dialect).",
-            ),
-            click.option(
-                "--checkpoint-rows",
-                type=click.IntRange(min=1),
-                default=256,
-                show_default=True,
-                help="Write a checkpoint part every N results...",
-            ),
-            click.option(
-                "--checkpoint-seconds",
-                type=click.FloatRange(min=0.1),
-                default=10.0,
-                show_default=True,
-                help="...or every T seconds.",
-            ),
-            *_batch_flags,
-        ],
-    )
+def _score_flags(output_options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """The options of `score` and `run` in sections, in the spec's names where it has them;
+    ``output_options`` lead the output section (the input and output of `run`)."""
+
+    def decorate(function: Any) -> Any:
+        return _apply(
+            function,
+            [
+                cloup.option_group("Endpoint", *_endpoint_options),
+                cloup.option_group("What to ask", *_ask_options),
+                cloup.option_group("Cost", *_cost_options),
+                cloup.option_group("Retries and concurrency", *_retry_options),
+                cloup.option_group("Batch mode", *_batch_options_list),
+                cloup.option_group("Input and output", *output_options, *_results_options),
+            ],
+        )
+
+    return decorate
 
 
 def _thinking_budget(value: str) -> ThinkingBudget:
@@ -980,11 +1059,17 @@ def prices(model: str | None, prices_path: Path | None) -> None:
 
 @main.command()
 @run_dir_argument
-@_score_flags
+@_score_flags([])
 def score(run_dir: Path, **params: Any) -> None:
     """Ask Model 2 for its top-k logprobs at every position (prefilled with Model 1's tokens).
 
-    Ends with the KL pass, so `export` can follow at once.
+    Ends with the KL pass, so `export` can follow at once. Examples:
+
+    \b
+      klstream score runs/demo --model2 gemini-2.5-flash --dry-run
+      klstream score runs/demo --model2 gemini-2.5-flash --resume
+      klstream score runs/demo --model2 toy-d0.5 --base-url http://127.0.0.1:8765
+      klstream score runs/demo --model2 my-model --backend openai --base-url http://host:8000/v1
     """
     from klstream.pipeline import score as score_run
     from klstream.progress import ProgressLine
@@ -1010,23 +1095,25 @@ def score(run_dir: Path, **params: Any) -> None:
 
 
 @main.command()
-@_model2_option
-@_top_logprobs_option
-@_api_options
-@click.option(
-    "--batch",
-    is_flag=True,
-    help="Also run a canary batch job of a few lines (minutes to hours on a real service).",
+@cloup.option_group("What to ask", _model2_option, _top_logprobs_option, _thinking_option)
+@_endpoint_groups
+@cloup.option_group(
+    "Batch mode",
+    click.option(
+        "--batch",
+        is_flag=True,
+        help="Also run a canary batch job of a few lines (minutes to hours on a real service).",
+    ),
+    click.option(
+        "--batch-timeout",
+        type=click.FloatRange(min=0.0, min_open=True),
+        default=600.0,
+        show_default=True,
+        help="With --batch: seconds to wait for the canary job before cancelling it.",
+    ),
+    _bucket_option,
+    _poll_option,
 )
-@click.option(
-    "--batch-timeout",
-    type=click.FloatRange(min=0.0, min_open=True),
-    default=600.0,
-    show_default=True,
-    help="With --batch: seconds to wait for the canary job before cancelling it.",
-)
-@_bucket_option
-@_poll_option
 def check(**params: Any) -> None:
     """Can Model 2 be scored here, and how? A few tiny requests, then one row of findings.
 
@@ -1078,22 +1165,59 @@ def _check_verdict(report: CheckReport) -> str:
 
 
 @main.command()
-@click.option(
-    "--prompts",
-    "prompts_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help='Prompts, one per line, or JSON Lines of strings or {"prompt": ...}.',
+@cloup.option_group(
+    "What to ask",
+    click.option("--model", required=True, help="Model 1, e.g. gemini-2.5-flash-lite."),
+    click.option(
+        "--num-samples",
+        type=click.IntRange(min=1),
+        default=5,
+        show_default=True,
+        help="Responses per prompt.",
+    ),
+    click.option(
+        "--max-tokens",
+        type=click.IntRange(min=1),
+        default=256,
+        show_default=True,
+        help="Tokens per response at most.",
+    ),
+    click.option(
+        "--temperature",
+        type=click.FloatRange(min=0.0),
+        default=1.0,
+        show_default=True,
+        help="Sampling temperature of Model 1.",
+    ),
+    click.option(
+        "--top-logprobs",
+        type=click.IntRange(1, 20),
+        default=20,
+        show_default=True,
+        help="Top-k logprobs recorded per token (the spec's files carry 20).",
+    ),
+    click.option("--seed", type=int, help="Seed of the first sample (sample j uses seed + j)."),
+    _thinking_option,
 )
-@click.option("--model", required=True, help="Model 1, e.g. gemini-2.5-flash-lite.")
-@click.option("-o", "--output-dir", required=True, type=click.Path(path_type=Path))
-@click.option("--num-samples", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=1.0, show_default=True)
-@click.option("--top-logprobs", type=click.IntRange(1, 20), default=20, show_default=True)
-@click.option("--seed", type=int, help="Seed of the first sample (sample j uses seed + j).")
-@click.option("--overwrite", is_flag=True, help="Sample again prompts whose file exists.")
-@_api_options
+@_endpoint_groups
+@cloup.option_group(
+    "Input and output",
+    click.option(
+        "--prompts",
+        "prompts_path",
+        required=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help='Prompts, one per line, or JSON Lines of strings or {"prompt": ...}.',
+    ),
+    click.option(
+        "-o",
+        "--output-dir",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Where the response files go: <model>_prompt_<n>.json, one per prompt.",
+    ),
+    click.option("--overwrite", is_flag=True, help="Sample again prompts whose file exists."),
+)
 def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
     """Sample Model 1 responses with logprobs, one spec-format JSON file per prompt."""
     from klstream.input.sample import SampleOptions
@@ -1127,22 +1251,31 @@ def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
 
 
 @main.command(name="run")
-@click.option(
-    "--input-dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Model 1 response files (the spec's input format).",
+@_score_flags(
+    [
+        click.option(
+            "-i",
+            "--input-dir",
+            required=True,
+            type=click.Path(path_type=Path),
+            help="Model 1 response files (the spec's input format).",
+        ),
+        click.option(
+            "-o",
+            "--output-dir",
+            required=True,
+            type=click.Path(path_type=Path),
+            help="Where the _kl.json files go; the run's Parquet workspace is its run/.",
+        ),
+        click.option(
+            "--pattern", default="*.json", show_default=True, help="Glob for input files."
+        ),
+        click.option("--max-files", type=click.IntRange(min=1), help="Process at most N files."),
+        click.option(
+            "--no-report", is_flag=True, help="Do not write report.html beside the results."
+        ),
+    ]
 )
-@click.option(
-    "--output-dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Where the _kl.json files go; the run's Parquet workspace is its run/.",
-)
-@click.option("--pattern", default="*.json", show_default=True, help="Glob for input files.")
-@click.option("--max-files", type=click.IntRange(min=1), help="Process at most N files.")
-@click.option("--no-report", is_flag=True, help="Do not write report.html beside the results.")
-@_score_flags
 def run_all(
     input_dir: Path,
     output_dir: Path,
@@ -1151,7 +1284,15 @@ def run_all(
     no_report: bool,
     **params: Any,
 ) -> None:
-    """explode → score → export in one resumable command, with the spec's flags."""
+    """explode → score → export → report in one resumable command, with the spec's flags.
+
+    Examples:
+
+    \b
+      klstream run -i responses/ -o results/ --model2 gemini-2.5-flash --dry-run
+      klstream run -i responses/ -o results/ --model2 gemini-2.5-flash
+      klstream run -i responses/ -o results/ --model2 gemini-2.5-flash --resume
+    """
     from klstream.input.explode import ExplodeReport
     from klstream.output.export import format_summary
     from klstream.pipeline import RunOptions, dry_run_inputs, run
