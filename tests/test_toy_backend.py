@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
+from fakeservers import refused_url
 
 from klstream import backends
 from klstream.backends import gemini
@@ -114,7 +115,7 @@ def test_registered_and_resolved_like_a_real_backend(toy: ToyService) -> None:
 def test_a_service_is_reached_only_while_open() -> None:
     with ToyService() as closed:
         endpoint = closed.endpoint()
-    for url in (closed.url, "http://127.0.0.1:8765"):
+    for url in (closed.url, refused_url()):
         with pytest.raises(EndpointUnreachable, match=re.escape(url)):
             backends.endpoint_from_environment("toy", base_url=url)
     with pytest.raises(EndpointUnreachable, match=re.escape(closed.url)):
