@@ -426,6 +426,7 @@ def test_run_writes_the_report_beside_the_results_unless_told_not_to(
 INDEPENDENT_TOP = """
 WITH k AS (
     SELECT *, CASE WHEN $score = 'kl' THEN kl_floor
+                   WHEN $score = 'estimate' THEN kl_estimate
                    ELSE kl_floor / nullif(entropy1 + entropy2, 0) END AS s
     FROM read_parquet($kl_path)
 ),
@@ -437,7 +438,7 @@ p AS (
             ROWS BETWEEN 1 FOLLOWING AND $n FOLLOWING) AS after
     FROM read_parquet($positions_path)
 )
-SELECT k.stem, k.response_index, k.position, k.token, k.kl_floor, k.s,
+SELECT k.stem, k.response_index, k.position, k.token, k.kl_floor, k.kl_estimate, k.s,
        coalesce(p.before, '') AS before, coalesce(p.after, '') AS after
 FROM k JOIN p USING (stem, response_index, position)
 WHERE k.s IS NOT NULL AND k.s >= $lo AND k.s <= $hi
@@ -448,7 +449,12 @@ LIMIT $limit
 
 @pytest.mark.parametrize(
     ("score", "lo", "hi", "limit", "context"),
-    [("kl", 0.05, 0.4, 7, 3), ("normalized", 0.0, 0.2, 12, 0), ("kl", 0.0, 100.0, 500, 5)],
+    [
+        ("kl", 0.05, 0.4, 7, 3),
+        ("normalized", 0.0, 0.2, 12, 0),
+        ("kl", 0.0, 100.0, 500, 5),
+        ("estimate", 0.02, 0.5, 9, 2),
+    ],
 )
 def test_top_matches_an_independent_duckdb_query(
     scored_run: Run, score: str, lo: float, hi: float, limit: int, context: int
@@ -490,10 +496,14 @@ def test_top_matches_an_independent_duckdb_query(
         .fetchall()
     )
     assert got and len(got) == len(want)
-    for row, (stem, index, position, token, kl, s, before, after) in zip(got, want, strict=True):
+    column = {"normalized": "normalized_kl", "estimate": "kl_estimate"}.get(score, "kl")
+    for row, (stem, index, position, token, kl, estimate, s, before, after) in zip(
+        got, want, strict=True
+    ):
         assert (row["stem"], row["response_index"], row["position"]) == (stem, index, position)
         assert row["token"] == token and row["kl"] == pytest.approx(kl)
-        assert row["normalized_kl" if score == "normalized" else "kl"] == pytest.approx(s)
+        assert row["kl_estimate"] == pytest.approx(estimate) and estimate is not None
+        assert row[column] == pytest.approx(s)
         assert (row["context_before"], row["context_after"]) == (
             (before, after) if context else ("", "")
         )
@@ -514,6 +524,9 @@ def test_top_writes_parquet_and_a_table(scored_run: Run, tmp_path: Path) -> None
     table = cli("top", scored_run.run_dir, "--model2", FLAKY, "--limit", 4)
     assert table.exit_code == 0
     assert f"{rows[0]['stem']}:{rows[0]['response_index']}@{rows[0]['position']}" in table.output
+    head, _, first, *_ = table.output.splitlines()
+    assert head.split()[:4] == ["#", "kl", "kl/(H1+H2)", "kl_estimate"]
+    assert first.split()[3] == f"{rows[0]['kl_estimate']:.6f}"
     several = cli("top", scored_run.run_dir)
     assert several.exit_code == 4 and "choose one with --model2" in several.output
     nothing = cli("top", scored_run.run_dir, "--model2", FLAKY, "--min", 1e9)
