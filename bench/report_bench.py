@@ -154,7 +154,7 @@ def write_run(run_dir: Path, responses: int, tokens: int, seed: int = 0) -> None
             status = np.where(failed, schemas.SCORE_ERROR, schemas.SCORE_OK)
             errors = pa.array(np.full(n, "503 UNAVAILABLE"), pa.string(), mask=~failed)
             pq.write_table(
-                pa.table(
+                complete(
                     {
                         **key,
                         "model2": pa.array([MODEL2] * n),
@@ -171,7 +171,8 @@ def write_run(run_dir: Path, responses: int, tokens: int, seed: int = 0) -> None
                         "error": errors,
                         "scored_at": pa.array(np.full(n, scored_at.value), scored_at.type),
                     },
-                    schema=schemas.SCORES,
+                    schemas.SCORES,
+                    n,
                 ),
                 run.scores_dir(MODEL2) / f"part-{first:08d}.parquet",
                 compression="zstd",
@@ -192,6 +193,8 @@ def write_run(run_dir: Path, responses: int, tokens: int, seed: int = 0) -> None
                         "error": errors,
                         "kl_floor": masked(kl_floor, failed),
                         "kl_lower": masked(kl_floor * rng.uniform(0.5, 1.0, n), failed),
+                        "kl_estimate": masked(kl_floor * rng.uniform(1.0, 1.3, n), failed),
+                        "tail_sigma2": pa.array(np.full(n, 0.5)),
                         "logratio": masked(p_lp[rows, chosen] - m2_logprob, failed),
                         "model1_logprob": pa.array(p_lp[rows, chosen]),
                         "model2_logprob": masked(m2_logprob, failed),
@@ -205,6 +208,13 @@ def write_run(run_dir: Path, responses: int, tokens: int, seed: int = 0) -> None
                     schema=schemas.KL,
                 )
             )
+
+
+def complete(columns: dict[str, pa.Array], schema: pa.Schema, rows: int) -> pa.Table:
+    """``columns`` as a table of ``schema``, the columns not given (what a bench run does not
+    model, such as the usage of each answer) all null."""
+    missing = {f.name: pa.nulls(rows, f.type) for f in schema if f.name not in columns}
+    return pa.table({**columns, **missing}).select(schema.names).cast(schema)
 
 
 def masked(values: np.ndarray, missing: np.ndarray) -> pa.Array:

@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import click
 import cloup
@@ -445,10 +445,10 @@ def _report_line(result: ReportResult) -> str:
 @click.option("--model2", help="Which Model 2 (needed when the run has several).")
 @click.option(
     "--score",
-    type=click.Choice(["kl", "normalized"]),
+    type=click.Choice(["kl", "normalized", "estimate"]),
     default="kl",
     show_default=True,
-    help="kl: kl_floor; normalized: kl_floor / (entropy1 + entropy2).",
+    help="kl: kl_floor; normalized: kl_floor / (entropy1 + entropy2); estimate: kl_estimate.",
 )
 @click.option("--min", "minimum", type=float, help="Only positions with score >= MIN.")
 @click.option("--max", "maximum", type=float, help="Only positions with score <= MAX.")
@@ -484,8 +484,7 @@ def top(
 
     from klstream.output.top import TopQuery, format_table, top_tokens_of_run, write_parquet
 
-    chosen: Score = "normalized" if score == "normalized" else "kl"
-    query = TopQuery(model2, chosen, minimum, maximum, limit, context)
+    query = TopQuery(model2, cast("Score", score), minimum, maximum, limit, context)
     table = top_tokens_of_run(run_dir, query)
     if parquet is not None:
         write_parquet(table, parquet)

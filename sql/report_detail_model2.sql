@@ -15,6 +15,7 @@ answers AS (
 SELECT
     k.kl_floor,
     k.kl_lower,
+    k.kl_estimate,
     k.logratio,
     k.entropy1,
     k.entropy2,

@@ -11,6 +11,7 @@ SELECT
     max(k.kl_floor) AS max_kl,
     sum(k.kl_floor) AS total_kl,
     avg(k.kl_floor / nullif(k.entropy1 + k.entropy2, 0)) AS mean_normalized_kl,
+    avg(k.kl_estimate) AS mean_kl_estimate,
     sum(k.logratio) AS total_logratio,
     count(k.kl_floor)::INTEGER AS scored,
     count(*) FILTER (WHERE k.status = getvariable('kl_error'))::INTEGER AS failed,

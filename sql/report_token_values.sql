@@ -9,6 +9,7 @@ SELECT
     k.kl_floor,
     k.kl_floor / nullif(k.entropy1 + k.entropy2, 0) AS normalized_kl,
     k.logratio,
+    k.kl_estimate,
     coalesce(k.status, getvariable('kl_unscored')) AS status,
     k.m1_token_in_m2_topk,
     k.top1_agree,

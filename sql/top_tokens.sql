@@ -1,8 +1,9 @@
 -- The positions of one $model2 whose score lies in [$min, $max] (a null bound is no bound),
 -- highest first, at most $limit of them (null: all), each with Model 1's $context tokens before
--- and after it. $score is 'kl' (kl_floor, the spec's KL) or 'normalized' (kl_floor divided by
+-- and after it. $score is 'kl' (kl_floor, the spec's KL), 'normalized' (kl_floor divided by
 -- entropy1 + entropy2, so that positions where both models are unsure weigh less; null where
--- both entropies are 0). `klstream top` and the report's highest-KL list both run this.
+-- both entropies are 0) or 'estimate' (kl_estimate, the model-based point estimate of the full
+-- KL; null in KL tables written before it existed). `klstream top` and the report's highest-KL list both run this.
 WITH scored AS (
     SELECT
         model2,
@@ -12,6 +13,7 @@ WITH scored AS (
         token,
         kl_floor AS kl,
         kl_floor / nullif(entropy1 + entropy2, 0) AS normalized_kl,
+        kl_estimate,
         kl_lower,
         logratio,
         entropy1,
@@ -24,7 +26,11 @@ WITH scored AS (
 picked AS (
     SELECT *
     FROM (
-        SELECT *, CASE $score WHEN 'normalized' THEN normalized_kl ELSE kl END AS score
+        SELECT *, CASE $score
+            WHEN 'normalized' THEN normalized_kl
+            WHEN 'estimate' THEN kl_estimate
+            ELSE kl
+        END AS score
         FROM scored
     )
     WHERE score IS NOT NULL
@@ -57,6 +63,7 @@ SELECT
     t.token,
     t.kl,
     t.normalized_kl,
+    t.kl_estimate,
     t.kl_lower,
     t.logratio,
     t.entropy1,

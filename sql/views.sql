@@ -91,6 +91,9 @@ GROUP BY model2, stem, response_index;
 CREATE OR REPLACE VIEW run_configs AS
 SELECT * FROM read_json(getvariable('run_config_files'), columns = {
     'model2': 'VARCHAR',
+    'backend': 'VARCHAR',
+    'top_logprobs': 'BIGINT',
+    'thinking_budget': 'VARCHAR',
     'temperature': 'DOUBLE',
     'lookahead': 'VARCHAR',
     'decoding': 'VARCHAR',

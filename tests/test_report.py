@@ -12,7 +12,9 @@ import gzip
 import json
 import math
 import re
+import shlex
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import closing
@@ -25,8 +27,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from cli import invoke as cli
+from cli import start_process
 from hypothesis import given
 from hypothesis import strategies as st
+from test_lookahead import toy_prices
 
 from klstream.emulator import EmulatorServer, FaultConfig
 from klstream.errors import KlstreamError
@@ -48,12 +52,15 @@ from klstream.output.report import (
 )
 from klstream.storage.database import connect
 from klstream.storage.rundir import RunDir
+from klstream.storage.sqlfiles import load_sql
 
 if TYPE_CHECKING:
     from conftest import ToyInputs
 
 CLEAN = "toy-d0.5"
 FLAKY = "toy-d1"
+THREE = ("toy-d0.2", "toy-d0.5", "toy-d1")
+"""The Model 2s of the priced run, in the report's (alphabetical) order."""
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ResponseKey = tuple[str, int]
@@ -88,6 +95,30 @@ def scored_run(toy_inputs: ToyInputs, tmp_path_factory: pytest.TempPathFactory) 
         )
     assert flaky.exit_code == 6 and "remain unscored" in flaky.output, flaky.output
     return Run(run_dir, ("story-1", 1))
+
+
+@pytest.fixture(scope="session")
+def priced_run(toy_inputs: ToyInputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy inputs scored by three Model 2s over HTTP, with lookahead (the default, so one
+    request answers several positions) and at list prices."""
+    root = tmp_path_factory.mktemp("priced-run")
+    run_dir = root / "run"
+    assert cli("explode", toy_inputs.directory, "-o", run_dir).exit_code == 0
+    prices = toy_prices(root)
+    with EmulatorServer() as server:
+        for model2 in THREE:
+            result = cli(
+                "score",
+                run_dir,
+                "--model2",
+                model2,
+                "--base-url",
+                server.base_url,
+                "--prices",
+                prices,
+            )
+            assert result.exit_code == 0, result.output
+    return run_dir
 
 
 # --- the payload, decoded as the page decodes it ----------------------------------------------
@@ -328,12 +359,8 @@ def test_summary_histogram_and_top_tokens(scored_run: Run, tmp_path: Path) -> No
         assert summary["positions"] == len(kl) and summary["scored"] == len(values)
         assert summary["mean_kl"] == pytest.approx(float(np.mean(values)))
         assert summary["outside_topk"] == sum(r["m1_token_in_m2_topk"] is False for r in kl)
-        requests = query(
-            scored_run.run_dir,
-            "SELECT sum(attempts) AS n FROM scores WHERE model2 = $m",
-            {"m": model2},
-        )
-        assert summary["requests"] == requests[0]["n"]
+        (costs,) = query(scored_run.run_dir, "SELECT * FROM costs WHERE model2 = $m", {"m": model2})
+        assert summary["cost"]["requests"] == costs["requests"] > 0
         assert sum(header["histogram_counts"][m]) == len(values)
         positive = [v for v in values if v > 0]
         bins = [max(-80, min(19, math.floor(math.log10(v) * 10))) for v in positive]
@@ -344,6 +371,99 @@ def test_summary_histogram_and_top_tokens(scored_run: Run, tmp_path: Path) -> No
     keys = keys_in_order(scored_run.run_dir)
     first = header["top_tokens"][0][0]
     assert keys[first["row"]] == (first["stem"], first["response_index"])
+
+
+def export_figures(output: str) -> dict[str, str]:
+    """The figures ``klstream export`` prints, as printed (thousands separators dropped)."""
+    patterns = {
+        "positions": r"Positions:\s+([\d,]+)\s+scored ([\d,]+), failed ([\d,]+), unscored ([\d,]+)",
+        "mean_kl": r"Mean +KLD:\s+(\S+) ± +(\S+)",
+        "kl_estimate": r"Mean KL estimate:\s+(\S+) ± +(\S+)",
+        "requests": r"Requests:\s+([\d,]+) .*input tokens ([\d,]+) uncached \+ ([\d,]+) cached, "
+        r"output tokens ([\d,]+)",
+        "usd": r"Cost \(list\):\s+\$([\d.]+) \(batch \$([\d.]+)\)",
+    }
+    found = {}
+    for name, pattern in patterns.items():
+        match = re.search(pattern, output)
+        assert match is not None, f"{name} not in:\n{output}"
+        found[name] = " ".join(group.replace(",", "") for group in match.groups())
+    return found
+
+
+def test_report_figures_are_what_the_cli_prints(priced_run: Path, tmp_path: Path) -> None:
+    """Requests, tokens, USD, mean KL and kl_estimate with their standard errors, and the scored
+    counts: the report carries what `klstream export` prints and the costs view holds, also on a
+    lookahead run, where summing the scores' attempts counts a request once per step."""
+    header = decode(write_report(priced_run, tmp_path / "r.html").path.read_text()).header
+    assert header["models"] == list(THREE)
+    for m, model2 in enumerate(THREE):
+        shown = header["summaries"][m]
+        printed = cli("export", priced_run, "-o", tmp_path / model2, "--model2", model2)
+        assert printed.exit_code == 0, printed.output
+        cli_figures = export_figures(printed.output)
+        (costs,) = query(priced_run, "SELECT * FROM costs WHERE model2 = $m", {"m": model2})
+        (attempts,) = query(
+            priced_run, "SELECT sum(attempts) AS n FROM scores WHERE model2 = $m", {"m": model2}
+        )
+        assert attempts["n"] > costs["requests"], "lookahead steps share their request"
+        assert shown["requests"] == int(cli_figures["requests"].split()[0]) == costs["requests"]
+        shown_figures = {
+            "positions": f"{shown['positions']} {shown['scored']} {shown['failed']} "
+            f"{shown['unscored']}",
+            "mean_kl": f"{shown['mean_kl']:.6f} {shown['mean_kl_stderr']:.6f}",
+            "kl_estimate": f"{shown['mean_kl_estimate']:.6f} "
+            f"{shown['mean_kl_estimate_stderr']:.6f}",
+            "requests": f"{shown['requests']} {shown['uncached_input_tokens']} "
+            f"{shown['cached_input_tokens']} {shown['output_tokens']}",
+            "usd": f"{shown['usd']:.4f} {shown['batch_usd']:.4f}",
+        }
+        assert shown_figures == cli_figures
+        for name in ("requests", "output_tokens", "thoughts_tokens", "usd", "batch_usd"):
+            assert shown[name] == costs[name]
+        assert shown["usage_recorded"] and shown["priced_as"] == "toy"
+
+
+def test_title_names_the_inputs_and_the_models(priced_run: Path, tmp_path: Path) -> None:
+    page = write_report(priced_run, tmp_path / "r.html").path.read_text()
+    title = "klstream: story-0, story-1, story-2 — toy vs toy-d0.2, toy-d0.5, toy-d1"
+    assert decode(page).header["title"] == title
+    assert f"<title>{title}</title>" in page and f"<h1>{title}</h1>" in page
+
+
+def test_kl_estimate_per_response_per_position_and_in_detail(
+    priced_run: Path, tmp_path: Path
+) -> None:
+    decoded = decode(write_report(priced_run, tmp_path / "r.html").path.read_text())
+    a = decoded.arrays
+    for m, model2 in enumerate(THREE):
+        stats = query(
+            priced_run,
+            "SELECT mean_kl_estimate FROM response_stats WHERE model2 = $m "
+            "ORDER BY stem, response_index",
+            {"m": model2},
+        )
+        np.testing.assert_allclose(
+            a[f"response/{m}/mean_kl_estimate"], [r["mean_kl_estimate"] for r in stats]
+        )
+        kl = query(
+            priced_run,
+            "SELECT kl_estimate FROM kl WHERE model2 = $m ORDER BY stem, response_index, position",
+            {"m": model2},
+        )
+        exact = np.array([r["kl_estimate"] for r in kl], dtype=np.float64)
+        assert not np.isnan(exact).any()
+        shown = KL_SCALE.decode(a[f"estimate/{m}"])
+        inside = (exact >= 1e-8) & (exact <= 100)
+        half_step = 10 ** (KL_SCALE.step / 2)
+        assert np.all(shown[inside] / exact[inside] <= half_step * (1 + 1e-9))
+        assert np.all(exact[inside] / shown[inside] <= half_step * (1 + 1e-9))
+        offsets = a["response/offset"]
+        in_detail_order = np.concatenate(
+            [exact[offsets[row] : offsets[row + 1]] for row in decoded.header["detail_rows"]]
+        )
+        np.testing.assert_allclose(a[f"detail/{m}/kl_estimate"], in_detail_order, rtol=1e-6)
+        assert decoded.header["thresholds"][m]["estimate"] > 0
 
 
 @given(st.floats(min_value=1e-8, max_value=100.0))
@@ -426,6 +546,7 @@ def test_run_writes_the_report_beside_the_results_unless_told_not_to(
 INDEPENDENT_TOP = """
 WITH k AS (
     SELECT *, CASE WHEN $score = 'kl' THEN kl_floor
+                   WHEN $score = 'estimate' THEN kl_estimate
                    ELSE kl_floor / nullif(entropy1 + entropy2, 0) END AS s
     FROM read_parquet($kl_path)
 ),
@@ -437,7 +558,7 @@ p AS (
             ROWS BETWEEN 1 FOLLOWING AND $n FOLLOWING) AS after
     FROM read_parquet($positions_path)
 )
-SELECT k.stem, k.response_index, k.position, k.token, k.kl_floor, k.s,
+SELECT k.stem, k.response_index, k.position, k.token, k.kl_floor, k.kl_estimate, k.s,
        coalesce(p.before, '') AS before, coalesce(p.after, '') AS after
 FROM k JOIN p USING (stem, response_index, position)
 WHERE k.s IS NOT NULL AND k.s >= $lo AND k.s <= $hi
@@ -448,7 +569,12 @@ LIMIT $limit
 
 @pytest.mark.parametrize(
     ("score", "lo", "hi", "limit", "context"),
-    [("kl", 0.05, 0.4, 7, 3), ("normalized", 0.0, 0.2, 12, 0), ("kl", 0.0, 100.0, 500, 5)],
+    [
+        ("kl", 0.05, 0.4, 7, 3),
+        ("normalized", 0.0, 0.2, 12, 0),
+        ("kl", 0.0, 100.0, 500, 5),
+        ("estimate", 0.02, 0.5, 9, 2),
+    ],
 )
 def test_top_matches_an_independent_duckdb_query(
     scored_run: Run, score: str, lo: float, hi: float, limit: int, context: int
@@ -490,10 +616,14 @@ def test_top_matches_an_independent_duckdb_query(
         .fetchall()
     )
     assert got and len(got) == len(want)
-    for row, (stem, index, position, token, kl, s, before, after) in zip(got, want, strict=True):
+    column = {"normalized": "normalized_kl", "estimate": "kl_estimate"}.get(score, "kl")
+    for row, (stem, index, position, token, kl, estimate, s, before, after) in zip(
+        got, want, strict=True
+    ):
         assert (row["stem"], row["response_index"], row["position"]) == (stem, index, position)
         assert row["token"] == token and row["kl"] == pytest.approx(kl)
-        assert row["normalized_kl" if score == "normalized" else "kl"] == pytest.approx(s)
+        assert row["kl_estimate"] == pytest.approx(estimate) and estimate is not None
+        assert row[column] == pytest.approx(s)
         assert (row["context_before"], row["context_after"]) == (
             (before, after) if context else ("", "")
         )
@@ -514,6 +644,9 @@ def test_top_writes_parquet_and_a_table(scored_run: Run, tmp_path: Path) -> None
     table = cli("top", scored_run.run_dir, "--model2", FLAKY, "--limit", 4)
     assert table.exit_code == 0
     assert f"{rows[0]['stem']}:{rows[0]['response_index']}@{rows[0]['position']}" in table.output
+    head, _, first, *_ = table.output.splitlines()
+    assert head.split()[:4] == ["#", "kl", "kl/(H1+H2)", "kl_estimate"]
+    assert first.split()[3] == f"{rows[0]['kl_estimate']:.6f}"
     several = cli("top", scored_run.run_dir)
     assert several.exit_code == 4 and "choose one with --model2" in several.output
     nothing = cli("top", scored_run.run_dir, "--model2", FLAKY, "--min", 1e9)
@@ -694,3 +827,163 @@ def test_report_in_headless_chromium(scored_run: Run, tmp_path: Path, browser: A
 
     screenshot = tmp_path / "report.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+
+
+def test_partly_scored_run_names_the_command_that_finishes_it(
+    scored_run: Run, tmp_path: Path
+) -> None:
+    """The banner's command, run as printed (at the endpoint the environment names, as the
+    run was scored), scores what failed and what was never asked."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(scored_run.run_dir, run_dir)
+    header = decode(write_report(run_dir, tmp_path / "before.html").path.read_text()).header
+    m = header["models"].index(FLAKY)
+    before = header["summaries"][m]
+    assert before["failed"] > 0 and before["scored"] < before["positions"]
+    command = shlex.split(before["resume"])
+    assert command[:2] == ["klstream", "score"] and command[-1] == "--resume"
+    with EmulatorServer() as server:
+        process = start_process(*command[1:], GOOGLE_GEMINI_BASE_URL=server.base_url)
+        try:
+            output, errors = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, output + errors
+    after = decode(write_report(run_dir, tmp_path / "after.html").path.read_text()).header
+    finished = after["summaries"][m]
+    assert finished["scored"] == finished["positions"] == before["positions"]
+    assert finished["failed"] == finished["unscored"] == 0
+
+
+def open_page(browser: Any, page: Path, width: int) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_window_size(width, 1000)
+    browser.get(page.as_uri())
+    WebDriverWait(browser, 30).until(
+        lambda d: d.execute_script("return document.documentElement.dataset.ready") == "true"
+    )
+    assert browser.execute_script("return innerWidth") == width
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def no_page_overflow(browser: Any) -> bool:
+    overflow: bool = browser.execute_script(
+        "return document.documentElement.scrollWidth <= innerWidth"
+    )
+    return overflow
+
+
+def box(element: Any) -> dict[str, float]:
+    rect: dict[str, float] = element.parent.execute_script(
+        "return arguments[0].getBoundingClientRect().toJSON()", element
+    )
+    return rect
+
+
+def leading_number(text: str) -> float:
+    """The first number of a cell such as ``0.1071 ± 0.005161`` or ``1.90e-4 ± ...``."""
+    return float(text.split(" ")[0].replace(",", "").lstrip("$"))
+
+
+@pytest.mark.parametrize("width", [1024, 1600])
+def test_report_layout_at_two_widths(
+    priced_run: Path, tmp_path: Path, browser: Any, width: int
+) -> None:
+    """No horizontal overflow of the page; charts at least 560 × 260 px with 12 px text,
+    labelled axes and a legend naming each Model 2; the overview's figures as the costs view
+    holds them; every Model 2's top-k list whole inside the hover panel."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    page = write_report(priced_run, tmp_path / "report.html").path
+    open_page(browser, page, width)
+    assert no_page_overflow(browser)
+    assert not browser.find_element(By.ID, "banner").is_displayed()
+
+    for chart in ("histogram", "by-position"):
+        frame = browser.find_element(By.CSS_SELECTOR, f"#{chart} svg")
+        size = box(frame)
+        assert size["width"] >= 560 and size["height"] >= 260, (chart, size)
+        sizes = browser.execute_script(
+            "return [...arguments[0].querySelectorAll('text')]"
+            ".map(t => parseFloat(getComputedStyle(t).fontSize))",
+            frame,
+        )
+        assert sizes and min(sizes) >= 12
+        labels = [t.text for t in frame.find_elements(By.CSS_SELECTOR, "text.axis-label")]
+        assert len(labels) == 2 and all("(" in label for label in labels), labels
+        legend = browser.find_elements(By.CSS_SELECTOR, f"#{chart}-legend .legend-item")
+        assert [item.text.strip() for item in legend] == list(THREE)
+
+    # The response table fits its box (its prompts cut short), which fits the page.
+    wrap = browser.find_element(By.CSS_SELECTOR, "#responses .table-wrap")
+    assert box(wrap)["right"] <= width
+    assert browser.execute_script(
+        "return arguments[0].scrollWidth <= arguments[0].clientWidth", wrap
+    )
+
+    # The overview shows the figures the costs view and the summary hold, per Model 2.
+    def cells(figure: str) -> list[str]:
+        return [
+            td.text
+            for td in browser.find_elements(
+                By.CSS_SELECTOR, f"#summary-table tr[data-figure={figure}] td"
+            )
+        ]
+
+    for m, model2 in enumerate(THREE):
+        (costs,) = query(priced_run, "SELECT * FROM costs WHERE model2 = $m", {"m": model2})
+        (summary,) = query(priced_run, load_sql("summary"), {"model2": model2})
+        assert cells("requests")[m].startswith(f"{costs['requests']:,} (")
+        assert cells("output")[m] == f"{costs['output_tokens']:,}"
+        assert cells("usd")[m] == f"${costs['usd']:.4f}"
+        assert cells("batch-usd")[m] == f"${costs['batch_usd']:.4f}"
+        mean, stderr = cells("estimate")[m].split(" ± ")
+        assert float(mean) == pytest.approx(summary["mean_kl_estimate"], rel=1e-3)
+        assert float(stderr) == pytest.approx(summary["mean_kl_estimate_stderr"], rel=1e-3)
+
+    # Hover a token: Model 1's list and each Model 2's, whole, inside the panel.
+    token = browser.find_elements(By.CSS_SELECTOR, "#tokens .tok")[2]
+    ActionChains(browser).move_to_element(token).perform()
+    panel = browser.find_element(By.ID, "token-detail")
+    lists = panel.find_elements(By.CSS_SELECTOR, "table.topk")
+    assert [t.get_attribute("data-list") for t in lists] == ["m1", "m2-0", "m2-1", "m2-2"]
+    inside = box(panel)
+    assert browser.execute_script("return arguments[0].scrollWidth", panel) <= (
+        browser.execute_script("return arguments[0].clientWidth", panel)
+    )
+    for table in lists:
+        edges = box(table)
+        assert inside["left"] <= edges["left"] and edges["right"] <= inside["right"]
+        assert len(table.find_elements(By.CSS_SELECTOR, "td.tk")) == 20
+    estimate_row = panel.find_element(
+        By.XPATH, ".//table[contains(@class,'estimators')]//tr[th[starts-with(., 'kl_estimate')]]"
+    )
+    assert len(estimate_row.find_elements(By.CSS_SELECTOR, "td")) == len(THREE)
+    assert all(leading_number(td.text) > 0 for td in estimate_row.find_elements(By.TAG_NAME, "td"))
+    screenshot = tmp_path / f"report-{width}.png"
+    assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("width", [1024, 1600])
+def test_banner_on_a_partly_scored_run(
+    scored_run: Run, tmp_path: Path, browser: Any, width: int
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    page = write_report(scored_run.run_dir, tmp_path / "report.html")
+    header = decode(page.path.read_text()).header
+    flaky = header["summaries"][header["models"].index(FLAKY)]
+    open_page(browser, page.path, width)
+    banner = browser.find_element(By.ID, "banner")
+    assert banner.is_displayed()
+    lines = banner.find_elements(By.CSS_SELECTOR, ".banner-line")
+    assert len(lines) == 1, "only the Model 2 with failures is partly scored"
+    assert lines[0].text.startswith(
+        f"{flaky['scored']:,} of {flaky['positions']:,} positions scored for {FLAKY}: "
+        f"figures are for the scored part only ({flaky['failed']:,} failed, "
+    )
+    assert lines[0].find_element(By.CSS_SELECTOR, "code").text == flaky["resume"]
+    assert no_page_overflow(browser)

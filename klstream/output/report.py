@@ -10,10 +10,10 @@ network.
 
 Scale: a run of 10,000 responses × 500 tokens cannot carry every top-k list, so every position
 carries its token (an index into a token dictionary), one byte per estimator (KL, normalized KL,
-log-ratio: log-scale quantized, :class:`LogScale` / :class:`SignedLogScale`) and one byte of flags
-per Model 2. Full top-k lists (logprobs in fixed point, :data:`LOGPROB_UNITS`) and exact
-estimators ride along only for *detail* responses: those named with ``detail``, then the most
-divergent by mean and by max KL until ``detail_positions`` positions. ``only`` writes a page
+kl_estimate, log-ratio: log-scale quantized, :class:`LogScale` / :class:`SignedLogScale`) and one
+byte of flags per Model 2. Full top-k lists (logprobs in fixed point, :data:`LOGPROB_UNITS`) and
+exact estimators ride along only for *detail* responses: those named with ``detail``, then the
+most divergent by mean and by max KL until ``detail_positions`` positions. ``only`` writes a page
 for chosen responses, all of them with detail.
 """
 
@@ -23,6 +23,7 @@ import base64
 import datetime
 import gzip
 import json
+import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from klstream.output.export import scored_models, summarize
 from klstream.output.top import DEFAULT_CONTEXT, TopQuery, top_tokens
 from klstream.storage import schemas
 from klstream.storage.atomic import write_text_atomic
-from klstream.storage.database import ResponseRange, ranged, response_ranges
+from klstream.storage.database import ResponseRange, ranged, response_ranges, view_names
 from klstream.storage.rundir import RunDir
 from klstream.storage.sqlfiles import load_sql
 
@@ -59,6 +60,21 @@ FLAG_OUTSIDE_TOPK = 4
 FLAG_TOP1_DIFFERS = 8
 
 ResponseKey = tuple[str, int]
+
+COST_FIGURES = (
+    "requests",
+    "requests_per_position",
+    "uncached_input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "thoughts_tokens",
+    "usd",
+    "batch_usd",
+    "priced_as",
+    "price_date",
+)
+"""What the overview shows of the ``costs`` view, the figures ``klstream export`` prints
+(:func:`klstream.output.export.cost_summary`), by the same names."""
 
 
 @dataclass(frozen=True)
@@ -302,7 +318,14 @@ class _Builder:
             stats = pa.concat_tables(
                 _range_tables(self.con, "report_response_stats", self.ranges, {"model2": model2})
             )
-            for name in ("mean_kl", "max_kl", "total_kl", "mean_normalized_kl", "top1_agreement"):
+            for name in (
+                "mean_kl",
+                "max_kl",
+                "total_kl",
+                "mean_normalized_kl",
+                "mean_kl_estimate",
+                "top1_agreement",
+            ):
                 sections[f"response/{m}/{name}"] = _floats(stats.column(name))
             for name in ("scored", "failed", "unscored", "outside_topk"):
                 sections[f"response/{m}/{name}"] = _ints(stats.column(name), np.uint32)
@@ -331,8 +354,18 @@ class _Builder:
         for model2 in self.models:
             summary = _clean_summary(summarize(self.con, model2))
             figures = _execute(self.con, "report_run_figures", {"model2": model2}).to_pylist()[0]
-            summaries.append({**summary, **figures})
+            cost = summary["cost"] or {}
+            summaries.append(
+                {
+                    **summary,
+                    **figures,
+                    **{key: cost.get(key) for key in COST_FIGURES},
+                    "usage_recorded": bool(cost),
+                    "resume": self._resume_command(model2),
+                }
+            )
         header["summaries"] = summaries
+        header["title"] = self._title(summaries)
         histogram = _execute(self.con, "report_histogram").to_pylist()
         header["histogram"] = [
             [row["bin"] for row in histogram if row["model2"] == model2] for model2 in self.models
@@ -352,6 +385,40 @@ class _Builder:
             }
             for model2 in self.models
         ]
+
+    def _resume_command(self, model2: str) -> str:
+        """``klstream score`` with ``--resume`` and the settings run.json says a resumed run must
+        repeat; the endpoint is not recorded, so it is the backend's default (or its
+        environment variable, as for any command)."""
+        words = ["klstream", "score", str(self.run_dir.resolve()), "--model2", model2]
+        if "run_configs" in view_names(self.con):
+            rows = _execute(self.con, "report_run_config", {"model2": model2}).to_pylist()
+            if rows:
+                config = rows[0]
+                words += ["--backend", config["backend"]] if config["backend"] else []
+                if config["top_logprobs"] is not None:
+                    words += ["--top-logprobs", str(config["top_logprobs"])]
+                if config["temperature"] is not None:
+                    words += ["--temperature", f"{config['temperature']:g}"]
+                words += ["--thinking-budget", config["thinking_budget"] or "none"]
+        return shlex.join([*words, "--resume"])
+
+    def _title(self, summaries: list[dict[str, Any]]) -> str:
+        """What was compared: the inputs (their directory's name, or the stems) and the models."""
+        stems = self.payload.header["stems"]
+        manifest = RunDir(self.run_dir).inputs_manifest
+        input_dir = None
+        if manifest.is_file():
+            input_dir = json.loads(manifest.read_text(encoding="utf-8")).get("input_dir")
+        files = f"{len(stems):,} file" + ("" if len(stems) == 1 else "s")
+        if len(stems) <= 3:
+            inputs = ", ".join(stems)
+        elif input_dir:
+            inputs = f"{Path(input_dir).name} ({files})"
+        else:
+            inputs = f"{stems[0]} … {stems[-1]} ({files})"
+        model1 = sorted({name for summary in summaries for name in summary["model1"] or []})
+        return f"klstream: {inputs} — {', '.join(model1) or 'Model 1'} vs {', '.join(self.models)}"
 
     def _positions(self) -> None:
         """Per position: the token, and per Model 2 the quantized estimators and flags."""
@@ -377,6 +444,7 @@ class _Builder:
                 "kl": [],
                 "normalized": [],
                 "logratio": [],
+                "estimate": [],
                 "flags": [],
             }
             start = 0
@@ -386,6 +454,7 @@ class _Builder:
                 parts["kl"].append(KL_SCALE.encode(_floats(table.column("kl_floor"))))
                 parts["normalized"].append(KL_SCALE.encode(_floats(table.column("normalized_kl"))))
                 parts["logratio"].append(LOGRATIO_SCALE.encode(_floats(table.column("logratio"))))
+                parts["estimate"].append(KL_SCALE.encode(_floats(table.column("kl_estimate"))))
                 parts["flags"].append(self._flags(table))
                 errors = table.column("error").combine_chunks()
                 where = np.flatnonzero(_bools(pc.is_valid(errors)))
@@ -404,6 +473,7 @@ class _Builder:
                     "logratio": _percentile_90(
                         LOGRATIO_SCALE, sections[f"logratio/{m}"], magnitude=True
                     ),
+                    "estimate": _percentile_90(KL_SCALE, sections[f"estimate/{m}"]),
                 }
             )
         messages = pc.dictionary_encode(pa.concat_arrays(error_messages))
@@ -488,7 +558,14 @@ class _Builder:
                     self.con, "report_detail_model2", {"model2": model2, "stems": stems}
                 )
                 self._lists(model2_table, f"detail/{m}")
-                for name in ("kl_floor", "kl_lower", "logratio", "entropy1", "entropy2"):
+                for name in (
+                    "kl_floor",
+                    "kl_lower",
+                    "kl_estimate",
+                    "logratio",
+                    "entropy1",
+                    "entropy2",
+                ):
                     sections[f"detail/{m}/{name}"] = _floats(model2_table.column(name)).astype(
                         np.float32
                     )
@@ -526,6 +603,7 @@ class _Builder:
                         "token": row["token"],
                         "kl": row["kl"],
                         "normalized_kl": row["normalized_kl"],
+                        "kl_estimate": row["kl_estimate"],
                         "logratio": row["logratio"],
                         "before": row["context_before"],
                         "after": row["context_after"],
@@ -615,7 +693,7 @@ def write_report(
     payload = build_payload(run_dir, options)
     header = payload.header
     page_of = header["meta"]["page_of"]
-    title = f"klstream: {', '.join(page_of)}" if page_of else f"klstream report: {run_dir.name}"
+    title = f"{header['title']}: {', '.join(page_of)}" if page_of else header["title"]
     html = render(payload, title)
     write_text_atomic(target, html)
     return ReportResult(

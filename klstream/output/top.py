@@ -18,8 +18,8 @@ from klstream.output.export import resolve_model2
 from klstream.storage.atomic import atomic_path
 from klstream.storage.sqlfiles import load_sql
 
-Score = Literal["kl", "normalized"]
-SCORES: tuple[Score, ...] = ("kl", "normalized")
+Score = Literal["kl", "normalized", "estimate"]
+SCORES: tuple[Score, ...] = ("kl", "normalized", "estimate")
 DEFAULT_LIMIT = 20
 DEFAULT_CONTEXT = 8
 
@@ -69,20 +69,27 @@ def _visible(text: str) -> str:
     return text.replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥")
 
 
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6f}"
+
+
 def format_table(table: pa.Table) -> str:
-    """A plain-text table: rank, KL, normalized KL, where, and the token inside its context."""
-    header = f"{'#':>4}  {'kl':>10}  {'kl/(H1+H2)':>10}  {'where':<28}  context ⟦token⟧"
+    """A plain-text table: rank, KL, normalized KL, kl_estimate, where, and the token inside
+    its context."""
+    header = (
+        f"{'#':>4}  {'kl':>10}  {'kl/(H1+H2)':>10}  {'kl_estimate':>11}  {'where':<28}  "
+        "context ⟦token⟧"
+    )
     lines = [header, "-" * len(header)]
     for rank, row in enumerate(table.to_pylist(), start=1):
-        normalized = row["normalized_kl"]
-        normalized_text = "n/a" if normalized is None else f"{normalized:.6f}"
         where = f"{row['stem']}:{row['response_index']}@{row['position']}"
         context = (
             f"{_visible(row['context_before'])}⟦{_visible(row['token'])}⟧"
             f"{_visible(row['context_after'])}"
         )
         lines.append(
-            f"{rank:>4}  {row['kl']:>10.6f}  {normalized_text:>10}  {where:<28}  {context}"
+            f"{rank:>4}  {row['kl']:>10.6f}  {_figure(row['normalized_kl']):>10}  "
+            f"{_figure(row['kl_estimate']):>11}  {where:<28}  {context}"
         )
     if table.num_rows == 0:
         lines.append("(no position in that range)")

@@ -16,7 +16,9 @@ const TYPED = {
   uint8: Uint8Array, uint16: Uint16Array, uint32: Uint32Array, int32: Int32Array,
   float32: Float32Array, float64: Float64Array,
 };
-const SCORE_NAMES = { kl: "KL", normalized: "KL/(H1+H2)", logratio: "log-ratio" };
+const SCORE_NAMES = { kl: "KL", normalized: "KL/(H1+H2)", estimate: "kl_estimate", logratio: "log-ratio" };
+const ESTIMATE_MEANING = "kl_estimate is the recommended number: a model-based point estimate of the full KL(Model 1 ‖ Model 2) per token, in nats, counting the probability both top-k lists leave out (kl_floor, the spec's KL, reads low); ± is the standard error of the mean over the scored positions.";
+const CHART_HEIGHT = 280;
 
 function byId(id) { return document.getElementById(id); }
 
@@ -174,8 +176,8 @@ class Run {
     this.models = header.models;
     this.dictionary = header.dictionary;
     this.responses = arrays["response/index"].length;
-    this.tables = { kl: logTable(header.scales.kl), normalized: logTable(header.scales.kl),
-      logratio: signedLogTable(header.scales.logratio) };
+    const kl = logTable(header.scales.kl);
+    this.tables = { kl, normalized: kl, estimate: kl, logratio: signedLogTable(header.scales.logratio) };
     this.detailOf = new Map(header.detail_rows.map((row, i) => [row, i]));
     this.flags = header.flags;
   }
@@ -226,7 +228,7 @@ class Run {
       m1Logprob: this.a["detail/m1/logprob"][at],
       models: this.models.map((_, m) => ({
         list: list(`detail/${m}`),
-        kl: exact(m, "kl_floor"), klLower: exact(m, "kl_lower"), logratio: exact(m, "logratio"),
+        kl: exact(m, "kl_floor"), klLower: exact(m, "kl_lower"), estimate: exact(m, "kl_estimate"), logratio: exact(m, "logratio"),
         entropy1: exact(m, "entropy1"), entropy2: exact(m, "entropy2"), logprob: exact(m, "logprob"),
       })),
     };
@@ -234,6 +236,16 @@ class Run {
 }
 
 // ---- overview -----------------------------------------------------------------------------
+
+function usd(value) { return isMissing(value) ? "n/a" : "$" + value.toFixed(4); }
+
+// Requests, tokens and USD as `klstream export` prints them (the costs view).
+function costText(x, show) { return x.usage_recorded ? show(x) : "not recorded (scored before klstream recorded usage)"; }
+
+function priceText(x, key) {
+  if (!x.usage_recorded) return "not recorded";
+  return isMissing(x.usd) ? "no price known: use --prices" : usd(x[key]);
+}
 
 function summaryTable(run) {
   const s = run.header.summaries;
@@ -243,8 +255,8 @@ function summaryTable(run) {
     ["Scored", (x) => count(x.scored)],
     ["Failed", (x) => count(x.failed)],
     ["Not scored yet", (x) => count(x.unscored)],
-    ["Model 1 token outside Model 2's top-k", (x) => `${count(x.outside_topk)} (${percent(x.m1_token_outside_m2_topk_rate)})`],
-    ["Mean KL ± standard error", (x) => `${num(x.mean_kl)} ± ${num(x.mean_kl_stderr)}`],
+    ["Mean kl_estimate ± standard error (recommended)", (x) => `${num(x.mean_kl_estimate)} ± ${num(x.mean_kl_estimate_stderr)}`, "estimate"],
+    ["Mean KL (kl_floor, the spec's) ± standard error", (x) => `${num(x.mean_kl)} ± ${num(x.mean_kl_stderr)}`],
     ["Maximum KL", (x) => num(x.max_kl)],
     ["99.9 % KL", (x) => num(x.p99_9_kl)],
     ["99 % KL", (x) => num(x.p99_kl)],
@@ -256,25 +268,53 @@ function summaryTable(run) {
     ["1 % KL", (x) => num(x.p01_kl)],
     ["Minimum KL", (x) => num(x.min_kl)],
     ["Same top-1 token", (x) => `${percent(x.top1_agreement)} ± ${percent(x.top1_agreement_stderr)}`],
+    ["Model 1 token outside Model 2's top-k", (x) => `${count(x.outside_topk)} (${percent(x.m1_token_outside_m2_topk_rate)})`],
     ["Mean KL lower bound ± s.e.", (x) => `${num(x.mean_kl_lower)} ± ${num(x.mean_kl_lower_stderr)}`],
     ["Mean log-ratio (MC KL) ± s.e.", (x) => `${num(x.mean_logratio)} ± ${num(x.mean_logratio_stderr)}`],
     ["Mean entropy, Model 1 / Model 2", (x) => `${num(x.mean_entropy1)} / ${num(x.mean_entropy2)}`],
-    ["Requests to Model 2 (retries included)", (x) => count(x.requests)],
+    ["Requests to Model 2 (retries included)", (x) => costText(x, (c) => `${count(c.requests)} (${num(c.requests_per_position)} per position)`), "requests"],
+    ["Input tokens, uncached", (x) => costText(x, (c) => count(c.uncached_input_tokens)), "uncached"],
+    ["Input tokens, cached", (x) => costText(x, (c) => count(c.cached_input_tokens)), "cached"],
+    ["Output tokens (thinking included)", (x) => costText(x, (c) => count(c.output_tokens)), "output"],
+    ["Thinking tokens", (x) => costText(x, (c) => count(c.thoughts_tokens)), "thinking"],
+    ["List price, online", (x) => priceText(x, "usd"), "usd"],
+    ["List price, Batch Mode", (x) => priceText(x, "batch_usd"), "batch-usd"],
+    ["Priced as", (x) => (x.priced_as ? `${x.priced_as}'s prices of ${x.price_date}` : "no price entry")],
     ["Logprobs left out (unusable entries)", (x) => `${count(x.dropped_logprobs)} at ${count(x.positions_with_dropped_logprobs)} positions`],
     ["Served by (positions)", (x) => (x.served_models || []).map((e) => `${e.model} (${count(e.positions)})`).join(", ") || "not said"],
   ];
   const model1 = [...new Set(s.flatMap((x) => x.model1 || []))].join(", ");
   return h("table", { id: "summary-table" },
-    h("caption", { class: "caption" }, `Model 1: ${model1}. Failed and unscored positions are left out of every figure. Cost is not recorded; the request count is what a bill counts.`),
+    h("caption", { class: "caption" }, `Model 1: ${model1}. Failed and unscored positions are left out of every figure. Requests, tokens and prices are those klstream export prints (the costs view): a lookahead step answered inside another request is not a request of its own.`),
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Figure"),
       run.models.map((m) => h("th", { scope: "col", class: "num" }, m)))),
-    h("tbody", {}, rows.map(([label, show]) => h("tr", {},
+    h("tbody", {}, rows.map(([label, show, key]) => h("tr", { "data-figure": key },
       h("th", { scope: "row" }, label), s.map((x) => h("td", { class: "num" }, show(x)))))));
 }
 
-function chartFrame(width, height) {
-  return svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img" });
+// What a reader must know before trusting any figure: a run scored in part, failed positions.
+function banner(run) {
+  const notes = [];
+  run.header.summaries.forEach((x, m) => {
+    const model = run.models[m];
+    if (x.scored < x.positions) {
+      notes.push(h("p", { class: "banner-line" },
+        `${count(x.scored)} of ${count(x.positions)} positions scored for ${model}: figures are for the scored part only`
+        + (x.failed ? ` (${count(x.failed)} failed, ${count(x.unscored)} not asked yet)` : "")
+        + "; finish with ", h("code", { class: "command" }, x.resume),
+        " (it asks for the missing and failed positions again, at the service the backend goes to by default or at $GOOGLE_GEMINI_BASE_URL / $OPENAI_BASE_URL: add --base-url if the run was scored elsewhere)."));
+    }
+  });
+  return notes;
 }
+
+// Charts are drawn at the pixel size of their box (redrawn when it changes), so that their text
+// stays at its CSS size (13 px) however wide the page is.
+function chartFrame(width, height) {
+  return svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", class: "chart" });
+}
+
+function chartWidth(id) { return Math.max(300, Math.floor(byId(id).clientWidth)); }
 
 function niceMax(value) {
   if (!(value > 0)) return 1;
@@ -283,8 +323,8 @@ function niceMax(value) {
   return 10 * magnitude;
 }
 
-function histogram(run) {
-  const W = 520, H = 230, L = 56, R = 10, T = 10, B = 36;
+function histogram(run, W) {
+  const H = CHART_HEIGHT, L = 70, R = 16, T = 12, B = 46;
   const bins = run.header.histogram, counts = run.header.histogram_counts;
   const real = bins.flat().filter((b) => b !== null);
   const frame = chartFrame(W, H);
@@ -298,14 +338,14 @@ function histogram(run) {
   frame.setAttribute("aria-label", `Histogram of per-token KL on a log scale from 1e${lo / 10} to 1e${hi / 10}`);
   for (let d = lo; d <= hi; d += 10) {
     frame.append(svg("line", { class: "grid", x1: x(d), x2: x(d), y1: T, y2: H - B }),
-      svg("text", { x: x(d), y: H - B + 14, "text-anchor": "middle" }, `1e${d / 10}`));
+      svg("text", { x: x(d), y: H - B + 17, "text-anchor": "middle" }, `1e${d / 10}`));
   }
   for (const c of [0, top / 2, top]) {
     frame.append(svg("line", { class: "grid", x1: L, x2: W - R, y1: y(c), y2: y(c) }),
-      svg("text", { x: L - 4, y: y(c) + 4, "text-anchor": "end" }, count(c)));
+      svg("text", { x: L - 6, y: y(c) + 4, "text-anchor": "end" }, count(c)));
   }
-  frame.append(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "KL per token (nats, log scale)"),
-    svg("text", { x: 12, y: (T + H - B) / 2, transform: `rotate(-90 12 ${(T + H - B) / 2})`, "text-anchor": "middle" }, "positions"));
+  frame.append(svg("text", { class: "axis-label", x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle" }, "KL per token (nats, log scale)"),
+    svg("text", { class: "axis-label", x: 16, y: (T + H - B) / 2, transform: `rotate(-90 16 ${(T + H - B) / 2})`, "text-anchor": "middle" }, "positions (count)"));
   bins.forEach((list, m) => {
     let path = `M ${x(lo)} ${y(0)}`;
     const byBin = new Map(list.map((b, i) => [b, counts[m][i]]));
@@ -327,8 +367,8 @@ function histogram(run) {
   return frame;
 }
 
-function byPosition(run) {
-  const W = 520, H = 230, L = 56, R = 10, T = 10, B = 36;
+function byPosition(run, W) {
+  const H = CHART_HEIGHT, L = 70, R = 16, T = 12, B = 46;
   const series = run.header.by_position;
   const frame = chartFrame(W, H);
   const starts = series.flatMap((s) => s.start);
@@ -339,17 +379,17 @@ function byPosition(run) {
   const x = (p) => L + (p / last) * (W - L - R);
   const y = (v) => T + (1 - v / top) * (H - T - B);
   frame.setAttribute("aria-label", `Mean KL by position in the response, positions 0 to ${last - 1}` + (width > 1 ? `, in groups of ${width}` : ""));
-  const tick = niceMax(last / 6);
+  const tick = niceMax(last / Math.max(2, Math.floor((W - L - R) / 90)));
   for (let p = 0; p <= last; p += tick) {
     frame.append(svg("line", { class: "grid", x1: x(p), x2: x(p), y1: T, y2: H - B }),
-      svg("text", { x: x(p), y: H - B + 14, "text-anchor": "middle" }, count(p)));
+      svg("text", { x: x(p), y: H - B + 17, "text-anchor": "middle" }, count(p)));
   }
   for (const v of [0, top / 2, top]) {
     frame.append(svg("line", { class: "grid", x1: L, x2: W - R, y1: y(v), y2: y(v) }),
-      svg("text", { x: L - 4, y: y(v) + 4, "text-anchor": "end" }, num(v)));
+      svg("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end" }, num(v)));
   }
-  frame.append(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "position in the response (token)"),
-    svg("text", { x: 12, y: (T + H - B) / 2, transform: `rotate(-90 12 ${(T + H - B) / 2})`, "text-anchor": "middle" }, "mean KL"));
+  frame.append(svg("text", { class: "axis-label", x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle" }, "position in the response (tokens from its start)"),
+    svg("text", { class: "axis-label", x: 16, y: (T + H - B) / 2, transform: `rotate(-90 16 ${(T + H - B) / 2})`, "text-anchor": "middle" }, "mean KL (nats)"));
   series.forEach((s, m) => {
     const points = [];
     s.start.forEach((p, i) => { if (s.mean_kl[i] !== null) points.push(`${x(p + width / 2)},${y(s.mean_kl[i])}`); });
@@ -361,7 +401,7 @@ function byPosition(run) {
 }
 
 function chartLegend(run) {
-  return run.models.map((m, i) => h("span", {},
+  return run.models.map((m, i) => h("span", { class: "legend-item" },
     (() => {
       const sample = svg("svg", { width: 28, height: 10, "aria-hidden": "true" },
         svg("line", { x1: 0, x2: 28, y1: 5, y2: 5, stroke: MODEL_COLOURS[i % 7], "stroke-width": 2.5, "stroke-dasharray": MODEL_DASHES[i % 7] }));
@@ -387,9 +427,16 @@ class Report {
   start() {
     const run = this.run;
     byId("summary").append(summaryTable(run));
-    byId("histogram").append(histogram(run));
-    byId("by-position").append(byPosition(run));
-    byId("chart-legend").append(...chartLegend(run));
+    byId("banner").append(...banner(run));
+    byId("estimate-meaning").textContent = ESTIMATE_MEANING;
+    document.querySelector("#response-table th[data-sort=estimate] button").title = ESTIMATE_MEANING;
+    this.drawCharts();
+    for (const id of ["histogram-legend", "by-position-legend"]) byId(id).append(...chartLegend(run));
+    let drawnAt = [chartWidth("histogram"), chartWidth("by-position")].join();
+    new ResizeObserver(() => {
+      const now = [chartWidth("histogram"), chartWidth("by-position")].join();
+      if (now !== drawnAt) { drawnAt = now; this.drawCharts(); }
+    }).observe(byId("overview"));
     byId("detail-count").textContent = run.header.detail_rows.length === run.responses
       ? "every response of this page"
       : `${count(run.header.detail_rows.length)} of ${count(run.responses)} responses: the highest by mean and by max KL, and any named with --detail; write a page with the lists of any other with the command shown above its heat map`;
@@ -404,6 +451,11 @@ class Report {
       const next = this.parseHash();
       if (next) this.open(next.row, next.position, true);
     });
+  }
+
+  drawCharts() {
+    byId("histogram").replaceChildren(histogram(this.run, chartWidth("histogram")));
+    byId("by-position").replaceChildren(byPosition(this.run, chartWidth("by-position")));
   }
 
   parseHash() {
@@ -466,6 +518,7 @@ class Report {
       case "max": return run.stat(m, "max_kl", row);
       case "total": return run.stat(m, "total_kl", row);
       case "normalized": return run.stat(m, "mean_normalized_kl", row);
+      case "estimate": return run.stat(m, "mean_kl_estimate", row);
       case "length": return run.length(row);
       case "outside": return run.stat(m, "outside_topk", row);
       case "flags": return (run.stat(m, "failed", row) + run.stat(m, "unscored", row) > 0 ? 4 : 0)
@@ -526,6 +579,7 @@ class Report {
         h("td", { class: "num" }, first + i + 1),
         h("td", {}, h("a", { href: `#response=${row}` }, run.label(row))),
         h("td", { class: "prompt", title: run.prompt(row) }, run.prompt(row)),
+        h("td", { class: "num estimate" }, num(run.stat(m, "mean_kl_estimate", row))),
         h("td", { class: "num mean" }, num(run.stat(m, "mean_kl", row))),
         h("td", { class: "num" }, num(run.stat(m, "max_kl", row))),
         h("td", { class: "num" }, num(run.stat(m, "total_kl", row))),
@@ -590,7 +644,7 @@ class Report {
     byId("heatmap-head").replaceChildren(
       h("h3", {}, `Response ${run.label(row)}`),
       h("details", {}, h("summary", {}, "Prompt"), h("p", { class: "context" }, run.prompt(row))),
-      h("p", {}, `${count(run.length(row))} tokens · ${run.models[m]}: mean KL ${num(run.stat(m, "mean_kl", row))}, max ${num(run.stat(m, "max_kl", row))}, total ${num(run.stat(m, "total_kl", row))}, same top-1 token ${percent(run.stat(m, "top1_agreement", row), 1)}, Model 1's token outside Model 2's top-k ${count(run.stat(m, "outside_topk", row))} times`),
+      h("p", {}, `${count(run.length(row))} tokens · ${run.models[m]}: mean kl_estimate ${num(run.stat(m, "mean_kl_estimate", row))}, mean KL ${num(run.stat(m, "mean_kl", row))}, max ${num(run.stat(m, "max_kl", row))}, total ${num(run.stat(m, "total_kl", row))}, same top-1 token ${percent(run.stat(m, "top1_agreement", row), 1)}, Model 1's token outside Model 2's top-k ${count(run.stat(m, "outside_topk", row))} times`),
       ...notes);
   }
 
@@ -730,6 +784,7 @@ class Report {
     const total = (m) => run.stat(m, "total_kl", row);
     const estimators = [
       ["KL (floor: the spec's)", (m) => approx(exact ? detail.models[m].kl : run.value(m, "kl", at), exact)],
+      ["kl_estimate (recommended)", (m) => approx(exact ? detail.models[m].estimate : run.value(m, "estimate", at), exact)],
       ["KL/(H1+H2)", (m) => {
         if (!exact) return approx(run.value(m, "normalized", at), false);
         const d = detail.models[m], sum = d.entropy1 + d.entropy2;
@@ -745,7 +800,9 @@ class Report {
     ];
     const table = h("table", { class: "estimators" },
       h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Estimator"), run.models.map((model) => h("th", { scope: "col", class: "num" }, model)))),
-      h("tbody", {}, estimators.map(([label, show]) => h("tr", {}, h("th", { scope: "row" }, label), run.models.map((_, m) => h("td", { class: "num" }, show(m)))))));
+      h("tbody", {}, estimators.map(([label, show]) => h("tr", {},
+        h("th", { scope: "row", title: label.startsWith("kl_estimate") ? ESTIMATE_MEANING : null }, label),
+        run.models.map((_, m) => h("td", { class: "num" }, show(m)))))));
 
     const children = [
       h("h3", {}, `Token ${quotedToken(token)} at position ${position}`),
@@ -754,26 +811,23 @@ class Report {
       flags.length ? list : null,
     ];
     if (exact) {
+      // One table per list, side by side while they fit and wrapping below when not: every
+      // Model 2's list stays whole whatever their number and the panel's width.
       const lists = [["Model 1", "m1", detail.m1], ...detail.models.map((d, m) => [run.models[m], `m2-${m}`, d.list])];
-      const depth = Math.max(...lists.map(([, , entries]) => entries.length));
-      const cells = (side, entry) => {
-        if (!entry) return [h("td", { colspan: 3, "data-list": side })];
-        const chosen = entry.token === token ? "chosen" : "";
-        return [
-          h("td", { class: `tk ${chosen}`, "data-list": side }, quotedToken(entry.token)),
-          h("td", { class: `num p ${chosen}`, "data-list": side }, probability(entry.logprob)),
-          h("td", { class: `num lp ${chosen}`, "data-list": side }, entry.logprob.toFixed(4)),
-        ];
-      };
-      const rows = [];
-      for (let i = 0; i < depth; i++) rows.push(h("tr", {}, h("td", { class: "num" }, i + 1), lists.map(([, side, entries]) => cells(side, entries[i]))));
+      const listTable = ([name, side, entries]) => h("table", { class: "topk", "data-list": side },
+        h("caption", {}, entries.length ? name : `${name}: no result`),
+        h("thead", {}, h("tr", {}, h("th", { scope: "col", class: "num" }, "#"), h("th", { scope: "col" }, "token"),
+          h("th", { scope: "col", class: "num" }, "p"), h("th", { scope: "col", class: "num" }, "logprob"))),
+        h("tbody", {}, entries.map((entry, i) => {
+          const chosen = entry.token === token ? "chosen" : "";
+          return h("tr", {}, h("td", { class: "num rank" }, i + 1),
+            h("td", { class: `tk ${chosen}`, "data-list": side }, quotedToken(entry.token)),
+            h("td", { class: `num p ${chosen}`, "data-list": side }, probability(entry.logprob)),
+            h("td", { class: `num lp ${chosen}`, "data-list": side }, entry.logprob.toFixed(4)));
+        })));
       children.push(
-        h("p", { class: "caption" }, `Top-k lists side by side; Model 1's token ${quotedToken(token)} (its logprob ${detail.m1Logprob.toFixed(4)}) is marked ◀ wherever it appears.`),
-        h("table", { class: "topk" },
-          h("thead", {},
-            h("tr", {}, h("th", { scope: "col" }), lists.map(([name, side, entries]) => h("th", { scope: "colgroup", colspan: 3, "data-list": side }, entries.length ? name : `${name}: no result`))),
-            h("tr", {}, h("th", { scope: "col" }, "#"), lists.map(() => [h("th", { scope: "col" }, "token"), h("th", { scope: "col", class: "num" }, "p"), h("th", { scope: "col", class: "num" }, "logprob")]))),
-          h("tbody", {}, rows)));
+        h("p", { class: "caption" }, `Top-k lists, one per model; Model 1's token ${quotedToken(token)} (its logprob ${detail.m1Logprob.toFixed(4)}) is marked ◀ wherever it appears.`),
+        h("div", { class: "topk-lists" }, lists.map(listTable)));
     } else {
       children.push(h("p", { class: "note" }, "Top-k lists are not in this page for this response: ", h("code", {}, run.command(row))));
     }
@@ -791,6 +845,7 @@ class Report {
       h("td", { class: "num" }, i + 1),
       h("td", { class: "num" }, num(r.kl)),
       h("td", { class: "num" }, num(r.normalized_kl)),
+      h("td", { class: "num" }, num(r.kl_estimate)),
       h("td", { class: "num" }, num(r.logratio)),
       h("td", { class: "context" }, showWhitespace(r.before), h("mark", {}, showWhitespace(r.token)), showWhitespace(r.after)),
       h("td", {}, r.row === null
