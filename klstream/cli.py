@@ -156,6 +156,7 @@ def _message(error: E.KlstreamError) -> str:
 
 
 if TYPE_CHECKING:
+    from klstream.output.query import OutputFormat
     from klstream.output.report import ReportResult
     from klstream.output.top import Score
     from klstream.preflight import Capabilities, CheckReport
@@ -251,6 +252,15 @@ def main() -> None:
 
 
 run_dir_argument = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+_format_option = click.option(
+    "--format",
+    "output_format",
+    default="table",
+    show_default=True,
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    help="How to print the rows: a table, CSV, JSON Lines, or Parquet (needs -o).",
+)
+"""How `query` and `top` print their rows."""
 
 
 @main.command()
@@ -346,14 +356,7 @@ def export(run_dir: Path, output_dir: Path, model2: str | None) -> None:
 @main.command()
 @run_dir_argument
 @click.argument("sql")
-@click.option(
-    "--format",
-    "output_format",
-    default="table",
-    show_default=True,
-    type=click.Choice(["table", "csv", "json", "parquet"]),
-    help="How to print the result (parquet needs -o).",
-)
+@_format_option
 @click.option(
     "-o",
     "--output",
@@ -365,7 +368,7 @@ def query(run_dir: Path, sql: str, output_format: str, output: Path | None, max_
     """Run SQL over the run's views: positions, responses, scores, kl, response_stats, ..."""
     from klstream.output.query import run_query
 
-    click.echo(run_query(run_dir, sql, output_format, output, max_rows))  # type: ignore[arg-type]
+    click.echo(run_query(run_dir, sql, cast("OutputFormat", output_format), output, max_rows))
 
 
 @main.command()
@@ -462,11 +465,12 @@ def _report_line(result: ReportResult) -> str:
     show_default=True,
     help="Tokens of context on each side.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines instead of a table.")
+@_format_option
 @click.option(
-    "--parquet",
+    "-o",
+    "--output",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the rows to this Parquet file instead.",
+    help="Write the rows to this file (table: as CSV) instead of printing them.",
 )
 def top(
     run_dir: Path,
@@ -476,24 +480,19 @@ def top(
     maximum: float | None,
     limit: int,
     context: int,
-    as_json: bool,
-    parquet: Path | None,
+    output_format: str,
+    output: Path | None,
 ) -> None:
     """The highest-KL tokens of a run with their context, optionally within [--min, --max]."""
-    import json
-
-    from klstream.output.top import TopQuery, format_table, top_tokens_of_run, write_parquet
+    from klstream.output.query import render_rows
+    from klstream.output.top import TopQuery, format_table, top_tokens_of_run
 
     query = TopQuery(model2, cast("Score", score), minimum, maximum, limit, context)
     table = top_tokens_of_run(run_dir, query)
-    if parquet is not None:
-        write_parquet(table, parquet)
-        click.echo(f"wrote {table.num_rows} rows to {parquet}")
-    elif as_json:
-        for row in table.to_pylist():
-            click.echo(json.dumps(row, ensure_ascii=False))
-    else:
+    if output_format == "table" and output is None:
         click.echo(format_table(table))
+    else:
+        click.echo(render_rows(table, cast("OutputFormat", output_format), output, limit))
 
 
 def _apply(function: Any, decorators: list[Callable[[Any], Any]]) -> Any:

@@ -96,4 +96,4 @@ def test_output_goes_by_one_rule_minus_o_for_a_directory_or_a_file() -> None:
             seen[path] = long
     assert seen["klstream explode"] == seen["klstream export"] == "--output-dir"
     assert seen["klstream run"] == seen["klstream sample"] == "--output-dir"
-    assert seen["klstream report"] == seen["klstream query"] == "--output"
+    assert seen["klstream report"] == seen["klstream query"] == seen["klstream top"] == "--output"

@@ -595,7 +595,8 @@ def test_top_matches_an_independent_duckdb_query(
         limit,
         "--context",
         context,
-        "--json",
+        "--format",
+        "json",
     )
     assert result.exit_code == 0, result.output
     got = [json.loads(line) for line in result.output.splitlines()]
@@ -631,8 +632,19 @@ def test_top_matches_an_independent_duckdb_query(
 
 def test_top_writes_parquet_and_a_table(scored_run: Run, tmp_path: Path) -> None:
     target = tmp_path / "top.parquet"
-    result = cli("top", scored_run.run_dir, "--model2", FLAKY, "--limit", 4, "--parquet", target)
-    assert result.exit_code == 0 and "wrote 4 rows" in result.output
+    result = cli(
+        "top",
+        scored_run.run_dir,
+        "--model2",
+        FLAKY,
+        "--limit",
+        4,
+        "--format",
+        "parquet",
+        "-o",
+        target,
+    )
+    assert result.exit_code == 0 and f"wrote 4 rows to {target}" in result.output
     rows = pq.read_table(target).to_pylist()
     kl = query(
         scored_run.run_dir,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import duckdb
+import pyarrow as pa
 
 from klstream.errors import QueryError
 from klstream.metrics.kl import connect_scored
@@ -54,6 +55,16 @@ def run_query(
             raise QueryError(f"query failed: {error}") from error
 
 
+def render_rows(
+    rows: pa.Table, output_format: OutputFormat, output: Path | None, max_rows: int = 40
+) -> str:
+    """Rows computed elsewhere (`klstream top`'s) printed or written exactly as a query's."""
+    if output_format == "parquet" and output is None:
+        raise QueryError("parquet output needs an output file")
+    with duckdb.connect() as con:
+        return _render(con.from_arrow(rows), output_format, output, max_rows)
+
+
 def _render(
     relation: duckdb.DuckDBPyRelation | None,
     output_format: OutputFormat,
@@ -65,7 +76,7 @@ def _render(
     if output is not None:
         with atomic_path(output) as tmp:
             _write(relation, output_format, tmp)
-        return f"wrote {output}"
+        return f"wrote {relation.shape[0]:,} rows to {output}"
     if output_format == "table":
         rendered = io.StringIO()
         with contextlib.redirect_stdout(rendered):

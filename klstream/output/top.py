@@ -11,11 +11,9 @@ from typing import Literal
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from klstream.metrics.kl import connect_scored
 from klstream.output.export import resolve_model2
-from klstream.storage.atomic import atomic_path
 from klstream.storage.sqlfiles import load_sql
 
 Score = Literal["kl", "normalized", "estimate"]
@@ -57,11 +55,6 @@ def top_tokens_of_run(run_dir: Path, query: TopQuery) -> pa.Table:
     with connect_scored(run_dir) as con:
         model2 = resolve_model2(con, run_dir, query.model2)
         return top_tokens(con, replace(query, model2=model2))
-
-
-def write_parquet(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
 
 
 def _visible(text: str) -> str:
