@@ -26,7 +26,7 @@ from klstream.storage.atomic import (
     temporary_sibling,
     write_text_atomic,
 )
-from klstream.storage.database import RANGE_POSITIONS, ranged, view_names
+from klstream.storage.database import RANGE_POSITIONS, ranged
 from klstream.storage.rundir import ExportDir
 from klstream.storage.sqlfiles import load_sql
 
@@ -43,8 +43,6 @@ class ExportReport:
 
 
 def scored_models(con: duckdb.DuckDBPyConnection) -> list[str]:
-    if "kl" not in view_names(con):
-        return []
     return [name for (name,) in con.execute(load_sql("scored_models")).fetchall()]
 
 
@@ -103,8 +101,6 @@ def summarize(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any]:
 def cost_summary(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any] | None:
     """Requests, tokens by kind and USD of ``model2``'s results (the ``costs`` view); None for
     runs whose results carry no usage (scored before it was recorded, or without run.json)."""
-    if not {"costs", "lookahead_hazards"} <= view_names(con):
-        return None
     rows: list[dict[str, Any]] = (
         con.sql(load_sql("cost_summary"), params={"model2": model2}).to_arrow_table().to_pylist()
     )
