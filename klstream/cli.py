@@ -1237,6 +1237,17 @@ def _print_jobs(statuses: list[Any]) -> None:
         )
 
 
+def _without_batch_jobs(run_dir: Path, model2: str | None) -> bool:
+    """Says so where the run has no batch job (of ``model2``): then nothing asks the service,
+    and no key is needed."""
+    from klstream.storage.rundir import RunDir
+
+    if RunDir(run_dir).batch_manifests(model2):
+        return False
+    click.echo(f"no batch jobs{f' for {model2}' if model2 else ''} in {run_dir}")
+    return True
+
+
 @batch.command("status")
 @run_dir_argument
 @_batch_job_options
@@ -1245,6 +1256,8 @@ def batch_status_command(run_dir: Path, offline: bool, **params: Any) -> None:
     """Each job: its stage here, its state on the service, its positions and counts."""
     from klstream.scoring.batch import batch_status
 
+    if _without_batch_jobs(run_dir, params["model2"]):
+        return
     endpoint = None if offline else _endpoint(params)
     _print_jobs(batch_status(run_dir, params["model2"], endpoint))
 
@@ -1257,6 +1270,8 @@ def batch_cancel_command(run_dir: Path, **params: Any) -> None:
     answered and submits the rest again."""
     from klstream.scoring.batch import batch_cancel
 
+    if _without_batch_jobs(run_dir, params["model2"]):
+        return
     cancelled = batch_cancel(run_dir, _endpoint(params), params["model2"])
     click.echo(f"cancelled {len(cancelled)} batch jobs")
     _print_jobs(cancelled)
