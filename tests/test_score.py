@@ -44,6 +44,7 @@ from klstream.scoring.prefill import WORKERS_PER_SLOT
 from klstream.scoring.score import ScoreReport
 from klstream.scoring.session import ScoreStats
 from klstream.storage import schemas
+from klstream.storage.database import connect
 from klstream.storage.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -585,6 +586,26 @@ def test_a_model2_that_starts_failing_stops_after_max_consecutive_failures(
 
 
 # --- 6: models that cannot score -------------------------------------------------------------
+
+
+def test_a_model_name_the_service_does_not_know_leaves_nothing_behind(
+    run_dir: Path, emulator: EmulatorServer
+) -> None:
+    """A mistyped Model 2 fails at its first request (404); the scores folder that run made
+    holds no answer, so it goes, and the model is not listed among the run's Model 2s."""
+    result = score_cli(run_dir, emulator, "nosuch-model")
+    assert result.exit_code == 5, result.output
+    assert "not found" in result.stderr
+    assert not RunDir(run_dir).scores_dir("nosuch-model").exists()
+    with connect(run_dir) as con:
+        assert con.sql("SELECT model2 FROM run_configs").fetchall() == []
+
+    scored = score_cli(run_dir, emulator, MODEL2)
+    assert scored.exit_code == 0, scored.output
+    failed_again = score_cli(run_dir, emulator, "nosuch-model")
+    assert failed_again.exit_code == 5, failed_again.output
+    with connect(run_dir) as con:
+        assert con.sql("SELECT model2 FROM run_configs").fetchall() == [(MODEL2,)]
 
 
 def test_a_thinking_model_stops_at_once_without_a_budget_and_scores_with_budget_0(

@@ -11,6 +11,7 @@ pass that follows is the pipeline's (:func:`klstream.pipeline.score_async`).
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,27 @@ async def score_positions_async(
     with model2_writer(run, options.model2):
         sweep_stale_temporaries(run.scores_dir(options.model2))
         sweep_stale_temporaries(run.kl_path(options.model2).parent)
-        return await _score_locked(run, options, endpoint, on_progress, stale_outputs)
+        created = not run.scores_dir(options.model2).exists()
+        try:
+            return await _score_locked(run, options, endpoint, on_progress, stale_outputs)
+        except BaseException:
+            if created:
+                _forget_if_unanswered(run, options.model2)
+            raise
+
+
+def _forget_if_unanswered(run: RunDir, model2: str) -> None:
+    """Remove the scores folder a failed run made before any answer (a model name the service
+    does not know, say): it holds only the run.json, which would list the model among the
+    run's Model 2s (the ``run_configs`` view) as if it had been scored."""
+    if (
+        run.score_parts(model2)
+        or run.journal_segments(model2)
+        or run.greedy_probe_log(model2).exists()
+        or run.batch_manifests(model2)
+    ):
+        return
+    shutil.rmtree(run.scores_dir(model2), ignore_errors=True)
 
 
 async def _score_locked(
