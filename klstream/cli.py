@@ -59,9 +59,7 @@ def _logprobs_hint(error: E.KlstreamError) -> str:
 
 
 HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
-    E.NotExploded: lambda e: (
-        f"run `klstream explode INPUT_DIR -o {getattr(e, 'run_dir', 'RUN_DIR')}` first"
-    ),
+    E.NotExploded: lambda e: _explode_hint(e),
     E.PositionsExist: lambda e: "pass --overwrite to replace them, or pick another run dir",
     E.RunExists: lambda e: (
         "pass --resume to continue it, or --overwrite to score again from scratch"
@@ -139,6 +137,20 @@ def _rebuild_hint(error: E.KlstreamError) -> str:
         f"explode the same inputs again: {shlex.join(words)} (the results are kept: they are "
         "keyed to the same positions)"
     )
+
+
+def _explode_hint(error: E.KlstreamError) -> str:
+    """How to explode; pointed at a directory of input files (Model 1's JSON), an explode of
+    them into a new run directory beside it, never into the inputs themselves."""
+    run_dir = Path(str(getattr(error, "run_dir", "RUN_DIR")))
+    if run_dir.is_dir() and any(run_dir.glob("*.json")):
+        new_run = run_dir.parent / f"{run_dir.name}-run"
+        words = [*program_words(), "explode", str(run_dir), "-o", str(new_run)]
+        return (
+            f"{run_dir} holds input files: explode them into a new run directory with "
+            f"`{shlex.join(words)}`, then use {new_run} here"
+        )
+    return f"run `klstream explode INPUT_DIR -o {run_dir}` first"
 
 
 def _export_command(run_dir: object, output_dir: object, error: E.KlstreamError) -> str:

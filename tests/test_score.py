@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -606,6 +607,24 @@ def test_a_model_name_the_service_does_not_know_leaves_nothing_behind(
     assert failed_again.exit_code == 5, failed_again.output
     with connect(run_dir) as con:
         assert con.sql("SELECT model2 FROM run_configs").fetchall() == [(MODEL2,)]
+
+
+def test_score_given_the_input_directory_suggests_an_explode_into_a_new_run_directory(
+    tmp_path: Path, toy_inputs: ToyInputs, toy: ToyService
+) -> None:
+    """The Model 1 files' directory is not a run: the hint explodes them into a new directory
+    beside it (never into the inputs themselves), and nothing is written among them."""
+    inputs = tmp_path / "inputs"
+    shutil.copytree(toy_inputs.directory, inputs)
+    before = sorted(inputs.iterdir())
+    result = score_cli(inputs, toy)
+    assert result.exit_code == 4, result.output
+    assert (
+        f"explode {inputs} -o {tmp_path / 'inputs-run'}`, then use {tmp_path / 'inputs-run'}"
+        in (result.stderr)
+    )
+    assert f"-o {inputs} " not in result.stderr and f"-o {inputs}`" not in result.stderr
+    assert sorted(inputs.iterdir()) == before
 
 
 def test_a_thinking_model_stops_at_once_without_a_budget_and_scores_with_budget_0(
