@@ -36,6 +36,8 @@ class ProgressLine:
     def _announce(stats: ScoreStats) -> None:
         """Before anything is asked, and whether or not on a terminal: what a killed or
         damaged run left that changes what is pending."""
+        if stats.nothing_to_resume is not None:
+            sys.stderr.write(stats.nothing_to_resume + "\n")
         found = []
         if stats.recovered:
             found.append(f"{stats.recovered:,} answers a killed run had journaled are stored")

@@ -627,6 +627,28 @@ def test_score_given_the_input_directory_suggests_an_explode_into_a_new_run_dire
     assert sorted(inputs.iterdir()) == before
 
 
+def test_resume_of_a_model2_never_scored_here_says_it_starts_a_full_run(
+    run_dir: Path, toy: ToyService
+) -> None:
+    """--resume with nothing to resume is not an error (a run stopped before its first answer
+    is resumed so), but it is said in one line before anything is asked, with the Model 2s
+    that do have results: a mistyped name would otherwise start a full paid run unannounced."""
+    first = score_cli(run_dir, toy, MODEL2, "--resume")
+    assert first.exit_code == 0, first.output
+    assert f"nothing to resume for {MODEL2} in {run_dir}: starting a full run\n" in first.stderr
+
+    mistyped = score_cli(run_dir, toy, "toy-d05", "--resume")
+    assert mistyped.exit_code == 0, mistyped.output
+    assert (
+        f"nothing to resume for toy-d05 in {run_dir}: starting a full run "
+        f"(the results here are for {MODEL2})\n" in mistyped.stderr
+    )
+
+    resumed = score_cli(run_dir, toy, MODEL2, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "nothing to resume" not in resumed.stderr
+
+
 def test_a_thinking_model_stops_at_once_without_a_budget_and_scores_with_budget_0(
     run_dir: Path, toy_inputs: ToyInputs, toy: ToyService
 ) -> None:

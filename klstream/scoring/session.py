@@ -65,6 +65,10 @@ class ScoreStats:
     """Answers the service says another model gave than the one asked for, by that model."""
     quarantined: list[str] = field(default_factory=list)
     """Damaged parts moved to quarantine at the start: their positions are pending again."""
+    nothing_to_resume: str | None = None
+    """Set when a run asked to resume finds nothing of its Model 2 to resume (no result, no
+    batch job) and so starts a full run: the sentence that says so, naming the Model 2s that
+    do have results here (a mistyped name is then plain to see)."""
 
     @property
     def done(self) -> int:
