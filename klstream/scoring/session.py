@@ -23,6 +23,7 @@ from klstream.backends.prices import Price, Usage
 from klstream.backends.thinking import thinking_choice
 from klstream.backends.transport import Caller, CallStats
 from klstream.errors import ModelSubstituted
+from klstream.numbers import thousands
 from klstream.preflight import Capabilities, answer_capabilities
 from klstream.scoring.checkpoint import Checkpointer
 from klstream.scoring.options import ScoreOptions
@@ -200,7 +201,7 @@ class Session:
         await self.checkpoint.add(rows)
         if self.consecutive_failures >= self.options.max_consecutive_failures:
             raise StopRun(
-                f"{self.consecutive_failures} positions in a row failed; the last said: "
+                f"{thousands(self.consecutive_failures)} positions in a row failed; the last said: "
                 f"{self.last_error}"
             )
         if self.on_progress:
