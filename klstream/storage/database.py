@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import duckdb
@@ -52,11 +53,24 @@ def _duckdb_types(schema: pa.Schema) -> list[tuple[str, str]]:
         ]
 
 
-def _columns_macro(view: str, schema: pa.Schema) -> str:
+@cache
+def _columns_macro(view: str) -> str:
+    """``<view>_columns()``: the view's columns, typed, and no rows (made once per process)."""
     columns = ",\n    ".join(
-        f"NULL::{kind} AS {_sql_identifier(name)}" for name, kind in _duckdb_types(schema)
+        f"NULL::{kind} AS {_sql_identifier(name)}"
+        for name, kind in _duckdb_types(FILE_VIEWS[view][1])
     )
     return load_sql("columns_macro").format(view=view, columns=columns)
+
+
+@cache
+def _run_config_columns() -> str:
+    """The ``columns`` argument of ``read_json`` for ``run.json``, as a DuckDB struct literal."""
+    fields = ", ".join(
+        f"{_sql_string(name)}: {_sql_string(kind)}"
+        for name, kind in _duckdb_types(schemas.RUN_CONFIGS)
+    )
+    return "{" + fields + "}"
 
 
 def views_script(run_dir: Path) -> str:
@@ -67,17 +81,13 @@ def views_script(run_dir: Path) -> str:
     run = RunDir(run_dir)
     run.require_exploded()
     file_variables = RunDir.sql_variables()
-    run_config_columns = ", ".join(
-        f"{_sql_string(name)}: {_sql_string(kind)}"
-        for name, kind in _duckdb_types(schemas.RUN_CONFIGS)
-    )
     variables = {**file_variables, **schemas.STATUS_VARIABLES}
     lines = [f"SET file_search_path = {_sql_string(str(run_dir.resolve()))};"]
     lines += [f"SET VARIABLE {name} = {_sql_string(v)};" for name, v in variables.items()]
-    lines += [f"SET VARIABLE run_config_columns = {{{run_config_columns}}};", ""]
+    lines += [f"SET VARIABLE run_config_columns = {_run_config_columns()};", ""]
     parts = ["\n".join(lines), load_sql("macros")]
-    for view, (variable, schema) in FILE_VIEWS.items():
-        parts.append(_columns_macro(view, schema))
+    for view, (variable, _) in FILE_VIEWS.items():
+        parts.append(_columns_macro(view))
         if run.has_files(file_variables[variable]):
             parts.append(load_sql(f"file_view_{view}"))
         else:
