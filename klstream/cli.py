@@ -22,6 +22,7 @@ from click.core import ParameterSource
 from klstream import __version__
 from klstream import errors as E
 from klstream.backends import BACKENDS, PROMPT_LOGPROBS, dialect_names, online_methods
+from klstream.numbers import thousands
 
 if TYPE_CHECKING:
     from klstream.backends.base import Endpoint, ThinkingBudget
@@ -60,9 +61,7 @@ def _logprobs_hint(error: E.KlstreamError) -> str:
 
 
 HINTS: dict[type[E.KlstreamError], Callable[[E.KlstreamError], str]] = {
-    E.NotExploded: lambda e: (
-        f"run `klstream explode INPUT_DIR -o {getattr(e, 'run_dir', 'RUN_DIR')}` first"
-    ),
+    E.NotExploded: lambda e: _explode_hint(e),
     E.PositionsExist: lambda e: "pass --overwrite to replace them, or pick another run dir",
     E.RunExists: lambda e: (
         "pass --resume to continue it, or --overwrite to score again from scratch"
@@ -142,6 +141,20 @@ def _rebuild_hint(error: E.KlstreamError) -> str:
     )
 
 
+def _explode_hint(error: E.KlstreamError) -> str:
+    """How to explode; pointed at a directory of input files (Model 1's JSON), an explode of
+    them into a new run directory beside it, never into the inputs themselves."""
+    run_dir = Path(str(getattr(error, "run_dir", "RUN_DIR")))
+    if run_dir.is_dir() and any(run_dir.glob("*.json")):
+        new_run = run_dir.parent / f"{run_dir.name}-run"
+        words = [*program_words(), "explode", str(run_dir), "-o", str(new_run)]
+        return (
+            f"{run_dir} holds input files: explode them into a new run directory with "
+            f"`{shlex.join(words)}`, then use {new_run} here"
+        )
+    return f"run `klstream explode INPUT_DIR -o {run_dir}` first"
+
+
 def _export_command(run_dir: object, output_dir: object, error: E.KlstreamError) -> str:
     words = [*program_words(), "export", str(run_dir), "-o", str(output_dir)]
     return shlex.join([*words, "--model2", str(getattr(error, "model2", ""))])
@@ -156,6 +169,7 @@ def _message(error: E.KlstreamError) -> str:
 
 
 if TYPE_CHECKING:
+    from klstream.input.explode import ExplodeReport
     from klstream.output.query import OutputFormat
     from klstream.output.report import ReportResult
     from klstream.output.top import Score
@@ -300,21 +314,26 @@ def explode(
         skip_invalid=skip_invalid,
         overwrite=overwrite,
     )
-    click.echo(
-        f"exploded {report.files} files: {report.responses} responses, "
-        f"{report.positions} positions -> {run_dir}"
-    )
+    click.echo(_exploded_line(report, run_dir))
     if report.responses_text_mismatch:
         click.echo(
-            f"warning: {report.responses_text_mismatch} responses' tokens do not reproduce their "
-            "text (tokens_match_text = false in responses.parquet); their prefills follow the "
-            "tokens",
+            f"warning: {thousands(report.responses_text_mismatch)} responses' tokens do not "
+            "reproduce their text (tokens_match_text = false in responses.parquet); their "
+            "prefills follow the tokens",
             err=True,
         )
     if report.skipped:
         click.echo(
-            f"skipped {report.skipped} invalid responses: see {report.skipped_path}", err=True
+            f"skipped {thousands(report.skipped)} invalid responses: see {report.skipped_path}",
+            err=True,
         )
+
+
+def _exploded_line(report: ExplodeReport, run_dir: Path) -> str:
+    return (
+        f"exploded {thousands(report.files)} files: {thousands(report.responses)} responses, "
+        f"{thousands(report.positions)} positions -> {run_dir}"
+    )
 
 
 @main.command()
@@ -326,8 +345,9 @@ def kl(run_dir: Path, model2: str) -> None:
 
     report = compute_kl(run_dir, model2)
     click.echo(
-        f"kl: {report.scored} of {report.positions} positions scored "
-        f"({report.failed} failed, {report.unscored} unscored) -> {report.path}"
+        f"kl: {thousands(report.scored)} of {thousands(report.positions)} positions scored "
+        f"({thousands(report.failed)} failed, {thousands(report.unscored)} unscored) -> "
+        f"{report.path}"
     )
 
 
@@ -349,7 +369,8 @@ def export(run_dir: Path, output_dir: Path, model2: str | None) -> None:
     report = export_run(run_dir, output_dir, model2)
     click.echo(format_summary(report.summary))
     click.echo(
-        f"wrote {len(report.files)} _kl.json files and {report.summary_path.name} to {output_dir}"
+        f"wrote {thousands(len(report.files))} _kl.json files and {report.summary_path.name} to "
+        f"{output_dir}"
     )
 
 
@@ -437,8 +458,9 @@ def report(
 
 def _report_line(result: ReportResult) -> str:
     return (
-        f"report: {result.responses} responses, {result.positions} positions, "
-        f"{result.detail_responses} with top-k detail, {result.size_bytes / 1e6:.1f} MB "
+        f"report: {thousands(result.responses)} responses, {thousands(result.positions)} "
+        f"positions, "
+        f"{thousands(result.detail_responses)} with top-k detail, {result.size_bytes / 1e6:.1f} MB "
         f"-> {result.path}"
     )
 
@@ -939,15 +961,17 @@ def _report_score(report: ScoreReport, model2: str) -> None:
         return
     rate = calls.requests / calls.elapsed if calls.elapsed else 0.0
     click.echo(
-        f"score {model2}: {stats.scored} scored, {stats.failed} failed, "
-        f"{stats.already_done} already done, of {stats.total} positions; {calls.requests} "
-        f"requests ({calls.retries} retries, {calls.rate_limited} rate-limited, concurrency "
-        f"lowered {calls.concurrency_cuts} times) in "
+        f"score {model2}: {thousands(stats.scored)} scored, {thousands(stats.failed)} failed, "
+        f"{thousands(stats.already_done)} already done, of {thousands(stats.total)} positions; "
+        f"{thousands(calls.requests)} "
+        f"requests ({thousands(calls.retries)} retries, {thousands(calls.rate_limited)} "
+        f"rate-limited, concurrency "
+        f"lowered {thousands(calls.concurrency_cuts)} times) in "
         f"{calls.elapsed:.1f}s, {rate:.1f} req/s"
     )
     click.echo(cost_line(calls.requests, stats.scored, stats.usage, report.price, report.decoding))
     if report.kl is not None:
-        click.echo(f"kl: {report.kl.scored} positions with KL -> {report.kl.path}")
+        click.echo(f"kl: {thousands(report.kl.scored)} positions with KL -> {report.kl.path}")
     _report_served(stats.served_elsewhere, model2)
     if report.stopped_because:
         click.echo(f"stopped early: {report.stopped_because}", err=True)
@@ -956,9 +980,12 @@ def _report_score(report: ScoreReport, model2: str) -> None:
 def _report_served(elsewhere: Counter[str], model2: str) -> None:
     """Answers another model gave than the one asked for: a reader must not miss them."""
     if elsewhere:
-        served = ", ".join(f"{name} ({count:,})" for name, count in elsewhere.most_common())
+        served = ", ".join(
+            f"{name} ({thousands(count)})" for name, count in elsewhere.most_common()
+        )
         click.echo(
-            f"note: {sum(elsewhere.values()):,} answers came from another model than {model2}: "
+            f"note: {thousands(sum(elsewhere.values()))} answers came from another model than "
+            f"{model2}: "
             f"{served} (--require-model-version stops instead)",
             err=True,
         )
@@ -967,15 +994,17 @@ def _report_served(elsewhere: Counter[str], model2: str) -> None:
 def _report_batch(report: ScoreReport, model2: str) -> None:
     stats, batch = report.stats, report.batch
     assert batch is not None
-    jobs = ", ".join(f"{count} {state.lower()}" for state, count in sorted(batch.jobs.items()))
+    jobs = ", ".join(f"{thousands(n)} {state.lower()}" for state, n in sorted(batch.jobs.items()))
     click.echo(
-        f"score {model2} (batch): {stats.scored} scored, {stats.failed} failed, "
-        f"{stats.already_done} already done, of {stats.total} positions; jobs: {jobs or 'none'}, "
-        f"{batch.positions_in_jobs} positions in jobs not collected yet; "
+        f"score {model2} (batch): {thousands(stats.scored)} scored, {thousands(stats.failed)} "
+        f"failed, "
+        f"{thousands(stats.already_done)} already done, of {thousands(stats.total)} positions; "
+        f"jobs: {jobs or 'none'}, "
+        f"{thousands(batch.positions_in_jobs)} positions in jobs not collected yet; "
         f"{batch.rounds} round{'s' if batch.rounds != 1 else ''}"
     )
     if report.kl is not None:
-        click.echo(f"kl: {report.kl.scored} positions with KL -> {report.kl.path}")
+        click.echo(f"kl: {thousands(report.kl.scored)} positions with KL -> {report.kl.path}")
     if report.stopped_because:
         click.echo(f"stopped early: {report.stopped_because}", err=True)
 
@@ -994,7 +1023,7 @@ def _report_submitted() -> None:
 def _incomplete(report: ScoreReport) -> E.RunIncomplete:
     command = resume_command(click.get_current_context())
     return E.RunIncomplete(
-        f"{report.remaining} positions remain unscored; continue with: {command}",
+        f"{thousands(report.remaining)} positions remain unscored; continue with: {command}",
         report.remaining,
     )
 
@@ -1236,14 +1265,16 @@ def sample(prompts_path: Path, output_dir: Path, **params: Any) -> None:
     report = sample_prompts(prompts_path, output_dir, options, _endpoint(params))
     _warn_about_answers(report.capabilities)
     click.echo(
-        f"sample {options.model}: wrote {len(report.written)} files to {output_dir} "
-        f"({report.skipped_existing} already there); {report.calls.requests} requests, "
-        f"{report.calls.retries} retries"
+        f"sample {options.model}: wrote {thousands(len(report.written))} files to {output_dir} "
+        f"({thousands(report.skipped_existing)} already there); "
+        f"{thousands(report.calls.requests)} requests, "
+        f"{thousands(report.calls.retries)} retries"
     )
     if report.failed:
         first = next(iter(report.failed.items()))
         raise click.ClickException(
-            f"{len(report.failed)} prompts failed (prompt {first[0]}: {first[1]}); run the same "
+            f"{thousands(len(report.failed))} prompts failed (prompt {first[0]}: {first[1]}); run "
+            f"the same "
             "command again to sample only those"
         )
 
@@ -1291,17 +1322,13 @@ def run_all(
       klstream run -i responses/ -o results/ --model2 gemini-2.5-flash
       klstream run -i responses/ -o results/ --model2 gemini-2.5-flash --resume
     """
-    from klstream.input.explode import ExplodeReport
     from klstream.output.export import format_summary
     from klstream.pipeline import RunOptions, dry_run_inputs, run
     from klstream.progress import ProgressLine
     from klstream.scoring.dryrun import format_dry_run
 
     def exploded(report: ExplodeReport) -> None:
-        click.echo(
-            f"exploded {report.files} files: {report.responses} responses, "
-            f"{report.positions} positions -> {report.positions_path.parent}"
-        )
+        click.echo(_exploded_line(report, report.positions_path.parent))
 
     options = RunOptions(
         _score_options(params), pattern=pattern, max_files=max_files, report=not no_report
@@ -1325,7 +1352,7 @@ def run_all(
         raise _incomplete(report.scored)
     click.echo(format_summary(report.exported.summary))
     click.echo(
-        f"wrote {len(report.exported.files)} _kl.json files and "
+        f"wrote {thousands(len(report.exported.files))} _kl.json files and "
         f"{report.exported.summary_path.name} to {output_dir}"
     )
     if report.report is not None:
@@ -1365,15 +1392,27 @@ def _print_jobs(statuses: list[Any]) -> None:
         state = m.state or "-"
         counts = ""
         if m.stage == "collected":
-            counts = f" {m.scored} scored, {m.failed} failed"
+            counts = f" {thousands(m.scored)} scored, {thousands(m.failed)} failed"
         elif m.service_succeeded is not None:
-            counts = f" service: {m.service_succeeded} done, {m.service_failed} failed"
+            done, failed = thousands(m.service_succeeded), thousands(m.service_failed)
+            counts = f" service: {done} done, {failed} failed"
         error = f" ({m.error})" if m.error else ""
         click.echo(
             f"{m.model2}  {m.display_name}{' (canary)' if m.canary else ''}  {m.stage}  {state}  "
-            f"{m.positions} positions"
+            f"{thousands(m.positions)} positions"
             f"{counts}  {m.job_name or '-'}{error}"
         )
+
+
+def _without_batch_jobs(run_dir: Path, model2: str | None) -> bool:
+    """Says so where the run has no batch job (of ``model2``): then nothing asks the service,
+    and no key is needed."""
+    from klstream.storage.rundir import RunDir
+
+    if RunDir(run_dir).batch_manifests(model2):
+        return False
+    click.echo(f"no batch jobs{f' for {model2}' if model2 else ''} in {run_dir}")
+    return True
 
 
 @batch.command("status")
@@ -1384,6 +1423,8 @@ def batch_status_command(run_dir: Path, offline: bool, **params: Any) -> None:
     """Each job: its stage here, its state on the service, its positions and counts."""
     from klstream.scoring.batch import batch_status
 
+    if _without_batch_jobs(run_dir, params["model2"]):
+        return
     endpoint = None if offline else _endpoint(params)
     _print_jobs(batch_status(run_dir, params["model2"], endpoint))
 
@@ -1396,6 +1437,8 @@ def batch_cancel_command(run_dir: Path, **params: Any) -> None:
     answered and submits the rest again."""
     from klstream.scoring.batch import batch_cancel
 
+    if _without_batch_jobs(run_dir, params["model2"]):
+        return
     cancelled = batch_cancel(run_dir, _endpoint(params), params["model2"])
-    click.echo(f"cancelled {len(cancelled)} batch jobs")
+    click.echo(f"cancelled {thousands(len(cancelled))} batch jobs")
     _print_jobs(cancelled)

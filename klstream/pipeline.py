@@ -19,7 +19,13 @@ from pathlib import Path
 
 from klstream.backends.base import Endpoint
 from klstream.errors import ExportFailed, OutputError, RunExists, describe_os_error
-from klstream.input.explode import ExplodeReport, explode, inputs_changed, inputs_current
+from klstream.input.explode import (
+    ExplodeReport,
+    explode,
+    input_files,
+    inputs_changed,
+    inputs_current,
+)
 from klstream.loop import run_blocking
 from klstream.metrics.kl import compute_kl
 from klstream.output.export import ExportReport, export
@@ -102,7 +108,9 @@ async def run_async(
     """
     exports = ExportDir(output_dir)
     run = exports.workspace
-    created = not run.root.exists()
+    created, created_output = not run.root.exists(), not output_dir.exists()
+    if created:  # a mistyped input directory creates nothing
+        await asyncio.to_thread(input_files, input_dir, options.pattern, options.max_files)
     try:
         run.root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -120,6 +128,9 @@ async def run_async(
     except BaseException:
         if created and not run.is_exploded():
             _remove_empty_workspace(run)
+            if created_output:
+                with contextlib.suppress(OSError):
+                    output_dir.rmdir()
         raise
     return RunReport(run.root, exploded, scored, exported, report)
 

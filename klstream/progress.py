@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
+from klstream.numbers import thousands
 from klstream.scoring.session import BatchProgress, ScoreStats
 
 
@@ -36,9 +37,13 @@ class ProgressLine:
     def _announce(stats: ScoreStats) -> None:
         """Before anything is asked, and whether or not on a terminal: what a killed or
         damaged run left that changes what is pending."""
+        if stats.nothing_to_resume is not None:
+            sys.stderr.write(stats.nothing_to_resume + "\n")
         found = []
         if stats.recovered:
-            found.append(f"{stats.recovered:,} answers a killed run had journaled are stored")
+            found.append(
+                f"{thousands(stats.recovered)} answers a killed run had journaled are stored"
+            )
         if stats.quarantined:
             names = ", ".join(stats.quarantined)
             found.append(
@@ -46,19 +51,20 @@ class ProgressLine:
             )
         if found:
             pending = stats.total - stats.already_done
-            sys.stderr.write(f"{'; '.join(found)}; {pending:,} positions to score\n")
+            sys.stderr.write(f"{'; '.join(found)}; {thousands(pending)} positions to score\n")
             sys.stderr.flush()
 
     def _bar(self, stats: ScoreStats) -> str:
         fraction = stats.done / stats.total if stats.total else 1.0
         filled = int(self.width * fraction)
-        return f"\r[{'#' * filled}{'.' * (self.width - filled)}] {stats.done:,}/{stats.total:,} "
+        bar = "#" * filled + "." * (self.width - filled)
+        return f"\r[{bar}] {thousands(stats.done)}/{thousands(stats.total)} "
 
     def _batch_line(self, stats: ScoreStats, batch: BatchProgress) -> str:
         """Jobs by state, positions done, the services' own counts, time waited."""
         jobs = ", ".join(f"{n} {state.lower()}" for state, n in sorted(batch.jobs.items()))
         service = (
-            f"  service {batch.service_done:,}/{batch.service_total:,} lines"
+            f"  service {thousands(batch.service_done)}/{thousands(batch.service_total)} lines"
             if batch.service_total
             else ""
         )
@@ -76,8 +82,8 @@ class ProgressLine:
         eta = f"{left / rate:,.0f}s" if rate > 0 else "?"
         return (
             f"{self._bar(stats)}positions  {calls.requests / elapsed:,.1f} req/s  "
-            f"retries {calls.retries:,}  "
-            f"429s {calls.rate_limited:,}  failed {stats.failed:,}  ETA {eta} "
+            f"retries {thousands(calls.retries)}  "
+            f"429s {thousands(calls.rate_limited)}  failed {thousands(stats.failed)}  ETA {eta} "
         )
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
 -- Views over one run directory's Parquet files, for klstream itself and for ad-hoc queries.
--- File names come from DuckDB variables (positions_file, scores_files, ...) and status values too
--- (score_ok, kl_error, ...), relative to file_search_path: klstream sets them first, and so does
--- the script printed by `klstream views RUN_DIR`.
--- A view whose files do not exist yet (no scores before `klstream score`) is not created.
+-- File names come from DuckDB variables (positions_file, ...) and status values too (score_ok,
+-- kl_error, ...), relative to file_search_path: klstream sets them first, and so does the script
+-- printed by `klstream views RUN_DIR`. Before these come the views over files that may not exist
+-- yet (skipped, scores, kl, run_configs: sql/view_*.sql, or an empty view of their columns), so
+-- every view here always exists.
 
 -- One row per token position of Model 1's responses.
 CREATE OR REPLACE VIEW positions AS
@@ -11,29 +12,6 @@ SELECT * FROM read_parquet(getvariable('positions_file'));
 -- One row per Model 1 response.
 CREATE OR REPLACE VIEW responses AS
 SELECT * FROM read_parquet(getvariable('responses_file'));
-
--- Responses that `explode --skip-invalid` left out, with the reason.
-CREATE OR REPLACE VIEW skipped AS
-SELECT * FROM read_parquet(getvariable('skipped_file'));
-
--- Every Model 2 request outcome, all models, all checkpoint parts (a key may repeat). Columns
--- added by later releases read as null in parts written before them.
-CREATE OR REPLACE VIEW scores AS
-SELECT * FROM read_parquet(getvariable('scores_files'), union_by_name = true)
-UNION ALL BY NAME
-SELECT
-    NULL::VARCHAR AS source,
-    NULL::VARCHAR AS request_id,
-    NULL::INTEGER AS step,
-    NULL::INTEGER AS lookahead,
-    NULL::VARCHAR AS decoding,
-    NULL::BIGINT AS prompt_token_count,
-    NULL::BIGINT AS cached_content_token_count,
-    NULL::BIGINT AS candidates_token_count,
-    NULL::BIGINT AS thoughts_token_count,
-    NULL::VARCHAR AS served_model,
-    NULL::INTEGER AS dropped_logprobs
-WHERE false;
 
 -- The outcome that counts for each (model2, key): its newest success, else its newest failure.
 CREATE OR REPLACE VIEW scores_resolved AS
@@ -46,13 +24,6 @@ FROM (
     FROM scores
 )
 WHERE resolution_rank = 1;
-
--- Per-position estimators for every scored model2 (null where Model 2 has no result).
--- A table written before kl_estimate existed reads it as null until `klstream kl` redoes it.
-CREATE OR REPLACE VIEW kl AS
-SELECT * FROM read_parquet(getvariable('kl_files'), union_by_name = true)
-UNION ALL BY NAME
-SELECT NULL::DOUBLE AS kl_estimate, NULL::DOUBLE AS tail_sigma2 WHERE false;
 
 -- Per-response statistics of kl_floor (the spec's KL) and of the other estimators
 -- (kl_lower: the capped certified lower bound; kl_estimate: the model-based point estimate).
@@ -85,26 +56,6 @@ SELECT
     avg(entropy2) AS mean_entropy2
 FROM kl
 GROUP BY model2, stem, response_index;
-
--- What each Model 2's run recorded in scores/<model2>/run.json (null where an older release
--- recorded nothing): the price entry its costs are reckoned with and the greedy probe's outcome.
-CREATE OR REPLACE VIEW run_configs AS
-SELECT * FROM read_json(getvariable('run_config_files'), columns = {
-    'model2': 'VARCHAR',
-    'backend': 'VARCHAR',
-    'top_logprobs': 'BIGINT',
-    'thinking_budget': 'VARCHAR',
-    'temperature': 'DOUBLE',
-    'lookahead': 'VARCHAR',
-    'decoding': 'VARCHAR',
-    'prices': 'STRUCT(model VARCHAR, input DOUBLE, cached_input DOUBLE, output DOUBLE,
-        batch_input DOUBLE, batch_cached_input DOUBLE, batch_output DOUBLE, source VARCHAR,
-        date VARCHAR)',
-    'greedy_probe': 'STRUCT(decoding VARCHAR, compared BIGINT, median_deviation DOUBLE,
-        tolerance DOUBLE, requests BIGINT, prompt_token_count BIGINT,
-        cached_content_token_count BIGINT, candidates_token_count BIGINT,
-        thoughts_token_count BIGINT, finding VARCHAR)'
-});
 
 -- What each Model 2's results cost, from the usage every answer reported (the greedy probe's
 -- requests included): HTTP requests (retries included) and requests per scored position, input

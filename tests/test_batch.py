@@ -304,6 +304,18 @@ def test_batch_fallback_online_scores_what_the_jobs_left(toy: ToyService, run_di
     assert max(toy.submitted_keys().values()) == 1
 
 
+@pytest.mark.parametrize("command", ["status", "cancel"])
+def test_status_and_cancel_without_batch_jobs_need_no_key(run_dir: Path, command: str) -> None:
+    """A run never scored in batch has nothing to ask the service: no key is asked for (the
+    test runs without credentials), and the answer says there are no jobs."""
+    result = invoke("batch", command, run_dir)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"no batch jobs in {run_dir}\n"
+    only = invoke("batch", command, run_dir, "--model2", "toy-d0.5")
+    assert only.exit_code == 0, only.output
+    assert only.output == f"no batch jobs for toy-d0.5 in {run_dir}\n"
+
+
 def test_no_wait_then_status_cancel_and_resume(toy: ToyService, run_dir: Path) -> None:
     toy.set_batch(ToyBatchConfig(polls=LIVE))
     submitted = score_batch(run_dir, toy, "--no-wait")

@@ -28,7 +28,7 @@ def test_wheel_carries_sql_and_loads_it_from_the_package(tmp_path: Path) -> None
     zipfile.ZipFile(wheel).extractall(installed)
     probe = (
         "from klstream.storage.sqlfiles import sql_directory, load_sql; "
-        "print(sql_directory()); assert 'CREATE OR REPLACE VIEW kl' in load_sql('views'); "
+        "print(sql_directory()); assert 'CREATE OR REPLACE VIEW kl' in load_sql('file_view_kl'); "
         "from klstream.output.report import Payload, render; "
         "page = render(Payload({'meta': {'klstream_version': '0', 'run_dir': 'r', "
         "'generated_at': 'now', 'page_of': []}, 'models': []}), 't'); "

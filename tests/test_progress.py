@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from klstream.backends.transport import CallStats
+from klstream.cli import _report_score
 from klstream.progress import ProgressLine
+from klstream.scoring.score import ScoreReport
 from klstream.scoring.session import ScoreStats
 
 
@@ -34,3 +36,26 @@ def test_progress_line_is_silent_when_not_on_a_terminal(capsys: pytest.CaptureFi
     line.update(stats())
     line.close()
     assert capsys.readouterr().err == ""
+
+
+def test_every_count_of_a_large_run_is_written_with_thousands_separators(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One format for counts (klstream.numbers.thousands): the end-of-run lines printed
+    "4315 scored" beside "1,540 requests"; the progress line and the score line now agree."""
+    calls = CallStats(requests=1540, retries=1234, rate_limited=1001, concurrency_cuts=1002)
+    big = ScoreStats(total=12_000, already_done=1_200, scored=4_315, failed=1_003, calls=calls)
+    line = ProgressLine(enabled=True, interval_s=0.0)
+    line.update(big)
+    line.close()
+    progress = capsys.readouterr().err
+    assert "6,518/12,000 positions" in progress
+    assert "retries 1,234  429s 1,001  failed 1,003" in progress
+
+    _report_score(ScoreReport(big, big.remaining, None, None), "toy-d0.5")
+    printed = capsys.readouterr().out
+    assert (
+        "score toy-d0.5: 4,315 scored, 1,003 failed, 1,200 already done, of 12,000 positions; "
+        "1,540 requests (1,234 retries, 1,001 rate-limited, concurrency lowered 1,002 times)"
+    ) in printed
+    assert "cost: 1,540 requests" in printed

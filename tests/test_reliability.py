@@ -373,6 +373,25 @@ def test_outputs_under_a_regular_file_are_one_line_errors(
     assert emulator.stats()["total"] == 0
 
 
+def test_run_with_a_mistyped_input_directory_creates_nothing(
+    tmp_path: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
+) -> None:
+    """Neither the output directory nor its workspace is created for inputs that are not there,
+    and one whose input files are all invalid is removed again."""
+    out = tmp_path / "new" / "out"
+    result = invoke(*run_args(tmp_path / "inptus", out, emulator))
+    assert result.exit_code == 3, result.output
+    assert f"input directory {tmp_path / 'inptus'} does not exist" in result.output
+    assert not (tmp_path / "new").exists()
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.json").write_text("not json", encoding="utf-8")
+    invalid = invoke(*run_args(tmp_path / "bad", out, emulator))
+    assert invalid.exit_code == 3, invalid.output
+    assert not out.exists()
+    assert emulator.stats()["total"] == 0
+
+
 def test_the_printed_resume_command_of_run_finishes_the_run_as_printed(
     tmp_path: Path, toy_inputs: ToyInputs, emulator: EmulatorServer
 ) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -44,6 +45,7 @@ from klstream.scoring.prefill import WORKERS_PER_SLOT
 from klstream.scoring.score import ScoreReport
 from klstream.scoring.session import ScoreStats
 from klstream.storage import schemas
+from klstream.storage.database import connect
 from klstream.storage.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -587,6 +589,66 @@ def test_a_model2_that_starts_failing_stops_after_max_consecutive_failures(
 
 
 # --- 6: models that cannot score -------------------------------------------------------------
+
+
+def test_a_model_name_the_service_does_not_know_leaves_nothing_behind(
+    run_dir: Path, emulator: EmulatorServer
+) -> None:
+    """A mistyped Model 2 fails at its first request (404); the scores folder that run made
+    holds no answer, so it goes, and the model is not listed among the run's Model 2s."""
+    result = score_cli(run_dir, emulator, "nosuch-model")
+    assert result.exit_code == 5, result.output
+    assert "not found" in result.stderr
+    assert not RunDir(run_dir).scores_dir("nosuch-model").exists()
+    with connect(run_dir) as con:
+        assert con.sql("SELECT model2 FROM run_configs").fetchall() == []
+
+    scored = score_cli(run_dir, emulator, MODEL2)
+    assert scored.exit_code == 0, scored.output
+    failed_again = score_cli(run_dir, emulator, "nosuch-model")
+    assert failed_again.exit_code == 5, failed_again.output
+    with connect(run_dir) as con:
+        assert con.sql("SELECT model2 FROM run_configs").fetchall() == [(MODEL2,)]
+
+
+def test_score_given_the_input_directory_suggests_an_explode_into_a_new_run_directory(
+    tmp_path: Path, toy_inputs: ToyInputs, toy: ToyService
+) -> None:
+    """The Model 1 files' directory is not a run: the hint explodes them into a new directory
+    beside it (never into the inputs themselves), and nothing is written among them."""
+    inputs = tmp_path / "inputs"
+    shutil.copytree(toy_inputs.directory, inputs)
+    before = sorted(inputs.iterdir())
+    result = score_cli(inputs, toy)
+    assert result.exit_code == 4, result.output
+    assert (
+        f"explode {inputs} -o {tmp_path / 'inputs-run'}`, then use {tmp_path / 'inputs-run'}"
+        in (result.stderr)
+    )
+    assert f"-o {inputs} " not in result.stderr and f"-o {inputs}`" not in result.stderr
+    assert sorted(inputs.iterdir()) == before
+
+
+def test_resume_of_a_model2_never_scored_here_says_it_starts_a_full_run(
+    run_dir: Path, toy: ToyService
+) -> None:
+    """--resume with nothing to resume is not an error (a run stopped before its first answer
+    is resumed so), but it is said in one line before anything is asked, with the Model 2s
+    that do have results: a mistyped name would otherwise start a full paid run unannounced."""
+    first = score_cli(run_dir, toy, MODEL2, "--resume")
+    assert first.exit_code == 0, first.output
+    assert f"nothing to resume for {MODEL2} in {run_dir}: starting a full run\n" in first.stderr
+
+    mistyped = score_cli(run_dir, toy, "toy-d05", "--resume")
+    assert mistyped.exit_code == 0, mistyped.output
+    assert (
+        f"nothing to resume for toy-d05 in {run_dir}: starting a full run "
+        f"(the results here are for {MODEL2})\n" in mistyped.stderr
+    )
+
+    resumed = score_cli(run_dir, toy, MODEL2, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "nothing to resume" not in resumed.stderr
 
 
 def test_a_thinking_model_stops_at_once_without_a_budget_and_scores_with_budget_0(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from klstream.errors import PriceTableError
+from klstream.numbers import thousands
 
 PRICE_FIELDS = (
     "input",
@@ -311,7 +312,7 @@ def describe_entry(price: Price, today: date) -> list[str]:
     ]
     tier = price.long_context
     if tier is not None:
-        lines.insert(1, f"  prompts over {tier.above_tokens:,} tokens: {_rate_line(tier)}")
+        lines.insert(1, f"  prompts over {thousands(tier.above_tokens)} tokens: {_rate_line(tier)}")
     if price.until is not None:
         lines.append(f"  prices hold until {price.until}")
     if price.note:
@@ -334,9 +335,9 @@ def cost_line(
     per_position = f"{requests / positions:.3f}" if positions else "n/a"
     output = usage.candidates_tokens + usage.thoughts_tokens
     line = (
-        f"cost: {requests:,} requests ({per_position} per position, {decoding} decoding), "
-        f"input {usage.prompt_tokens:,} tokens ({100 * usage.cached_share:.1f}% cached), "
-        f"output {output:,} tokens ({usage.thoughts_tokens:,} thinking)"
+        f"cost: {thousands(requests)} requests ({per_position} per position, {decoding} decoding), "
+        f"input {thousands(usage.prompt_tokens)} tokens ({100 * usage.cached_share:.1f}% cached), "
+        f"output {thousands(output)} tokens ({thousands(usage.thoughts_tokens)} thinking)"
     )
     if price is None:
         return f"{line}; no price known for this model"

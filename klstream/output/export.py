@@ -20,13 +20,14 @@ import duckdb
 
 from klstream.errors import AmbiguousModel2, NoResults, OutputError, describe_os_error
 from klstream.metrics.kl import connect_scored
+from klstream.numbers import thousands
 from klstream.storage.atomic import (
     commit,
     sweep_stale_temporaries,
     temporary_sibling,
     write_text_atomic,
 )
-from klstream.storage.database import RANGE_POSITIONS, ranged, view_names
+from klstream.storage.database import RANGE_POSITIONS, ranged
 from klstream.storage.rundir import ExportDir
 from klstream.storage.sqlfiles import load_sql
 
@@ -43,8 +44,6 @@ class ExportReport:
 
 
 def scored_models(con: duckdb.DuckDBPyConnection) -> list[str]:
-    if "kl" not in view_names(con):
-        return []
     return [name for (name,) in con.execute(load_sql("scored_models")).fetchall()]
 
 
@@ -103,8 +102,6 @@ def summarize(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any]:
 def cost_summary(con: duckdb.DuckDBPyConnection, model2: str) -> dict[str, Any] | None:
     """Requests, tokens by kind and USD of ``model2``'s results (the ``costs`` view); None for
     runs whose results carry no usage (scored before it was recorded, or without run.json)."""
-    if not {"costs", "lookahead_hazards"} <= view_names(con):
-        return None
     rows: list[dict[str, Any]] = (
         con.sql(load_sql("cost_summary"), params={"model2": model2}).to_arrow_table().to_pylist()
     )
@@ -115,9 +112,11 @@ def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
     if cost is None:
         return []
     lines = [
-        f"Requests:      {cost['requests']:>10}   {_fmt(cost['requests_per_position'], 0, 3)} "
-        f"per position; input tokens {cost['uncached_input_tokens']:,} uncached + "
-        f"{cost['cached_input_tokens']:,} cached, output tokens {cost['output_tokens']:,}",
+        f"Requests:      {thousands(cost['requests']):>10}   "
+        f"{_fmt(cost['requests_per_position'], 0, 3)} "
+        f"per position; input tokens {thousands(cost['uncached_input_tokens'])} uncached + "
+        f"{thousands(cost['cached_input_tokens'])} cached, output tokens "
+        f"{thousands(cost['output_tokens'])}",
     ]
     if cost["usd"] is not None:
         lines.append(
@@ -127,7 +126,8 @@ def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
         )
     if cost["lookahead_hazards"]:
         lines.append(
-            f"Note: {cost['lookahead_hazards']} results came from lookahead steps in responses "
+            f"Note: {thousands(cost['lookahead_hazards'])} results came from lookahead steps in "
+            "responses "
             "whose tokens do not reproduce their text (see the lookahead_hazards view)"
         )
     return lines
@@ -139,15 +139,17 @@ def _answer_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
     if summary["dropped_logprobs"]:
         lines.append(
-            f"Logprobs left out: {summary['dropped_logprobs']:,} unusable top-k entries "
-            f"(sentinels, NaN, ±inf, null) at {summary['positions_with_dropped_logprobs']:,} "
+            f"Logprobs left out: {thousands(summary['dropped_logprobs'])} unusable top-k entries "
+            f"(sentinels, NaN, ±inf, null) at "
+            f"{thousands(summary['positions_with_dropped_logprobs'])} "
             "positions; never taken as values"
         )
     served = summary["served_models"] or []
     if summary["positions_from_other_models"]:
-        names = ", ".join(f"{entry['model']} ({entry['positions']:,})" for entry in served)
+        names = ", ".join(f"{entry['model']} ({thousands(entry['positions'])})" for entry in served)
         lines.append(
-            f"Served by:         {names} positions: {summary['positions_from_other_models']:,} "
+            f"Served by:         {names} positions: "
+            f"{thousands(summary['positions_from_other_models'])} "
             f"results came from another model than {summary['model2']}"
         )
     return lines
@@ -183,9 +185,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"====== KL divergence: {', '.join(s['model1'] or [])} -> {s['model2']} ======",
-            f"Responses:     {s['responses']:>10}",
-            f"Positions:     {s['positions']:>10}   scored {s['scored']}, failed {s['failed']}, "
-            f"unscored {s['unscored']} (failed and unscored are excluded from every figure)",
+            f"Responses:     {thousands(s['responses']):>10}",
+            f"Positions:     {thousands(s['positions']):>10}   scored {thousands(s['scored'])}, "
+            f"failed {thousands(s['failed'])}, "
+            f"unscored {thousands(s['unscored'])} (failed and unscored are excluded from every "
+            "figure)",
             f"Mean    KLD:   {_fmt(s['mean_kl'])} ± {_fmt(s['mean_kl_stderr'], 8)}",
             f"Maximum KLD:   {_fmt(s['max_kl'])}",
             *[f"{label:<7} KLD:   {_fmt(s[key])}" for label, key in percentiles],

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from klstream.errors import QueryError
 from klstream.metrics.kl import connect_scored
+from klstream.numbers import thousands
 from klstream.storage.atomic import atomic_path
 
 OutputFormat = Literal["table", "csv", "json", "parquet"]
@@ -76,7 +77,7 @@ def _render(
     if output is not None:
         with atomic_path(output) as tmp:
             _write(relation, output_format, tmp)
-        return f"wrote {relation.shape[0]:,} rows to {output}"
+        return f"wrote {thousands(relation.shape[0])} rows to {output}"
     if output_format == "table":
         rendered = io.StringIO()
         with contextlib.redirect_stdout(rendered):

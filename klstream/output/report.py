@@ -39,11 +39,12 @@ from markupsafe import Markup
 from klstream import __version__
 from klstream.errors import KlstreamError, NoResults
 from klstream.metrics.kl import connect_scored
+from klstream.numbers import thousands
 from klstream.output.export import scored_models, summarize
 from klstream.output.top import DEFAULT_CONTEXT, TopQuery, top_tokens
 from klstream.storage import schemas
 from klstream.storage.atomic import write_text_atomic
-from klstream.storage.database import ResponseRange, ranged, response_ranges, view_names
+from klstream.storage.database import ResponseRange, ranged, response_ranges
 from klstream.storage.rundir import RunDir
 from klstream.storage.sqlfiles import load_sql
 
@@ -391,16 +392,15 @@ class _Builder:
         repeat; the endpoint is not recorded, so it is the backend's default (or its
         environment variable, as for any command)."""
         words = ["klstream", "score", str(self.run_dir.resolve()), "--model2", model2]
-        if "run_configs" in view_names(self.con):
-            rows = _execute(self.con, "report_run_config", {"model2": model2}).to_pylist()
-            if rows:
-                config = rows[0]
-                words += ["--backend", config["backend"]] if config["backend"] else []
-                if config["top_logprobs"] is not None:
-                    words += ["--top-logprobs", str(config["top_logprobs"])]
-                if config["temperature"] is not None:
-                    words += ["--temperature", f"{config['temperature']:g}"]
-                words += ["--thinking-budget", config["thinking_budget"] or "none"]
+        rows = _execute(self.con, "report_run_config", {"model2": model2}).to_pylist()
+        if rows:
+            config = rows[0]
+            words += ["--backend", config["backend"]] if config["backend"] else []
+            if config["top_logprobs"] is not None:
+                words += ["--top-logprobs", str(config["top_logprobs"])]
+            if config["temperature"] is not None:
+                words += ["--temperature", f"{config['temperature']:g}"]
+            words += ["--thinking-budget", config["thinking_budget"] or "none"]
         return shlex.join([*words, "--resume"])
 
     def _title(self, summaries: list[dict[str, Any]]) -> str:
@@ -410,7 +410,7 @@ class _Builder:
         input_dir = None
         if manifest.is_file():
             input_dir = json.loads(manifest.read_text(encoding="utf-8")).get("input_dir")
-        files = f"{len(stems):,} file" + ("" if len(stems) == 1 else "s")
+        files = f"{thousands(len(stems))} file" + ("" if len(stems) == 1 else "s")
         if len(stems) <= 3:
             inputs = ", ".join(stems)
         elif input_dir:

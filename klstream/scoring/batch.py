@@ -75,6 +75,7 @@ from klstream.errors import (
     RunConfigMismatch,
 )
 from klstream.loop import run_blocking
+from klstream.numbers import thousands
 from klstream.preflight import CANARY_LINES, canary_failure, line_outcome
 from klstream.scoring import lookahead
 from klstream.scoring.batch_jobs import (
@@ -247,8 +248,8 @@ class BatchScheduler(Scheduler):
                 break
             if self.rounds >= self.batch.max_rounds:
                 raise StopRun(
-                    f"{left} positions still uncovered after {self.rounds} rounds of batch jobs "
-                    "(the most allowed); resuming the run submits them"
+                    f"{thousands(left)} positions still uncovered after {self.rounds} rounds of "
+                    "batch jobs (the most allowed); resuming the run submits them"
                 )
             active = await self.plan(probe=continuing)
             continuing = False

@@ -43,6 +43,7 @@ from klstream.backends.prices import Price, Usage, load_prices, price_for
 from klstream.backends.thinking import ThinkingChoice, family_minimum, thinking_choice
 from klstream.backends.transport import Caller, CallStats
 from klstream.loop import run_blocking
+from klstream.numbers import thousands
 from klstream.scoring import lookahead
 from klstream.scoring.lookahead import AcceptanceCounts, Token
 from klstream.scoring.options import ScoreOptions
@@ -404,12 +405,13 @@ def dry_run(
 def format_dry_run(report: DryRunReport) -> str:
     """The estimate as a table: one token per request (the worst case) to the lookahead's."""
     sent = (
-        f"{report.calibration_requests} calibration requests sent"
+        f"{thousands(report.calibration_requests)} calibration requests sent"
         if report.calibration_requests
         else "nothing sent"
     )
     prompt_source = (
-        f"counted by the service for {report.counted_prompts} of {report.prompts} prompts, "
+        f"counted by the service for {thousands(report.counted_prompts)} of "
+        f"{thousands(report.prompts)} prompts, "
         "the others at their characters per token"
         if report.counted_prompts
         else f"estimated at {lookahead.CHARS_PER_TOKEN:g} characters per token"
@@ -420,8 +422,8 @@ def format_dry_run(report: DryRunReport) -> str:
         else "Model 1's agreement with itself, an optimistic guess until calibrated"
     )
     lines = [
-        f"dry run for {report.model2}: {report.positions:,} positions to score in "
-        f"{report.responses:,} responses ({report.prompts:,} prompts); {sent}",
+        f"dry run for {report.model2}: {thousands(report.positions)} positions to score in "
+        f"{thousands(report.responses)} responses ({thousands(report.prompts)} prompts); {sent}",
         f"prompt tokens: {prompt_source}",
         f"a generated token is Model 1's with probability {report.acceptance:.2f} "
         f"({report.decoding} decoding; {acceptance_source})",
@@ -436,8 +438,8 @@ def format_dry_run(report: DryRunReport) -> str:
         usd = "n/a" if estimate.usd is None else f"{estimate.usd:.4f}"
         batch = "n/a" if estimate.batch_usd is None else f"{estimate.batch_usd:.4f}"
         line = (
-            f"{estimate.label:<38}{estimate.requests:>12,}{estimate.input_tokens:>15,}"
-            f"{estimate.output_tokens:>15,}{usd:>12}{batch:>12}"
+            f"{estimate.label:<38}{thousands(estimate.requests):>12}{thousands(estimate.input_tokens):>15}"
+            f"{thousands(estimate.output_tokens):>15}{usd:>12}{batch:>12}"
         )
         if estimate.minutes is not None:
             line += f"{estimate.minutes:>10.1f}"
@@ -445,11 +447,12 @@ def format_dry_run(report: DryRunReport) -> str:
     rounds = report.batch
     if rounds is not None:
         usd = "n/a" if rounds.usd is None else f"{rounds.usd:.4f}"
-        left = f", about {rounds.uncovered:,} positions left" if rounds.uncovered else ""
+        left = f", about {thousands(rounds.uncovered)} positions left" if rounds.uncovered else ""
         lines.append(
             f"batch, lookahead {rounds.lookahead} (sampled), at most {rounds.max_rounds} rounds: "
-            f"{rounds.rounds} rounds, {rounds.requests:,} requests, {rounds.input_tokens:,} input "
-            f"tokens, {rounds.output_tokens:,} output tokens, USD batch {usd}{left}"
+            f"{rounds.rounds} rounds, {thousands(rounds.requests)} requests, "
+            f"{thousands(rounds.input_tokens)} input "
+            f"tokens, {thousands(rounds.output_tokens)} output tokens, USD batch {usd}{left}"
         )
     if report.price is None:
         lines.append("no price known for this model: USD is n/a")

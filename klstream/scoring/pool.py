@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from klstream.backends.transport import CallStats
+from klstream.numbers import thousands
 from klstream.scoring.checkpoint import Checkpointer
 
 W = TypeVar("W")
@@ -64,9 +65,13 @@ class Probe:
 
     def failure(self) -> StopRun:
         """Why the run stops when no probe succeeded."""
-        first = "the first request" if self.tried == 1 else f"the first {self.tried} requests"
+        first = (
+            "the first request"
+            if self.tried == 1
+            else f"the first {thousands(self.tried)} requests"
+        )
         return StopRun(
-            f"{first} to {self.url} failed ({self.calls.requests} attempts in "
+            f"{first} to {self.url} failed ({thousands(self.calls.requests)} attempts in "
             f"{time.monotonic() - self.started:.0f} s); the last said: {self.last_error}"
         )
 

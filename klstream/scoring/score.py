@@ -11,6 +11,7 @@ pass that follows is the pipeline's (:func:`klstream.pipeline.score_async`).
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from klstream.scoring.session import (
 from klstream.scoring.work import count_pending
 from klstream.storage.atomic import sweep_stale_temporaries
 from klstream.storage.health import require_readable_inputs
+from klstream.storage.replacement import has_results
 from klstream.storage.rundir import RunDir
 from klstream.storage.runlock import model2_writer
 
@@ -93,7 +95,36 @@ async def score_positions_async(
     with model2_writer(run, options.model2):
         sweep_stale_temporaries(run.scores_dir(options.model2))
         sweep_stale_temporaries(run.kl_path(options.model2).parent)
-        return await _score_locked(run, options, endpoint, on_progress, stale_outputs)
+        created = not run.scores_dir(options.model2).exists()
+        try:
+            return await _score_locked(run, options, endpoint, on_progress, stale_outputs)
+        except BaseException:
+            if created:
+                _forget_if_unanswered(run, options.model2)
+            raise
+
+
+def _nothing_to_resume(run: RunDir, model2: str) -> str | None:
+    """What a resumed run says when ``model2`` has no result and no batch job in ``run``."""
+    if has_results(run, model2) or run.batch_manifests(model2):
+        return None
+    others = sorted({parts[0].parent.name for parts in run.parts_by_model2() if parts})
+    here = f" (the results here are for {', '.join(others)})" if others else ""
+    return f"nothing to resume for {model2} in {run.root}: starting a full run{here}"
+
+
+def _forget_if_unanswered(run: RunDir, model2: str) -> None:
+    """Remove the scores folder a failed run made before any answer (a model name the service
+    does not know, say): it holds only the run.json, which would list the model among the
+    run's Model 2s (the ``run_configs`` view) as if it had been scored."""
+    if (
+        run.score_parts(model2)
+        or run.journal_segments(model2)
+        or run.greedy_probe_log(model2).exists()
+        or run.batch_manifests(model2)
+    ):
+        return
+    shutil.rmtree(run.scores_dir(model2), ignore_errors=True)
 
 
 async def _score_locked(
@@ -111,6 +142,8 @@ async def _score_locked(
     check = check_run_config(run, options, endpoint, price, stale_outputs)
     session.config, session.replacement = check.config, check.replacement
     stats.quarantined = [path.name for path in check.quarantined]
+    if options.resume:
+        stats.nothing_to_resume = _nothing_to_resume(run, options.model2)
     stopped: str | None = None
     try:
         stats.recovered = await session.checkpoint.open(result_parameters(check.config))

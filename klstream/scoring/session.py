@@ -23,6 +23,7 @@ from klstream.backends.prices import Price, Usage
 from klstream.backends.thinking import thinking_choice
 from klstream.backends.transport import Caller, CallStats
 from klstream.errors import ModelSubstituted
+from klstream.numbers import thousands
 from klstream.preflight import Capabilities, answer_capabilities
 from klstream.scoring.checkpoint import Checkpointer
 from klstream.scoring.options import ScoreOptions
@@ -65,6 +66,10 @@ class ScoreStats:
     """Answers the service says another model gave than the one asked for, by that model."""
     quarantined: list[str] = field(default_factory=list)
     """Damaged parts moved to quarantine at the start: their positions are pending again."""
+    nothing_to_resume: str | None = None
+    """Set when a run asked to resume finds nothing of its Model 2 to resume (no result, no
+    batch job) and so starts a full run: the sentence that says so, naming the Model 2s that
+    do have results here (a mistyped name is then plain to see)."""
 
     @property
     def done(self) -> int:
@@ -196,7 +201,7 @@ class Session:
         await self.checkpoint.add(rows)
         if self.consecutive_failures >= self.options.max_consecutive_failures:
             raise StopRun(
-                f"{self.consecutive_failures} positions in a row failed; the last said: "
+                f"{thousands(self.consecutive_failures)} positions in a row failed; the last said: "
                 f"{self.last_error}"
             )
         if self.on_progress:

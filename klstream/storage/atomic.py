@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from klstream.errors import OutputError, describe_os_error
+
 _TEMPORARY_NAME = re.compile(r"\..+\.tmp-(\d+)")
 
 
@@ -62,14 +64,38 @@ def commit(tmp: Path, final: Path) -> None:
     fsync_path(final.parent)
 
 
+def cannot_write(final: Path, tmp: Path, error: OSError) -> OutputError:
+    """The error for ``final`` that cannot be written: it names the file asked for, never the
+    hidden temporary beside it (a name the user did not give and will not find)."""
+    if {str(error.filename), str(error.filename2)} & {str(tmp), str(final)}:
+        cause = error.strerror or str(error)
+    elif isinstance(error, FileExistsError):  # what mkdir says of a file where a folder goes
+        cause = f"{error.filename} is a file, not a directory"
+    else:
+        cause = describe_os_error(error)
+    return OutputError(f"cannot write {final}: {cause}")
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``final``, on error it is removed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary path to write; on success it replaces ``final``, on error it is removed.
+
+    The temporary is created before the caller writes, so a folder that cannot take ``final``
+    (read-only, a file in the way, a full disk) raises :class:`~klstream.errors.OutputError`
+    naming ``final``, whatever library the caller writes with."""
     tmp = temporary_sibling(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+    except OSError as error:
+        raise cannot_write(final, tmp, error) from error
     try:
         yield tmp
         commit(tmp, final)
+    except OSError as error:
+        if str(tmp) in (str(error.filename), str(error.filename2)):
+            raise cannot_write(final, tmp, error) from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -6,12 +6,13 @@ range (:func:`ranged`), so DuckDB's memory is bounded by a range, whatever the r
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from klstream.errors import RunDirError
 from klstream.storage import schemas
@@ -24,55 +25,98 @@ RANGE_POSITIONS = 200_000
 in memory, so this bounds their memory whatever the run's size."""
 
 
+FILE_VIEWS: dict[str, tuple[str, pa.Schema]] = {
+    "skipped": ("skipped_file", schemas.SKIPPED),
+    "scores": ("scores_files", schemas.SCORES),
+    "kl": ("kl_files", schemas.KL),
+    "run_configs": ("run_config_files", schemas.RUN_CONFIGS),
+}
+"""The views over files that may not exist yet (``sql/file_view_<view>.sql``): the variable of
+:meth:`RunDir.sql_variables` naming their files, and the schema of their columns. A view whose
+files are missing is empty with these columns, so every view always exists."""
+
+
 def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _sql_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _duckdb_types(schema: pa.Schema) -> list[tuple[str, str]]:
+    """Each column's name and DuckDB type, as DuckDB itself reads the Arrow schema."""
+    with duckdb.connect() as con:
+        relation = con.from_arrow(schema.empty_table())
+        return [
+            (name, str(kind)) for name, kind in zip(relation.columns, relation.types, strict=True)
+        ]
+
+
+@cache
+def _columns_macro(view: str) -> str:
+    """``<view>_columns()``: the view's columns, typed, and no rows (made once per process)."""
+    columns = ",\n    ".join(
+        f"NULL::{kind} AS {_sql_identifier(name)}"
+        for name, kind in _duckdb_types(FILE_VIEWS[view][1])
+    )
+    return load_sql("columns_macro").format(view=view, columns=columns)
+
+
+@cache
+def _run_config_columns() -> str:
+    """The ``columns`` argument of ``read_json`` for ``run.json``, as a DuckDB struct literal."""
+    fields = ", ".join(
+        f"{_sql_string(name)}: {_sql_string(kind)}"
+        for name, kind in _duckdb_types(schemas.RUN_CONFIGS)
+    )
+    return "{" + fields + "}"
+
+
 def views_script(run_dir: Path) -> str:
-    """The SQL that makes a plain DuckDB see the run: search path, variables, macros, views."""
-    variables = {**RunDir.sql_variables(), **schemas.STATUS_VARIABLES}
-    preamble = [f"SET file_search_path = {_sql_string(str(run_dir.resolve()))};"]
-    preamble += [f"SET VARIABLE {name} = {_sql_string(v)};" for name, v in variables.items()]
-    return "\n".join(preamble) + "\n" + load_sql("macros") + load_sql("views")
+    """The SQL that makes a plain DuckDB see the run: search path, variables, macros, views.
+
+    It runs as-is whatever files exist yet (the duckdb CLI stops at an error, and so does
+    ``execute``): a view whose files are missing is made empty with its columns."""
+    run = RunDir(run_dir)
+    run.require_exploded()
+    file_variables = RunDir.sql_variables()
+    variables = {**file_variables, **schemas.STATUS_VARIABLES}
+    lines = [f"SET file_search_path = {_sql_string(str(run_dir.resolve()))};"]
+    lines += [f"SET VARIABLE {name} = {_sql_string(v)};" for name, v in variables.items()]
+    lines += [f"SET VARIABLE run_config_columns = {_run_config_columns()};", ""]
+    parts = ["\n".join(lines), load_sql("macros")]
+    for view, (variable, _) in FILE_VIEWS.items():
+        parts.append(_columns_macro(view))
+        if run.has_files(file_variables[variable]):
+            parts.append(load_sql(f"file_view_{view}"))
+        else:
+            parts.append(load_sql("empty_view").format(view=view, files=file_variables[variable]))
+    parts.append(load_sql("views"))
+    return "\n".join(parts)
 
 
 def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the run's views; use it as a context manager to close it.
-
-    Views whose Parquet files do not exist yet (or that depend on such a view) are left out;
-    :func:`view_names` tells which exist. Before any Model 2 result, ``scores`` is an empty
-    table of the scores schema, so that "what is left to score" is one query either way.
-    """
+    """An in-memory DuckDB with the run's views (:func:`views_script`); use it as a context
+    manager to close it. Views whose files do not exist yet are empty: before any Model 2
+    result, ``scores`` has no rows, so that "what is left to score" is one query either way."""
     run = RunDir(run_dir)
     run.require_exploded()
     require_readable_inputs(run)
     drop_damaged_kl(run)
     con = duckdb.connect()
     try:
-        if not run.has_scores():
-            con.register("scores", schemas.SCORES.empty_table())
-        for statement in duckdb.extract_statements(views_script(run_dir)):
-            # Files that do not exist yet, a view that depends on a view left out for that, or
-            # columns that only parts written by a later release have.
-            with contextlib.suppress(
-                duckdb.IOException, duckdb.CatalogException, duckdb.BinderException
-            ):
-                try:
-                    con.execute(statement)
-                except duckdb.InvalidInputException as damaged:
-                    raise RunDirError(
-                        f"a file of {run_dir} cannot be read ({damaged}); a damaged scores part "
-                        "is moved out of the way by scoring the run again with resume"
-                    ) from None
+        con.execute(views_script(run_dir))
+    except duckdb.InvalidInputException as damaged:
+        con.close()
+        raise RunDirError(
+            f"a file of {run_dir} cannot be read ({damaged}); a damaged scores part "
+            "is moved out of the way by scoring the run again with resume"
+        ) from None
     except BaseException:
         con.close()
         raise
     return con
-
-
-def view_names(con: duckdb.DuckDBPyConnection) -> set[str]:
-    rows = con.execute(load_sql("view_names")).fetchall()
-    return {name for (name,) in rows}
 
 
 @dataclass(frozen=True)

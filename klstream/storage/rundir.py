@@ -254,6 +254,10 @@ class RunDir:
         if not self.is_exploded():
             raise NotExploded(self.root)
 
+    def has_files(self, pattern: str) -> bool:
+        """Whether any file matches ``pattern`` (a name or glob of :meth:`sql_variables`)."""
+        return any(self.root.glob(pattern))
+
     @staticmethod
     def sql_variables() -> dict[str, str]:
         """The relative paths and globs that ``sql/views.sql`` reads, as DuckDB variables."""

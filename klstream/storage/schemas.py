@@ -61,6 +61,9 @@ A run directory (``RUN_DIR``) holds:
                                         left out of ``top_*``; 0 where none
     ========================== ======== ====================================================
 
+``scores/<model2>/run.json`` (:data:`RUN_CONFIGS`) — written by the Model 2 stage
+    What the ``run_configs`` view reads of each Model 2's run parameters (JSON, not Parquet).
+
 ``kl/<model2>.parquet`` (:data:`KL`) — written by the KL pass
     One row per position of ``positions.parquet`` with the estimators of
     :mod:`klstream.metrics.estimators`; all estimator columns are null where Model 2 has no result
@@ -216,3 +219,50 @@ KL = pa.schema(
         pa.field("coverage2", pa.float64()),
     ]
 )
+
+_PRICE = pa.struct(
+    [
+        pa.field("model", pa.string()),
+        pa.field("input", pa.float64()),
+        pa.field("cached_input", pa.float64()),
+        pa.field("output", pa.float64()),
+        pa.field("batch_input", pa.float64()),
+        pa.field("batch_cached_input", pa.float64()),
+        pa.field("batch_output", pa.float64()),
+        pa.field("source", pa.string()),
+        pa.field("date", pa.string()),
+    ]
+)
+
+_GREEDY_PROBE = pa.struct(
+    [
+        pa.field("decoding", pa.string()),
+        pa.field("compared", pa.int64()),
+        pa.field("median_deviation", pa.float64()),
+        pa.field("tolerance", pa.float64()),
+        pa.field("requests", pa.int64()),
+        pa.field("prompt_token_count", pa.int64()),
+        pa.field("cached_content_token_count", pa.int64()),
+        pa.field("candidates_token_count", pa.int64()),
+        pa.field("thoughts_token_count", pa.int64()),
+        pa.field("finding", pa.string()),
+    ]
+)
+
+RUN_CONFIGS = pa.schema(
+    [
+        pa.field("model2", pa.string()),
+        pa.field("backend", pa.string()),
+        pa.field("top_logprobs", pa.int64()),
+        pa.field("thinking_budget", pa.string()),
+        pa.field("temperature", pa.float64()),
+        pa.field("lookahead", pa.string()),
+        pa.field("decoding", pa.string()),
+        pa.field("prices", _PRICE),
+        pa.field("greedy_probe", _GREEDY_PROBE),
+    ]
+)
+"""What the ``run_configs`` view reads of each ``scores/<model2>/run.json`` (null where an older
+release recorded nothing): what the report's resume command repeats (backend, top-k, thinking
+budget, temperature), the price entry costs are reckoned with and the greedy probe's outcome.
+``lookahead`` and ``thinking_budget`` read as text, whatever JSON type recorded them."""
