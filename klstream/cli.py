@@ -929,7 +929,10 @@ def resume_command(ctx: click.Context) -> str:
     """The command that continues this run: as invoked, with every option the user gave, and
     ``--resume`` in place of ``--overwrite``."""
     words = [*program_words(), ctx.info_name or ""]
-    for param in ctx.command.params:
+    # Where the run is (arguments, required paths), then which Model 2, then how it is run.
+    for param in sorted(
+        ctx.command.params, key=lambda param: (not param.required, param.name == "model2")
+    ):
         name = param.name or ""
         value = ctx.params.get(name)
         if name in ("resume", "overwrite", "no_wait"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import statistics
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -356,37 +357,29 @@ def test_an_output_that_cannot_be_written_exits_7_naming_it(
         assert not target.exists()
 
 
-README_QUERIES = {
-    "highest": """
-        SELECT k.stem, k.response_index, k.position, k.token, k.kl_floor,
-               string_agg(p.token, '' ORDER BY p.position) AS context
-        FROM kl AS k
-        JOIN positions AS p USING (stem, response_index)
-        WHERE p.position < k.position AND p.position >= k.position - 8
-          AND k.kl_floor IS NOT NULL
-        GROUP BY ALL
-        ORDER BY k.kl_floor DESC
-        LIMIT 10""",
-    "per_prompt": """
-        SELECT r.prompt, avg(k.kl_floor) AS mean_kl, count(*) AS positions
-        FROM kl AS k JOIN responses AS r USING (stem, response_index)
-        GROUP BY r.prompt ORDER BY mean_kl DESC""",
-    "outside": """
-        SELECT k.stem, k.response_index, k.position, k.token, k.logratio
-        FROM kl AS k
-        WHERE NOT k.m1_token_in_m2_topk
-        ORDER BY k.logratio DESC""",
-}
+README = Path(__file__).parent.parent / "README.md"
+README_MODEL2 = "'toy-d0.5'"
+"""The Model 2 the README's queries name: the one its "Try it locally" block scores."""
 
 
-@pytest.mark.parametrize("name", sorted(README_QUERIES))
-def test_readme_queries_run(scored_run: ScoredRun, name: str) -> None:
-    run_dir = scored_run[0]
-    with connect(run_dir) as con:
-        rows = con.execute(README_QUERIES[name]).fetchall()
+def readme_queries() -> list[str]:
+    """The SQL blocks of the README's "Ad-hoc queries" section, as written."""
+    section = README.read_text(encoding="utf-8").split("## Ad-hoc queries", 1)[1]
+    return re.findall(r"```sql\n(.*?)```", section.split("\n## ", 1)[0], re.DOTALL)
+
+
+def test_the_readme_has_its_queries() -> None:
+    assert len(readme_queries()) == 3
+
+
+@pytest.mark.parametrize("number", range(3))
+def test_readme_queries_run_and_keep_each_model2_apart(scored_run: ScoredRun, number: int) -> None:
+    """Each query filters or groups by model2, so a run with a second Model 2 cannot mix them."""
+    sql = readme_queries()[number]
+    with connect(scored_run[0]) as con:
+        rows = con.execute(sql.replace(README_MODEL2, f"'{MODEL2}'")).fetchall()
     assert rows
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    assert " ".join(README_QUERIES[name].split()) in " ".join(readme.split())
+    assert re.search(r"model2 = 'toy-d0\.5'|GROUP BY k\.model2|ORDER BY k\.model2", sql), sql
 
 
 def test_kl_pass_with_no_successful_result_in_a_batch(tmp_path: Path, inputs: Path) -> None:

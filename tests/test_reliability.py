@@ -403,7 +403,10 @@ def test_the_printed_resume_command_of_run_finishes_the_run_as_printed(
     _, stderr = process.communicate()
     assert process.returncode == 6, stderr
     command = stderr.split("continue with: ")[1].strip()
-    assert " run --input-dir " in command and command.endswith("--max-retries 0 --resume")
+    assert (
+        f" run --input-dir {toy_inputs.directory} --output-dir {out} --model2 {MODEL2} " in command
+    )
+    assert command.endswith("--max-retries 0 --resume")
     assert f"--base-url {emulator.base_url}" in command and "--top-logprobs 5" in command
 
     emulator.set_faults(FaultConfig())

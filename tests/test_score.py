@@ -528,7 +528,7 @@ def test_the_cli_says_why_it_stopped_and_how_to_resume(
     )
     assert f"{len(toy_inputs.positions)} positions remain unscored" in result.stderr
     resume = result.stderr.split("continue with: ")[1].strip()
-    assert f"score {run_dir} --base-url {emulator.base_url} --model2 {MODEL2}" in resume
+    assert f"score {run_dir} --model2 {MODEL2} --base-url {emulator.base_url}" in resume
     assert resume.endswith("--max-retries 0 --resume")
     assert emulator.stats()["total"] == 2
 
