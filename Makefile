@@ -8,7 +8,7 @@ install:
 	$(UV) sync --frozen
 
 test: install
-	$(UV) run pytest -q -n auto
+	$(UV) run pytest -q -n auto --dist loadgroup
 
 demo: install
 	$(UV) run python examples/demo.py

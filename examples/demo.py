@@ -20,7 +20,7 @@ from pathlib import Path
 from klstream.emulator import EmulatorServer, FaultConfig
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE.parent / "demo"
+DEFAULT_OUT = HERE.parent / "demo"
 RESTART_PORT = 8765
 """The port the README's "Try it locally" block starts the server on."""
 
@@ -36,8 +36,9 @@ def klstream(base_url: str, *args: str) -> None:
     subprocess.run(command, check=True, env={**os.environ, "GOOGLE_GEMINI_BASE_URL": base_url})
 
 
-def main() -> None:
-    shutil.rmtree(OUT, ignore_errors=True)
+def main(out: Path = DEFAULT_OUT) -> None:
+    """The demo, written to ``out`` (replaced if it exists)."""
+    shutil.rmtree(out, ignore_errors=True)
     faults = FaultConfig(
         latency_ms=20, jitter_ms=10, rate_429=0.03, rate_503=0.02, retry_delay_s=0.2
     )
@@ -60,30 +61,30 @@ def main() -> None:
             "--seed",
             "1",
             "-o",
-            shown(OUT / "responses"),
+            shown(out / "responses"),
         )
         klstream(
             server.base_url,
             "run",
             "-i",
-            shown(OUT / "responses"),
+            shown(out / "responses"),
             "-o",
-            shown(OUT / "kl"),
+            shown(out / "kl"),
             "--model2",
             "toy-d0.5",
             "--max-concurrent",
             "32",
         )
         print(f"\nthe emulator answered {server.stats()['total']} requests")
-    print(f"\n_kl.json files: {shown(OUT / 'kl')}")
-    print(f"per-token Parquet for DuckDB/pandas/polars: {shown(OUT / 'kl' / 'run')}")
+    print(f"\n_kl.json files: {shown(out / 'kl')}")
+    print(f"per-token Parquet for DuckDB/pandas/polars: {shown(out / 'kl' / 'run')}")
     query = (
         "SELECT model2, token, kl_floor, kl_estimate FROM kl WHERE model2 = 'toy-d0.5' "
         "ORDER BY kl_floor DESC LIMIT 5"
     )
     # Double quotes keep the SQL's single quotes readable; it holds nothing a shell expands there.
-    print(f'try: uv run klstream query {shlex.quote(shown(OUT / "kl" / "run"))} "{query}"')
-    print(f"\nHTML report (open it in a browser): {shown(OUT / 'kl' / 'report.html')}")
+    print(f'try: uv run klstream query {shlex.quote(shown(out / "kl" / "run"))} "{query}"')
+    print(f"\nHTML report (open it in a browser): {shown(out / 'kl' / 'report.html')}")
     print(
         "\nThe demo's server has stopped. To run the commands above again, start one in another "
         f"terminal:\n  uv run klstream emulate --port {RESTART_PORT}\nand point them at it:\n"
@@ -93,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)

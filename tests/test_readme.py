@@ -8,12 +8,15 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.xdist_group("port-8765")
+"""The blocks start a server on the README's fixed port: one test at a time (--dist loadgroup)."""
 SECTION = "## Try it locally, step by step"
 
 
@@ -105,3 +108,60 @@ def test_the_readme_local_block_runs_as_written(
     assert "dry run" in result.stdout.lower()
     assert re.search(r"score toy-d0\.5: [\d,]+ scored, 0 failed", result.stdout)
     assert re.search(r"toy-d0\.5\s*│\s*[\d,]+\s*│\s*0\.\d+", result.stdout), result.stdout
+
+
+def test_the_demo_prints_commands_that_work_after_its_server_has_gone(
+    workdir: Path, shell_env: dict[str, str]
+) -> None:
+    """`make demo`'s printed commands reach no temporary port: followed by its restart lines
+    (the README's server block and export), they run as printed, from scratch."""
+    demo = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), str(workdir / "demo")],
+        cwd=workdir,
+        env=shell_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert demo.returncode == 0, demo.stderr
+    printed = demo.stdout.splitlines()
+    commands = [line[2:] for line in printed if line.startswith("$ uv run klstream ")]
+    assert [command.split()[3] for command in commands] == ["sample", "run"]
+    assert not any("127.0.0.1" in command for command in commands)
+    restart = printed[printed.index("and point them at it:") - 1].strip()
+    export = printed[printed.index("and point them at it:") + 1].strip()
+    assert restart == local_blocks()[0].strip()
+    assert export == "export GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:8765"
+    query = next(line for line in printed if line.startswith("try: ")).removeprefix("try: ")
+
+    server = subprocess.Popen(
+        ["bash", "-c", f"exec {restart}"],
+        cwd=workdir,
+        env=shell_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert "listening on http://127.0.0.1:8765" in server.stdout.readline()
+        again = subprocess.run(
+            [
+                "bash",
+                "-c",
+                "\n".join(["set -euo pipefail", "rm -r demo", export, *commands, query]),
+            ],
+            cwd=workdir,
+            env=shell_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert again.returncode == 0, again.stderr
+    assert "sample toy: wrote 5 files" in again.stdout
+    assert re.search(r"score toy-d0\.5: 708 scored, 0 failed", again.stdout), again.stdout
+    assert "toy-d0.5" in again.stdout and "kl_estimate" in again.stdout
