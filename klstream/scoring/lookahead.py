@@ -44,8 +44,9 @@ for more than one token only where that is expected to save at least this share 
 on a pair that rarely agrees, bets whose expected gain is thin (and lost so far) stop, while the
 one-token answers keep teaching the prediction and a likely long run is still taken."""
 BATCH_AUTO_LOOKAHEAD = 4
-"""The lookahead a batch run uses for ``auto``: a round cannot learn from its own answers, so a
-fixed N that pays off from an acceptance of about one half on."""
+"""The lookahead a batch run uses for ``auto`` without a price to weigh tokens by (with one, its
+lines go where the acceptance prediction says a run breaks), and what the dry run estimates its
+rounds with: a fixed N that pays off from an acceptance of about one half on."""
 
 
 def batch_lookahead(setting: int | str) -> int:
