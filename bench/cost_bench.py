@@ -2,7 +2,9 @@
 
 Side by side in one run, on the same inputs (Model 1 = ``toy`` sampled at temperature 1 for every
 prompt of ``examples/prompts.txt``), against a near (``toy-d0.25``), a medium (``toy-d2``) and a
-far (``toy-d8``, which rarely agrees) Model 2 on the local emulator:
+far (``toy-d8``, which rarely agrees) Model 2 on the local emulator, and a high-entropy pair
+(``toy-d0.25@2``: Model 1 = ``toy`` sampled at temperature 2, so most of its tokens are not its
+own top token, against ``toy-d0.25``):
 
 * the spec's method, written out here with the bare google-genai SDK as the spec shows it: one
   request per position (``max_output_tokens=1``), the positions of one response at a time in file
@@ -19,9 +21,19 @@ deterministic given the prefix). The emulator's implicit cache keeps Gemini's mi
 unless it is lowered. ``--thinking-budget N`` has every request (the spec's too) think N tokens,
 billed as output: give a pair that must think, such as ``toy-d2-mustthink128``.
 
+Then the table "Lookahead vs the oracle", pair × decoding: the oracle (the fewest requests any
+lookahead policy could send: one per response and one after each disagreement, from the
+``--lookahead 1`` run: :func:`oracle_requests`), ``auto`` before (``--before``: this bench's
+``--json`` from the code before) and after, ``auto``'s requests over the oracle of the very tokens
+it drew (:func:`own_oracle`), the share of its output tokens wasted (asked for past a
+disagreement, the probe's included), its USD against the spec's method, and the requests a
+``--dry-run --calibrate 10`` predicted just before the run, beside the requests it sent.
+
 Usage: python bench/cost_bench.py [--samples 3] [--max-tokens 256] [--price-as gemini-2.0-flash]
                                   [--cache-min-tokens 2048] [--thinking-budget 0]
-                                  [--pairs toy-d0.25 toy-d2 toy-d8]
+                                  [--pairs toy-d0.25 toy-d2 toy-d8 toy-d0.25@2]
+                                  [--lookaheads 1 2 4 8 16 auto] [--calibrate 10]
+                                  [--json FILE] [--before FILE] [--render FILE]
 """
 
 from __future__ import annotations
@@ -258,7 +270,7 @@ def own_oracle(run_dir: Path, model2: str) -> int:
     model1, lengths = model1_tokens(run_dir)
     columns = ["stem", "response_index", "position", "status", "chosen_token_id"]
     breaks = sum(
-        r["chosen_token_id"] != model1[key]
+        int(r["chosen_token_id"] != model1[key])
         for r in score_table(run_dir, model2, columns).to_pylist()
         if r["status"] == "ok"
         and (key := (r["stem"], r["response_index"], r["position"]))[2] < lengths[key[:2]] - 1
@@ -292,7 +304,24 @@ def main() -> None:
         type=Path,
         help="a --json file written by this bench on the code before, for the auto-before column",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        help="print the oracle table of a --json file (with --before's beside), running nothing",
+    )
     args = parser.parse_args()
+    if args.render:
+        rows = list(json.loads(args.render.read_text()).values())
+        earlier = json.loads(args.before.read_text()) if args.before else {}
+        for r in rows:
+            found = earlier.get(r["key"], {})
+            r.update(
+                before=found.get("after"),
+                before_predicted=found.get("predicted"),
+                before_predicted_decoding=found.get("predicted_decoding"),
+            )
+        print_oracle_table(rows)
+        return
     lookaheads: list[Lookahead] = [v if v == "auto" else int(v) for v in args.lookaheads]
 
     price = load_prices()[args.price_as]
@@ -313,7 +342,7 @@ def main() -> None:
             for pair in args.pairs:
                 model2, temperature = model1_temperature(pair)
                 if temperature not in templates:
-                    options = SampleOptions(
+                    sampling = SampleOptions(
                         "toy",
                         num_samples=args.samples,
                         max_tokens=args.max_tokens,
@@ -321,7 +350,7 @@ def main() -> None:
                         temperature=temperature,
                     )
                     responses = work / f"responses-{temperature:g}"
-                    sample(ROOT / "examples" / "prompts.txt", responses, options, endpoint)
+                    sample(ROOT / "examples" / "prompts.txt", responses, sampling, endpoint)
                     template = work / f"template-{temperature:g}"
                     explode(responses, template)
                     count = pq.read_metadata(RunDir(template).positions).num_rows
@@ -419,6 +448,10 @@ def main() -> None:
                                     "positions": positions,
                                     "oracle": oracles.get(report.decoding),
                                     "before": before.get(key, {}).get("after"),
+                                    "before_predicted": before.get(key, {}).get("predicted"),
+                                    "before_predicted_decoding": before.get(key, {}).get(
+                                        "predicted_decoding"
+                                    ),
                                     "after": report.stats.calls.requests,
                                     "own_oracle": own_oracle(run_dir, model2),
                                     "wasted": (output - positions) / output,
@@ -448,14 +481,16 @@ def main() -> None:
 def print_oracle_table(rows: list[dict[str, Any]]) -> None:
     """Pair × decoding: the oracle, auto before and after (requests per position), auto's
     requests over the oracle of its own draws, its share of output tokens wasted, its USD
-    against the spec's method, and the dry run's predicted requests beside the requests sent."""
+    against the spec's method, and the dry run's predicted requests beside the requests sent
+    (now and, from ``--before``, with the code before)."""
     print("\n### Lookahead vs the oracle\n")
     print(
         "| pair | decoding | oracle req/pos | auto before | auto after | after / oracle "
         "| after / oracle of its draws | wasted output | USD vs spec "
-        "| dry run: requests predicted / sent (decoding) | same top-k |"
+        "| dry run: requests predicted / sent (decoding) | dry run before: predicted / sent "
+        "| same top-k |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
     for r in rows:
         n = r["positions"]
         oracle = r["oracle"]
@@ -466,11 +501,16 @@ def print_oracle_table(rows: list[dict[str, Any]]) -> None:
             if r["predicted"] is None
             else f"{r['predicted']:,} / {r['after']:,} ({r['predicted_decoding']})"
         )
+        earlier = (
+            "–"
+            if r.get("before_predicted") is None
+            else f"{r['before_predicted']:,} / {r['before']:,} ({r['before_predicted_decoding']})"
+        )
         print(
             f"| {r['pair']} | {r['decoding']} (ran {r['ran']}) | "
             f"{'–' if not oracle else f'{oracle / n:.3f}'} | {before} | {r['after'] / n:.3f} | "
             f"{ratio} | {r['after'] / r['own_oracle']:.3f} | {100 * r['wasted']:.0f}% | "
-            f"{100 * r['usd'] / r['spec_usd']:.0f}% | {predicted} | {r['same']} |"
+            f"{100 * r['usd'] / r['spec_usd']:.0f}% | {predicted} | {earlier} | {r['same']} |"
         )
 
 
