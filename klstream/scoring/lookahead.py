@@ -24,9 +24,10 @@ from klstream.backends import checks
 CHARS_PER_TOKEN = 4.0
 """Characters per token where no tokenizer is at hand (Google's rule of thumb for English): what
 input tokens are estimated from before the service has counted them."""
-AUTO_MAX_LOOKAHEAD = 32
-"""The longest lookahead ``auto`` considers: past it, a run of agreements long enough to pay for
-the extra output tokens is too rare to matter."""
+AUTO_MAX_LOOKAHEAD = 64
+"""The longest lookahead ``auto`` considers: where the prediction expects a run of agreements
+longer than this (a near pair's greedy decoding through Model 1's confident tokens), a request
+cut short costs one more request; past it, such runs are too rare to matter."""
 MIN_SEGMENT = 16
 """Shortest piece a response is cut into to keep every request slot busy: shorter pieces cut the
 runs of accepted steps too often."""
@@ -34,10 +35,10 @@ WARM_UP_TOKENS = 16
 """Generated tokens compared before ``auto`` trusts its acceptance prediction beyond
 :data:`WARM_UP_LOOKAHEAD` tokens: the first wave of requests starts before any answer has
 calibrated it."""
-WARM_UP_LOOKAHEAD = 2
-"""The most ``auto`` asks for before :data:`WARM_UP_TOKENS` comparisons: a pair that never
-agrees wastes at most a token per chain of the first wave, a near pair's first requests are
-seldom cut short."""
+WARM_UP_LOOKAHEAD = 8
+"""The most ``auto`` asks for before :data:`WARM_UP_TOKENS` comparisons, on the prior's word: a
+pair that never agrees wastes at most 7 tokens per chain of the first wave (a few hundredths of
+a request each at usual prices), a near pair's first requests are seldom cut short."""
 LOSING_HURDLE = 0.25
 """While a run's lookahead has cost more than one token per position would have, ``auto`` asks
 for more than one token only where that is expected to save at least this share of a request:
