@@ -1,14 +1,17 @@
--- What the stored answers of $model2 say of how often Model 2 generates Model 1's tokens, so that
--- a resumed run's `--lookahead auto` starts from it instead of warming up again: every answer
--- with s results matched s - 1 generated tokens, and one that asked for more than it kept
--- (without reaching the end of its piece of the response, which the table does not tell) broke.
-WITH answers AS (
-    SELECT any_value(lookahead) AS asked, count(*) AS kept
-    FROM scores
-    WHERE model2 = $model2 AND status = getvariable('score_ok') AND lookahead > 1
-    GROUP BY request_id
-)
+-- What the stored answers of $model2 say of where Model 2 generates Model 1's tokens, so that a
+-- resumed run's `--lookahead auto` starts calibrated instead of from its prior: every stored
+-- result's chosen token is Model 2's token at that position given Model 1's prefix, compared
+-- with Model 1's (by id where both carry one, else by text), with Model 1's logprob, whether
+-- its token is its own top one and its margin there, and the decoding; the newest $most.
 SELECT
-    coalesce(sum(kept - 1), 0)::BIGINT AS matched,
-    coalesce(count(*) FILTER (WHERE kept < asked), 0)::BIGINT AS broke
-FROM answers;
+    s.decoding,
+    p.logprob,
+    own_top(p.token, p.token_id, p.top_tokens, p.top_token_ids)::DOUBLE AS own_top,
+    own_margin(p.token, p.token_id, p.logprob, p.top_tokens, p.top_token_ids, p.top_logprobs)
+        AS margin,
+    coalesce(s.chosen_token_id = p.token_id, s.chosen_token = p.token) AS agreed
+FROM scores_resolved AS s
+JOIN positions AS p USING (stem, response_index, position)
+WHERE s.model2 = $model2 AND s.status = getvariable('score_ok') AND s.chosen_token IS NOT NULL
+ORDER BY s.scored_at DESC
+LIMIT $most;

@@ -14,7 +14,7 @@ pending AS (
         response_index,
         position,
         exp(logprob) AS own_probability,
-        coalesce(token_id = top_token_ids[1], token = top_tokens[1]) AS own_top,
+        own_top(token, token_id, top_tokens, top_token_ids) AS own_top,
         position - row_number() OVER (
             PARTITION BY stem, response_index ORDER BY position
         ) AS run

@@ -25,3 +25,17 @@ CREATE OR REPLACE MACRO served_elsewhere(served, asked) AS
             model_name(split_part(served, '@', 1))[length(model_name(asked)) + 2:], '[0-9]+'
         )
     );
+
+-- Whether Model 1's token at a position of positions.parquet is its own top token (by id where
+-- both carry one, else by text); null without a top-k list. What lookahead's acceptance
+-- prediction (klstream.scoring.acceptance) reads, with own_margin.
+CREATE OR REPLACE MACRO own_top(token, token_id, top_tokens, top_token_ids) AS
+    coalesce(token_id = top_token_ids[1], token = top_tokens[1]);
+
+-- Model 1's logprob of its token minus the best other token's: positive exactly when it is its
+-- own top token; null when the top-k list does not show the other.
+CREATE OR REPLACE MACRO own_margin(token, token_id, logprob, top_tokens, top_token_ids, top_logprobs)
+    AS logprob - CASE
+        WHEN own_top(token, token_id, top_tokens, top_token_ids) THEN top_logprobs[2]
+        ELSE top_logprobs[1]
+    END;

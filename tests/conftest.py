@@ -54,14 +54,13 @@ def toy() -> Iterator[ToyService]:
         yield service
 
 
-@pytest.fixture(scope="session")
-def toy_inputs(tmp_path_factory: pytest.TempPathFactory) -> ToyInputs:
-    """Spec-format inputs whose responses are sampled from ``toy`` (top-20 logprobs each).
+def sampled_inputs(directory: Path, temperature: float) -> ToyInputs:
+    """Spec-format inputs whose responses are sampled from ``toy`` at ``temperature`` (top-20
+    logprobs each, at temperature 1 as a service reports them).
 
     Every file has its own prompt, so a request's prompt and prefill identify its position
     (up to position 0, which the responses of one file share).
     """
-    directory = tmp_path_factory.mktemp("toy-inputs")
     model = ToyModel.for_name("toy")
     positions: dict[Key, ToyPosition] = {}
     for file_index in range(TOY_FILES):
@@ -72,7 +71,7 @@ def toy_inputs(tmp_path_factory: pytest.TempPathFactory) -> ToyInputs:
             generation = model.sample(
                 prompt,
                 TOY_TOKENS,
-                temperature=1.0,
+                temperature=temperature,
                 seed=10 * file_index + response_index,
                 top_k_logprobs=20,
             )
@@ -94,6 +93,19 @@ def toy_inputs(tmp_path_factory: pytest.TempPathFactory) -> ToyInputs:
                 positions[(stem, response_index, position)] = ToyPosition(prompt, prefill, top)
         write_input(directory, stem, make_input(prompt, "toy", responses))
     return ToyInputs(directory, positions)
+
+
+@pytest.fixture(scope="session")
+def toy_inputs(tmp_path_factory: pytest.TempPathFactory) -> ToyInputs:
+    """Inputs sampled from ``toy`` at temperature 1 (:func:`sampled_inputs`)."""
+    return sampled_inputs(tmp_path_factory.mktemp("toy-inputs"), 1.0)
+
+
+@pytest.fixture(scope="session")
+def hot_toy_inputs(tmp_path_factory: pytest.TempPathFactory) -> ToyInputs:
+    """Inputs sampled from ``toy`` at temperature 2: high-entropy responses, where most tokens
+    are not Model 1's own top token (like a small model sampled at temperature 1)."""
+    return sampled_inputs(tmp_path_factory.mktemp("hot-toy-inputs"), 2.0)
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import signal
+import statistics
 import subprocess
 import time
 from collections import Counter
@@ -34,6 +36,7 @@ from klstream.emulator import EmulatorServer
 from klstream.emulator.batch import BatchConfig, BatchEvent, EndState
 from klstream.input.explode import explode
 from klstream.scoring.batch_jobs import JobManifest, load_manifests
+from klstream.storage import schemas
 from klstream.storage.database import connect
 from klstream.storage.rundir import RunDir
 
@@ -524,6 +527,41 @@ def test_batch_lookahead_gives_the_online_one_token_results_in_fewer_requests_ov
     ]
     assert {row["lookahead"] for row in lookaheads} >= {4}
     assert any(row["step"] > 0 for row in lookaheads)
+
+
+def test_batch_auto_ends_its_lines_where_a_disagreement_is_likely(
+    toy: ToyService, run_dir: Path, toy_inputs: ToyInputs, tmp_path: Path
+) -> None:
+    """Under ``auto`` each line asks for what the online scheduler would, from the acceptance
+    prediction, so lines end after the positions Model 1 itself found unlikely (where Model 2
+    is likely to generate another token), not at every N-th; the results stay the online
+    one-token results."""
+    online_dir = tmp_path / "online"
+    explode(toy_inputs.directory, online_dir)
+    assert score_cli(online_dir, toy, MODEL2, "--lookahead", "1").exit_code == 0
+    flags = batch_flags(toy, lookahead_flags=("--lookahead", "auto"))
+    batch = invoke("score", run_dir, *flags)
+    assert batch.exit_code == 0, batch.output
+    assert top_lists(run_dir) == top_lists(online_dir)
+    probability = {
+        (r["stem"], r["response_index"], r["position"]): math.exp(r["logprob"])
+        for r in pq.read_table(RunDir(run_dir).positions).to_pylist()
+    }
+    lines = [
+        row
+        for part in RunDir(run_dir).score_parts(MODEL2)
+        for row in pq.read_table(part).to_pylist()
+        if row["step"] == 0 and row["source"] == schemas.SOURCE_BATCH
+    ]
+    assert len({row["lookahead"] for row in lines}) > 2
+    ends = [
+        probability[key]
+        for row in lines
+        if (key := (row["stem"], row["response_index"], row["position"] + row["lookahead"] - 1))
+        in probability
+        and (key[0], key[1], key[2] + 1) in probability
+    ]
+    assert statistics.fmean(ends) < statistics.fmean(probability.values()) - 0.2
 
 
 def test_max_rounds_leaves_uncovered_positions_for_resume(toy: ToyService, run_dir: Path) -> None:

@@ -16,6 +16,7 @@ from cli import invoke
 import klstream
 from klstream.backends.toy import ToyService
 from klstream.emulator import encode
+from klstream.emulator.service import ServiceConfig
 from klstream.input.sample import SampleOptions, sample
 from klstream.scoring.dryrun import DryRunOptions, DryRunReport, dry_run
 from klstream.scoring.options import ScoreOptions
@@ -148,3 +149,19 @@ def test_the_batch_dry_run_prints_rounds_and_batch_usd(demo_run: Path) -> None:
     assert int(found[2].replace(",", "")) < int(one_token[1].replace(",", ""))
     assert float(found[3]) > 0
     assert not RunDir(demo_run).scores_dir("gemini-2.5-flash").exists()
+
+
+@pytest.mark.parametrize(("scaled_logprobs", "decoding"), [(False, "greedy"), (True, "sample")])
+def test_the_calibrated_dry_run_predicts_the_decoding_the_run_then_uses(
+    demo_run: Path, toy: ToyService, scaled_logprobs: bool, decoding: str
+) -> None:
+    """A new run with ``--lookahead-decoding auto`` settles its decoding with the greedy probe;
+    calibrating, the dry run applies the same test first (before, it assumed sampling until a
+    run had probed, and so predicted the requests of a decoding the run did not use)."""
+    toy.set_service(ServiceConfig(scaled_logprobs=scaled_logprobs))
+    options = ScoreOptions(MODEL2, lookahead="auto")
+    predicted = dry_run(demo_run, options, DryRunOptions(calibrate=5), toy.endpoint())
+    assert predicted.calibration_requests == 10  # a greedy and a one-token request per site
+    scored = klstream.score(demo_run, options, toy.endpoint())
+    assert predicted.decoding == scored.decoding == decoding
+    assert scored.stats.calls.requests == pytest.approx(predicted.lookahead.requests, rel=0.3)

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from cli import invoke, start_process
@@ -37,6 +38,12 @@ from klstream.backends.toy import ToyService
 from klstream.emulator import EmulatorServer, FaultConfig, encode
 from klstream.emulator.service import ServiceConfig
 from klstream.input.explode import explode
+from klstream.scoring import acceptance
+from klstream.scoring.acceptance import AcceptanceModel
+from klstream.scoring.prefill import PrefillScheduler
+from klstream.scoring.score import METHODS
+from klstream.scoring.session import Session
+from klstream.scoring.work import acceptance_so_far
 from klstream.storage import schemas
 from klstream.storage.rundir import RunDir
 
@@ -105,18 +112,23 @@ def assert_complete_once(run_dir: Path, model2: str, toy_inputs: ToyInputs) -> N
 # --- 1: lookahead stores what one token per request stores ------------------------------------
 
 
-@pytest.mark.parametrize("model2", [NEAR, FAR])
+@pytest.mark.parametrize(
+    ("inputs", "model2"),
+    [("toy_inputs", NEAR), ("toy_inputs", FAR), ("hot_toy_inputs", NEAR)],
+)
 @pytest.mark.parametrize("lookahead", [4, "auto"])
 def test_lookahead_results_are_the_one_token_results(
     tmp_path: Path,
-    run_dir: Path,
-    toy_inputs: ToyInputs,
+    request: pytest.FixtureRequest,
     toy: ToyService,
+    inputs: str,
     model2: str,
     lookahead: int | str,
 ) -> None:
-    one_token = tmp_path / "one-token"
+    toy_inputs: ToyInputs = request.getfixturevalue(inputs)
+    one_token, run_dir = tmp_path / "one-token", tmp_path / "run"
     explode(toy_inputs.directory, one_token)
+    explode(toy_inputs.directory, run_dir)
     baseline = score(one_token, toy, model2, lookahead=1)
     report = score(run_dir, toy, model2, lookahead=lookahead, max_concurrent=4)
 
@@ -135,7 +147,7 @@ def test_lookahead_results_are_the_one_token_results(
         # positions the greedy probe's 3 requests alone are 1.5%.
         flash = load_prices()["gemini-2.5-flash"]
         assert flash.usd(report.stats.usage) <= 1.04 * flash.usd(baseline.stats.usage)
-    elif model2 == NEAR:
+    elif inputs == "toy_inputs" and model2 == NEAR:
         assert report.stats.answers < 0.6 * len(toy_inputs.positions)
 
 
@@ -149,6 +161,51 @@ def test_auto_on_a_pair_that_never_agrees_costs_little_more_than_one_token(
     )
     flash = load_prices()["gemini-2.5-flash"]
     assert flash.usd(report.stats.usage) <= 1.05 * flash.usd(one_token)
+
+
+def test_every_answer_one_token_ones_included_calibrates_the_acceptance_prediction(
+    run_dir: Path, toy_inputs: ToyInputs, toy: ToyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a pair that never agrees auto asks for one token almost everywhere; each answer's
+    chosen token is still a comparison the prediction learns from, so it ends calibrated to
+    the run's rate (before, a one-token answer taught nothing), and a resumed run starts from
+    the same comparisons read back from the stored results."""
+    made: list[PrefillScheduler] = []
+
+    def recording(session: Session) -> PrefillScheduler:
+        made.append(PrefillScheduler(session))
+        return made[-1]
+
+    monkeypatch.setitem(METHODS, "prefill", recording)
+    report = score(run_dir, toy, FAR, lookahead="auto", decoding="sample")
+    assert report.remaining == 0
+    rows = [r for r in score_rows(run_dir, FAR) if r["status"] == schemas.SCORE_OK]
+    one_token = sum(r["lookahead"] == 1 for r in rows if r["step"] == 0)
+    assert one_token > 0.8 * sum(r["step"] == 0 for r in rows)
+    positions = pq.read_table(RunDir(run_dir).positions).to_pylist()
+    tokens = {key_of(p): p["token_id"] for p in positions}
+    agreed = sum(r["chosen_token_id"] == tokens[key_of(r)] for r in rows)
+    # Every stored result is one comparison: its chosen token against Model 1's.
+    model = made[0].models["sample"]
+    assert model.observations == len(rows) == len(toy_inputs.positions)
+    assert model.agreed == agreed
+    features = acceptance.features(
+        np.array([p["logprob"] for p in positions]),
+        np.array([p["token_id"] == p["top_token_ids"][0] for p in positions]),
+        np.array(
+            [
+                p["logprob"] - p["top_logprobs"][1 if p["token_id"] == p["top_token_ids"][0] else 0]
+                for p in positions
+            ]
+        ),
+    )
+    prior = AcceptanceModel("sample").predict(features).mean()
+    fitted = model.predict(features).mean()
+    assert abs(fitted - agreed / len(rows)) < 0.05 < prior - fitted
+
+    resumed = acceptance_so_far(run_dir, FAR)["sample"]
+    assert (resumed.observations, resumed.agreed) == (model.observations, model.agreed)
+    assert resumed.weights == pytest.approx(model.weights, abs=0.5)
 
 
 # --- 2: thinking is not a step ------------------------------------------------------------------

@@ -9,7 +9,6 @@ import math
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import pytest
 from google.genai import types
 from hypothesis import given
@@ -121,44 +120,6 @@ def test_responses_are_cut_only_when_chains_would_leave_slots_idle() -> None:
     assert lookahead.segment_cap(10_000, 16, fixed_one=True) == 1
     assert lookahead.segment_cap(100_000, 16, fixed_one=False) == 6250
     assert lookahead.segment_cap(20, 64, fixed_one=False) == lookahead.MIN_SEGMENT
-
-
-# --- auto ------------------------------------------------------------------------------------
-
-
-@given(st.floats(0.0, 0.999), st.integers(1, 40))
-def test_expected_steps_is_the_geometric_sum(rate: float, n: int) -> None:
-    expected = sum(rate**s for s in range(n))
-    assert lookahead.expected_steps(rate, np.array([n]))[0] == pytest.approx(expected)
-
-
-def test_auto_asks_for_one_token_from_a_model_that_never_agrees() -> None:
-    assert lookahead.cheapest_lookahead(0.0, 100.0, 4.0, 32) == 1
-    assert lookahead.cheapest_lookahead(0.01, 100.0, 4.0, 32) == 1
-
-
-def test_auto_asks_for_more_when_agreement_is_likely_and_input_dear() -> None:
-    short = lookahead.cheapest_lookahead(0.7, 20.0, 4.0, 32)
-    long = lookahead.cheapest_lookahead(0.7, 2000.0, 4.0, 32)
-    assert 1 < short < long <= 32
-    assert lookahead.cheapest_lookahead(0.99, 2000.0, 4.0, 5) == 5
-
-
-@given(st.floats(0.0, 0.99), st.floats(1.0, 10_000.0), st.floats(0.01, 100.0))
-def test_auto_never_costs_more_per_position_than_one_token(
-    rate: float, request: float, output: float
-) -> None:
-    n = lookahead.cheapest_lookahead(rate, request, output, 32)
-    per_position = (request + output * n) / lookahead.expected_steps(rate, np.array([n]))[0]
-    assert per_position <= request + output + 1e-9
-
-
-def test_the_rate_leans_on_the_prior_until_tokens_are_seen() -> None:
-    counts = lookahead.AcceptanceCounts()
-    assert counts.rate(0.4, 8.0) == pytest.approx(0.4)
-    for _ in range(50):
-        counts.add(Acceptance(4, 3, True))
-    assert counts.rate(0.4, 8.0) == pytest.approx((150 + 3.2) / (200 + 8))
 
 
 # --- the greedy probe's comparison ------------------------------------------------------------

@@ -21,12 +21,13 @@ A run goes through durable steps, each recorded in a job manifest under
    and the manifest never writes a job's results twice. Then the remote files are deleted.
 
 With a lookahead of N > 1 a run works in rounds: round 1 asks for N tokens at every N-th pending
-position of each run of pending positions; a line's steps are kept while the tokens generated
+position of each run of pending positions (under ``auto``, each line asks for what the online
+scheduler would, from the same acceptance prediction at batch prices, and the next line starts
+where it stops: at the predicted breaks); a line's steps are kept while the tokens generated
 before them are Model 1's (:func:`~klstream.scoring.lookahead.accept`, as online), and each later
 round asks, at the first uncovered position of every gap, for the gap's length — until every
 position is covered, a round covers nothing, or ``max_rounds`` rounds have run. Lines are sampled
-at the run's temperature: greedy decoding needs the online probe (``auto`` is N =
-:data:`~klstream.scoring.lookahead.BATCH_AUTO_LOOKAHEAD` here). With N = 1 one round asks for
+at the run's temperature: greedy decoding needs the online probe. With N = 1 one round asks for
 every pending position, one token each.
 
 Before anything is uploaded, the first lines are asked online, as the run's probe (until one
@@ -49,7 +50,7 @@ import asyncio
 import shutil
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -65,6 +66,7 @@ from klstream.backends.base import (
     PrefillRequest,
     RemoteJob,
 )
+from klstream.backends.prices import Price
 from klstream.backends.transport import Outcome
 from klstream.errors import (
     BatchCreateUnknown,
@@ -77,7 +79,8 @@ from klstream.errors import (
 from klstream.loop import run_blocking
 from klstream.numbers import thousands
 from klstream.preflight import CANARY_LINES, canary_failure, line_outcome
-from klstream.scoring import lookahead
+from klstream.scoring import acceptance, lookahead
+from klstream.scoring.acceptance import AcceptanceModel
 from klstream.scoring.batch_jobs import (
     JobManifest,
     JobWriter,
@@ -89,22 +92,64 @@ from klstream.scoring.batch_jobs import (
 from klstream.scoring.checkpoint import write_part
 from klstream.scoring.options import BatchOptions
 from klstream.scoring.pool import StopRun
-from klstream.scoring.prefill import FIRST_PROBES, PrefillScheduler
+from klstream.scoring.prefill import AUTO_PRICES_FALLBACK, FIRST_PROBES, PrefillScheduler
 from klstream.scoring.session import BatchProgress, BatchSummary, Scheduler, Session
-from klstream.scoring.work import chosen_tokens, pending_responses, prefill_request, result_rows
+from klstream.scoring.work import (
+    Response,
+    acceptance_so_far,
+    chosen_tokens,
+    pending_responses,
+    prefill_request,
+    result_rows,
+)
 from klstream.storage import schemas
 from klstream.storage.rundir import RunDir
 
+Lengths = Callable[[Response, int, int], Iterator[tuple[int, int]]]
+"""Where a round's lines go in the pending run ``[start, end)`` of a response, and how many
+tokens each asks for."""
+
+
+def every_nth(tokens: int) -> Lengths:
+    """Lines at every ``tokens``-th position, asking for ``tokens`` (fewer at the run's end)."""
+
+    def lengths(response: Response, start: int, end: int) -> Iterator[tuple[int, int]]:
+        for position in range(start, end, tokens):
+            yield position, min(tokens, end - position)
+
+    return lengths
+
+
+def at_predicted_breaks(model: AcceptanceModel, price: Price) -> Lengths:
+    """Lines for ``auto``: each asks for what the online scheduler would
+    (:func:`~klstream.scoring.acceptance.best_lookahead`, from ``model``'s prediction and
+    ``price``'s batch prices), and the next starts where it stops, after the position where a
+    disagreement is likely: a round's lines break where they are predicted to, and leave few
+    gaps to the next round."""
+
+    def lengths(response: Response, start: int, end: int) -> Iterator[tuple[int, int]]:
+        accept = model.predict(response.features[start:end])
+        position = start
+        while position < end:
+            ahead = accept[position - start : position - start + lookahead.AUTO_MAX_LOOKAHEAD]
+            request_cost = response.input_tokens(position) * price.batch_input
+            asked = acceptance.best_lookahead(
+                ahead, request_cost, price.batch_output, end - position
+            )
+            yield position, asked
+            position += asked
+
+    return lengths
+
 
 async def _round_lines(
-    run_dir: Path, model2: str, range_positions: int, tokens: int
+    run_dir: Path, model2: str, range_positions: int, lengths: Lengths
 ) -> AsyncGenerator[Line, None]:
-    """The lines of a round, in key order: every ``tokens``-th position of each run of pending
-    positions, asking for ``tokens`` tokens (fewer at the run's end)."""
+    """The lines of a round, in key order, over each run of pending positions where
+    ``lengths`` puts them."""
     async for response in pending_responses(run_dir, model2, range_positions):
         for start, end in lookahead.segments(response.pending, len(response.pending)):
-            for position in range(start, end, tokens):
-                asked = min(tokens, end - position)
+            for position, asked in lengths(response, start, end):
                 yield Line(
                     response.request(position, asked, "sample"),
                     response.tokens[position : position + asked],
@@ -319,8 +364,8 @@ class BatchScheduler(Scheduler):
         with logprobs, the first few lines go alone as a canary job (:meth:`prove`) and the
         rest is planned after it. Returns the jobs planned for the round's bulk."""
         options = self.session.options
-        tokens = lookahead.batch_lookahead(options.lookahead)
-        lines = _round_lines(self.run_dir.root, self.model2, options.range_positions, tokens)
+        lengths = await self._lengths()
+        lines = _round_lines(self.run_dir.root, self.model2, options.range_positions, lengths)
         if probe:
             await self.probe(lines)
         # Lines send the thinking budget the probe settled on.
@@ -329,8 +374,19 @@ class BatchScheduler(Scheduler):
             canary = await self.write(lines, CANARY_LINES)
             await lines.aclose()
             await self.prove(canary)
-            lines = _round_lines(self.run_dir.root, self.model2, options.range_positions, tokens)
+            lines = _round_lines(self.run_dir.root, self.model2, options.range_positions, lengths)
         return await self.write(lines)
+
+    async def _lengths(self) -> Lengths:
+        """Where a round's lines go: under ``auto`` (with a price to weigh tokens by) at the
+        predicted breaks, the prediction calibrated on every answer stored so far (the earlier
+        rounds', the probe's); else at every N-th position."""
+        options, session = self.session.options, self.session
+        price = session.price or session.prices.get(AUTO_PRICES_FALLBACK)
+        if options.lookahead != "auto" or price is None:
+            return every_nth(lookahead.batch_lookahead(options.lookahead))
+        models = await asyncio.to_thread(acceptance_so_far, self.run_dir.root, self.model2)
+        return at_predicted_breaks(models["sample"], price)
 
     async def write(self, lines: AsyncIterator[Line], canary: int = 0) -> list[JobManifest]:
         """Plan ``lines`` into jobs — or, with ``canary`` lines, their first ones into a canary

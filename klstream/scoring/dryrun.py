@@ -10,14 +10,19 @@ requests, at position 0 of K responses, one per prompt first) has the service co
 it visits exactly, sets the characters per token of the others, and measures how often Model 2's
 generated tokens are Model 1's.
 
-One token per request is exact but for the prompts' tokens. With lookahead, each request covers
-1 + q + ... + q^(N-1) positions on average when each generated token is Model 1's with
-probability q (:func:`~klstream.scoring.lookahead.expected_steps`), and the requests spread over
-a response's positions as one-token requests do: an estimate. Without calibration q is Model 1's
-agreement with itself (the mean probability of its own tokens; for greedy decoding, the share of
-positions where its token is its own top one), which is what Model 2 would reach if it were
-Model 1: an optimistic guess. ``auto`` decoding is estimated as sampling until a run's greedy
-probe (recorded in ``run.json``) has allowed greedy.
+One token per request is exact but for the prompts' tokens. With lookahead the estimate follows
+the scheduler: each response's pending positions are cut into the same pieces, and along each
+piece the chance that a request starts at each position (:func:`~klstream.scoring.acceptance.
+chain_starts`) follows from the lookahead asked there (for ``auto``, what the scheduler would
+choose from the same prediction and prices) and the predicted chance that Model 2 generates
+Model 1's token at each position (:class:`~klstream.scoring.acceptance.AcceptanceModel`).
+Without calibration that prediction is its prior (under sampling, Model 1's own probability of
+its token; greedy, whether it is Model 1's top token): what Model 2 would reach if it were
+Model 1, an optimistic guess. Calibration fits it to the comparisons of its answers. Decoding
+is what the run will use: greedy where ``--lookahead-decoding greedy``, or ``auto`` where a
+run's greedy probe (recorded in ``run.json``) allowed it or, calibrating, where the calibration's
+own comparison of a one-token answer with each greedy answer's first step passes the same test;
+sampling otherwise.
 
 In batch mode (``options.batch``) decoding is sampling, and the run works in rounds
 (:func:`~klstream.scoring.lookahead.batch_rounds`): the estimate adds the rounds, requests,
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -37,18 +43,25 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from klstream.backends import open_prefill
+from klstream.backends import checks, open_prefill
 from klstream.backends.base import AUTO_THINKING, Endpoint
 from klstream.backends.prices import Price, Usage, load_prices, price_for
 from klstream.backends.thinking import ThinkingChoice, family_minimum, thinking_choice
 from klstream.backends.transport import Caller, CallStats
 from klstream.loop import run_blocking
 from klstream.numbers import thousands
-from klstream.scoring import lookahead
-from klstream.scoring.lookahead import AcceptanceCounts, Token
+from klstream.scoring import acceptance, lookahead
+from klstream.scoring.acceptance import AcceptanceModel
+from klstream.scoring.lookahead import Token
 from klstream.scoring.options import ScoreOptions
 from klstream.scoring.prefill import AUTO_PRICES_FALLBACK
-from klstream.scoring.work import WorkItem, chosen_tokens, prefill_request
+from klstream.scoring.work import (
+    WorkItem,
+    chosen_tokens,
+    count_pending,
+    pending_responses,
+    prefill_request,
+)
 from klstream.storage.database import connect
 from klstream.storage.rundir import RunDir
 from klstream.storage.sqlfiles import load_sql
@@ -106,9 +119,10 @@ class DryRunReport:
     responses: int
     prompts: int
     acceptance: float
-    """The chance a generated token is Model 1's, per step."""
+    """The predicted chance a generated token is Model 1's, averaged over the pending
+    positions."""
     measured_acceptance: bool
-    """Whether the acceptance comes from calibration (else from Model 1's self-agreement)."""
+    """Whether the prediction is calibrated (else its prior, Model 1's self-agreement)."""
     counted_prompts: int
     """Prompts whose tokens the service counted during calibration."""
     calibration: Usage
@@ -148,7 +162,12 @@ class Calibration:
 
     prompt_tokens: dict[str, int]
     """Each visited prompt's token count, as the service counted it."""
-    counts: AcceptanceCounts
+    models: dict[str, AcceptanceModel]
+    """Per decoding, the acceptance prediction fitted to the answers' comparisons."""
+    greedy_deviations: list[float]
+    """Per site where ``auto`` decoding was to be settled, the largest deviation of a one-token
+    answer's logprobs from the greedy answer's first step
+    (:func:`~klstream.backends.checks.deviation`)."""
     usage: Usage
     requests: int
     """HTTP requests sent."""
@@ -158,40 +177,63 @@ class Calibration:
 
 
 async def _calibrate(
-    run_dir: Path, options: ScoreOptions, sites: int, decoding: str, endpoint: Endpoint
+    run_dir: Path,
+    options: ScoreOptions,
+    sites: int,
+    decoding: str,
+    endpoint: Endpoint,
+    settle_greedy: bool,
 ) -> Calibration:
-    """Requests at position 0 of ``sites`` responses: each prompt's token count, the agreement
-    of generated tokens with Model 1's, the usage, the number of HTTP requests and answers, and
-    the thinking budget found."""
+    """Requests at position 0 of ``sites`` responses: each prompt's token count, the
+    comparisons of generated tokens with Model 1's, the usage, the number of HTTP requests and
+    answers, and the thinking budget found. With ``settle_greedy`` the requests are greedy and
+    each site adds a one-token request at the run's temperature, whose logprobs the greedy
+    answer's first step must match for greedy decoding (the run's probe's test)."""
     rows = await asyncio.to_thread(_calibration_rows, run_dir, sites)
     prompt_tokens: dict[str, int] = {}
-    counts, usage, stats = AcceptanceCounts(), Usage(), CallStats()
+    models = {name: AcceptanceModel(name) for name in acceptance.PRIORS}
+    usage, stats = Usage(), CallStats()
+    deviations: list[float] = []
     answers = 0
     caller = Caller(endpoint, options.policy, options.max_concurrent, stats)
     async with open_prefill(endpoint, options.settings) as prefill:
 
-        async def visit(site: list[dict[str, Any]]) -> None:
+        async def ask(site: list[dict[str, Any]], steps: int, how: str) -> Any:
             nonlocal answers
-            prompt = site[0]["prompt"]
             first = site[0]
             item = WorkItem(
-                first["stem"], first["response_index"], 0, prompt, "", CALIBRATION_STEPS, decoding
+                first["stem"], first["response_index"], 0, first["prompt"], "", steps, how
             )
-            outcome = await caller.generate(prefill, prefill_request(options, item))
-            answer = outcome.value
+            answer = (await caller.generate(prefill, prefill_request(options, item))).value
             if answer is None:
-                return
+                return None
             answers += 1
             usage.add(answer.usage)
-            prompt_tokens[prompt] = answer.usage.prompt_tokens
+            prompt_tokens[first["prompt"]] = answer.usage.prompt_tokens
             tokens = [Token(row["token"], row["token_id"]) for row in site]
             chosen = chosen_tokens(answer)
-            counts.add(lookahead.accept(len(answer.steps), chosen, tokens, 0, CALIBRATION_STEPS))
+            taken = lookahead.accept(len(answer.steps), chosen, tokens, 0, steps).steps
+            agreed = lookahead.compared(chosen[:taken], tokens, 0)
+            rows = acceptance.features(
+                np.array([row["logprob"] for row in site[: len(agreed)]], dtype=np.float64),
+                np.array([row["own_top"] for row in site[: len(agreed)]], dtype=np.float64),
+                np.array([row["margin"] for row in site[: len(agreed)]], dtype=np.float64),
+            )
+            models[how].observe(rows, agreed)
+            return answer
+
+        async def visit(site: list[dict[str, Any]]) -> None:
+            answer = await ask(site, CALIBRATION_STEPS, "greedy" if settle_greedy else decoding)
+            if answer is None or not settle_greedy:
+                return
+            single = await ask(site, 1, "sample")
+            if single is not None:
+                deviations.append(checks.deviation(answer.steps[0].top, single.steps[0].top))
 
         groups = groupby(rows, key=lambda row: (row["stem"], row["response_index"]))
         await asyncio.gather(*(visit(list(site)) for _, site in groups))
         choice = thinking_choice(prefill)
-    return Calibration(prompt_tokens, counts, usage, stats.requests, answers, choice)
+    return Calibration(prompt_tokens, models, deviations, usage, stats.requests, answers, choice)
 
 
 def _thinking_per_request(
@@ -220,14 +262,14 @@ def _thinking_per_request(
     return 0.0, "none: thinking off (budget 0)"
 
 
-def _probe_allowed_greedy(run_dir: Path, model2: str) -> bool:
-    """Whether an earlier run's greedy probe (in ``run.json``) allowed greedy decoding; before
-    any probe, ``auto`` is estimated as sampling."""
+def _recorded_decoding(run_dir: Path, model2: str) -> str | None:
+    """The decoding an earlier run's greedy probe (in ``run.json``) settled on, if any."""
     path = RunDir(run_dir).run_config(model2)
     if not path.is_file():
-        return False
+        return None
     probe = json.loads(path.read_text(encoding="utf-8")).get("greedy_probe") or {}
-    return bool(probe.get("decoding") == "greedy")
+    found = probe.get("decoding")
+    return found if found in acceptance.PRIORS else None
 
 
 def _minutes(requests: float, tokens: float, dry: DryRunOptions) -> float | None:
@@ -259,6 +301,59 @@ def _estimate(
     )
 
 
+@dataclass
+class Planned:
+    """Expected requests and tokens of the lookahead over the pending positions, and the sum of
+    the predicted acceptance there."""
+
+    requests: float = 0.0
+    input_tokens: float = 0.0
+    output_tokens: float = 0.0
+    """Tokens asked for, without thoughts."""
+    acceptance: float = 0.0
+
+
+async def _planned(
+    run_dir: Path,
+    options: ScoreOptions,
+    model: AcceptanceModel,
+    prompt_size: dict[str, float],
+    thinking: float,
+    weigh: Price | None,
+) -> Planned:
+    """What the scheduler's requests are expected to be: the same pieces of each response
+    (:func:`~klstream.scoring.lookahead.segments`), the same lookahead at each request (for
+    ``auto``, chosen from ``model``'s prediction and ``weigh``'s prices, with input tokens of
+    ``prompt_size`` per prompt plus the position), and the chance a request starts at each
+    position (:func:`~klstream.scoring.acceptance.chain_starts`)."""
+    total, done = await asyncio.to_thread(count_pending, run_dir, options.model2)
+    cap = lookahead.segment_cap(total - done, options.max_concurrent, options.lookahead == 1)
+    planned = Planned()
+    async for response in pending_responses(run_dir, options.model2, options.range_positions):
+        size = prompt_size.get(response.prompt, 0.0)
+        predicted = model.predict(response.features)
+        for start, end in lookahead.segments(response.pending, cap, predicted):
+            accept = predicted[start:end]
+            inputs = size + np.arange(start, end, dtype=np.float64)
+            if options.lookahead != "auto":
+                asked = np.minimum(options.lookahead, end - np.arange(start, end))
+            elif weigh is None:
+                asked = np.minimum(2, end - np.arange(start, end))
+            else:
+                asked = acceptance.auto_lookaheads(
+                    accept,
+                    inputs * weigh.input + thinking * weigh.output,
+                    weigh.output,
+                    lookahead.AUTO_MAX_LOOKAHEAD,
+                )
+            starts = acceptance.chain_starts(accept, asked)
+            planned.requests += float(starts.sum())
+            planned.input_tokens += float(starts @ inputs)
+            planned.output_tokens += float(starts @ asked)
+            planned.acceptance += float(accept.sum())
+    return planned
+
+
 async def dry_run_async(
     run_dir: Path,
     options: ScoreOptions,
@@ -276,17 +371,23 @@ async def dry_run_async(
     }
     positions = columns["positions"].astype(np.float64)
     total_positions = int(positions.sum())
-    greedy = options.batch is None and (
-        options.decoding == "greedy"
-        or (options.decoding == "auto" and _probe_allowed_greedy(run_dir, options.model2))
-    )
-    decoding = "greedy" if greedy else "sample"
+    probed = options.batch is None and options.lookahead != 1 and options.decoding != "sample"
+    recorded = _recorded_decoding(run_dir, options.model2)
+    decoding = "sample"
+    if probed and (options.decoding == "greedy" or recorded == "greedy"):
+        decoding = "greedy"
+    settle_greedy = probed and options.decoding == "auto" and recorded is None
 
     calibrated = None
     if dry.calibrate and endpoint is not None and total_positions:
-        calibrated = await _calibrate(run_dir, options, dry.calibrate, decoding, endpoint)
+        calibrated = await _calibrate(
+            run_dir, options, dry.calibrate, decoding, endpoint, settle_greedy
+        )
+        deviations = calibrated.greedy_deviations
+        if deviations and statistics.median(deviations) <= checks.JITTER_NATS:
+            decoding = "greedy"
     prompt_tokens = calibrated.prompt_tokens if calibrated else {}
-    counts = calibrated.counts if calibrated else AcceptanceCounts()
+    model = calibrated.models[decoding] if calibrated else AcceptanceModel(decoding)
     prompts = table.column("prompt").to_pylist()
     chars = columns["prompt_chars"].astype(np.float64)
     counted = np.array([prompt in prompt_tokens for prompt in prompts], dtype=bool)
@@ -296,12 +397,6 @@ async def dry_run_async(
     prompt_size = np.where(
         counted, [prompt_tokens.get(p, 0) for p in prompts], np.round(chars * per_char)
     )
-    measured = counts.matched + counts.broke > 0
-    if measured:
-        acceptance = counts.matched / (counts.matched + counts.broke)
-    else:
-        agreement = columns["own_top" if greedy else "own_probability"].astype(np.float64)
-        acceptance = float(agreement.sum() / total_positions) if total_positions else 0.0
 
     thinking, thinking_source = _thinking_per_request(options, calibrated)
     one_input = positions * prompt_size + columns["position_sum"].astype(np.float64)
@@ -314,46 +409,28 @@ async def dry_run_async(
         price,
         dry,
     )
-
-    mean_input = np.divide(one_input, positions, out=np.zeros_like(one_input), where=positions > 0)
-    if options.lookahead == "auto":
-        weigh = price or prices.get(AUTO_PRICES_FALLBACK)
-        asked = np.array(
-            [
-                lookahead.cheapest_lookahead(
-                    acceptance,
-                    size * weigh.input + thinking * weigh.output,
-                    weigh.output,
-                    lookahead.AUTO_MAX_LOOKAHEAD,
-                )
-                if weigh
-                else 2
-                for size in mean_input
-            ],
-            dtype=np.float64,
-        )
-    else:
-        asked = np.full(len(positions), float(options.lookahead))
-    covered = lookahead.expected_steps(acceptance, asked.astype(np.int64))
-    requests = np.maximum(columns["runs"].astype(np.float64), positions / covered)
-    share = np.divide(requests, positions, out=np.zeros_like(requests), where=positions > 0)
-    mean_asked = float((asked * requests).sum() / requests.sum()) if requests.sum() else 1.0
+    sizes = dict(zip(prompts, prompt_size.tolist(), strict=True))
+    planned = await _planned(
+        run_dir, options, model, sizes, thinking, price or prices.get(AUTO_PRICES_FALLBACK)
+    )
+    mean_asked = planned.output_tokens / planned.requests if planned.requests else 1.0
     estimate = _estimate(
         f"lookahead {options.lookahead} (N = {mean_asked:.1f} on average)"
         if options.lookahead == "auto"
         else f"lookahead {options.lookahead}",
-        requests,
-        one_input * share,
-        requests * (asked + thinking),
+        np.array([planned.requests]),
+        np.array([planned.input_tokens]),
+        np.array([planned.output_tokens + planned.requests * thinking]),
         mean_asked,
         price,
         dry,
     )
+    acceptance_rate = planned.acceptance / total_positions if total_positions else 0.0
     batch = None
     if options.batch is not None:
         tokens = lookahead.batch_lookahead(options.lookahead)
         rounds = lookahead.batch_rounds(
-            acceptance, tokens, total_positions, options.batch.max_rounds
+            acceptance_rate, tokens, total_positions, options.batch.max_rounds
         )
         share = rounds.requests / total_positions if total_positions else 0.0
         usage = Usage(
@@ -377,8 +454,8 @@ async def dry_run_async(
         total_positions,
         int(columns["responses"].sum()),
         len(prompts),
-        acceptance,
-        measured,
+        acceptance_rate,
+        calibrated is not None and model.observations > 0,
         int(counted.sum()),
         calibrated.usage if calibrated else Usage(),
         calibrated.requests if calibrated else 0,

@@ -24,21 +24,30 @@ from klstream.backends import checks
 CHARS_PER_TOKEN = 4.0
 """Characters per token where no tokenizer is at hand (Google's rule of thumb for English): what
 input tokens are estimated from before the service has counted them."""
-AUTO_MAX_LOOKAHEAD = 32
-"""The longest lookahead ``auto`` considers: past it, a run of agreements long enough to pay for
-the extra output tokens is too rare to matter."""
+AUTO_MAX_LOOKAHEAD = 64
+"""The longest lookahead ``auto`` considers: where the prediction expects a run of agreements
+longer than this (a near pair's greedy decoding through Model 1's confident tokens), a request
+cut short costs one more request; past it, such runs are too rare to matter."""
 MIN_SEGMENT = 16
 """Shortest piece a response is cut into to keep every request slot busy: shorter pieces cut the
 runs of accepted steps too often."""
 WARM_UP_TOKENS = 16
-"""Generated tokens compared run-wide before ``auto`` asks for more than 2 tokens: the first wave
-of requests starts before any acceptance is known, and must not waste much on a pair that
-never agrees."""
-PRIOR_WEIGHT = 8.0
-"""How many observed tokens the run-wide acceptance rate counts for in one response's estimate."""
+"""Generated tokens compared before ``auto`` trusts its acceptance prediction beyond
+:data:`WARM_UP_LOOKAHEAD` tokens: the first wave of requests starts before any answer has
+calibrated it."""
+WARM_UP_LOOKAHEAD = 8
+"""The most ``auto`` asks for before :data:`WARM_UP_TOKENS` comparisons, on the prior's word: a
+pair that never agrees wastes at most 7 tokens per chain of the first wave (a few hundredths of
+a request each at usual prices), a near pair's first requests are seldom cut short."""
+LOSING_HURDLE = 0.25
+"""While a run's lookahead has cost more than one token per position would have, ``auto`` asks
+for more than one token only where that is expected to save at least this share of a request:
+on a pair that rarely agrees, bets whose expected gain is thin (and lost so far) stop, while the
+one-token answers keep teaching the prediction and a likely long run is still taken."""
 BATCH_AUTO_LOOKAHEAD = 4
-"""The lookahead a batch run uses for ``auto``: a round cannot learn from its own answers, so a
-fixed N that pays off from an acceptance of about one half on."""
+"""The lookahead a batch run uses for ``auto`` without a price to weigh tokens by (with one, its
+lines go where the acceptance prediction says a run breaks), and what the dry run estimates its
+rounds with: a fixed N that pays off from an acceptance of about one half on."""
 
 
 def batch_lookahead(setting: int | str) -> int:
@@ -104,42 +113,17 @@ def accept(
     return Acceptance(steps, steps - 1, False)
 
 
-@dataclass
-class AcceptanceCounts:
-    """Generated tokens compared with Model 1's: how many matched, how many differed."""
-
-    matched: int = 0
-    broke: int = 0
-
-    def add(self, acceptance: Acceptance) -> None:
-        self.matched += acceptance.matched
-        self.broke += int(acceptance.broke)
-
-    def rate(self, prior: float, weight: float) -> float:
-        """The chance a generated token is Model 1's, shrunk towards ``prior`` by ``weight``
-        pseudo-observations (a geometric run length, censored where the run was cut short)."""
-        return (self.matched + prior * weight) / (self.matched + self.broke + weight)
-
-
-def expected_steps(rate: float, lookahead: np.ndarray) -> np.ndarray:
-    """Mean results per request asking for ``lookahead`` tokens when each generated token is
-    Model 1's with probability ``rate``: 1 + rate + ... + rate^(N-1)."""
-    if rate >= 1.0:
-        return lookahead.astype(np.float64)
-    return (1.0 - rate**lookahead) / (1.0 - rate)
-
-
-def cheapest_lookahead(
-    rate: float, request_cost: float, output_token_cost: float, most: int
-) -> int:
-    """The N in 1..``most`` with the least expected cost per result: a request costs
-    ``request_cost`` (its input, thoughts) plus ``output_token_cost`` per token asked for, all of
-    them billed whether or not they are accepted."""
-    if most <= 1:
-        return 1
-    lookahead = np.arange(1, most + 1)
-    per_result = (request_cost + output_token_cost * lookahead) / expected_steps(rate, lookahead)
-    return int(lookahead[int(np.argmin(per_result))])
+def compared(chosen: Sequence[Token | None], model1: Sequence[Token], start: int) -> np.ndarray:
+    """Whether each generated token of an answer at ``start`` is Model 1's at its position, up
+    to the first one the answer did not report or past the response's end: what the answer
+    says of acceptance there (:class:`~klstream.scoring.acceptance.AcceptanceModel`), the
+    chosen token of a one-token answer included."""
+    agreed: list[bool] = []
+    for offset, generated in enumerate(chosen[: max(len(model1) - start, 0)]):
+        if generated is None:
+            break
+        agreed.append(same_token(generated, model1[start + offset]))
+    return np.array(agreed, dtype=bool)
 
 
 def segment_cap(pending: int, slots: int, fixed_one: bool) -> int:
@@ -153,16 +137,39 @@ def segment_cap(pending: int, slots: int, fixed_one: bool) -> int:
     return max(MIN_SEGMENT, math.ceil(pending / max(slots, 1)))
 
 
-def segments(pending: Sequence[bool], cap: int) -> list[tuple[int, int]]:
-    """The ``[start, end)`` pieces of the runs of pending positions, each at most ``cap`` long."""
+CUT_WINDOW = 4
+"""A piece of a response ends within the last ``1 / CUT_WINDOW`` of ``cap`` positions, after
+the position whose acceptance is least likely (:func:`segments`)."""
+
+
+def segments(
+    pending: Sequence[bool], cap: int, accept: np.ndarray | None = None
+) -> list[tuple[int, int]]:
+    """The ``[start, end)`` pieces of the runs of pending positions, each at most ``cap`` long.
+
+    With ``accept`` (the predicted chance of acceptance at each position), a run longer than
+    ``cap`` is cut after the position least likely to be accepted among the last
+    ``cap / CUT_WINDOW`` a piece may reach: the run of accepted steps is likely to break there
+    anyway, so the cut rarely costs a request of its own.
+    """
     flags = np.asarray(pending, dtype=bool)
     if not flags.any():
         return []
     edges = np.diff(np.concatenate(([0], flags.astype(np.int8), [0])))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     pieces: list[tuple[int, int]] = []
+    window = max(cap // CUT_WINDOW, 1)
     for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-        pieces.extend((lo, min(lo + cap, end)) for lo in range(start, end, cap))
+        if accept is None:
+            pieces.extend((lo, min(lo + cap, end)) for lo in range(start, end, cap))
+            continue
+        lo = start
+        while end - lo > cap:
+            first = lo + cap - window
+            cut = first + 1 + int(np.argmin(accept[first : lo + cap]))
+            pieces.append((lo, cut))
+            lo = cut
+        pieces.append((lo, end))
     return pieces
 
 

@@ -15,18 +15,20 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from klstream.backends import checks, open_prefill
 from klstream.backends.base import Answer, Prefill
 from klstream.backends.prices import USAGE_FIELDS, Price
 from klstream.backends.transport import Caller
 from klstream.errors import GreedyInconsistent
-from klstream.scoring import lookahead
+from klstream.scoring import acceptance, lookahead
+from klstream.scoring.acceptance import AcceptanceModel
 from klstream.scoring.greedy_probe import GreedyProbeLog, ProbeSite
-from klstream.scoring.lookahead import AcceptanceCounts
 from klstream.scoring.pool import work_through
 from klstream.scoring.runconfig import save_config
 from klstream.scoring.session import Scheduler, Session
@@ -70,11 +72,19 @@ class Chain:
         return self.next >= self.end
 
 
-async def pending_chains(responses: AsyncIterator[Response], cap: int) -> AsyncIterator[Chain]:
+async def pending_chains(
+    responses: AsyncIterator[Response],
+    cap: int,
+    predict: Callable[[np.ndarray], np.ndarray],
+) -> AsyncIterator[Chain]:
     """The chains over the positions without a successful result, in key order: each
-    response's runs of pending positions, cut into pieces of at most ``cap``."""
+    response's runs of pending positions, cut into pieces of at most ``cap`` where a run of
+    accepted steps is likely to break anyway (``predict`` gives the chance of acceptance from
+    a response's :attr:`~klstream.scoring.work.Response.features`, as the run knows it when the
+    response comes up)."""
     async for response in responses:
-        for start, end in lookahead.segments(response.pending, cap):
+        accept = predict(response.features)
+        for start, end in lookahead.segments(response.pending, cap, accept):
             yield Chain(response, start, end)
 
 
@@ -85,7 +95,13 @@ class PrefillScheduler(Scheduler):
         super().__init__(session)
         price: Price | None = session.price
         self.auto_price = price or session.prices.get(AUTO_PRICES_FALLBACK)
-        self.counts = AcceptanceCounts()
+        self.models = {decoding: AcceptanceModel(decoding) for decoding in acceptance.PRIORS}
+        """Per decoding, the chance of acceptance at each position, calibrated on every
+        answer of the run (:mod:`klstream.scoring.acceptance`)."""
+        self.saved = 0.0
+        """What the run's requests for more than one token have saved over one token per
+        position, at the prices ``auto`` weighs with: the requests their accepted steps made
+        unnecessary, less the tokens they asked for past a disagreement."""
 
     async def run(self) -> None:
         session = self.session
@@ -95,33 +111,55 @@ class PrefillScheduler(Scheduler):
         cap = lookahead.segment_cap(pending, options.max_concurrent, options.lookahead == 1)
         responses = pending_responses(session.run.root, options.model2, options.range_positions)
         if options.lookahead == "auto" and stats.already_done:
-            self.counts = await asyncio.to_thread(
+            self.models = await asyncio.to_thread(
                 acceptance_so_far, session.run.root, options.model2
             )
         async with open_prefill(session.endpoint, session.settings) as prefill:
             await self._probe_then_pipeline(
-                session.caller(), prefill, pending_chains(responses, cap)
+                session.caller(), prefill, pending_chains(responses, cap, self._predict)
             )
 
+    def _predict(self, rows: np.ndarray) -> np.ndarray:
+        """The chance of acceptance at positions with these features, for the decoding used."""
+        return self.models[self.decoding].predict(rows)
+
     def _lookahead_for(self, chain: Chain) -> int:
-        """Tokens to ask for at the chain's next position: the fixed lookahead, or the cheapest
-        expected cost per position given the acceptance so far (``auto``); never past its end."""
-        options, stats = self.session.options, self.session.stats
+        """Tokens to ask for at the chain's next position: the fixed lookahead, or under
+        ``auto`` the least expected cost (:func:`~klstream.scoring.acceptance.best_lookahead`)
+        from the predicted acceptance at the positions ahead and the prices; never past the
+        chain's end, at most :data:`~klstream.scoring.lookahead.WARM_UP_LOOKAHEAD` tokens
+        until the run has seen a few comparisons, and while the run's lookahead has cost more
+        than it saved (:attr:`saved`), more than one token only where that is expected to save
+        a good share of a request (:data:`~klstream.scoring.lookahead.LOSING_HURDLE`)."""
+        options = self.session.options
         left = chain.end - chain.next
         if options.lookahead != "auto":
             return min(options.lookahead, left)
+        costs = self._costs(chain)
+        if costs is None:
+            return min(2, left)
+        request_cost, token_cost = costs
+        model = self.models[self.decoding]
+        warm = model.observations >= lookahead.WARM_UP_TOKENS
+        hurdle = 0.0 if self.saved >= 0 else lookahead.LOSING_HURDLE * request_cost
+        ahead = min(lookahead.AUTO_MAX_LOOKAHEAD if warm else lookahead.WARM_UP_LOOKAHEAD, left)
+        rows = chain.response.features[chain.next : chain.next + ahead]
+        return acceptance.best_lookahead(
+            model.predict(rows), request_cost, token_cost, left, hurdle
+        )
+
+    def _costs(self, chain: Chain) -> tuple[float, float] | None:
+        """What a request at the chain's next position costs beyond its output (its input at
+        the cached share so far, the thoughts per answer so far) and what an output token
+        costs, at the prices ``auto`` weighs with; None without prices."""
         price = self.auto_price
         if price is None:
-            return min(2, left)
-        usage, answers = stats.usage, max(stats.answers, 1)
+            return None
+        usage, answers = self.session.stats.usage, max(self.session.stats.answers, 1)
         cached = usage.cached_share
         input_price = price.input * (1.0 - cached) + price.cached_input * cached
         thinking = usage.thoughts_tokens / answers * price.output
-        rate = chain.response.counts.rate(self.counts.rate(0.5, 2.0), lookahead.PRIOR_WEIGHT)
-        request_cost = chain.response.input_tokens(chain.next) * input_price + thinking
-        warm = self.counts.matched + self.counts.broke >= lookahead.WARM_UP_TOKENS
-        most = min(lookahead.AUTO_MAX_LOOKAHEAD if warm else 2, left)
-        return lookahead.cheapest_lookahead(rate, request_cost, price.output, most)
+        return chain.response.input_tokens(chain.next) * input_price + thinking, price.output
 
     async def step(
         self,
@@ -138,21 +176,28 @@ class PrefillScheduler(Scheduler):
         session = self.session
         response = chain.response
         tokens = self._lookahead_for(chain) if max_tokens is None else max_tokens
-        item = response.request(chain.next, tokens, self.decoding if tokens > 1 else "sample")
+        costs = self._costs(chain)
+        item = response.request(chain.next, tokens, self.decoding)
         request = prefill_request(session.options, item)
         outcome = await caller.generate(prefill, request, probe_deadline)
         answer = outcome.value
         covered = 1
         if answer:
             session.answered(prefill, answer)
-            acceptance = lookahead.accept(
-                len(answer.steps), chosen_tokens(answer), response.tokens, item.position, tokens
+            chosen = chosen_tokens(answer)
+            accepted = lookahead.accept(
+                len(answer.steps), chosen, response.tokens, item.position, tokens
             )
-            response.counts.add(acceptance)
-            self.counts.add(acceptance)
+            agreed = lookahead.compared(chosen[: accepted.steps], response.tokens, item.position)
+            self.models[item.decoding].observe(
+                response.features[item.position : item.position + len(agreed)], agreed
+            )
             if answer.usage.prompt_tokens:
                 response.measured = (item.position, answer.usage.prompt_tokens)
-            covered = acceptance.steps
+            covered = accepted.steps
+            if costs is not None and tokens > 1:
+                request_cost, token_cost = costs
+                self.saved += request_cost * (covered - 1) - token_cost * (tokens - covered)
         chain.next += covered
         rows = result_rows(item, session.options.model2, outcome, covered)
         await session.record(
@@ -319,12 +364,13 @@ class PrefillScheduler(Scheduler):
         if greedy is None:
             return None
         self.session.stats.usage.add(greedy.usage)
+        chosen = chosen_tokens(greedy)
         accepted = lookahead.accept(
-            len(greedy.steps),
-            chosen_tokens(greedy),
-            chain.response.tokens,
-            item.position,
-            PROBE_STEPS,
+            len(greedy.steps), chosen, chain.response.tokens, item.position, PROBE_STEPS
+        )
+        agreed = lookahead.compared(chosen[: accepted.steps], chain.response.tokens, item.position)
+        self.models["greedy"].observe(
+            chain.response.features[item.position : item.position + len(agreed)], agreed
         )
         site = ProbeSite(
             item.stem,

@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import groupby
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from klstream.backends.base import Answer, Generated, PrefillRequest
 from klstream.backends.prices import Usage
 from klstream.backends.transport import Outcome
-from klstream.scoring import lookahead
-from klstream.scoring.lookahead import AcceptanceCounts, Token
+from klstream.scoring import acceptance, lookahead
+from klstream.scoring.lookahead import Token
 from klstream.scoring.options import ScoreOptions
 from klstream.storage import schemas
 from klstream.storage.database import connect, ranged
@@ -57,7 +59,9 @@ class Response:
     """Model 1's tokens concatenated: prefills are cut from it."""
     pending: list[bool]
     """Which positions lack a successful result."""
-    counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)
+    features: np.ndarray
+    """Per position, what predicts whether Model 2 generates Model 1's token there
+    (:func:`klstream.scoring.acceptance.features`)."""
     measured: tuple[int, int] | None = None
     """(position, input tokens) of the latest answer: later requests extend that input."""
     token_ids: bool = False
@@ -75,6 +79,11 @@ class Response:
             [row["char_offset"] for row in rows],
             "".join(token.text for token in tokens),
             [row["pending"] for row in rows],
+            acceptance.features(
+                np.array([row["logprob"] for row in rows], dtype=np.float64),
+                np.array([row["own_top"] for row in rows], dtype=np.float64),
+                np.array([row["margin"] for row in rows], dtype=np.float64),
+            ),
             token_ids=all(token.token_id is not None for token in tokens),
         )
 
@@ -128,13 +137,31 @@ def count_pending(run_dir: Path, model2: str) -> tuple[int, int]:
     return int(counts[0]), int(counts[1])
 
 
-def acceptance_so_far(run_dir: Path, model2: str) -> AcceptanceCounts:
-    """How often the stored lookahead answers generated Model 1's tokens
+def acceptance_so_far(run_dir: Path, model2: str) -> dict[str, acceptance.AcceptanceModel]:
+    """Per decoding, the acceptance model calibrated on the stored answers' chosen tokens
     (``sql/acceptance_so_far.sql``): where a resumed run's ``auto`` starts."""
     with connect(run_dir) as con:
-        found = con.execute(load_sql("acceptance_so_far"), {"model2": model2}).fetchone()
-    assert found is not None
-    return AcceptanceCounts(int(found[0]), int(found[1]))
+        table = con.sql(
+            load_sql("acceptance_so_far"),
+            params={"model2": model2, "most": acceptance.MAX_OBSERVATIONS},
+        ).to_arrow_table()
+    columns = {
+        name: table.column(name).to_numpy(zero_copy_only=False) for name in table.schema.names
+    }
+    models: dict[str, acceptance.AcceptanceModel] = {}
+    for decoding in acceptance.PRIORS:
+        rows = columns["decoding"] == decoding
+        model = acceptance.AcceptanceModel(decoding)
+        model.observe(
+            acceptance.features(
+                columns["logprob"][rows].astype(np.float64),
+                columns["own_top"][rows].astype(np.float64),
+                columns["margin"][rows].astype(np.float64),
+            ),
+            columns["agreed"][rows].astype(bool),
+        )
+        models[decoding] = model
+    return models
 
 
 def prefill_request(options: ScoreOptions, item: WorkItem) -> PrefillRequest:
