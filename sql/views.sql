@@ -2,7 +2,7 @@
 -- File names come from DuckDB variables (positions_file, ...) and status values too (score_ok,
 -- kl_error, ...), relative to file_search_path: klstream sets them first, and so does the script
 -- printed by `klstream views RUN_DIR`. Before these come the views over files that may not exist
--- yet (skipped, scores, kl, run_configs: sql/view_*.sql, or an empty view of their columns), so
+-- yet (skipped, scores, kl, run_configs: sql/file_view_*.sql, or an empty view of their columns), so
 -- every view here always exists.
 
 -- One row per token position of Model 1's responses.

@@ -45,6 +45,7 @@ from klstream.output.top import DEFAULT_CONTEXT, TopQuery, top_tokens
 from klstream.storage import schemas
 from klstream.storage.atomic import write_text_atomic
 from klstream.storage.database import ResponseRange, ranged, response_ranges
+from klstream.storage.health import inputs_record
 from klstream.storage.rundir import RunDir
 from klstream.storage.sqlfiles import load_sql
 
@@ -406,10 +407,8 @@ class _Builder:
     def _title(self, summaries: list[dict[str, Any]]) -> str:
         """What was compared: the inputs (their directory's name, or the stems) and the models."""
         stems = self.payload.header["stems"]
-        manifest = RunDir(self.run_dir).inputs_manifest
-        input_dir = None
-        if manifest.is_file():
-            input_dir = json.loads(manifest.read_text(encoding="utf-8")).get("input_dir")
+        record = inputs_record(RunDir(self.run_dir))
+        input_dir = record.get("input_dir") if record else None
         files = f"{thousands(len(stems))} file" + ("" if len(stems) == 1 else "s")
         if len(stems) <= 3:
             inputs = ", ".join(stems)

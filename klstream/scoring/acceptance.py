@@ -14,6 +14,9 @@ Pure numpy: the prefill scheduler, the batch rounds, the dry run and the tests s
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
 FEATURE_NAMES = ("bias", "logit_probability", "own_top", "margin")
@@ -41,6 +44,18 @@ MAX_OBSERVATIONS = 50_000
 """The most recent comparisons a fit uses: memory and refit time stay bounded on long runs."""
 NEWTON_STEPS = 8
 HALVINGS = 20
+
+
+FEATURE_COLUMNS = ("logprob", "own_top", "margin")
+"""The columns :func:`features` reads, as ``sql/pending_positions.sql``,
+``sql/calibration_sites.sql`` and ``sql/acceptance_so_far.sql`` name them."""
+
+
+def row_features(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """:func:`features` of query rows carrying :data:`FEATURE_COLUMNS` (null as NaN)."""
+    return features(
+        *(np.array([row[name] for row in rows], dtype=np.float64) for name in FEATURE_COLUMNS)
+    )
 
 
 def features(logprob: np.ndarray, own_top: np.ndarray, margin: np.ndarray) -> np.ndarray:

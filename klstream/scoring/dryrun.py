@@ -214,12 +214,7 @@ async def _calibrate(
             chosen = chosen_tokens(answer)
             taken = lookahead.accept(len(answer.steps), chosen, tokens, 0, steps).steps
             agreed = lookahead.compared(chosen[:taken], tokens, 0)
-            rows = acceptance.features(
-                np.array([row["logprob"] for row in site[: len(agreed)]], dtype=np.float64),
-                np.array([row["own_top"] for row in site[: len(agreed)]], dtype=np.float64),
-                np.array([row["margin"] for row in site[: len(agreed)]], dtype=np.float64),
-            )
-            models[how].observe(rows, agreed)
+            models[how].observe(acceptance.row_features(site[: len(agreed)]), agreed)
             return answer
 
         async def visit(site: list[dict[str, Any]]) -> None:

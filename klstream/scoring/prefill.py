@@ -29,6 +29,7 @@ from klstream.errors import GreedyInconsistent
 from klstream.scoring import acceptance, lookahead
 from klstream.scoring.acceptance import AcceptanceModel
 from klstream.scoring.greedy_probe import GreedyProbeLog, ProbeSite
+from klstream.scoring.lookahead import Token
 from klstream.scoring.pool import work_through
 from klstream.scoring.runconfig import save_config
 from klstream.scoring.session import Scheduler, Session
@@ -119,6 +120,14 @@ class PrefillScheduler(Scheduler):
                 session.caller(), prefill, pending_chains(responses, cap, self._predict)
             )
 
+    def _observe(
+        self, decoding: str, response: Response, position: int, chosen: list[Token | None]
+    ) -> None:
+        """Calibrate ``decoding``'s acceptance model on an answer's accepted chosen tokens from
+        ``position``: whether each is Model 1's there (one-token answers included)."""
+        agreed = lookahead.compared(chosen, response.tokens, position)
+        self.models[decoding].observe(response.features[position : position + len(agreed)], agreed)
+
     def _predict(self, rows: np.ndarray) -> np.ndarray:
         """The chance of acceptance at positions with these features, for the decoding used."""
         return self.models[self.decoding].predict(rows)
@@ -188,10 +197,7 @@ class PrefillScheduler(Scheduler):
             accepted = lookahead.accept(
                 len(answer.steps), chosen, response.tokens, item.position, tokens
             )
-            agreed = lookahead.compared(chosen[: accepted.steps], response.tokens, item.position)
-            self.models[item.decoding].observe(
-                response.features[item.position : item.position + len(agreed)], agreed
-            )
+            self._observe(item.decoding, response, item.position, chosen[: accepted.steps])
             if answer.usage.prompt_tokens:
                 response.measured = (item.position, answer.usage.prompt_tokens)
             covered = accepted.steps
@@ -368,10 +374,7 @@ class PrefillScheduler(Scheduler):
         accepted = lookahead.accept(
             len(greedy.steps), chosen, chain.response.tokens, item.position, PROBE_STEPS
         )
-        agreed = lookahead.compared(chosen[: accepted.steps], chain.response.tokens, item.position)
-        self.models["greedy"].observe(
-            chain.response.features[item.position : item.position + len(agreed)], agreed
-        )
+        self._observe("greedy", chain.response, item.position, chosen[: accepted.steps])
         site = ProbeSite(
             item.stem,
             item.response_index,

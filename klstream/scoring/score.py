@@ -104,9 +104,15 @@ async def score_positions_async(
             raise
 
 
+def _holds_work(run: RunDir, model2: str) -> bool:
+    """Whether ``model2`` has results (parts, journaled answers) or batch jobs in ``run``: what
+    a resumed run continues."""
+    return has_results(run, model2) or bool(run.batch_manifests(model2))
+
+
 def _nothing_to_resume(run: RunDir, model2: str) -> str | None:
     """What a resumed run says when ``model2`` has no result and no batch job in ``run``."""
-    if has_results(run, model2) or run.batch_manifests(model2):
+    if _holds_work(run, model2):
         return None
     others = sorted({parts[0].parent.name for parts in run.parts_by_model2() if parts})
     here = f" (the results here are for {', '.join(others)})" if others else ""
@@ -117,12 +123,7 @@ def _forget_if_unanswered(run: RunDir, model2: str) -> None:
     """Remove the scores folder a failed run made before any answer (a model name the service
     does not know, say): it holds only the run.json, which would list the model among the
     run's Model 2s (the ``run_configs`` view) as if it had been scored."""
-    if (
-        run.score_parts(model2)
-        or run.journal_segments(model2)
-        or run.greedy_probe_log(model2).exists()
-        or run.batch_manifests(model2)
-    ):
+    if _holds_work(run, model2) or run.greedy_probe_log(model2).exists():
         return
     shutil.rmtree(run.scores_dir(model2), ignore_errors=True)
 

@@ -79,11 +79,7 @@ class Response:
             [row["char_offset"] for row in rows],
             "".join(token.text for token in tokens),
             [row["pending"] for row in rows],
-            acceptance.features(
-                np.array([row["logprob"] for row in rows], dtype=np.float64),
-                np.array([row["own_top"] for row in rows], dtype=np.float64),
-                np.array([row["margin"] for row in rows], dtype=np.float64),
-            ),
+            acceptance.row_features(rows),
             token_ids=all(token.token_id is not None for token in tokens),
         )
 
@@ -154,9 +150,7 @@ def acceptance_so_far(run_dir: Path, model2: str) -> dict[str, acceptance.Accept
         model = acceptance.AcceptanceModel(decoding)
         model.observe(
             acceptance.features(
-                columns["logprob"][rows].astype(np.float64),
-                columns["own_top"][rows].astype(np.float64),
-                columns["margin"][rows].astype(np.float64),
+                *(columns[name][rows].astype(np.float64) for name in acceptance.FEATURE_COLUMNS)
             ),
             columns["agreed"][rows].astype(bool),
         )
