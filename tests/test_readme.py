@@ -3,6 +3,7 @@ pasted block in bash with `set -euo pipefail`, both through `uv run` in a fresh 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -59,26 +60,32 @@ def shell_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def server(workdir: Path, shell_env: dict[str, str]) -> Iterator[str]:
-    """The first block, running until the test ends; yields its first line of output."""
-    block = local_blocks()[0]
+@contextlib.contextmanager
+def serving(command: str, workdir: Path, env: dict[str, str]) -> Iterator[str]:
+    """``command`` (a server) running in its own process group until the block ends; yields
+    its first line of output, which it prints once it listens."""
     process = subprocess.Popen(
-        ["bash", "-c", f"exec {block.strip()}"],
+        ["bash", "-c", f"exec {command}"],
         cwd=workdir,
-        env=shell_env,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
     assert process.stdout is not None
-    first_line = process.stdout.readline()
     try:
-        yield first_line
+        yield process.stdout.readline()
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.communicate(timeout=30)
+
+
+@pytest.fixture
+def server(workdir: Path, shell_env: dict[str, str]) -> Iterator[str]:
+    """The first block, running until the test ends; yields its first line of output."""
+    with serving(local_blocks()[0].strip(), workdir, shell_env) as first_line:
+        yield first_line
 
 
 def test_the_readme_has_the_two_local_blocks() -> None:
@@ -134,18 +141,8 @@ def test_the_demo_prints_commands_that_work_after_its_server_has_gone(
     assert export == "export GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:8765"
     query = next(line for line in printed if line.startswith("try: ")).removeprefix("try: ")
 
-    server = subprocess.Popen(
-        ["bash", "-c", f"exec {restart}"],
-        cwd=workdir,
-        env=shell_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert server.stdout is not None
-        assert "listening on http://127.0.0.1:8765" in server.stdout.readline()
+    with serving(restart, workdir, shell_env) as first_line:
+        assert "listening on http://127.0.0.1:8765" in first_line
         again = subprocess.run(
             [
                 "bash",
@@ -158,9 +155,6 @@ def test_the_demo_prints_commands_that_work_after_its_server_has_gone(
             text=True,
             timeout=300,
         )
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.communicate(timeout=30)
     assert again.returncode == 0, again.stderr
     assert "sample toy: wrote 5 files" in again.stdout
     assert re.search(r"score toy-d0\.5: 708 scored, 0 failed", again.stdout), again.stdout
