@@ -8,7 +8,7 @@ install:
 	$(UV) sync --frozen
 
 test: install
-	$(UV) run pytest -q -n auto --dist loadgroup
+	$(UV) run pytest -q -n auto
 
 demo: install
 	$(UV) run python examples/demo.py

@@ -4,6 +4,7 @@ pasted block in bash with `set -euo pipefail`, both through `uv run` in a fresh 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -16,8 +17,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.xdist_group("port-8765")
-"""The blocks start a server on the README's fixed port: one test at a time (--dist loadgroup)."""
 SECTION = "## Try it locally, step by step"
 
 
@@ -82,7 +81,17 @@ def serving(command: str, workdir: Path, env: dict[str, str]) -> Iterator[str]:
 
 
 @pytest.fixture
-def server(workdir: Path, shell_env: dict[str, str]) -> Iterator[str]:
+def readme_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The README's fixed port 8765 for one test at a time, across xdist workers (whose
+    temporary directories share a parent): an exclusive lock held for the test."""
+    lock = tmp_path_factory.getbasetemp().parent / "readme-port-8765.lock"
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture
+def server(readme_port: None, workdir: Path, shell_env: dict[str, str]) -> Iterator[str]:
     """The first block, running until the test ends; yields its first line of output."""
     with serving(local_blocks()[0].strip(), workdir, shell_env) as first_line:
         yield first_line
@@ -118,7 +127,7 @@ def test_the_readme_local_block_runs_as_written(
 
 
 def test_the_demo_prints_commands_that_work_after_its_server_has_gone(
-    workdir: Path, shell_env: dict[str, str]
+    readme_port: None, workdir: Path, shell_env: dict[str, str]
 ) -> None:
     """`make demo`'s printed commands reach no temporary port: followed by its restart lines
     (the README's server block and export), they run as printed, from scratch."""
